@@ -1,0 +1,196 @@
+"""The harness's live event bus: every turn event fanned out to live viewers and kept in sqlite."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+import trio
+
+TurnState = Literal["idle", "thinking", "needs_login", "offline"]
+
+HISTORY_LIMIT = 2000
+
+
+class LiveEvent(msgspec.Struct, frozen=True, tag_field="kind", kw_only=True):
+    seq: int = 0
+    ts: float = 0.0
+
+
+class TurnStart(LiveEvent, tag="turn_start"):
+    sender: str = msgspec.field(name="from")
+    body: str
+    unread: int = 0
+    message_id: int = 0
+    attempt: int = 1
+    redelivery: bool = False
+
+
+class Stream(LiveEvent, tag="stream"):
+    """One stream-json line of the claude CLI, kept verbatim."""
+
+    data: msgspec.Raw
+
+
+class Note(LiveEvent, tag="note"):
+    text: str
+    level: Literal["info", "warn", "error"] = "info"
+
+
+class TurnEnd(LiveEvent, tag="turn_end"):
+    ok: bool
+    note: str = ""
+    duration_ms: int = 0
+
+
+class StateChanged(LiveEvent, tag="state"):
+    state: TurnState
+    since: float
+
+
+LiveEvents = TurnStart | Stream | Note | TurnEnd | StateChanged
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[LiveEvent] = msgspec.json.Decoder(LiveEvents)  # type: ignore[arg-type]
+
+
+def encode_event(event: LiveEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> LiveEvent:
+    return _decoder.decode(data)
+
+
+# ----------------------------------------------------------------------------- history
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL,"
+        " kind TEXT NOT NULL, payload_json BLOB NOT NULL) STRICT"
+    )
+    return conn
+
+
+def _append(conn: sqlite3.Connection, seq: int, ts: float, kind: str, payload: bytes) -> None:
+    conn.execute(
+        "INSERT INTO events (id, ts, kind, payload_json) VALUES (?, ?, ?, ?)",
+        (seq, ts, kind, payload),
+    )
+
+
+def _tail(conn: sqlite3.Connection, limit: int) -> list[tuple[int, bytes]]:
+    rows: list[tuple[int, bytes]] = conn.execute(
+        "SELECT id, payload_json FROM events ORDER BY id DESC LIMIT ?", (limit,)
+    ).fetchall()
+    rows.reverse()
+    return rows
+
+
+def _last_id(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+    return int(row[0])
+
+
+class History:
+    """Events on disk (`/state/hyperhive-events.sqlite`), read and written off the event loop."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def append(self, event: LiveEvent, kind: str, payload: bytes) -> None:
+        await trio.to_thread.run_sync(
+            _append, self._conn, event.seq, event.ts, kind, payload, limiter=self._limiter
+        )
+
+    async def tail(self, limit: int) -> list[tuple[int, bytes]]:
+        return await trio.to_thread.run_sync(_tail, self._conn, limit, limiter=self._limiter)
+
+    async def last_id(self) -> int:
+        return await trio.to_thread.run_sync(_last_id, self._conn, limiter=self._limiter)
+
+    async def close(self) -> None:
+        await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+
+
+@asynccontextmanager
+async def open_history(path: str) -> AsyncIterator[History]:
+    conn = await trio.to_thread.run_sync(_connect, path)
+    history = History(conn)
+    try:
+        yield history
+    finally:
+        with trio.CancelScope(shield=True):
+            await history.close()
+
+
+# ----------------------------------------------------------------------------- bus
+
+
+@dataclass
+class LiveBus:
+    """Publishes live events. Viewers that fall behind are dropped (their channel closes)."""
+
+    history: History | None = None
+    buffer: int = 512
+    state: TurnState = "idle"
+    state_since: float = field(default_factory=time.time)
+    _subs: set[trio.MemorySendChannel[bytes]] = field(default_factory=set)
+    _seq: int = 0
+    _lock: trio.Lock = field(default_factory=trio.Lock)
+
+    async def start(self) -> None:
+        if self.history is not None:
+            self._seq = await self.history.last_id()
+
+    async def emit(self, event: LiveEvent) -> LiveEvent:
+        """Stamp, persist, then fan out one event; returns the stamped event."""
+        async with self._lock:
+            kind = event.__struct_config__.tag
+            assert isinstance(kind, str)
+            self._seq += 1
+            stamped = msgspec.structs.replace(event, ts=time.time(), seq=self._seq)
+            data = encode_event(stamped)
+            if self.history is not None:
+                await self.history.append(stamped, kind, data)
+            for chan in list(self._subs):
+                try:
+                    chan.send_nowait(data)
+                except (trio.WouldBlock, trio.BrokenResourceError):
+                    self._subs.discard(chan)
+                    chan.close()
+            return stamped
+
+    async def set_state(self, state: TurnState) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        self.state_since = time.time()
+        await self.emit(StateChanged(state=state, since=self.state_since))
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[bytes]:
+        """A channel of encoded events; closed by the bus if the viewer falls behind."""
+        send, recv = trio.open_memory_channel[bytes](self.buffer)
+        self._subs.add(send)
+        return recv
+
+    async def backfill(self, limit: int = HISTORY_LIMIT) -> tuple[int, list[bytes]]:
+        """(seq, encoded events) of the most recent history, for a viewer's first paint."""
+        if self.history is None:
+            return self._seq, []
+        rows = await self.history.tail(limit)
+        return self._seq, [payload for _, payload in rows if payload]
+
+    @property
+    def seq(self) -> int:
+        return self._seq

@@ -1,0 +1,210 @@
+"""One claude turn: the real `claude --print` process, its stream-json decoded onto the live bus."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+
+import msgspec
+import trio
+
+from hyperhive.agent.bus import LiveBus, Note, Stream
+from hyperhive.agent.settings import HarnessSettings
+from hyperhive.protocol.codec import LineStream
+from hyperhive.protocol.errors import LineTooLong
+
+log = logging.getLogger(__name__)
+
+MAX_EVENT = 16 * 1024 * 1024
+"""The largest single stream-json line accepted from claude."""
+
+
+class _Probe(msgspec.Struct):
+    """Just enough of a stream-json event to follow the turn; everything else is kept raw."""
+
+    type: str = ""
+    subtype: str | None = None
+    is_error: bool = False
+    result: str | None = None
+    errors: list[str] | None = None
+    terminal_reason: str | None = None
+
+
+_probe = msgspec.json.Decoder(_Probe)
+
+
+@dataclass
+class TurnResult:
+    ok: bool
+    note: str
+    saw_result: bool = False
+    auth_failed: bool = False
+
+
+def claude_argv(settings: HarnessSettings, *, model: str, resume: bool) -> list[str]:
+    """The exact command line of one turn. The prompt goes on stdin: several flags are variadic."""
+    argv = [
+        settings.claude,
+        "--print",
+        "--verbose",
+        "--output-format",
+        "stream-json",
+        "--model",
+        model,
+        "--settings",
+        str(settings.settings_path),
+        "--system-prompt-file",
+        str(settings.system_prompt_path),
+        "--mcp-config",
+        str(settings.mcp_config_path),
+        "--strict-mcp-config",
+        "--allowedTools",
+        ",".join(settings.allowed_tools),
+    ]
+    if resume:
+        argv.append("--continue")
+    return argv
+
+
+def _killpg(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+async def run_turn(
+    settings: HarnessSettings,
+    bus: LiveBus,
+    prompt: str,
+    *,
+    model: str,
+    resume: bool,
+    cancel: trio.CancelScope,
+) -> TurnResult:
+    """Run claude once with `prompt` on stdin; stream its events to `bus`.
+
+    The turn ends at the `result` event (a process that lingers after it is killed), at exit, on
+    a timeout, or when `cancel` is cancelled (SIGINT first, so claude can flush its session).
+    """
+    argv = claude_argv(settings, model=model, resume=resume)
+    env = {**settings.env, "HOME": settings.env.get("HOME", "/root")}
+    cwd = str(settings.state_dir) if settings.state_dir.is_dir() else None
+    proc = await trio.lowlevel.open_process(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    outcome = TurnResult(ok=False, note="claude exited without a result")
+    result_seen = trio.Event()
+
+    async def feed() -> None:
+        assert proc.stdin is not None
+        try:
+            await proc.stdin.send_all(prompt.encode("utf-8"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await proc.stdin.aclose()
+
+    async def pump_stdout() -> None:
+        assert proc.stdout is not None
+        lines = LineStream(proc.stdout, max_line=MAX_EVENT)
+        first = True
+        while True:
+            timeout = settings.first_event_timeout if first else settings.idle_timeout
+            with trio.move_on_after(timeout) as idle:
+                try:
+                    line = await lines.receive_line()
+                except LineTooLong:
+                    outcome.note = f"claude emitted an event larger than {MAX_EVENT} bytes"
+                    return
+            if idle.cancelled_caught:
+                outcome.note = f"claude was silent for {timeout:.0f}s; turn abandoned"
+                await bus.emit(Note(text=outcome.note, level="error"))
+                return
+            if line is None:
+                return
+            first = False
+            if not line.strip():
+                continue
+            try:
+                probe = _probe.decode(line)
+            except msgspec.DecodeError:
+                await bus.emit(Note(text=f"non-JSON output: {line[:400]!r}", level="warn"))
+                continue
+            await bus.emit(Stream(data=msgspec.Raw(line)))
+            if probe.type == "assistant" and b'"authentication_failed"' in line:
+                outcome.auth_failed = True
+            if probe.type == "result":
+                outcome.saw_result = True
+                outcome.ok = not probe.is_error and probe.subtype == "success"
+                if outcome.ok:
+                    outcome.note = ""
+                else:
+                    detail = "; ".join(probe.errors or []) or (probe.result or "")
+                    outcome.note = (
+                        f"{probe.subtype or 'error'}"
+                        f"{' (' + probe.terminal_reason + ')' if probe.terminal_reason else ''}"
+                        f"{': ' + detail[:300] if detail else ''}"
+                    )
+                result_seen.set()
+                return
+
+    async def pump_stderr() -> None:
+        assert proc.stderr is not None
+        lines = LineStream(proc.stderr, max_line=MAX_EVENT)
+        while True:
+            try:
+                line = await lines.receive_line()
+            except LineTooLong:
+                continue
+            if line is None:
+                return
+            text = line.decode("utf-8", "replace").strip()
+            if text:
+                await bus.emit(Note(text=text[:2000], level="warn"))
+
+    try:
+        with cancel:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                nursery.start_soon(pump_stderr)
+                await pump_stdout()
+                if result_seen.is_set():
+                    # The turn is complete; give claude a grace period to exit on its own.
+                    with trio.move_on_after(settings.result_exit_grace):
+                        await proc.wait()
+                nursery.cancel_scope.cancel()
+        if cancel.cancelled_caught:
+            outcome.ok = False
+            outcome.note = "turn cancelled"
+    finally:
+        with trio.CancelScope(shield=True):
+            await _reap(proc, settings.result_exit_grace)
+    if not outcome.saw_result and proc.returncode not in (0, None):
+        outcome.note = f"{outcome.note} (exit status {proc.returncode})"
+    return outcome
+
+
+async def _reap(proc: trio.Process, grace: float) -> None:
+    """Make sure nothing of the turn survives it: SIGINT, then SIGTERM, then SIGKILL the group."""
+    if proc.returncode is None:
+        for sig, wait in ((signal.SIGINT, 2.0), (signal.SIGTERM, grace)):
+            _killpg(proc.pid, sig)
+            with trio.move_on_after(wait):
+                await proc.wait()
+            if proc.returncode is not None:
+                break
+        else:
+            _killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    # Grandchildren that outlived claude (e.g. a stray MCP server) share its process group.
+    _killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,237 @@
+"""The in-container harness: pop one message, run one claude turn, acknowledge, repeat."""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from hyperhive.agent.bus import LiveBus, Note, TurnEnd, TurnStart, open_history
+from hyperhive.agent.claude import run_turn
+from hyperhive.agent.settings import HarnessSettings, write_claude_files
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import Client, open_client
+from hyperhive.protocol.errors import ConnectionLost, HiveError
+from hyperhive.protocol.names import BROADCAST, SYSTEM
+
+log = logging.getLogger(__name__)
+
+RECV_WAIT = 180.0
+LOGIN_POLL = 5.0
+RECONNECT_MAX = 10.0
+
+
+def wake_prompt(msg: wire.Message, unread: int) -> str:
+    """The minimal wake prompt: who sent what, in an envelope the body cannot forge."""
+    attrs = (
+        f'from="{html.escape(msg.sender, quote=True)}" id="{msg.id}" '
+        f'attempt="{msg.attempt}" redelivery="{str(msg.redelivery).lower()}"'
+    )
+    body = msg.body.replace("</hive-message>", "</hive-message\u200b>")
+    lines = [f"<hive-message {attrs}>", body, "</hive-message>"]
+    if msg.sender == SYSTEM:
+        lines.insert(0, "A hive event (JSON) from the system:")
+    if msg.broadcast:
+        lines.append(
+            f"(This was a broadcast to `{BROADCAST}`; it may not need any action from you.)"
+        )
+    if msg.redelivery:
+        lines.append(
+            f"(This is a redelivery, attempt {msg.attempt}: an earlier turn on this message did"
+            " not complete. Check /state for anything you already did.)"
+        )
+    if unread:
+        lines.append(f"({unread} more pending — drain them with the recv tool.)")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Controls:
+    """What the agent UI may change about the next turn (implements web's AgentControls)."""
+
+    settings: HarnessSettings
+    _model: str = ""
+    _skip_continue: bool = False
+    _turn_scope: trio.CancelScope | None = None
+    _login: str = "ok"
+    turns: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        self._model = self._read_model() or self.settings.model
+
+    def _read_model(self) -> str:
+        try:
+            return self.settings.model_file.read_text("utf-8").strip()
+        except OSError:
+            return ""
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def set_model(self, model: str) -> None:
+        model = model.strip()
+        if not model or len(model) > 100 or any(c.isspace() for c in model):
+            raise ValueError("model must be a single word of at most 100 characters")
+        self._model = model
+        try:
+            self.settings.model_file.write_text(model + "\n", "utf-8")
+        except OSError as exc:
+            log.warning("cannot persist model choice: %s", exc)
+
+    def request_new_session(self) -> None:
+        self._skip_continue = True
+
+    def take_skip_continue(self) -> bool:
+        skip, self._skip_continue = self._skip_continue, False
+        return skip
+
+    async def cancel_turn(self) -> bool:
+        if self._turn_scope is None:
+            return False
+        self._turn_scope.cancel()
+        return True
+
+    @property
+    def login_state(self) -> str:
+        return self._login
+
+
+class Harness:
+    def __init__(self, settings: HarnessSettings, bus: LiveBus, controls: Controls) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.controls = controls
+
+    def _has_session(self) -> bool:
+        projects = self.settings.claude_config_dir / "projects"
+        try:
+            return any(p.suffix == ".jsonl" for d in projects.iterdir() for p in d.iterdir())
+        except OSError:
+            return False
+
+    async def wait_for_login(self) -> None:
+        announced = False
+        while not await trio.to_thread.run_sync(self.settings.logged_in):
+            if not announced:
+                self.controls._login = "needs_login"
+                await self.bus.set_state("needs_login")
+                await self.bus.emit(
+                    Note(
+                        text="no Claude credentials: log in (claude auth login) or give the"
+                        " daemon --claude-env ANTHROPIC_API_KEY=…; turns wait until then",
+                        level="warn",
+                    )
+                )
+                announced = True
+            await trio.sleep(LOGIN_POLL)
+        self.controls._login = "ok"
+        await self.bus.set_state("idle")
+
+    async def run(self) -> None:
+        """Serve turns forever, reconnecting to the socket if the daemon restarts."""
+        delay = 0.5
+        while True:
+            try:
+                async with open_client(self.settings.socket) as client:
+                    delay = 0.5
+                    await self._loop(client)
+            except ConnectionLost as exc:
+                await self.bus.set_state("offline")
+                log.warning("socket lost: %s; reconnecting in %.1fs", exc.message, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+
+    async def _loop(self, client: Client) -> None:
+        await self.bus.set_state("idle")
+        while True:
+            await self.wait_for_login()
+            reply = await client.call(wire.Recv(wait_seconds=RECV_WAIT, lease=True), wire.Received)
+            if reply.message is None:
+                continue
+            msg = reply.message
+            status = await client.call(wire.Status(), wire.StatusReply)
+            await self.turn(msg, status.unread)
+            try:
+                await client.call(wire.Ack(id=msg.id, attempt=msg.attempt), wire.Acked)
+            except HiveError as exc:
+                await self.bus.emit(Note(text=f"ack failed: {exc.message}", level="error"))
+                raise
+
+    async def turn(self, msg: wire.Message, unread: int) -> None:
+        await self.bus.emit(
+            TurnStart(
+                sender=msg.sender,
+                body=msg.body,
+                unread=unread,
+                message_id=msg.id,
+                attempt=msg.attempt,
+                redelivery=msg.redelivery,
+            )
+        )
+        await self.bus.set_state("thinking")
+        started = trio.current_time()
+        resume = not self.controls.take_skip_continue() and await trio.to_thread.run_sync(
+            self._has_session
+        )
+        scope = trio.CancelScope()
+        self.controls._turn_scope = scope
+        try:
+            result = await run_turn(
+                self.settings,
+                self.bus,
+                wake_prompt(msg, unread),
+                model=self.controls.model,
+                resume=resume,
+                cancel=scope,
+            )
+        except OSError as exc:
+            result_ok, note = False, f"cannot run claude: {exc}"
+        else:
+            result_ok, note = result.ok, result.note
+        finally:
+            self.controls._turn_scope = None
+        self.controls.turns += 1
+        await self.bus.emit(
+            TurnEnd(
+                ok=result_ok, note=note, duration_ms=int((trio.current_time() - started) * 1000)
+            )
+        )
+        await self.bus.set_state("idle")
+
+
+async def serve(settings: HarnessSettings) -> None:
+    """`hive-ag3nt serve` / `hive-m1nd serve`: the turn loop plus the agent's web UI."""
+    await trio.to_thread.run_sync(write_claude_files, settings)
+    async with open_history(str(settings.events_db)) as history:
+        bus = LiveBus(history=history)
+        await bus.start()
+        controls = Controls(settings)
+        harness = Harness(settings, bus, controls)
+        async with trio.open_nursery() as nursery:
+            if settings.port:
+                nursery.start_soon(_serve_ui, settings, bus, controls)
+            await bus.emit(Note(text=f"{settings.label} harness up (model {controls.model})"))
+            await harness.run()
+
+
+async def _serve_ui(settings: HarnessSettings, bus: LiveBus, controls: Controls) -> None:
+    """The web UI is a window on the harness; if it cannot bind, turns go on without it."""
+    try:
+        from hyperhive.web.agent_ui import serve_agent_ui
+
+        dashboard = f"http://{settings.bind}:{settings.dashboard_port}/"
+        await serve_agent_ui(
+            label=settings.label,
+            role=settings.role,
+            bus=bus,
+            socket_path=settings.socket,
+            controls=controls,
+            dashboard_url=dashboard if settings.dashboard_port > 0 else None,
+            bind=settings.bind,
+            port=settings.port,
+        )
+    except (OSError, ImportError) as exc:
+        await bus.emit(Note(text=f"web UI not started: {exc}", level="error"))

@@ -1,0 +1,69 @@
+"""The stdio MCP server claude starts inside the container: each tool is one socket request."""
+
+from __future__ import annotations
+
+import datetime
+
+import anyio
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+from hyperhive.agent.settings import HarnessSettings
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once
+from hyperhive.protocol.errors import HiveError
+
+INSTRUCTIONS = (
+    "hyperhive: talk to other agents, the manager and the operator through a durable broker. "
+    "Your identity is fixed by your socket; you can only ever speak as yourself."
+)
+
+
+def format_message(msg: wire.Message) -> str:
+    when = datetime.datetime.fromtimestamp(msg.sent_at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    head = f"from: {msg.sender}\nid: {msg.id}\nsent: {when}"
+    if msg.broadcast:
+        head += "\n(broadcast — may not need any action from you)"
+    return f"{head}\n\n{msg.body}"
+
+
+def build_server(settings: HarnessSettings) -> MCPServer:
+    server = MCPServer("hyperhive", instructions=INSTRUCTIONS)
+    sock = settings.socket
+
+    async def call(request: wire.AgentRequest) -> wire.Reply:
+        try:
+            return await call_once(sock, request)
+        except HiveError as err:
+            raise ToolError(err.message) from None
+
+    @server.tool(
+        description=(
+            "Send a message. `to` is an agent name, `manager`, `operator` (the human, via the "
+            "dashboard) or `*` (every agent). Returns the stored message ids."
+        )
+    )
+    async def send(to: str, body: str) -> str:
+        reply = await call(wire.Send(to=to, body=body))
+        assert isinstance(reply, wire.Sent)
+        return f"sent to {', '.join(reply.recipients)} (id {', '.join(map(str, reply.ids))})"
+
+    @server.tool(
+        description=(
+            "Take the next message from your inbox. Without wait_seconds (or 0) it returns at "
+            "once — '(empty)' if nothing is pending. With a wait (max 180) it parks until a "
+            "message arrives; use that instead of sleeping."
+        )
+    )
+    async def recv(wait_seconds: float = 0) -> str:
+        reply = await call(wire.Recv(wait_seconds=wait_seconds, lease=False))
+        assert isinstance(reply, wire.Received)
+        return "(empty)" if reply.message is None else format_message(reply.message)
+
+    return server
+
+
+def run_stdio(settings: HarnessSettings) -> None:
+    """Serve MCP on stdin/stdout under trio (never MCPServer.run(), which picks asyncio)."""
+    server = build_server(settings)
+    anyio.run(server.run_stdio_async, backend="trio")

@@ -1,0 +1,139 @@
+"""The harness's settings (from the container environment) and the files it writes for claude."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+LOGIN_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+
+BUILTIN_TOOLS = ("Bash", "Edit", "Glob", "Grep", "Read", "Write")
+"""Built-in claude tools an agent may use; WebFetch, WebSearch, Task and friends stay off."""
+
+AGENT_TOOLS = ("send", "recv")
+MANAGER_TOOLS = AGENT_TOOLS
+MCP_SERVER = "hyperhive"
+
+
+@dataclass(frozen=True)
+class HarnessSettings:
+    label: str
+    role: str
+    socket: str = "/run/hive/mcp.sock"
+    state_dir: Path = Path("/state")
+    runtime_dir: Path = Path("/run/hive")
+    port: int = 0
+    bind: str = "127.0.0.1"
+    dashboard_port: int = 7000
+    model: str = "haiku"
+    operator_pronouns: str = "she/her"
+    claude: str = "claude"
+    python: str = sys.executable
+    claude_config_dir: Path = Path("/root/.claude")
+    env: dict[str, str] = field(default_factory=dict)
+    first_event_timeout: float = 300.0
+    idle_timeout: float = 900.0
+    result_exit_grace: float = 10.0
+
+    @classmethod
+    def from_env(cls, role: str, env: dict[str, str] | None = None) -> HarnessSettings:
+        env = dict(os.environ if env is None else env)
+        return cls(
+            label=env.get("HIVE_LABEL", "hm1nd" if role == "manager" else "agent"),
+            role=role,
+            socket=env.get("HIVE_SOCKET", "/run/hive/mcp.sock"),
+            state_dir=Path(env.get("HIVE_STATE", "/state")),
+            runtime_dir=Path(
+                env.get(
+                    "HIVE_RUNTIME", os.path.dirname(env.get("HIVE_SOCKET", "/run/hive/mcp.sock"))
+                )
+            ),
+            port=int(env.get("HIVE_PORT", "0")),
+            bind=env.get("HIVE_BIND", "127.0.0.1"),
+            dashboard_port=int(env.get("HIVE_DASHBOARD_PORT", "7000")),
+            model=env.get("HIVE_MODEL", "haiku"),
+            operator_pronouns=env.get("HIVE_OPERATOR_PRONOUNS", "she/her"),
+            claude=env.get("HIVE_CLAUDE", "claude"),
+            claude_config_dir=Path(env.get("CLAUDE_CONFIG_DIR", "/root/.claude")),
+            env=env,
+        )
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return MANAGER_TOOLS if self.role == "manager" else AGENT_TOOLS
+
+    @property
+    def allowed_tools(self) -> list[str]:
+        return [*BUILTIN_TOOLS, *(f"mcp__{MCP_SERVER}__{t}" for t in self.tools)]
+
+    @property
+    def mcp_config_path(self) -> Path:
+        return self.runtime_dir / "claude-mcp-config.json"
+
+    @property
+    def settings_path(self) -> Path:
+        return self.runtime_dir / "claude-settings.json"
+
+    @property
+    def system_prompt_path(self) -> Path:
+        return self.runtime_dir / "claude-system-prompt.md"
+
+    @property
+    def model_file(self) -> Path:
+        return self.state_dir / "hyperhive-model"
+
+    @property
+    def events_db(self) -> Path:
+        return self.state_dir / "hyperhive-events.sqlite"
+
+    def logged_in(self) -> bool:
+        """Claude can authenticate: a key in the environment or a stored login."""
+        if any(self.env.get(k) for k in LOGIN_KEYS):
+            return True
+        return (self.claude_config_dir / ".credentials.json").is_file()
+
+
+def system_prompt(settings: HarnessSettings) -> str:
+    name = "manager.md" if settings.role == "manager" else "agent.md"
+    template = resources.files("hyperhive.agent").joinpath("prompts", name).read_text("utf-8")
+    return template.replace("{label}", settings.label).replace(
+        "{operator_pronouns}", settings.operator_pronouns
+    )
+
+
+def write_claude_files(settings: HarnessSettings) -> None:
+    """Write the MCP config, claude settings and system prompt (blocking; call off the loop)."""
+    settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+    mcp = {
+        "mcpServers": {
+            MCP_SERVER: {
+                "type": "stdio",
+                "command": settings.python,
+                "args": ["-m", "hyperhive.agent", "mcp", "--role", settings.role],
+                "env": {
+                    "HIVE_SOCKET": settings.socket,
+                    "HIVE_LABEL": settings.label,
+                    "HIVE_ROLE": settings.role,
+                },
+            }
+        }
+    }
+    claude_settings = {
+        "autoCompactEnabled": False,
+        "autoMemoryEnabled": False,
+        "effortLevel": "medium",
+        "permissions": {"deny": ["WebFetch", "WebSearch", "Task"]},
+    }
+    _write(settings.mcp_config_path, json.dumps(mcp, indent=2))
+    _write(settings.settings_path, json.dumps(claude_settings, indent=2))
+    _write(settings.system_prompt_path, system_prompt(settings))
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, "utf-8")
+    os.replace(tmp, path)

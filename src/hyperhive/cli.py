@@ -1,0 +1,184 @@
+"""`hive-c0re`: the daemon (`serve`) and the operator's command line, a client of host.sock."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import trio
+
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once
+from hyperhive.protocol.errors import HiveError
+
+DEFAULT_RUN_DIR = "/run/hyperhive"
+DEFAULT_STATE_DIR = "/var/lib/hyperhive"
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not key.replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hive-c0re", description=__doc__)
+    parser.add_argument(
+        "--run-dir",
+        default=os.environ.get("HIVE_RUN_DIR", DEFAULT_RUN_DIR),
+        help="where host.sock lives (default %(default)s, or $HIVE_RUN_DIR)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the host daemon")
+    serve.add_argument("--state-dir", default=os.environ.get("HIVE_STATE_DIR", DEFAULT_STATE_DIR))
+    serve.add_argument("--backend", default="bwrap", choices=["bwrap"])
+    serve.add_argument("--demo", action="store_true", help="run against the bundled scripted model")
+    serve.add_argument("--dashboard-port", type=int, default=7000)
+    serve.add_argument("--bind", default="127.0.0.1")
+    serve.add_argument("--ui-port-base", type=int, default=8000)
+    serve.add_argument("--model", default="haiku")
+    serve.add_argument("--operator-pronouns", default="she/her")
+    serve.add_argument(
+        "--claude-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pass a variable to every agent's claude (repeatable), e.g. ANTHROPIC_BASE_URL",
+    )
+    serve.add_argument("--no-manager", action="store_true", help="do not create hm1nd")
+    serve.add_argument("--log-level", default="INFO")
+
+    sub.add_parser("list", help="list agents")
+    for verb, text in (
+        ("spawn", "create and start an agent (no approval)"),
+        ("kill", "stop an agent gracefully"),
+        ("start", "start a stopped agent"),
+        ("restart", "restart an agent"),
+    ):
+        sub.add_parser(verb, help=text).add_argument("name")
+    destroy = sub.add_parser("destroy", help="remove an agent (state kept unless --purge)")
+    destroy.add_argument("name")
+    destroy.add_argument("--purge", action="store_true")
+    send = sub.add_parser("send", help="send a message as operator")
+    send.add_argument("to")
+    send.add_argument("body", nargs="+")
+    recent = sub.add_parser("recent", help="show an inbox (operator, manager or an agent)")
+    recent.add_argument("name", nargs="?", default="operator")
+    recent.add_argument("--limit", type=int, default=20)
+    return parser
+
+
+def _request(args: argparse.Namespace) -> msgspec.Struct:
+    match args.command:
+        case "list":
+            return wire.ListAgents()
+        case "spawn":
+            return wire.Spawn(name=args.name)
+        case "kill":
+            return wire.Kill(name=args.name)
+        case "start":
+            return wire.Start(name=args.name)
+        case "restart":
+            return wire.Restart(name=args.name)
+        case "destroy":
+            return wire.Destroy(name=args.name, purge=args.purge)
+        case "send":
+            return wire.OperatorSend(to=args.to, body=" ".join(args.body))
+        case "recent":
+            return wire.HostRecent(name=args.name, limit=args.limit)
+    raise SystemExit(f"unknown command {args.command}")
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render(reply: wire.Reply) -> str:
+    match reply:
+        case wire.AgentList(agents=agents):
+            if not agents:
+                return "no agents"
+            rows = [("NAME", "ROLE", "STATE", "PORT", "UNREAD", "NOTE")]
+            for a in agents:
+                note = "needs login" if a.needs_login else (a.last_error or "")
+                rows.append((a.name, a.role, a.state, str(a.port), str(a.unread), note[:60]))
+            widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            return "\n".join(
+                "  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
+                for r in rows
+            ).rstrip()
+        case wire.AgentReply(agent=a):
+            return f"{a.name}: {a.state}"
+        case wire.Sent(ids=ids, recipients=recipients):
+            return f"sent #{', #'.join(map(str, ids))} to {', '.join(recipients)}"
+        case wire.Inbox(messages=messages):
+            if not messages:
+                return "(empty)"
+            return "\n".join(
+                f"{_when(m.sent_at)}  #{m.id} {m.sender} → {m.to}: {m.body}" for m in messages
+            )
+        case wire.Done():
+            return "ok"
+    return msgspec.json.encode(reply).decode()
+
+
+def serve(args: argparse.Namespace) -> int:
+    from hyperhive.core.config import DaemonConfig
+    from hyperhive.core.daemon import serve_until_signalled
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    claude = shutil.which("claude")
+    cfg = DaemonConfig(
+        state_dir=Path(args.state_dir),
+        run_dir=Path(args.run_dir),
+        backend=args.backend,
+        demo=args.demo,
+        bind=args.bind,
+        dashboard_port=args.dashboard_port,
+        ui_port_base=args.ui_port_base,
+        start_manager=not args.no_manager,
+        claude_env=dict(args.claude_env),
+        model=args.model,
+        operator_pronouns=args.operator_pronouns,
+        claude_bin=claude or "claude",
+    )
+    if claude is None:
+        print("hive-c0re: warning: no `claude` on PATH; agents cannot run turns", file=sys.stderr)
+    trio.run(serve_until_signalled, cfg)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    sock = str(Path(args.run_dir) / "host.sock")
+    try:
+        reply: wire.Reply = trio.run(call_once, sock, _request(args))
+    except HiveError as err:
+        if args.json:
+            print(
+                msgspec.json.encode({"ok": False, "code": err.code, "error": err.message}).decode()
+            )
+        else:
+            print(f"hive-c0re: {err.message}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(reply).decode() if args.json else render(reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

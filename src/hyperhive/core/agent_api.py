@@ -1,0 +1,68 @@
+"""The per-agent (and manager) socket: whoever connects here acts as that agent, and only as it."""
+
+from __future__ import annotations
+
+from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.broker import Broker
+from hyperhive.core.server import EventStream, Peer
+from hyperhive.protocol import wire
+from hyperhive.protocol.errors import BadParams
+from hyperhive.protocol.names import (
+    BROADCAST,
+    MANAGER,
+    MANAGER_NAME,
+    REMINDER,
+    SYSTEM,
+    canonical_recipient,
+)
+
+MAX_LABEL = 64
+_FORBIDDEN_LABELS = frozenset({SYSTEM, MANAGER, MANAGER_NAME, REMINDER, BROADCAST})
+
+
+class AgentHandler:
+    def __init__(self, rec: AgentRecord, broker: Broker, registry: Registry) -> None:
+        self.rec = rec
+        self.broker = broker
+        self.registry = registry
+
+    @property
+    def principal(self) -> str:
+        return self.rec.recipient
+
+    def _check_label(self, label: str) -> str:
+        label = label.strip()
+        if not label or len(label) > MAX_LABEL or any(c in label for c in "\r\n\x00"):
+            raise BadParams(f"wake label must be 1-{MAX_LABEL} characters on one line")
+        if label in _FORBIDDEN_LABELS or (
+            self.registry.find(label) is not None and label != self.rec.name
+        ):
+            raise BadParams(f"wake label {label!r} names another principal; pick your own label")
+        return label
+
+    async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
+        match request:
+            case wire.Send(to=to, body=body):
+                msgs = await self.broker.send(
+                    self.principal, canonical_recipient(to), body, origin=self.rec.name
+                )
+                return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
+            case wire.Recv(wait_seconds=wait, lease=lease):
+                msg = await self.broker.recv(self.principal, wait, lease=lease)
+                return wire.Received(message=msg)
+            case wire.Ack(id=mid, attempt=attempt):
+                acked = await self.broker.ack(self.principal, mid, attempt)
+                return wire.Acked(acked=acked)
+            case wire.Status():
+                queued, in_flight = await self.broker.counts(self.principal)
+                return wire.StatusReply(
+                    name=self.rec.name, role=self.rec.role, unread=queued, in_flight=in_flight
+                )
+            case wire.Recent(limit=limit):
+                return wire.Inbox(messages=await self.broker.recent(self.principal, limit))
+            case wire.Wake(sender=label, body=body):
+                msgs = await self.broker.send(
+                    self._check_label(label), self.principal, body, origin=self.rec.name
+                )
+                return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
+        raise BadParams(f"unsupported request {type(request).__name__}")

@@ -1,0 +1,193 @@
+"""The registry of agents: who exists, their role, port and desired state, kept in sqlite."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from hyperhive.core.broker import EventHub
+from hyperhive.core.store import Store
+from hyperhive.protocol import wire
+from hyperhive.protocol.errors import Conflict, NotFound
+from hyperhive.protocol.names import (
+    BROADCAST,
+    MANAGER,
+    MANAGER_NAME,
+    OPERATOR,
+    canonical_recipient,
+)
+
+PORT_SPAN = 900
+
+
+def fnv1a_32(data: bytes) -> int:
+    h = 0x811C9DC5
+    for byte in data:
+        h ^= byte
+        h = (h * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+@dataclass
+class AgentRecord:
+    name: str
+    role: wire.AgentRole
+    port: int
+    created_at: float
+    desired: str = "running"
+    destroyed_at: float | None = None
+    state: wire.ContainerState = "stopped"
+    pid: int | None = None
+    restarts: int = 0
+    last_error: str | None = None
+
+    @property
+    def container(self) -> str:
+        return MANAGER_NAME if self.role == "manager" else f"h-{self.name}"
+
+    @property
+    def recipient(self) -> str:
+        """The broker inbox of this agent."""
+        return MANAGER if self.role == "manager" else self.name
+
+    @property
+    def alive(self) -> bool:
+        return self.destroyed_at is None
+
+
+def _load(conn: sqlite3.Connection) -> list[tuple[str, str, int, float, str, float | None]]:
+    return conn.execute(
+        "SELECT name, role, port, created_at, desired, destroyed_at FROM agents ORDER BY name"
+    ).fetchall()
+
+
+def _upsert(conn: sqlite3.Connection, rec: AgentRecord) -> None:
+    conn.execute(
+        "INSERT INTO agents (name, role, created_at, port, desired, destroyed_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET role = excluded.role,"
+        " port = excluded.port, desired = excluded.desired, destroyed_at = excluded.destroyed_at",
+        (rec.name, rec.role, rec.created_at, rec.port, rec.desired, rec.destroyed_at),
+    )
+
+
+def _delete(conn: sqlite3.Connection, name: str) -> None:
+    conn.execute("DELETE FROM agents WHERE name = ?", (name,))
+
+
+class Registry:
+    def __init__(self, store: Store, hub: EventHub, *, ui_port_base: int, backend: str) -> None:
+        self._store = store
+        self._hub = hub
+        self._base = ui_port_base
+        self._backend = backend
+        self._agents: dict[str, AgentRecord] = {}
+        self.login_check: dict[str, bool] = {}
+
+    async def load(self) -> None:
+        for name, role, port, created, desired, destroyed in await self._store.run(_load):
+            assert role in ("agent", "manager")
+            self._agents[name] = AgentRecord(
+                name=name,
+                role=role,  # type: ignore[arg-type]
+                port=port,
+                created_at=created,
+                desired=desired,
+                destroyed_at=destroyed,
+                state="destroyed" if destroyed is not None else "stopped",
+            )
+
+    def get(self, name: str) -> AgentRecord:
+        rec = self._agents.get(name)
+        if rec is None:
+            raise NotFound(f"no agent named {name!r}")
+        return rec
+
+    def find(self, name: str) -> AgentRecord | None:
+        return self._agents.get(name)
+
+    def live(self, name: str) -> AgentRecord:
+        rec = self.get(name)
+        if not rec.alive:
+            raise Conflict(f"agent {name!r} is destroyed (its state is kept; spawn it to revive)")
+        return rec
+
+    def all(self) -> list[AgentRecord]:
+        return sorted(self._agents.values(), key=lambda r: (r.role != "manager", r.name))
+
+    def _allocate_port(self, name: str, role: wire.AgentRole) -> int:
+        if role == "manager":
+            return self._base
+        taken = {r.port for r in self._agents.values() if r.name != name}
+        start = fnv1a_32(name.encode()) % PORT_SPAN
+        for i in range(PORT_SPAN):
+            port = self._base + 100 + (start + i) % PORT_SPAN
+            if port not in taken:
+                return port
+        raise Conflict("no free web UI port left in the agent range")
+
+    async def add(self, name: str, role: wire.AgentRole) -> AgentRecord:
+        """Register a new agent, or revive a destroyed one keeping its port."""
+        rec = self._agents.get(name)
+        if rec is not None and rec.alive:
+            raise Conflict(f"agent {name!r} already exists")
+        if rec is None:
+            rec = AgentRecord(
+                name=name, role=role, port=self._allocate_port(name, role), created_at=time.time()
+            )
+        rec.destroyed_at = None
+        rec.desired = "running"
+        rec.state = "stopped"
+        await self._store.run(_upsert, rec)
+        self._agents[name] = rec
+        self.changed(rec)
+        return rec
+
+    async def save(self, rec: AgentRecord) -> None:
+        await self._store.run(_upsert, rec)
+        self.changed(rec)
+
+    async def forget(self, name: str) -> None:
+        await self._store.run(_delete, name)
+        self._agents.pop(name, None)
+        self._hub.publish(lambda seq: wire.AgentRemoved(seq=seq, name=name))
+
+    def set_state(self, rec: AgentRecord, state: wire.ContainerState, **fields: object) -> None:
+        rec.state = state
+        for key, value in fields.items():
+            setattr(rec, key, value)
+        self.changed(rec)
+
+    def info(self, rec: AgentRecord, unread: int = 0) -> wire.AgentInfo:
+        return wire.AgentInfo(
+            name=rec.name,
+            role=rec.role,
+            container=rec.container,
+            state=rec.state,
+            backend=self._backend,
+            port=rec.port,
+            needs_login=self.login_check.get(rec.name, False),
+            pid=rec.pid,
+            restarts=rec.restarts,
+            unread=unread,
+            last_error=rec.last_error,
+        )
+
+    def changed(self, rec: AgentRecord) -> None:
+        info = self.info(rec)
+        self._hub.publish(lambda seq: wire.AgentChanged(seq=seq, agent=info))
+
+    def resolve(self, to: str, sender: str) -> list[str]:
+        """The broker's recipient resolution (see `Broker`)."""
+        to = canonical_recipient(to)
+        if to in (OPERATOR, MANAGER):
+            return [to]
+        if to == BROADCAST:
+            return [r.recipient for r in self.all() if r.alive and r.recipient != sender]
+        rec = self._agents.get(to)
+        if rec is None or not rec.alive:
+            raise NotFound(
+                f"unknown recipient {to[:40]!r}: send to an agent name, 'manager',"
+                " 'operator' or '*'"
+            )
+        return [rec.recipient]

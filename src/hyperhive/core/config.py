@@ -1,0 +1,54 @@
+"""The daemon's configuration and the on-disk layout derived from it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hyperhive.protocol.names import MANAGER_NAME, check_name
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path = Path("/var/lib/hyperhive")
+    run_dir: Path = Path("/run/hyperhive")
+    backend: str = "bwrap"
+    demo: bool = False
+    bind: str = "127.0.0.1"
+    dashboard_port: int = 7000
+    """0 picks a free port; -1 runs no dashboard."""
+    ui_port_base: int = 8000
+    """The manager's UI port; sub-agents get base + 100 + FNV-1a(name) % 900."""
+    start_manager: bool = True
+    claude_env: dict[str, str] = field(default_factory=dict)
+    model: str = "haiku"
+    operator_pronouns: str = "she/her"
+    admin_uids: frozenset[int] = frozenset()
+    harness_python: str = sys.executable
+    claude_bin: str = "claude"
+    restart_initial: float = 10.0
+    restart_max: float = 300.0
+    restart_reset_after: float = 600.0
+    stop_grace: float = 5.0
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "broker.sqlite"
+
+    @property
+    def host_socket(self) -> Path:
+        return self.run_dir / "host.sock"
+
+    def socket_dir(self, name: str) -> Path:
+        """The directory a container mounts at /run/hive (the dir, so restarts don't strand it)."""
+        if name == MANAGER_NAME:
+            return self.run_dir / "manager"
+        return self.run_dir / "agents" / check_name(name)
+
+    def agent_root(self, name: str) -> Path:
+        return self.state_dir / "agents" / check_name(name)
+
+    def allowed_uids(self) -> set[int]:
+        return {0, os.getuid(), *self.admin_uids}

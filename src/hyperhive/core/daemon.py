@@ -1,0 +1,156 @@
+"""Daemon wiring: the store, broker, supervisor, sockets and dashboard under one root nursery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, replace
+from functools import partial
+
+import trio
+
+from hyperhive.core.agent_api import AgentHandler
+from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.broker import Broker, EventHub
+from hyperhive.core.config import DaemonConfig
+from hyperhive.core.containers.base import Backend
+from hyperhive.core.host_api import HostHandler
+from hyperhive.core.server import SocketServer, require_uid
+from hyperhive.core.store import open_store
+from hyperhive.core.supervisor import Supervisor
+from hyperhive.protocol import wire
+from hyperhive.protocol.codec import RequestDecoder
+
+log = logging.getLogger(__name__)
+
+HOST_DECODER: RequestDecoder[object] = RequestDecoder(wire.HostRequests, wire.HOST_COMMANDS, "host")
+AGENT_DECODER: RequestDecoder[object] = RequestDecoder(
+    wire.AgentRequests, wire.AGENT_COMMANDS, "agent"
+)
+MANAGER_DECODER: RequestDecoder[object] = RequestDecoder(
+    wire.ManagerRequests, wire.MANAGER_COMMANDS, "manager"
+)
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    """What a started daemon tells its caller."""
+
+    host_socket: str
+    dashboard_port: int | None
+    model_url: str | None
+
+
+def make_backend(name: str) -> Backend:
+    if name == "bwrap":
+        from hyperhive.core.containers.bwrap import BwrapBackend
+
+        return BwrapBackend()
+    raise ValueError(f"unknown container backend {name!r} (available: bwrap)")
+
+
+def _prepare(cfg: DaemonConfig) -> None:
+    for path in (cfg.state_dir, cfg.run_dir, cfg.run_dir / "agents"):
+        path.mkdir(parents=True, exist_ok=True)
+    os.chmod(cfg.run_dir, 0o700)
+    os.chmod(cfg.state_dir, 0o700)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(state.encode(), addr)
+        except OSError as exc:
+            log.warning("sd_notify failed: %s", exc)
+
+
+async def run(
+    cfg: DaemonConfig, *, task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the daemon until cancelled. started(DaemonInfo) once sockets and dashboard are up."""
+    await trio.to_thread.run_sync(_prepare, cfg)
+    backend = make_backend(cfg.backend)
+    async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
+        model_url: str | None = None
+        if cfg.demo:
+            from hyperhive.demo.model import serve_model
+
+            model_url = await nursery.start(partial(serve_model, host="127.0.0.1", port=0))
+            cfg = replace(
+                cfg,
+                claude_env={
+                    "ANTHROPIC_BASE_URL": str(model_url),
+                    "ANTHROPIC_API_KEY": "sk-ant-demo-scripted-model",
+                    **cfg.claude_env,
+                },
+            )
+        hub = EventHub()
+        registry = Registry(store, hub, ui_port_base=cfg.ui_port_base, backend=backend.name)
+        await registry.load()
+        broker = Broker(store, hub, registry.resolve)
+        released = await broker.recover()
+        if released:
+            log.info("returned %d in-flight messages to their queues", released)
+
+        def socket_factory(rec: AgentRecord, path: str) -> SocketServer[object]:
+            decoder = MANAGER_DECODER if rec.role == "manager" else AGENT_DECODER
+            return SocketServer(
+                path, decoder, AgentHandler(rec, broker, registry), name=f"{rec.name} agent"
+            )
+
+        supervisor = Supervisor(cfg, registry, broker, backend, socket_factory)
+        await nursery.start(supervisor.serve)
+        host = HostHandler(cfg, registry, broker, supervisor, hub)
+        host_server = SocketServer(
+            str(cfg.host_socket),
+            HOST_DECODER,
+            host,
+            peer_check=require_uid(cfg.allowed_uids()),
+            name="host",
+        )
+        await nursery.start(host_server.serve)
+        if cfg.start_manager:
+            await host.ensure_manager()
+        for rec in registry.all():
+            if rec.alive:
+                await supervisor.open_socket(rec)
+                if rec.desired == "running":
+                    await supervisor.launch(rec)
+        dashboard_port: int | None = None
+        if cfg.dashboard_port >= 0:
+            from hyperhive.web.dashboard import serve_dashboard
+
+            dashboard_port = await nursery.start(
+                partial(
+                    serve_dashboard,
+                    host_socket=str(cfg.host_socket),
+                    bind=cfg.bind,
+                    port=cfg.dashboard_port,
+                )
+            )
+        sd_notify("READY=1")
+        log.info("hive-c0re ready: host socket %s, dashboard %s", cfg.host_socket, dashboard_port)
+        task_status.started(DaemonInfo(str(cfg.host_socket), dashboard_port, model_url))
+
+
+async def serve_until_signalled(cfg: DaemonConfig) -> None:
+    """The `hive-c0re serve` entry point: run until SIGINT/SIGTERM, then stop cleanly."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(run, cfg)
+            print(f"hive-c0re: host socket {info.host_socket}", flush=True)
+            if info.dashboard_port is not None:
+                print(f"hive-c0re: dashboard http://{cfg.bind}:{info.dashboard_port}/", flush=True)
+            async for signum in signals:
+                log.info("received %s; stopping", signal.Signals(signum).name)
+                sd_notify("STOPPING=1")
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,138 @@
+"""host.sock: the operator's admin socket. Whoever is let in here acts as `operator`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import trio
+
+from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.broker import Broker, EventHub
+from hyperhive.core.config import DaemonConfig
+from hyperhive.core.server import EventStream, Peer
+from hyperhive.core.supervisor import Supervisor
+from hyperhive.protocol import wire
+from hyperhive.protocol.codec import encode_line
+from hyperhive.protocol.errors import BadParams, Forbidden
+from hyperhive.protocol.names import (
+    MANAGER,
+    MANAGER_NAME,
+    OPERATOR,
+    canonical_recipient,
+    check_name,
+    check_new_agent_name,
+)
+
+LOGIN_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+
+
+def needs_login(cfg: DaemonConfig, names: list[str]) -> dict[str, bool]:
+    """An agent needs a login when neither the daemon's claude env nor its own creds exist."""
+    if any(cfg.claude_env.get(k) for k in LOGIN_KEYS):
+        return dict.fromkeys(names, False)
+    return {n: not (cfg.agent_root(n) / "claude" / ".credentials.json").is_file() for n in names}
+
+
+class HostHandler:
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        registry: Registry,
+        broker: Broker,
+        supervisor: Supervisor,
+        hub: EventHub,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.broker = broker
+        self.supervisor = supervisor
+        self.hub = hub
+
+    async def agent_infos(self) -> list[wire.AgentInfo]:
+        recs = self.registry.all()
+        logins = await trio.to_thread.run_sync(needs_login, self.cfg, [r.name for r in recs])
+        self.registry.login_check.update(logins)
+        infos = []
+        for rec in recs:
+            queued, _ = await self.broker.counts(rec.recipient)
+            infos.append(self.registry.info(rec, unread=queued))
+        return infos
+
+    async def spawn(self, name: str) -> AgentRecord:
+        check_new_agent_name(name)
+        rec = await self.registry.add(name, "agent")
+        await self.supervisor.launch(rec)
+        return rec
+
+    async def ensure_manager(self) -> AgentRecord:
+        rec = self.registry.find(MANAGER_NAME)
+        if rec is None or not rec.alive:
+            rec = await self.registry.add(MANAGER_NAME, "manager")
+        return rec
+
+    async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
+        match request:
+            case wire.ListAgents():
+                return wire.AgentList(agents=await self.agent_infos())
+            case wire.Spawn(name=name):
+                rec = await self.spawn(name)
+                return wire.AgentReply(agent=self.registry.info(rec))
+            case wire.Kill(name=name):
+                rec = self.registry.live(check_name(name))
+                rec.desired = "stopped"
+                await self.registry.save(rec)
+                await self.supervisor.stop(rec)
+                return wire.AgentReply(agent=self.registry.info(rec))
+            case wire.Start(name=name):
+                rec = self.registry.live(check_name(name))
+                rec.desired = "running"
+                await self.registry.save(rec)
+                await self.supervisor.launch(rec)
+                return wire.AgentReply(agent=self.registry.info(rec))
+            case wire.Restart(name=name):
+                rec = self.registry.live(check_name(name))
+                self.registry.set_state(rec, "restarting")
+                await self.supervisor.stop(rec)
+                rec.desired = "running"
+                await self.registry.save(rec)
+                await self.supervisor.launch(rec)
+                return wire.AgentReply(agent=self.registry.info(rec))
+            case wire.Destroy(name=name, purge=purge):
+                return await self._destroy(check_name(name), purge)
+            case wire.OperatorSend(to=to, body=body):
+                msgs = await self.broker.send(
+                    OPERATOR, canonical_recipient(to), body, origin=OPERATOR
+                )
+                return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
+            case wire.HostRecent(name=name, limit=limit):
+                inbox = canonical_recipient(name)
+                if inbox not in (OPERATOR, MANAGER):
+                    inbox = self.registry.get(check_name(name)).recipient
+                return wire.Inbox(messages=await self.broker.recent(inbox, limit))
+            case wire.Flow(limit=limit):
+                return wire.Inbox(messages=await self.broker.recent(None, limit))
+            case wire.Subscribe():
+                return EventStream(wire.Subscribed(), self._events())
+        raise BadParams(f"unsupported request {type(request).__name__}")
+
+    async def _destroy(self, name: str, purge: bool) -> wire.Reply:
+        rec = self.registry.get(name)
+        if rec.role == "manager":
+            raise Forbidden("the manager cannot be destroyed")
+        if rec.alive:
+            self.registry.set_state(rec, "destroying")
+            await self.supervisor.stop(rec)
+            await self.supervisor.close_socket(name)
+            rec.desired = "stopped"
+            rec.destroyed_at = time.time()
+            self.registry.set_state(rec, "destroyed")
+            await self.registry.save(rec)
+        if purge:
+            await self.supervisor.purge(rec)
+            await self.registry.forget(name)
+        return wire.Done()
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        async for event in self.hub.stream():
+            yield encode_line(event)

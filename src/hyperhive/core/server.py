@@ -1,0 +1,212 @@
+"""The JSON-line unix socket server that every hyperhive socket runs: framing, limits, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, NoReturn, Protocol, TypeVar
+
+import msgspec
+import trio
+
+from hyperhive.protocol import wire
+from hyperhive.protocol.codec import MAX_LINE, LineStream, RequestDecoder, encode_line, error_line
+from hyperhive.protocol.errors import Busy, Forbidden, HiveError, Internal, LineTooLong
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", contravariant=True)
+Req = TypeVar("Req")
+
+
+@dataclass(frozen=True)
+class SocketLimits:
+    """What one client may cost a socket."""
+
+    max_line: int = MAX_LINE
+    max_connections: int = 256
+    first_line_timeout: float = 10.0
+    """Seconds a new connection has to deliver its first complete line."""
+    line_timeout: float = 10.0
+    """Seconds a started line has to be completed (slowloris defence)."""
+    send_timeout: float = 10.0
+    """Seconds a reply may take to drain into a client that does not read."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(stream: trio.SocketStream) -> Peer:
+    raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+class EventStream:
+    """Returned by a handler to turn the connection into a one-way stream of lines."""
+
+    def __init__(self, first: wire.Reply, lines: AsyncIterator[bytes]) -> None:
+        self.first = first
+        self.lines = lines
+
+
+class Handler(Protocol[T]):
+    async def handle(self, request: T, peer: Peer) -> wire.Reply | EventStream: ...
+
+
+PeerCheck = Callable[[Peer], None]
+
+
+class SocketServer(Generic[Req]):
+    """Serves one unix socket path with one decoder and one handler."""
+
+    def __init__(
+        self,
+        path: str,
+        decoder: RequestDecoder[Req],
+        handler: Handler[Req],
+        *,
+        limits: SocketLimits | None = None,
+        mode: int = 0o600,
+        peer_check: PeerCheck | None = None,
+        name: str = "socket",
+    ) -> None:
+        self.path = path
+        self.decoder = decoder
+        self.handler = handler
+        self.limits = limits or SocketLimits()
+        self.mode = mode
+        self.peer_check = peer_check
+        self.name = name
+        self.connections = 0
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await trio.to_thread.run_sync(_unlink_stale, self.path)
+        await sock.bind(self.path)
+        os.chmod(self.path, self.mode)
+        sock.listen(128)
+        listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._connection, stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            try:
+                if os.path.exists(self.path):
+                    os.unlink(self.path)
+            except OSError:
+                pass
+        raise AssertionError("unreachable")
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        lines = LineStream(stream, max_line=self.limits.max_line)
+        self.connections += 1
+        try:
+            if self.connections > self.limits.max_connections:
+                raise Busy(f"too many connections on the {self.name} socket; try again later")
+            peer = peer_credentials(stream)
+            if self.peer_check is not None:
+                self.peer_check(peer)
+            await self._serve_lines(lines, peer)
+        except HiveError as err:
+            await self._try_send(lines, error_line(err))
+        except trio.TooSlowError:
+            await self._try_send(
+                lines, error_line(Busy("timed out waiting for a complete line; closing"))
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("%s: connection failed", self.name)
+            await self._try_send(lines, error_line(Internal("internal error; see daemon log")))
+        finally:
+            self.connections -= 1
+            with trio.CancelScope(shield=True):
+                await lines.aclose()
+
+    async def _try_send(self, lines: LineStream, data: bytes) -> None:
+        with trio.move_on_after(1):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await lines.send_line(data)
+
+    async def _serve_lines(self, lines: LineStream, peer: Peer) -> None:
+        first = True
+        while True:
+            if first:
+                with trio.fail_after(self.limits.first_line_timeout):
+                    line = await lines.receive_line(partial_timeout=self.limits.line_timeout)
+            else:
+                line = await lines.receive_line(partial_timeout=self.limits.line_timeout)
+            if line is None:
+                return
+            first = False
+            try:
+                request = self.decoder.decode(line)
+                result = await self.handler.handle(request, peer)
+            except LineTooLong:
+                raise
+            except (HiveError, msgspec.ValidationError) as err:
+                herr = err if isinstance(err, HiveError) else Internal(str(err))
+                await self._send(lines, error_line(herr))
+                continue
+            if isinstance(result, EventStream):
+                await self._send(lines, encode_line(result.first))
+                await self._stream(lines, result.lines)
+                return
+            await self._send(lines, encode_line(result))
+
+    async def _send(self, lines: LineStream, data: bytes) -> None:
+        with trio.fail_after(self.limits.send_timeout):
+            await lines.send_line(data)
+
+    async def _stream(self, lines: LineStream, source: AsyncIterator[bytes]) -> None:
+        """Pump a stream to the client until either side ends; reading detects a hang-up."""
+
+        async def watch_hangup(cancel: trio.CancelScope) -> None:
+            while await lines.receive_line() is not None:
+                pass
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_hangup, nursery.cancel_scope)
+            try:
+                async for data in source:
+                    await self._send(lines, data)
+            finally:
+                aclose: Callable[[], Awaitable[None]] | None = getattr(source, "aclose", None)
+                if aclose is not None:
+                    with trio.CancelScope(shield=True):
+                        await aclose()
+            nursery.cancel_scope.cancel()
+
+
+def _unlink_stale(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def require_uid(allowed: set[int]) -> PeerCheck:
+    """host.sock's check: only root and the daemon's own uid (plus any configured) may speak."""
+
+    def check(peer: Peer) -> None:
+        if peer.uid not in allowed:
+            raise Forbidden(f"uid {peer.uid} may not use this socket")
+
+    return check

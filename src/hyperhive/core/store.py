@@ -1,0 +1,78 @@
+"""The daemon's sqlite database: one connection, one worker thread at a time, WAL + FULL sync."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import ParamSpec, TypeVar
+
+import trio
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id           INTEGER PRIMARY KEY,
+    sender       TEXT    NOT NULL,
+    recipient    TEXT    NOT NULL,
+    body         TEXT    NOT NULL,
+    sent_at      REAL    NOT NULL,
+    broadcast    INTEGER NOT NULL DEFAULT 0,
+    state        TEXT    NOT NULL DEFAULT 'queued',
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    leased_at    REAL,
+    delivered_at REAL,
+    origin       TEXT    NOT NULL DEFAULT '',
+    last_error   TEXT
+) STRICT;
+CREATE INDEX IF NOT EXISTS messages_inbox ON messages (recipient, state, id);
+CREATE INDEX IF NOT EXISTS messages_delivered ON messages (state, delivered_at);
+
+CREATE TABLE IF NOT EXISTS agents (
+    name        TEXT PRIMARY KEY,
+    role        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    port        INTEGER NOT NULL,
+    desired     TEXT NOT NULL DEFAULT 'running',
+    destroyed_at REAL
+) STRICT;
+"""
+
+
+class Store:
+    """Runs blocking sqlite work on a worker thread, one call at a time, each its own unit."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(conn, *args)` on the worker thread. `fn` owns its transaction."""
+        return await trio.to_thread.run_sync(fn, self._conn, *args, limiter=self._limiter)
+
+    async def close(self) -> None:
+        await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+
+
+def connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA journal_size_limit=67108864")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+@asynccontextmanager
+async def open_store(path: str) -> AsyncIterator[Store]:
+    conn = await trio.to_thread.run_sync(connect, path)
+    store = Store(conn)
+    try:
+        yield store
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.close()

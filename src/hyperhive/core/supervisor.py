@@ -1,0 +1,256 @@
+"""Supervision: one task per container and one per agent socket, all under the daemon's nursery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+import trio
+
+from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.broker import Broker
+from hyperhive.core.config import DaemonConfig
+from hyperhive.core.containers.base import Backend, Bind, ContainerSpec
+from hyperhive.core.server import SocketServer
+from hyperhive.protocol.errors import Internal
+
+log = logging.getLogger(__name__)
+
+SocketFactory = Callable[[AgentRecord, str], SocketServer[object]]
+
+CONTAINER_SOCKET = "/run/hive/mcp.sock"
+
+
+@dataclass
+class _Task:
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+def _prepare_dirs(paths: list[Path]) -> None:
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        registry: Registry,
+        broker: Broker,
+        backend: Backend,
+        socket_factory: SocketFactory,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.broker = broker
+        self.backend = backend
+        self._socket_factory = socket_factory
+        self._containers: dict[str, _Task] = {}
+        self._sockets: dict[str, _Task] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise Internal("supervisor is not running")
+        return self._nursery
+
+    # ------------------------------------------------------------------ layout
+
+    def spec_for(self, rec: AgentRecord) -> ContainerSpec:
+        cfg = self.cfg
+        root = cfg.agent_root(rec.name)
+        binds = [
+            Bind(cfg.socket_dir(rec.name), "/run/hive"),
+            Bind(root / "state", "/state"),
+            Bind(root / "claude", "/root/.claude"),
+        ]
+        if rec.role == "manager":
+            binds += [
+                Bind(cfg.state_dir / "agents", "/agents"),
+                Bind(cfg.state_dir / "applied", "/applied", read_only=True),
+                Bind(cfg.state_dir / "meta", "/meta", read_only=True),
+            ]
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "CLAUDE_CONFIG_DIR": "/root/.claude",
+            "DISABLE_AUTOUPDATER": "1",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "HIVE_LABEL": rec.name,
+            "HIVE_ROLE": rec.role,
+            "HIVE_SOCKET": CONTAINER_SOCKET,
+            "HIVE_STATE": "/state",
+            "HIVE_PORT": str(rec.port),
+            "HIVE_BIND": cfg.bind,
+            "HIVE_DASHBOARD_PORT": str(cfg.dashboard_port),
+            "HIVE_MODEL": cfg.model,
+            "HIVE_OPERATOR_PRONOUNS": cfg.operator_pronouns,
+            "HIVE_CLAUDE": cfg.claude_bin,
+            **cfg.claude_env,
+        }
+        command = (cfg.harness_python, "-m", "hyperhive.agent", "serve", "--role", rec.role)
+        return ContainerSpec(
+            name=rec.name,
+            container=rec.container,
+            role=rec.role,
+            binds=tuple(binds),
+            env=env,
+            command=command,
+            log_path=root / "container.log",
+        )
+
+    def _dirs(self, rec: AgentRecord) -> list[Path]:
+        root = self.cfg.agent_root(rec.name)
+        dirs = [self.cfg.socket_dir(rec.name), root / "state", root / "claude"]
+        if rec.role == "manager":
+            dirs += [self.cfg.state_dir / d for d in ("agents", "applied", "meta")]
+        return dirs
+
+    # ------------------------------------------------------------------ sockets
+
+    async def open_socket(self, rec: AgentRecord) -> None:
+        """Serve the agent's socket (idempotent: a second call keeps the first)."""
+        if rec.name in self._sockets:
+            return
+        await trio.to_thread.run_sync(_prepare_dirs, self._dirs(rec))
+        path = str(self.cfg.socket_dir(rec.name) / "mcp.sock")
+        server = self._socket_factory(rec, path)
+        task = _Task()
+        self._sockets[rec.name] = task
+        await self.nursery.start(self._run_socket, server, task)
+
+    async def _run_socket(
+        self, server: SocketServer[object], task: _Task, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        try:
+            with task.scope:
+                await server.serve(task_status=task_status)
+        finally:
+            task.done.set()
+
+    async def close_socket(self, name: str) -> None:
+        task = self._sockets.pop(name, None)
+        if task is not None:
+            task.scope.cancel()
+            await task.done.wait()
+
+    # ------------------------------------------------------------------ containers
+
+    def is_supervised(self, name: str) -> bool:
+        return name in self._containers
+
+    async def launch(self, rec: AgentRecord) -> None:
+        """Start supervising the agent's container (no-op if it already is)."""
+        await self.open_socket(rec)
+        if rec.name in self._containers:
+            return
+        task = _Task()
+        self._containers[rec.name] = task
+        self.registry.set_state(rec, "starting")
+        self.nursery.start_soon(self._supervise, rec, task)
+
+    async def stop(self, rec: AgentRecord) -> None:
+        """Stop the container on purpose: never counted as a crash, never restarted."""
+        task = self._containers.get(rec.name)
+        if task is None:
+            return
+        self.registry.set_state(rec, "stopping")
+        task.scope.cancel()
+        await task.done.wait()
+
+    async def _supervise(self, rec: AgentRecord, task: _Task) -> None:
+        backoff = self.cfg.restart_initial
+        try:
+            with task.scope:
+                while True:
+                    started_at = trio.current_time()
+                    code = await self._run_once(rec)
+                    ran_for = trio.current_time() - started_at
+                    await self.broker.release(rec.recipient)
+                    tail = await trio.to_thread.run_sync(
+                        _tail, self.cfg.agent_root(rec.name) / "container.log", 5
+                    )
+                    log.warning("%s exited with %s after %.1fs", rec.container, code, ran_for)
+                    if ran_for >= self.cfg.restart_reset_after:
+                        backoff = self.cfg.restart_initial
+                    self.registry.set_state(
+                        rec,
+                        "crashed",
+                        pid=None,
+                        restarts=rec.restarts + 1,
+                        last_error=f"exited with status {code}" + (f": {tail}" if tail else ""),
+                    )
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, self.cfg.restart_max)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.broker.release(rec.recipient)
+            self._containers.pop(rec.name, None)
+            if rec.state != "destroying":
+                self.registry.set_state(rec, "stopped", pid=None)
+            task.done.set()
+
+    async def _run_once(self, rec: AgentRecord) -> int:
+        self.registry.set_state(rec, "starting")
+        spec = self.spec_for(rec)
+
+        def started(pid: int) -> None:
+            self.registry.set_state(rec, "running", pid=pid)
+
+        try:
+            return await self.backend.run(spec, grace=self.cfg.stop_grace, on_started=started)
+        except OSError as exc:
+            log.error("%s failed to start: %s", rec.container, exc)
+            return -1
+
+    async def purge(self, rec: AgentRecord) -> None:
+        """Delete the agent's state and sockets. Only ever below the daemon's own dirs."""
+        targets = [
+            self.cfg.agent_root(rec.name),
+            self.cfg.socket_dir(rec.name),
+            self.cfg.state_dir / "applied" / rec.name,
+        ]
+        bases = [
+            (self.cfg.state_dir / "agents").resolve(),
+            self.cfg.run_dir.resolve(),
+            (self.cfg.state_dir / "applied").resolve(),
+        ]
+
+        def remove() -> None:
+            for target in targets:
+                real = target.resolve()
+                if not any(real.is_relative_to(b) and real != b for b in bases):
+                    raise Internal(f"refusing to delete {real}: outside the hive's directories")
+                if real.is_dir() and not real.is_symlink():
+                    shutil.rmtree(real)
+
+        await trio.to_thread.run_sync(remove)

@@ -1,0 +1,99 @@
+"""The typed client of every hyperhive socket: one request line out, one reply line back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import msgspec
+import trio
+
+from hyperhive.protocol import wire
+from hyperhive.protocol.codec import LineStream, encode_line
+from hyperhive.protocol.errors import ConnectionLost, HiveError, error_from_wire
+
+R = TypeVar("R", bound=wire.Reply)
+
+_envelope = msgspec.json.Decoder(wire.ReplyEnvelope)
+_event_decoder: msgspec.json.Decoder[wire.HiveEvent] = msgspec.json.Decoder(
+    wire.HiveEvents  # type: ignore[arg-type]
+)
+_decoders: dict[type[wire.Reply], msgspec.json.Decoder[wire.Reply]] = {}
+
+
+def _decoder_for(reply_type: type[R]) -> msgspec.json.Decoder[R]:
+    dec = _decoders.get(reply_type)
+    if dec is None:
+        dec = msgspec.json.Decoder(reply_type)  # type: ignore[assignment]
+        _decoders[reply_type] = dec  # type: ignore[assignment]
+    return dec  # type: ignore[return-value]
+
+
+def decode_reply(line: bytes, reply_type: type[R]) -> R:
+    """Decode a reply line, raising the domain error it carries when `ok` is false."""
+    env = _envelope.decode(line)
+    if not env.ok:
+        raise error_from_wire(env.code or "internal", env.error or "request failed")
+    return _decoder_for(reply_type).decode(line)
+
+
+class Client:
+    """A connection to one socket. Requests on one connection are answered in order."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._lines = LineStream(stream)
+        self._lock = trio.Lock()
+
+    async def call(self, request: msgspec.Struct, reply_type: type[R] | None = None) -> R:
+        """Send one request and return its typed reply (or raise its HiveError)."""
+        rtype = reply_type or wire.REPLY_FOR[type(request)]
+        async with self._lock:
+            await self._lines.send_line(encode_line(request))
+            line = await self._lines.receive_line()
+        if line is None:
+            raise ConnectionLost("the daemon closed the connection")
+        return decode_reply(line, rtype)  # type: ignore[arg-type,return-value]
+
+    async def raw(self, line: bytes) -> bytes:
+        """Send a raw line (for tools and tests) and return the raw reply line."""
+        async with self._lock:
+            await self._lines.send_line(line if line.endswith(b"\n") else line + b"\n")
+            reply = await self._lines.receive_line()
+        if reply is None:
+            raise ConnectionLost("the daemon closed the connection")
+        return reply
+
+    async def events(self) -> AsyncIterator[wire.HiveEvent]:
+        """After `Subscribe`, yield each event line until the daemon closes the stream."""
+        while True:
+            line = await self._lines.receive_line()
+            if line is None:
+                return
+            yield _event_decoder.decode(line)
+
+    async def aclose(self) -> None:
+        await self._lines.aclose()
+
+
+@asynccontextmanager
+async def open_client(path: str) -> AsyncIterator[Client]:
+    """Connect to a unix socket; the connection is closed when the block exits."""
+    try:
+        stream = await trio.open_unix_socket(path)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to {path}: {exc.strerror or exc}") from None
+    client = Client(stream)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def call_once(path: str, request: msgspec.Struct, reply_type: type[R] | None = None) -> R:
+    """Connect, send one request, return its reply, disconnect."""
+    async with open_client(path) as client:
+        return await client.call(request, reply_type)
+
+
+__all__ = ["Client", "HiveError", "call_once", "decode_reply", "open_client"]

@@ -1,0 +1,141 @@
+"""Line framing and the JSON codec shared by every socket, with one maximum line length."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+import msgspec
+import trio
+
+from hyperhive.protocol.errors import (
+    HiveError,
+    InvalidRequest,
+    LineTooLong,
+    ParseError,
+    UnknownCommand,
+)
+
+MAX_LINE = 1024 * 1024
+"""The longest line (without its newline) any hyperhive socket accepts: 1 MiB."""
+
+_encoder = msgspec.json.Encoder()
+
+T = TypeVar("T")
+
+
+def encode_line(obj: object) -> bytes:
+    return _encoder.encode(obj) + b"\n"
+
+
+def error_line(err: HiveError) -> bytes:
+    return _encoder.encode({"ok": False, "code": err.code, "error": err.message}) + b"\n"
+
+
+class _CmdProbe(msgspec.Struct):
+    cmd: object = None
+
+
+_probe = msgspec.json.Decoder(_CmdProbe)
+
+
+class RequestDecoder(Generic[T]):
+    """Decodes one request line of a socket's union, turning every failure into a HiveError."""
+
+    def __init__(self, union: object, commands: frozenset[str], socket_kind: str) -> None:
+        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(union)  # type: ignore[arg-type]
+        self._commands = commands
+        self._kind = socket_kind
+
+    def decode(self, line: bytes) -> T:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParseError(f"line is not valid UTF-8 (byte {exc.start})") from None
+        if text.startswith("\ufeff"):
+            raise ParseError("line starts with a byte-order mark; send plain UTF-8 JSON")
+        stripped = text.strip()
+        if not stripped:
+            raise ParseError("empty line; send one JSON object per line")
+        try:
+            return self._decoder.decode(stripped)
+        except msgspec.DecodeError as exc:
+            raise self._explain(stripped, exc) from None
+
+    def _explain(self, text: str, exc: msgspec.DecodeError) -> HiveError:
+        if not isinstance(exc, msgspec.ValidationError):
+            return ParseError(f"malformed JSON: {exc}")
+        try:
+            probe = _probe.decode(text)
+        except msgspec.DecodeError:
+            return InvalidRequest('a request must be a JSON object with a "cmd" field')
+        cmd = probe.cmd
+        if cmd is None:
+            return InvalidRequest('missing "cmd" field')
+        if not isinstance(cmd, str):
+            return InvalidRequest('"cmd" must be a string')
+        if cmd not in self._commands:
+            known = ", ".join(sorted(self._commands))
+            return UnknownCommand(
+                f"unknown command {cmd[:64]!r} on the {self._kind} socket (known: {known})"
+            )
+        return InvalidRequest(f"bad {cmd!r} request: {exc}")
+
+
+class LineStream:
+    """Newline-framed reading and writing over a trio stream, bounded by `max_line`."""
+
+    def __init__(self, stream: trio.abc.Stream, *, max_line: int = MAX_LINE) -> None:
+        self.stream = stream
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._eof = False
+
+    @property
+    def has_partial(self) -> bool:
+        return bool(self._buf)
+
+    async def receive_line(self, *, partial_timeout: float | None = None) -> bytes | None:
+        """The next line without its newline; None at a clean end of stream.
+
+        A partial line at end of stream (a client that disconnected mid-line) is dropped.
+        Raises LineTooLong as soon as more than `max_line` bytes arrive without a newline.
+        With `partial_timeout`, a line must be complete within that many seconds of its first
+        byte (trio.TooSlowError otherwise): a client trickling bytes cannot hold a slot forever.
+        """
+        scanned = 0
+        deadline = (
+            trio.current_time() + partial_timeout
+            if (partial_timeout is not None and self._buf)
+            else None
+        )
+        while True:
+            idx = self._buf.find(b"\n", scanned)
+            if idx >= 0:
+                if idx > self.max_line:
+                    raise LineTooLong(f"line exceeds the {self.max_line}-byte limit")
+                line = bytes(self._buf[:idx])
+                del self._buf[: idx + 1]
+                return line
+            if len(self._buf) > self.max_line:
+                raise LineTooLong(f"line exceeds the {self.max_line}-byte limit")
+            if self._eof:
+                self._buf.clear()
+                return None
+            scanned = len(self._buf)
+            if deadline is None:
+                chunk = await self.stream.receive_some(65536)
+            else:
+                with trio.fail_at(deadline):
+                    chunk = await self.stream.receive_some(65536)
+            if partial_timeout is not None and deadline is None and chunk:
+                deadline = trio.current_time() + partial_timeout
+            if not chunk:
+                self._eof = True
+            else:
+                self._buf += chunk
+
+    async def send_line(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

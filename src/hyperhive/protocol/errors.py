@@ -1,0 +1,89 @@
+"""The one error hierarchy: domain errors carry a wire code; the server and client translate."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class HiveError(Exception):
+    """An error that is reported to the caller as `{"ok": false, "code": ..., "error": ...}`."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ParseError(HiveError):
+    code = "parse_error"
+
+
+class LineTooLong(HiveError):
+    code = "line_too_long"
+
+
+class InvalidRequest(HiveError):
+    code = "invalid_request"
+
+
+class UnknownCommand(HiveError):
+    code = "unknown_command"
+
+
+class BadParams(HiveError):
+    code = "bad_params"
+
+
+class NotFound(HiveError):
+    code = "not_found"
+
+
+class Conflict(HiveError):
+    code = "conflict"
+
+
+class Forbidden(HiveError):
+    code = "forbidden"
+
+
+class Busy(HiveError):
+    code = "busy"
+
+
+class Timeout(HiveError):
+    code = "timeout"
+
+
+class Internal(HiveError):
+    code = "internal"
+
+
+class ConnectionLost(HiveError):
+    code = "connection_lost"
+
+
+_BY_CODE: dict[str, type[HiveError]] = {
+    cls.code: cls
+    for cls in (
+        ParseError,
+        LineTooLong,
+        InvalidRequest,
+        UnknownCommand,
+        BadParams,
+        NotFound,
+        Conflict,
+        Forbidden,
+        Busy,
+        Timeout,
+        Internal,
+        ConnectionLost,
+    )
+}
+
+ERROR_CODES = tuple(sorted(_BY_CODE))
+
+
+def error_from_wire(code: str, message: str) -> HiveError:
+    """The client side of the translation: rebuild the domain error a reply carried."""
+    return _BY_CODE.get(code, HiveError)(message)

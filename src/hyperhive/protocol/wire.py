@@ -1,0 +1,294 @@
+"""Wire types of every hyperhive socket: tagged msgspec Structs, one JSON object per line.
+
+Requests carry their command in `cmd`; replies carry `ok` and, on failure, `code` and `error`.
+Unknown fields are ignored on the wire so that newer clients keep working with older daemons.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+# --------------------------------------------------------------------------- shared records
+
+AgentRole = Literal["agent", "manager"]
+ContainerState = Literal[
+    "stopped",
+    "spawning",
+    "starting",
+    "running",
+    "stopping",
+    "restarting",
+    "crashed",
+    "destroying",
+    "destroyed",
+]
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """A broker message as handed to a reader."""
+
+    id: int
+    sender: str = msgspec.field(name="from")
+    to: str
+    body: str
+    sent_at: float
+    attempt: int = 0
+    """Which delivery attempt this is (1 for the first hand-out, 0 when only listed)."""
+    redelivery: bool = False
+    broadcast: bool = False
+    state: str = "queued"
+
+
+class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    role: AgentRole
+    container: str
+    state: ContainerState
+    backend: str
+    port: int
+    needs_login: bool = False
+    pid: int | None = None
+    restarts: int = 0
+    unread: int = 0
+    last_error: str | None = None
+    limits_note: str | None = None
+    """Set when a configured limit cannot be enforced by the backend (never pretend)."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class HostRequest(msgspec.Struct, frozen=True, tag_field="cmd", kw_only=True):
+    """A request on host.sock (the operator's admin socket)."""
+
+
+class AgentRequest(msgspec.Struct, frozen=True, tag_field="cmd", kw_only=True):
+    """A request on an agent's own socket (and on the manager's)."""
+
+
+class ListAgents(HostRequest, tag="list"):
+    pass
+
+
+class Spawn(HostRequest, tag="spawn"):
+    name: str
+
+
+class Kill(HostRequest, tag="kill"):
+    name: str
+
+
+class Start(HostRequest, tag="start"):
+    name: str
+
+
+class Restart(HostRequest, tag="restart"):
+    name: str
+
+
+class Destroy(HostRequest, tag="destroy"):
+    name: str
+    purge: bool = False
+
+
+class OperatorSend(HostRequest, tag="send"):
+    """Send as `operator`: identity is the socket, so there is no `from` field to fake."""
+
+    to: str
+    body: str
+
+
+class HostRecent(HostRequest, tag="recent"):
+    """The last messages of one inbox (`operator` is the dashboard's)."""
+
+    name: str
+    limit: int = 50
+
+
+class Flow(HostRequest, tag="flow"):
+    """The last messages across the whole hive, oldest first (dashboard backfill)."""
+
+    limit: int = 200
+
+
+class Subscribe(HostRequest, tag="subscribe"):
+    """Turn this connection into a stream of `HiveEvent` lines after the `Subscribed` reply."""
+
+
+class Send(AgentRequest, tag="send"):
+    to: str
+    body: str
+
+
+class Recv(AgentRequest, tag="recv"):
+    """Pop the next message. `wait_seconds` absent or 0 peeks; > 0 parks up to 180 s."""
+
+    wait_seconds: float | None = None
+    lease: bool = False
+    """With a lease the message stays in flight until `ack`; without, it is delivered at once."""
+
+
+class Ack(AgentRequest, tag="ack"):
+    """Acknowledge a leased message once the turn that consumed it completed."""
+
+    id: int
+    attempt: int
+
+
+class Status(AgentRequest, tag="status"):
+    pass
+
+
+class Recent(AgentRequest, tag="recent"):
+    limit: int = 30
+
+
+class Wake(AgentRequest, tag="wake"):
+    """Drop a message into the caller's own inbox, labelled with `from`."""
+
+    sender: str = msgspec.field(name="from")
+    body: str
+
+
+# --------------------------------------------------------------------------- replies
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+
+
+class Done(Reply):
+    """A plain success."""
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = False
+    code: str
+    error: str
+
+
+class AgentList(Reply):
+    agents: list[AgentInfo]
+
+
+class AgentReply(Reply):
+    agent: AgentInfo
+
+
+class Sent(Reply):
+    ids: list[int]
+    """One durable message per recipient (several for a broadcast)."""
+    recipients: list[str]
+
+
+class Received(Reply):
+    message: Message | None
+
+
+class Inbox(Reply):
+    messages: list[Message]
+
+
+class StatusReply(Reply):
+    name: str
+    role: AgentRole
+    unread: int
+    in_flight: int
+
+
+class Acked(Reply):
+    acked: bool
+    """False when the lease was not current (a late ack of a superseded attempt is ignored)."""
+
+
+class Subscribed(Reply):
+    subscribed: bool = True
+
+
+class ReplyEnvelope(msgspec.Struct, frozen=True):
+    """What every reply has in common; decoded first by clients."""
+
+    ok: bool
+    code: str | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- events
+
+
+class HiveEvent(msgspec.Struct, frozen=True, tag_field="event", kw_only=True):
+    """A line on a `subscribe` stream."""
+
+    seq: int = 0
+
+
+class MessageSent(HiveEvent, tag="message_sent"):
+    message: Message
+
+
+class MessageDelivered(HiveEvent, tag="message_delivered"):
+    id: int
+    to: str
+
+
+class AgentChanged(HiveEvent, tag="agent_changed"):
+    agent: AgentInfo
+
+
+class AgentRemoved(HiveEvent, tag="agent_removed"):
+    name: str
+
+
+class Dropped(HiveEvent, tag="dropped"):
+    """Sent (best effort) just before a subscriber that fell behind is disconnected."""
+
+    reason: str
+
+
+HostRequests = (
+    ListAgents
+    | Spawn
+    | Kill
+    | Start
+    | Restart
+    | Destroy
+    | OperatorSend
+    | HostRecent
+    | Flow
+    | Subscribe
+)
+AgentRequests = Send | Recv | Ack | Status | Recent | Wake
+ManagerRequests = AgentRequests
+HiveEvents = MessageSent | MessageDelivered | AgentChanged | AgentRemoved | Dropped
+
+HOST_COMMANDS = frozenset(
+    t.__struct_config__.tag
+    for t in HostRequests.__args__  # type: ignore[union-attr]
+)
+AGENT_COMMANDS = frozenset(
+    t.__struct_config__.tag
+    for t in AgentRequests.__args__  # type: ignore[union-attr]
+)
+MANAGER_COMMANDS = AGENT_COMMANDS
+
+REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
+    ListAgents: AgentList,
+    Spawn: AgentReply,
+    Kill: AgentReply,
+    Start: AgentReply,
+    Restart: AgentReply,
+    Destroy: Done,
+    OperatorSend: Sent,
+    HostRecent: Inbox,
+    Flow: Inbox,
+    Subscribe: Subscribed,
+    Send: Sent,
+    Recv: Received,
+    Ack: Acked,
+    Status: StatusReply,
+    Recent: Inbox,
+    Wake: Sent,
+}
+"""The reply type of each request: what a client decodes and what the schema documents."""
