@@ -225,7 +225,7 @@ class Broker:
         except UnicodeEncodeError:
             raise BadParams("message body is not valid Unicode (lone surrogate)") from None
         recipients = self._resolve(to, sender)
-        if not recipients:
+        if not recipients and to != BROADCAST:
             raise NotFound(f"no recipients for {to!r}")
         rows = await self._store.run(_insert, sender, recipients, body, to == BROADCAST, origin)
         messages = [_message(r) for r in rows]

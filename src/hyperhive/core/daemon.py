@@ -34,6 +34,9 @@ MANAGER_DECODER: RequestDecoder[object] = RequestDecoder(
 )
 
 
+DEMO_AGENT = "scout"
+
+
 @dataclass(frozen=True)
 class DaemonInfo:
     """What a started daemon tells its caller."""
@@ -51,7 +54,16 @@ def make_backend(name: str) -> Backend:
     raise ValueError(f"unknown container backend {name!r} (available: bwrap)")
 
 
+MAX_SOCKET_PATH = 100
+
+
 def _prepare(cfg: DaemonConfig) -> None:
+    longest = cfg.run_dir / "agents" / ("x" * 9) / "mcp.sock"
+    if len(str(longest)) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"--run-dir {cfg.run_dir} is too long: unix socket paths under it would exceed"
+            f" {MAX_SOCKET_PATH} bytes"
+        )
     for path in (cfg.state_dir, cfg.run_dir, cfg.run_dir / "agents"):
         path.mkdir(parents=True, exist_ok=True)
     os.chmod(cfg.run_dir, 0o700)
@@ -117,6 +129,9 @@ async def run(
             name="host",
         )
         await nursery.start(host_server.serve)
+        if cfg.demo and not any(r.role == "agent" for r in registry.all()):
+            # The demo needs someone for the manager to talk to.
+            await host.spawn(DEMO_AGENT)
         if cfg.start_manager:
             await host.ensure_manager()
         for rec in registry.all():

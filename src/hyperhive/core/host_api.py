@@ -19,6 +19,7 @@ from hyperhive.protocol.names import (
     MANAGER,
     MANAGER_NAME,
     OPERATOR,
+    SYSTEM,
     canonical_recipient,
     check_name,
     check_new_agent_name,
@@ -59,16 +60,33 @@ class HostHandler:
             infos.append(self.registry.info(rec, unread=queued))
         return infos
 
+    async def kick(self, rec: AgentRecord, reason: str) -> None:
+        """Tell an agent it was (re)started, so its next turn picks up where it left off."""
+        await self.broker.send(
+            SYSTEM,
+            rec.recipient,
+            f"{reason}\n\nYou were just (re)started by the operator. If you were mid-task, check"
+            " /state/ for your notes and pick up where you left off. Your claude session is"
+            " intact, so prior context is still in your window.",
+            origin=SYSTEM,
+        )
+
     async def spawn(self, name: str) -> AgentRecord:
         check_new_agent_name(name)
+        revived = self.registry.find(name) is not None
         rec = await self.registry.add(name, "agent")
         await self.supervisor.launch(rec)
+        await self.kick(rec, "Revived from kept state." if revived else "Spawned.")
         return rec
 
-    async def ensure_manager(self) -> AgentRecord:
+    async def ensure_manager(self) -> AgentRecord | None:
+        """Create hm1nd when missing; returns the record only when it was just created."""
         rec = self.registry.find(MANAGER_NAME)
-        if rec is None or not rec.alive:
-            rec = await self.registry.add(MANAGER_NAME, "manager")
+        if rec is not None and rec.alive:
+            return None
+        rec = await self.registry.add(MANAGER_NAME, "manager")
+        await self.supervisor.open_socket(rec)
+        await self.kick(rec, "The hive is up and you are its manager.")
         return rec
 
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
@@ -89,6 +107,7 @@ class HostHandler:
                 rec.desired = "running"
                 await self.registry.save(rec)
                 await self.supervisor.launch(rec)
+                await self.kick(rec, "Started.")
                 return wire.AgentReply(agent=self.registry.info(rec))
             case wire.Restart(name=name):
                 rec = self.registry.live(check_name(name))
@@ -97,6 +116,7 @@ class HostHandler:
                 rec.desired = "running"
                 await self.registry.save(rec)
                 await self.supervisor.launch(rec)
+                await self.kick(rec, "Restarted.")
                 return wire.AgentReply(agent=self.registry.info(rec))
             case wire.Destroy(name=name, purge=purge):
                 return await self._destroy(check_name(name), purge)

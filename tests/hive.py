@@ -1,0 +1,103 @@
+"""Test helpers: a real daemon on real sockets in a short temporary directory."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import trio
+
+from hyperhive.core.config import DaemonConfig
+from hyperhive.core.daemon import DaemonInfo, run
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import Client, call_once, open_client
+
+
+def short_tmpdir() -> Path:
+    """Unix socket paths are limited to ~108 bytes: keep the test root short."""
+    return Path(tempfile.mkdtemp(prefix="hh-", dir="/tmp"))
+
+
+def ui_port_base() -> int:
+    return random.randrange(20000, 50000, 1000)
+
+
+def hive_config(root: Path, **overrides: object) -> DaemonConfig:
+    cfg = DaemonConfig(
+        state_dir=root / "state",
+        run_dir=root / "run",
+        dashboard_port=-1,
+        ui_port_base=ui_port_base(),
+        start_manager=False,
+        restart_initial=0.5,
+        restart_max=2.0,
+        stop_grace=2.0,
+        claude_bin=shutil.which("claude") or "claude",
+    )
+    return replace(cfg, **overrides)  # type: ignore[arg-type]
+
+
+@dataclass
+class Hive:
+    cfg: DaemonConfig
+    info: DaemonInfo
+    cancel: trio.CancelScope
+
+    @property
+    def sock(self) -> str:
+        return self.info.host_socket
+
+    async def call(self, request: wire.HostRequest, reply: type[wire.Reply] | None = None) -> wire.Reply:
+        return await call_once(self.sock, request, reply)
+
+    def agent_sock(self, name: str) -> str:
+        return str(self.cfg.socket_dir(name) / "mcp.sock")
+
+    async def stop(self) -> None:
+        self.cancel.cancel()
+
+
+@asynccontextmanager
+async def open_hive(cfg: DaemonConfig) -> AsyncIterator[Hive]:
+    """Run a daemon in this test's trio run; it stops (cancelled) when the block exits."""
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def runner(*, task_status: trio.TaskStatus[DaemonInfo]) -> None:
+            with scope:
+                await run(cfg, task_status=task_status)
+
+        info = await nursery.start(runner)
+        try:
+            yield Hive(cfg, info, scope)
+        finally:
+            scope.cancel()
+
+
+@asynccontextmanager
+async def subscription(sock: str) -> AsyncIterator[Client]:
+    async with open_client(sock) as client:
+        await client.call(wire.Subscribe())
+        yield client
+
+
+async def wait_for_event(
+    client: Client, predicate: Callable[[wire.HiveEvent], bool], *, timeout: float = 60
+) -> wire.HiveEvent:
+    with trio.fail_after(timeout):
+        async for event in client.events():
+            if predicate(event):
+                return event
+    raise AssertionError("event stream ended")
+
+
+def sent_to(recipient: str) -> Callable[[wire.HiveEvent], bool]:
+    def check(event: wire.HiveEvent) -> bool:
+        return isinstance(event, wire.MessageSent) and event.message.to == recipient
+
+    return check
