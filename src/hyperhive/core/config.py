@@ -32,6 +32,8 @@ class DaemonConfig:
     restart_max: float = 300.0
     restart_reset_after: float = 600.0
     stop_grace: float = 5.0
+    line_timeout: float = 10.0
+    """Seconds a client has to complete a line it started (and to send its first one)."""
 
     @property
     def db_path(self) -> Path:

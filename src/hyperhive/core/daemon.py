@@ -17,7 +17,7 @@ from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.base import Backend
 from hyperhive.core.host_api import HostHandler
-from hyperhive.core.server import SocketServer, require_uid
+from hyperhive.core.server import SocketLimits, SocketServer, require_uid
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import wire
@@ -112,10 +112,16 @@ async def run(
         if released:
             log.info("returned %d in-flight messages to their queues", released)
 
+        limits = SocketLimits(first_line_timeout=cfg.line_timeout, line_timeout=cfg.line_timeout)
+
         def socket_factory(rec: AgentRecord, path: str) -> SocketServer[object]:
             decoder = MANAGER_DECODER if rec.role == "manager" else AGENT_DECODER
             return SocketServer(
-                path, decoder, AgentHandler(rec, broker, registry), name=f"{rec.name} agent"
+                path,
+                decoder,
+                AgentHandler(rec, broker, registry),
+                limits=limits,
+                name=f"{rec.name} agent",
             )
 
         supervisor = Supervisor(cfg, registry, broker, backend, socket_factory)
@@ -125,6 +131,7 @@ async def run(
             str(cfg.host_socket),
             HOST_DECODER,
             host,
+            limits=limits,
             peer_check=require_uid(cfg.allowed_uids()),
             name="host",
         )
