@@ -52,7 +52,9 @@ class Hive:
     def sock(self) -> str:
         return self.info.host_socket
 
-    async def call(self, request: wire.HostRequest, reply: type[wire.Reply] | None = None) -> wire.Reply:
+    async def call(
+        self, request: wire.HostRequest, reply: type[wire.Reply] | None = None
+    ) -> wire.Reply:
         return await call_once(self.sock, request, reply)
 
     def agent_sock(self, name: str) -> str:
@@ -86,10 +88,14 @@ async def subscription(sock: str) -> AsyncIterator[Client]:
         yield client
 
 
+EVENT_DEADLINE = 60.0
+"""A safety net only: tests wait on events, and this bounds a hang if one never comes."""
+
+
 async def wait_for_event(
-    client: Client, predicate: Callable[[wire.HiveEvent], bool], *, timeout: float = 60
+    client: Client, predicate: Callable[[wire.HiveEvent], bool]
 ) -> wire.HiveEvent:
-    with trio.fail_after(timeout):
+    with trio.fail_after(EVENT_DEADLINE):
         async for event in client.events():
             if predicate(event):
                 return event

@@ -9,7 +9,7 @@ import msgspec
 
 from hyperhive.protocol import wire
 from tests.conftest import needs_bwrap, needs_claude
-from tests.hive import open_hive, sent_to, subscription, hive_config, wait_for_event
+from tests.hive import hive_config, open_hive, sent_to, subscription, wait_for_event
 
 pytestmark = [needs_bwrap, needs_claude]
 
@@ -35,9 +35,11 @@ async def test_operator_message_answered_by_agent_through_mcp(hive_root: Path) -
         assert isinstance(sent, wire.Sent)
         event = await wait_for_event(
             events,
-            lambda e: sent_to("operator")(e)
-            and isinstance(e, wire.MessageSent)
-            and "hello alice" in e.message.body,
+            lambda e: (
+                sent_to("operator")(e)
+                and isinstance(e, wire.MessageSent)
+                and "hello alice" in e.message.body
+            ),
         )
         assert isinstance(event, wire.MessageSent)
         assert event.message.sender == "alice"

@@ -14,7 +14,10 @@ from tests.conftest import needs_bwrap
 from tests.hive import hive_config, open_hive
 
 ROOT = Path(__file__).resolve().parents[2] / "protocol"
-SESSIONS = sorted((ROOT / "examples").glob("*.jsonl"))
+SESSIONS = {
+    p.stem: [msgspec.json.decode(line) for line in p.read_text("utf-8").splitlines() if line]
+    for p in sorted((ROOT / "examples").glob("*.jsonl"))
+}
 
 
 def test_schema_is_current() -> None:
@@ -43,9 +46,9 @@ def matches(expected: Any, actual: Any) -> bool:
 
 
 @needs_bwrap
-@pytest.mark.parametrize("session", SESSIONS, ids=[p.stem for p in SESSIONS])
-async def test_example_session_replays_against_a_live_daemon(session: Path, hive_root: Path) -> None:
-    steps = [msgspec.json.decode(line) for line in session.read_text("utf-8").splitlines() if line]
+@pytest.mark.parametrize("session", sorted(SESSIONS))
+async def test_example_session_replays_against_a_live_daemon(session: str, hive_root: Path) -> None:
+    steps = SESSIONS[session]
     assert steps
     async with open_hive(hive_config(hive_root)) as hive:
         for n, step in enumerate(steps, 1):
@@ -54,4 +57,4 @@ async def test_example_session_replays_against_a_live_daemon(session: Path, hive
             line = step["raw"].encode() if "raw" in step else msgspec.json.encode(step["request"])
             async with open_client(path) as client:
                 reply = msgspec.json.decode(await client.raw(line))
-            assert matches(step["reply"], reply), f"{session.name} step {n}: got {reply}"
+            assert matches(step["reply"], reply), f"{session} step {n}: got {reply}"

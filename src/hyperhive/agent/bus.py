@@ -22,7 +22,7 @@ class LiveEvent(msgspec.Struct, frozen=True, tag_field="kind", kw_only=True):
     ts: float = 0.0
 
 
-class TurnStart(LiveEvent, tag="turn_start"):
+class TurnStart(LiveEvent, frozen=True, tag="turn_start"):
     sender: str = msgspec.field(name="from")
     body: str
     unread: int = 0
@@ -31,24 +31,24 @@ class TurnStart(LiveEvent, tag="turn_start"):
     redelivery: bool = False
 
 
-class Stream(LiveEvent, tag="stream"):
+class Stream(LiveEvent, frozen=True, tag="stream"):
     """One stream-json line of the claude CLI, kept verbatim."""
 
     data: msgspec.Raw
 
 
-class Note(LiveEvent, tag="note"):
+class Note(LiveEvent, frozen=True, tag="note"):
     text: str
     level: Literal["info", "warn", "error"] = "info"
 
 
-class TurnEnd(LiveEvent, tag="turn_end"):
+class TurnEnd(LiveEvent, frozen=True, tag="turn_end"):
     ok: bool
     note: str = ""
     duration_ms: int = 0
 
 
-class StateChanged(LiveEvent, tag="state"):
+class StateChanged(LiveEvent, frozen=True, tag="state"):
     state: TurnState
     since: float
 
@@ -56,7 +56,7 @@ class StateChanged(LiveEvent, tag="state"):
 LiveEvents = TurnStart | Stream | Note | TurnEnd | StateChanged
 
 _encoder = msgspec.json.Encoder()
-_decoder: msgspec.json.Decoder[LiveEvent] = msgspec.json.Decoder(LiveEvents)  # type: ignore[arg-type]
+_decoder: msgspec.json.Decoder[LiveEvent] = msgspec.json.Decoder(LiveEvents)
 
 
 def encode_event(event: LiveEvent) -> bytes:

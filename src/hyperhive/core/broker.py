@@ -6,6 +6,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -195,6 +196,11 @@ class EventHub:
 
 # ----------------------------------------------------------------------------- broker
 
+
+def _sent_event(msg: wire.Message, seq: int) -> wire.HiveEvent:
+    return wire.MessageSent(seq=seq, message=msg)
+
+
 Resolver = Callable[[str, str], list[str]]
 """(to, sender) -> the inboxes a message goes to; raises NotFound for an unknown recipient."""
 
@@ -231,7 +237,7 @@ class Broker:
         messages = [_message(r) for r in rows]
         for msg in messages:
             self._wake(msg.to)
-            self._hub.publish(lambda seq, m=msg: wire.MessageSent(seq=seq, message=m))
+            self._hub.publish(partial(_sent_event, msg))
         return messages
 
     def _wake(self, recipient: str) -> None:

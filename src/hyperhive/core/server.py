@@ -107,11 +107,8 @@ class SocketServer(Generic[Req]):
         finally:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
-            try:
-                if os.path.exists(self.path):
-                    os.unlink(self.path)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         raise AssertionError("unreachable")
 
     async def _connection(self, stream: trio.SocketStream) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import msgspec
 import trio
@@ -16,17 +16,15 @@ from hyperhive.protocol.errors import ConnectionLost, HiveError, error_from_wire
 R = TypeVar("R", bound=wire.Reply)
 
 _envelope = msgspec.json.Decoder(wire.ReplyEnvelope)
-_event_decoder: msgspec.json.Decoder[wire.HiveEvent] = msgspec.json.Decoder(
-    wire.HiveEvents  # type: ignore[arg-type]
-)
+_event_decoder: msgspec.json.Decoder[wire.HiveEvent] = msgspec.json.Decoder(wire.HiveEvents)
 _decoders: dict[type[wire.Reply], msgspec.json.Decoder[wire.Reply]] = {}
 
 
 def _decoder_for(reply_type: type[R]) -> msgspec.json.Decoder[R]:
     dec = _decoders.get(reply_type)
     if dec is None:
-        dec = msgspec.json.Decoder(reply_type)  # type: ignore[assignment]
-        _decoders[reply_type] = dec  # type: ignore[assignment]
+        dec = msgspec.json.Decoder(reply_type)
+        _decoders[reply_type] = dec
     return dec  # type: ignore[return-value]
 
 
@@ -45,7 +43,15 @@ class Client:
         self._lines = LineStream(stream)
         self._lock = trio.Lock()
 
-    async def call(self, request: msgspec.Struct, reply_type: type[R] | None = None) -> R:
+    @overload
+    async def call(self, request: msgspec.Struct, reply_type: type[R]) -> R: ...
+
+    @overload
+    async def call(self, request: msgspec.Struct, reply_type: None = None) -> wire.Reply: ...
+
+    async def call(
+        self, request: msgspec.Struct, reply_type: type[wire.Reply] | None = None
+    ) -> wire.Reply:
         """Send one request and return its typed reply (or raise its HiveError)."""
         rtype = reply_type or wire.REPLY_FOR[type(request)]
         async with self._lock:
@@ -53,7 +59,7 @@ class Client:
             line = await self._lines.receive_line()
         if line is None:
             raise ConnectionLost("the daemon closed the connection")
-        return decode_reply(line, rtype)  # type: ignore[arg-type,return-value]
+        return decode_reply(line, rtype)
 
     async def raw(self, line: bytes) -> bytes:
         """Send a raw line (for tools and tests) and return the raw reply line."""
@@ -90,7 +96,17 @@ async def open_client(path: str) -> AsyncIterator[Client]:
         await client.aclose()
 
 
-async def call_once(path: str, request: msgspec.Struct, reply_type: type[R] | None = None) -> R:
+@overload
+async def call_once(path: str, request: msgspec.Struct, reply_type: type[R]) -> R: ...
+
+
+@overload
+async def call_once(path: str, request: msgspec.Struct, reply_type: None = None) -> wire.Reply: ...
+
+
+async def call_once(
+    path: str, request: msgspec.Struct, reply_type: type[wire.Reply] | None = None
+) -> wire.Reply:
     """Connect, send one request, return its reply, disconnect."""
     async with open_client(path) as client:
         return await client.call(request, reply_type)

@@ -42,7 +42,7 @@ class RequestDecoder(Generic[T]):
     """Decodes one request line of a socket's union, turning every failure into a HiveError."""
 
     def __init__(self, union: object, commands: frozenset[str], socket_kind: str) -> None:
-        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(union)  # type: ignore[arg-type]
+        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(union)
         self._commands = commands
         self._kind = socket_kind
 
@@ -84,7 +84,9 @@ class RequestDecoder(Generic[T]):
 class LineStream:
     """Newline-framed reading and writing over a trio stream, bounded by `max_line`."""
 
-    def __init__(self, stream: trio.abc.Stream, *, max_line: int = MAX_LINE) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream | trio.abc.ReceiveStream, *, max_line: int = MAX_LINE
+    ) -> None:
         self.stream = stream
         self.max_line = max_line
         self._buf = bytearray()
@@ -135,6 +137,7 @@ class LineStream:
                 self._buf += chunk
 
     async def send_line(self, data: bytes) -> None:
+        assert isinstance(self.stream, trio.abc.SendStream), "read-only line stream"
         await self.stream.send_all(data)
 
     async def aclose(self) -> None:

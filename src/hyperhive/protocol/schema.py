@@ -27,9 +27,7 @@ def build_schema() -> dict[str, Any]:
     }
     reply_types = sorted({*wire.REPLY_FOR.values()}, key=lambda t: t.__name__)
     union_types: list[Any] = [*sockets.values(), wire.HiveEvents, wire.ErrorReply, *reply_types]
-    schemas, components = msgspec.json.schema_components(
-        union_types, ref_template="#/$defs/{name}"
-    )
+    schemas, components = msgspec.json.schema_components(union_types, ref_template="#/$defs/{name}")
     out: dict[str, Any] = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "hyperhive wire protocol",
@@ -48,8 +46,7 @@ def build_schema() -> dict[str, Any]:
         out["sockets"][name] = {
             "requests": schema,
             "replies": {
-                _tag(t): {"$ref": f"#/$defs/{wire.REPLY_FOR[t].__name__}"}
-                for t in union.__args__
+                _tag(t): {"$ref": f"#/$defs/{wire.REPLY_FOR[t].__name__}"} for t in union.__args__
             },
         }
     return out

@@ -68,61 +68,61 @@ class AgentRequest(msgspec.Struct, frozen=True, tag_field="cmd", kw_only=True):
     """A request on an agent's own socket (and on the manager's)."""
 
 
-class ListAgents(HostRequest, tag="list"):
+class ListAgents(HostRequest, frozen=True, tag="list"):
     pass
 
 
-class Spawn(HostRequest, tag="spawn"):
+class Spawn(HostRequest, frozen=True, tag="spawn"):
     name: str
 
 
-class Kill(HostRequest, tag="kill"):
+class Kill(HostRequest, frozen=True, tag="kill"):
     name: str
 
 
-class Start(HostRequest, tag="start"):
+class Start(HostRequest, frozen=True, tag="start"):
     name: str
 
 
-class Restart(HostRequest, tag="restart"):
+class Restart(HostRequest, frozen=True, tag="restart"):
     name: str
 
 
-class Destroy(HostRequest, tag="destroy"):
+class Destroy(HostRequest, frozen=True, tag="destroy"):
     name: str
     purge: bool = False
 
 
-class OperatorSend(HostRequest, tag="send"):
+class OperatorSend(HostRequest, frozen=True, tag="send"):
     """Send as `operator`: identity is the socket, so there is no `from` field to fake."""
 
     to: str
     body: str
 
 
-class HostRecent(HostRequest, tag="recent"):
+class HostRecent(HostRequest, frozen=True, tag="recent"):
     """The last messages of one inbox (`operator` is the dashboard's)."""
 
     name: str
     limit: int = 50
 
 
-class Flow(HostRequest, tag="flow"):
+class Flow(HostRequest, frozen=True, tag="flow"):
     """The last messages across the whole hive, oldest first (dashboard backfill)."""
 
     limit: int = 200
 
 
-class Subscribe(HostRequest, tag="subscribe"):
+class Subscribe(HostRequest, frozen=True, tag="subscribe"):
     """Turn this connection into a stream of `HiveEvent` lines after the `Subscribed` reply."""
 
 
-class Send(AgentRequest, tag="send"):
+class Send(AgentRequest, frozen=True, tag="send"):
     to: str
     body: str
 
 
-class Recv(AgentRequest, tag="recv"):
+class Recv(AgentRequest, frozen=True, tag="recv"):
     """Pop the next message. `wait_seconds` absent or 0 peeks; > 0 parks up to 180 s."""
 
     wait_seconds: float | None = None
@@ -130,22 +130,22 @@ class Recv(AgentRequest, tag="recv"):
     """With a lease the message stays in flight until `ack`; without, it is delivered at once."""
 
 
-class Ack(AgentRequest, tag="ack"):
+class Ack(AgentRequest, frozen=True, tag="ack"):
     """Acknowledge a leased message once the turn that consumed it completed."""
 
     id: int
     attempt: int
 
 
-class Status(AgentRequest, tag="status"):
+class Status(AgentRequest, frozen=True, tag="status"):
     pass
 
 
-class Recent(AgentRequest, tag="recent"):
+class Recent(AgentRequest, frozen=True, tag="recent"):
     limit: int = 30
 
 
-class Wake(AgentRequest, tag="wake"):
+class Wake(AgentRequest, frozen=True, tag="wake"):
     """Drop a message into the caller's own inbox, labelled with `from`."""
 
     sender: str = msgspec.field(name="from")
@@ -159,7 +159,7 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True):
     ok: bool = True
 
 
-class Done(Reply):
+class Done(Reply, frozen=True):
     """A plain success."""
 
 
@@ -169,41 +169,41 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
     error: str
 
 
-class AgentList(Reply):
+class AgentList(Reply, frozen=True):
     agents: list[AgentInfo]
 
 
-class AgentReply(Reply):
+class AgentReply(Reply, frozen=True):
     agent: AgentInfo
 
 
-class Sent(Reply):
+class Sent(Reply, frozen=True):
     ids: list[int]
     """One durable message per recipient (several for a broadcast)."""
     recipients: list[str]
 
 
-class Received(Reply):
+class Received(Reply, frozen=True):
     message: Message | None
 
 
-class Inbox(Reply):
+class Inbox(Reply, frozen=True):
     messages: list[Message]
 
 
-class StatusReply(Reply):
+class StatusReply(Reply, frozen=True):
     name: str
     role: AgentRole
     unread: int
     in_flight: int
 
 
-class Acked(Reply):
+class Acked(Reply, frozen=True):
     acked: bool
     """False when the lease was not current (a late ack of a superseded attempt is ignored)."""
 
 
-class Subscribed(Reply):
+class Subscribed(Reply, frozen=True):
     subscribed: bool = True
 
 
@@ -224,24 +224,24 @@ class HiveEvent(msgspec.Struct, frozen=True, tag_field="event", kw_only=True):
     seq: int = 0
 
 
-class MessageSent(HiveEvent, tag="message_sent"):
+class MessageSent(HiveEvent, frozen=True, tag="message_sent"):
     message: Message
 
 
-class MessageDelivered(HiveEvent, tag="message_delivered"):
+class MessageDelivered(HiveEvent, frozen=True, tag="message_delivered"):
     id: int
     to: str
 
 
-class AgentChanged(HiveEvent, tag="agent_changed"):
+class AgentChanged(HiveEvent, frozen=True, tag="agent_changed"):
     agent: AgentInfo
 
 
-class AgentRemoved(HiveEvent, tag="agent_removed"):
+class AgentRemoved(HiveEvent, frozen=True, tag="agent_removed"):
     name: str
 
 
-class Dropped(HiveEvent, tag="dropped"):
+class Dropped(HiveEvent, frozen=True, tag="dropped"):
     """Sent (best effort) just before a subscriber that fell behind is disconnected."""
 
     reason: str
@@ -263,14 +263,8 @@ AgentRequests = Send | Recv | Ack | Status | Recent | Wake
 ManagerRequests = AgentRequests
 HiveEvents = MessageSent | MessageDelivered | AgentChanged | AgentRemoved | Dropped
 
-HOST_COMMANDS = frozenset(
-    t.__struct_config__.tag
-    for t in HostRequests.__args__  # type: ignore[union-attr]
-)
-AGENT_COMMANDS = frozenset(
-    t.__struct_config__.tag
-    for t in AgentRequests.__args__  # type: ignore[union-attr]
-)
+HOST_COMMANDS = frozenset(t.__struct_config__.tag for t in HostRequests.__args__)
+AGENT_COMMANDS = frozenset(t.__struct_config__.tag for t in AgentRequests.__args__)
 MANAGER_COMMANDS = AGENT_COMMANDS
 
 REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
