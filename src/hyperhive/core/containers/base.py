@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import logging
 import os
 import signal
@@ -74,6 +75,8 @@ async def run_process_group(
     The process is a cancel scope: cancelling this call signals the whole group.
     """
     await trio.to_thread.run_sync(lambda: log_path.parent.mkdir(parents=True, exist_ok=True))
+    pidfile = log_path.parent / "container.pid"
+    await reap_stale(pidfile)
     logfile = await trio.to_thread.run_sync(open, log_path, "ab")
     try:
         proc = await trio.lowlevel.open_process(
@@ -87,12 +90,15 @@ async def run_process_group(
     finally:
         logfile.close()
     try:
+        await trio.to_thread.run_sync(_write_pidfile, pidfile, proc.pid)
         on_started(proc.pid)
         return await proc.wait()
     finally:
         if proc.returncode is None:
             with trio.CancelScope(shield=True):
                 await stop_process_group(proc, grace)
+        with contextlib.suppress(OSError):
+            pidfile.unlink()
 
 
 async def stop_process_group(proc: trio.Process, grace: float) -> None:
@@ -103,6 +109,43 @@ async def stop_process_group(proc: trio.Process, grace: float) -> None:
     log.warning("process group %d ignored SIGTERM for %.1fs; killing", proc.pid, grace)
     _killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of pid (field 22 of /proc/pid/stat), to tell pid reuse apart."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _write_pidfile(path: Path, pid: int) -> None:
+    path.write_text(f"{pid} {_start_time(pid) or ''}\n", "ascii")
+
+
+def _read_stale(path: Path) -> int | None:
+    try:
+        pid_text, _, start = path.read_text("ascii").strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    return pid if start and _start_time(pid) == start else None
+
+
+async def reap_stale(pidfile: Path) -> None:
+    """Kill a container left running by a daemon that died without stopping it.
+
+    Such a process is no longer our child, so it cannot be waited for: poll until it is gone.
+    """
+    pid = await trio.to_thread.run_sync(_read_stale, pidfile)
+    if pid is None:
+        return
+    log.warning("killing container process group %d left over from a previous daemon", pid)
+    _killpg(pid, signal.SIGKILL)
+    with trio.move_on_after(10):
+        while await trio.to_thread.run_sync(_start_time, pid) is not None:
+            await trio.sleep(0.05)
 
 
 def _killpg(pgid: int, sig: int) -> None:

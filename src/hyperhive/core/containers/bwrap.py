@@ -62,7 +62,9 @@ class BwrapBackend:
     def argv(self, spec: ContainerSpec) -> list[str]:
         args = [
             self.bwrap,
-            "--die-with-parent",
+            # No --die-with-parent: its PDEATHSIG fires when the *thread* that forked bwrap
+            # exits, and trio forks from short-lived worker threads. Containers are stopped by
+            # process group instead (see base.run_process_group).
             "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
