@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import logging
 import os
 import signal
@@ -136,16 +135,22 @@ def _read_stale(path: Path) -> int | None:
 async def reap_stale(pidfile: Path) -> None:
     """Kill a container left running by a daemon that died without stopping it.
 
-    Such a process is no longer our child, so it cannot be waited for: poll until it is gone.
+    Such a process is no longer our child: a pidfd tells us when it is gone.
     """
     pid = await trio.to_thread.run_sync(_read_stale, pidfile)
     if pid is None:
         return
     log.warning("killing container process group %d left over from a previous daemon", pid)
-    _killpg(pid, signal.SIGKILL)
-    with trio.move_on_after(10):
-        while await trio.to_thread.run_sync(_start_time, pid) is not None:
-            await trio.sleep(0.05)
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        _killpg(pid, signal.SIGKILL)
+        with trio.move_on_after(10):
+            await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
 
 
 def _killpg(pgid: int, sig: int) -> None:
