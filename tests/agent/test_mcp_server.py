@@ -1,0 +1,44 @@
+"""The harness's MCP tools, driven by an MCP client, forwarding to a live agent socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mcp import Client
+from mcp.types import TextContent
+
+from hyperhive.agent.mcp_server import build_server
+from hyperhive.agent.settings import HarnessSettings
+from hyperhive.protocol import wire
+from tests.hive import hive_config, open_hive
+
+
+def _text(result: object) -> str:
+    content = getattr(result, "content", [])
+    return "".join(c.text for c in content if isinstance(c, TextContent))
+
+
+async def test_send_and_recv_tools_act_as_the_socket_owner(hive_root: Path) -> None:
+    async with open_hive(hive_config(hive_root)) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Kill(name="alice"))
+        settings = HarnessSettings(label="alice", role="agent", socket=hive.agent_sock("alice"))
+        async with Client(build_server(settings)) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert {"send", "recv"} <= tools
+
+            sent = await client.call_tool("send", {"to": "operator", "body": "hi from mcp"})
+            assert not sent.is_error, _text(sent)
+            assert "operator" in _text(sent)
+
+            # The spawn kick is waiting; recv hands it out, then the inbox is empty.
+            first = await client.call_tool("recv", {})
+            assert "from: system" in _text(first)
+            empty = await client.call_tool("recv", {"wait_seconds": 0})
+            assert _text(empty) == "(empty)"
+
+            bad = await client.call_tool("send", {"to": "nobody", "body": "x"})
+            assert bad.is_error and "unknown recipient" in _text(bad)
+
+        inbox = await hive.call(wire.HostRecent(name="operator", limit=5), wire.Inbox)
+        assert [(m.sender, m.body) for m in inbox.messages] == [("alice", "hi from mcp")]

@@ -1,0 +1,54 @@
+"""The operator CLI as a user runs it: a separate process talking to a live daemon's host.sock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import trio
+
+from tests.hive import hive_config, open_hive
+
+
+async def _cli(run_dir: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "hyperhive.cli", "--run-dir", str(run_dir), *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+
+
+async def test_cli_round_trip(hive_root: Path) -> None:
+    cfg = hive_config(hive_root)
+    async with open_hive(cfg):
+        spawned = await _cli(cfg.run_dir, "spawn", "alice")
+        assert spawned.returncode == 0, spawned.stderr
+        assert spawned.stdout.decode().startswith("alice: ")
+
+        await _cli(cfg.run_dir, "kill", "alice")
+        sent = await _cli(cfg.run_dir, "send", "alice", "hello", "there")
+        assert sent.returncode == 0 and b"to alice" in sent.stdout
+
+        listed = await _cli(cfg.run_dir, "--json", "list")
+        agents = msgspec.json.decode(listed.stdout)["agents"]
+        assert [(a["name"], a["state"]) for a in agents] == [("alice", "stopped")]
+
+        recent = await _cli(cfg.run_dir, "recent", "alice")
+        assert "operator → alice: hello there" in recent.stdout.decode()
+
+        bad = await _cli(cfg.run_dir, "spawn", "Bad/Name")
+        assert bad.returncode == 1
+        assert b"invalid" in bad.stderr and not bad.stdout
+
+        bad_json = await _cli(cfg.run_dir, "--json", "destroy", "ghost")
+        assert bad_json.returncode == 1
+        assert msgspec.json.decode(bad_json.stdout)["code"] == "not_found"
+
+
+async def test_cli_says_when_the_daemon_is_not_running(hive_root: Path) -> None:
+    result = await _cli(hive_root / "nothing-here", "list")
+    assert result.returncode == 1
+    assert b"cannot connect" in result.stderr

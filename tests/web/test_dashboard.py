@@ -1,0 +1,192 @@
+"""Dashboard routes against a real daemon, through Quart's test client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from quart.typing import TestClientProtocol as WebClient
+
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once
+from hyperhive.protocol.names import MANAGER_NAME
+from hyperhive.web.dashboard import create_dashboard_app
+from hyperhive.web.edge import MAX_BODY
+from tests.hive import Hive
+from tests.web.pages import csrf_token, json_of, post_headers
+
+XSS = '<img src=x onerror=alert(1)></script><script>alert(2)</script><a href="javascript:x">'
+
+
+@pytest.fixture
+def client(hive: Hive) -> WebClient:
+    return create_dashboard_app(host_socket=hive.sock).test_client()
+
+
+async def token_of(client: WebClient) -> str:
+    page = await client.get("/")
+    assert page.status_code == 200
+    return csrf_token(await page.get_data(as_text=True))
+
+
+async def flow(hive: Hive) -> list[wire.Message]:
+    """What the operator and the agents said (the daemon's own kicks left out)."""
+    reply = await hive.call(wire.Flow(limit=200))
+    assert isinstance(reply, wire.Inbox)
+    return [m for m in reply.messages if m.sender != "system"]
+
+
+async def test_index_is_a_static_shell_with_security_headers(client: WebClient) -> None:
+    resp = await client.get("/")
+    assert resp.status_code == 200
+    html = await resp.get_data(as_text=True)
+    assert 'id="compose"' in html and "C0NTAINERS" in html
+    assert "<script>" not in html and "<style" not in html and "style=" not in html
+    assert resp.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert "unsafe-inline" not in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert resp.headers["Referrer-Policy"] == "no-referrer"
+    assert resp.headers["X-Frame-Options"] == "DENY"
+    for asset in ("/static/hive.js", "/static/dashboard.js", "/static/hive.css"):
+        static = await client.get(asset)
+        assert static.status_code == 200, asset
+        assert static.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_state_lists_agents_with_their_ui_urls(client: WebClient) -> None:
+    resp = await client.get("/api/state", headers={"Host": "127.0.0.1:7000"})
+    assert resp.status_code == 200
+    state = json_of(await resp.get_data(as_text=False))
+    (manager,) = [a for a in state["agents"] if a["name"] == MANAGER_NAME]
+    assert manager["role"] == "manager"
+    assert manager["state"] == "stopped"
+    assert manager["url"] == f"http://127.0.0.1:{manager['port']}/"
+    assert {"needs_login", "unread", "port"} <= manager.keys()
+    assert state["inbox"] == []
+
+
+async def test_agent_text_comes_back_as_data_only(hive: Hive, client: WebClient) -> None:
+    # The manager writes to the operator through its own socket, as an agent would.
+    await call_once(hive.agent_sock(MANAGER_NAME), wire.Send(to="operator", body=XSS))
+    resp = await client.get("/api/state")
+    assert resp.mimetype == "application/json"
+    state = json_of(await resp.get_data(as_text=False))
+    assert [(m["from"], m["body"]) for m in state["inbox"]] == [("manager", XSS)]
+    page = await (await client.get("/")).get_data(as_text=True)
+    assert "onerror" not in page
+
+
+async def test_op_send_as_json_and_as_form(hive: Hive, client: WebClient) -> None:
+    token = await token_of(client)
+    resp = await client.post(
+        "/op-send", json={"to": "@hm1nd", "body": "json hello"}, headers=post_headers(token)
+    )
+    assert resp.status_code == 200, await resp.get_data(as_text=True)
+    assert json_of(await resp.get_data(as_text=False))["recipients"] == ["manager"]
+    resp = await client.post(
+        "/op-send",
+        form={"to": "manager", "body": "form hello", "csrf": token},
+        headers=post_headers(None),
+    )
+    assert resp.status_code == 200, await resp.get_data(as_text=True)
+    sent = [(m.sender, m.to, m.body) for m in await flow(hive)]
+    assert sent == [("operator", "manager", "json hello"), ("operator", "manager", "form hello")]
+
+
+@pytest.mark.parametrize(
+    ("body", "kwargs", "needle"),
+    [
+        ("missing body", {"json": {"to": "hm1nd"}}, "body"),
+        ("blank body", {"json": {"to": "hm1nd", "body": "  "}}, "empty"),
+        ("blank to", {"json": {"to": "@", "body": "x"}}, "recipient"),
+        ("wrong type", {"json": {"to": "hm1nd", "body": 5}}, "body"),
+        ("bad json", {"data": b"{nope", "headers": {"Content-Type": "application/json"}}, "JSON"),
+        ("too big", {"json": {"to": "hm1nd", "body": "x" * (MAX_BODY + 1)}}, "longer"),
+        ("huge request", {"data": b"x" * (2 * MAX_BODY)}, "too large"),
+        ("unknown agent", {"json": {"to": "nobody", "body": "hi"}}, "nobody"),
+    ],
+)
+async def test_op_send_bad_input_is_a_4xx_with_a_reason(
+    hive: Hive, client: WebClient, body: str, kwargs: dict[str, Any], needle: str
+) -> None:
+    token = await token_of(client)
+    headers = {**post_headers(token), **kwargs.pop("headers", {})}
+    resp = await client.post("/op-send", headers=headers, **kwargs)
+    assert 400 <= resp.status_code < 500, body
+    reply = json_of(await resp.get_data(as_text=False))
+    assert reply["ok"] is False
+    assert needle in reply["error"], reply
+    assert await flow(hive) == []
+
+
+async def test_history_backfills_the_flow(hive: Hive, client: WebClient) -> None:
+    await hive.call(wire.OperatorSend(to=MANAGER_NAME, body="one"))
+    await call_once(hive.agent_sock(MANAGER_NAME), wire.Send(to="operator", body="two"))
+    resp = await client.get("/dashboard/history")
+    assert resp.status_code == 200
+    history = json_of(await resp.get_data(as_text=False))
+    events = [e for e in history["events"] if e["message"]["from"] != "system"]
+    assert {e["event"] for e in history["events"]} == {"message_sent"}
+    assert [(e["message"]["from"], e["message"]["body"]) for e in events] == [
+        ("operator", "one"),
+        ("manager", "two"),
+    ]
+    assert history["seq"] == history["events"][-1]["message"]["id"]
+
+
+async def test_stream_relays_hive_events(hive: Hive, client: WebClient) -> None:
+    token = await token_of(client)
+    with trio.fail_after(10):
+        async with client.request("/dashboard/stream") as conn:
+            await conn.send_complete()
+            assert await conn.receive() == b": connected\n\n"
+            resp = await client.post(
+                "/op-send", json={"to": "hm1nd", "body": "live!"}, headers=post_headers(token)
+            )
+            assert resp.status_code == 200
+            buffer = b""
+            while b"live!" not in buffer:
+                buffer += await conn.receive()
+                print("got", buffer)
+            await conn.disconnect()
+    frame = next(f for f in buffer.split(b"\n\n") if b"live!" in f)
+    assert frame.startswith(b"data: {")
+    event = json_of(frame.removeprefix(b"data: "))
+    assert event["event"] == "message_sent"
+    assert event["message"]["to"] == "manager"
+
+
+async def test_lifecycle_routes_report_daemon_errors(hive: Hive, client: WebClient) -> None:
+    token = await token_of(client)
+    headers = post_headers(token)
+    resp = await client.post("/kill/hm1nd", headers=headers)
+    assert resp.status_code == 200
+    assert json_of(await resp.get_data(as_text=False))["agent"]["state"] == "stopped"
+
+    cases = [
+        ("/start/ghost", 404, "not_found"),
+        ("/restart/ghost", 404, "not_found"),
+        ("/kill/Not..Valid", 400, "bad_params"),
+        ("/destroy/hm1nd", 403, "forbidden"),
+    ]
+    for path, status, code in cases:
+        resp = await client.post(path, headers=headers)
+        reply = json_of(await resp.get_data(as_text=False))
+        assert (resp.status_code, reply["code"]) == (status, code), (path, reply)
+        assert reply["error"]
+
+    for name in ("manager", "BAD", ""):
+        resp = await client.post("/spawn", json={"name": name}, headers=headers)
+        assert resp.status_code == 400, name
+
+
+async def test_spawn_then_purge_an_agent(hive: Hive, client: WebClient) -> None:
+    headers = post_headers(await token_of(client))
+    resp = await client.post("/spawn", form={"name": "bob"}, headers=headers)
+    assert resp.status_code == 200, await resp.get_data(as_text=True)
+    assert json_of(await resp.get_data(as_text=False))["agent"]["name"] == "bob"
+    resp = await client.post("/destroy/bob", form={"purge": "true"}, headers=headers)
+    assert resp.status_code == 200, await resp.get_data(as_text=True)
+    state = json_of(await (await client.get("/api/state")).get_data(as_text=False))
+    assert "bob" not in [a["name"] for a in state["agents"]]
