@@ -1,160 +1,40 @@
-"""The message broker: durable inboxes in sqlite, instant wake-ups, leases, and the event hub."""
+"""The message broker: durable inboxes, group commit, instant hand-off to parked readers, leases.
+
+Every write goes through one writer task that commits whatever has queued up meanwhile as one
+transaction (one fsync for the batch) and only then answers any of it. A reader parked in
+`recv` is handed a new message in the same transaction that stores it, so waking costs nothing
+beyond the sender's commit.
+"""
 
 from __future__ import annotations
 
-import sqlite3
-import time
+import logging
+import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NoReturn
 
+import msgspec
 import trio
 
+from hyperhive.core import messages as m
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
-from hyperhive.protocol.errors import BadParams, NotFound
-from hyperhive.protocol.names import BROADCAST, OPERATOR
+from hyperhive.protocol.errors import BadParams, Internal, NotFound
+from hyperhive.protocol.names import BROADCAST, MANAGER, OPERATOR, SYSTEM
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
 """The largest message body, in bytes of UTF-8."""
 MAX_WAIT = 180.0
 """The longest a `recv` may park."""
-
-_COLUMNS = "id, sender, recipient, body, sent_at, attempts, broadcast, state"
-
-Row = tuple[int, str, str, str, float, int, int, str]
-
-
-def _message(row: Row, *, handed_out: bool = False) -> wire.Message:
-    mid, sender, recipient, body, sent_at, attempts, broadcast, state = row
-    return wire.Message(
-        id=mid,
-        sender=sender,
-        to=recipient,
-        body=body,
-        sent_at=sent_at,
-        attempt=attempts if handed_out else 0,
-        redelivery=handed_out and attempts > 1,
-        broadcast=bool(broadcast),
-        state=state,
-    )
-
-
-# ----------------------------------------------------------------------------- sqlite steps
-# Each runs on the store's worker thread as one transaction.
-
-
-def _insert(
-    conn: sqlite3.Connection,
-    sender: str,
-    recipients: list[str],
-    body: str,
-    broadcast: bool,
-    origin: str,
-) -> list[Row]:
-    now = time.time()
-    rows: list[Row] = []
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for recipient in recipients:
-            # The operator's inbox is a view on the dashboard: nothing leases it.
-            state = "delivered" if recipient == OPERATOR else "queued"
-            cur = conn.execute(
-                "INSERT INTO messages (sender, recipient, body, sent_at, broadcast, state,"
-                " delivered_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    sender,
-                    recipient,
-                    body,
-                    now,
-                    int(broadcast),
-                    state,
-                    now if state == "delivered" else None,
-                    origin,
-                ),
-            )
-            assert cur.lastrowid is not None
-            rows.append((cur.lastrowid, sender, recipient, body, now, 0, int(broadcast), state))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return rows
-
-
-def _take(conn: sqlite3.Connection, recipient: str, lease: bool) -> Row | None:
-    now = time.time()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        row: Row | None = conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE recipient = ? AND state = 'queued'"
-            " ORDER BY id LIMIT 1",
-            (recipient,),
-        ).fetchone()
-        if row is not None:
-            state = "leased" if lease else "delivered"
-            conn.execute(
-                "UPDATE messages SET state = ?, attempts = attempts + 1, leased_at = ?,"
-                " delivered_at = ? WHERE id = ?",
-                (state, now, None if lease else now, row[0]),
-            )
-            row = (*row[:5], row[5] + 1, row[6], state)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return row
-
-
-def _ack(conn: sqlite3.Connection, recipient: str, mid: int, attempt: int) -> bool:
-    cur = conn.execute(
-        "UPDATE messages SET state = 'delivered', delivered_at = ? WHERE id = ? AND"
-        " recipient = ? AND state = 'leased' AND attempts = ?",
-        (time.time(), mid, recipient, attempt),
-    )
-    return cur.rowcount == 1
-
-
-def _release(conn: sqlite3.Connection, recipient: str | None) -> int:
-    if recipient is None:
-        cur = conn.execute("UPDATE messages SET state = 'queued' WHERE state = 'leased'")
-    else:
-        cur = conn.execute(
-            "UPDATE messages SET state = 'queued' WHERE state = 'leased' AND recipient = ?",
-            (recipient,),
-        )
-    return cur.rowcount
-
-
-def _recent(conn: sqlite3.Connection, recipient: str | None, limit: int) -> list[Row]:
-    if recipient is None:
-        rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM messages ORDER BY id DESC LIMIT ?", (limit,)
-        ).fetchall()
-    else:
-        rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE recipient = ? ORDER BY id DESC LIMIT ?",
-            (recipient, limit),
-        ).fetchall()
-    rows.reverse()
-    return rows
-
-
-def _counts(conn: sqlite3.Connection, recipient: str) -> tuple[int, int]:
-    row = conn.execute(
-        "SELECT COALESCE(SUM(state = 'queued'), 0), COALESCE(SUM(state = 'leased'), 0)"
-        " FROM messages WHERE recipient = ? AND state IN ('queued', 'leased')",
-        (recipient,),
-    ).fetchone()
-    return int(row[0]), int(row[1])
+MAX_BATCH = 1024
 
 
 # ----------------------------------------------------------------------------- event hub
-
-
-@dataclass
-class _Subscriber:
-    send: trio.MemorySendChannel[wire.HiveEvent]
 
 
 @dataclass
@@ -181,6 +61,10 @@ class EventHub:
     def seq(self) -> int:
         return self._seq
 
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
     def subscribe(self) -> trio.MemoryReceiveChannel[wire.HiveEvent]:
         send, recv = trio.open_memory_channel[wire.HiveEvent](self.buffer)
         self._subs.add(send)
@@ -194,27 +78,248 @@ class EventHub:
         yield wire.Dropped(seq=self._seq, reason="subscriber fell behind")
 
 
-# ----------------------------------------------------------------------------- broker
-
-
 def _sent_event(msg: wire.Message, seq: int) -> wire.HiveEvent:
     return wire.MessageSent(seq=seq, message=msg)
 
+
+def _delivered_event(mid: int, to: str, seq: int) -> wire.HiveEvent:
+    return wire.MessageDelivered(seq=seq, id=mid, to=to)
+
+
+# ----------------------------------------------------------------------------- broker
 
 Resolver = Callable[[str, str], list[str]]
 """(to, sender) -> the inboxes a message goes to; raises NotFound for an unknown recipient."""
 
 
+@dataclass(eq=False)
+class _Reader:
+    """A `recv` in progress: answered by a take, or by a hand-off while parked."""
+
+    recipient: str
+    lease: bool
+    park: bool
+    done: trio.Event = field(default_factory=trio.Event)
+    message: wire.Message | None = None
+    error: BaseException | None = None
+    claimed: bool = False
+    """A take or hand-off for this reader is in flight: it must wait for the answer."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    op: m.Op
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+    reader: _Reader | None = None
+    handoff_to: list[_Reader | None] = field(default_factory=list)
+
+
 class Broker:
-    def __init__(self, store: Store, hub: EventHub, resolve: Resolver) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hub: EventHub,
+        resolve: Resolver,
+        *,
+        max_attempts: int = 5,
+        group_commit: bool = True,
+    ) -> None:
         self._store = store
         self._hub = hub
         self._resolve = resolve
-        self._waiters: dict[str, trio.Event] = {}
+        self.max_attempts = max_attempts
+        self._batch_limit = MAX_BATCH if group_commit else 1
+        self._send, self._recv = trio.open_memory_channel[_Pending](math.inf)
+        self._parked: dict[str, deque[_Reader]] = {}
+        self._queued: dict[str, int] = {}
+        """Queued messages per inbox, mirrored from the table so an empty inbox costs no I/O."""
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+        self._recount = True
+        self.batches = 0
+        self.batched_ops = 0
+
+    # ------------------------------------------------------------------ the writer
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    batch = [await self._recv.receive()]
+                    while len(batch) < self._batch_limit:
+                        try:
+                            batch.append(self._recv.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    await self._commit(batch)
+        finally:
+            self._closed = True
+            self._fail_queued(Internal("the broker is shutting down"))
+        raise AssertionError("unreachable")
+
+    def _fail_queued(self, error: BaseException) -> None:
+        while True:
+            try:
+                pending = self._recv.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self._fail(pending, error)
+
+    def _fail(self, pending: _Pending, error: BaseException) -> None:
+        pending.error = error
+        if pending.reader is not None:
+            pending.reader.error = error
+            pending.reader.done.set()
+        for reader in pending.handoff_to:
+            if reader is not None:
+                self._park(reader, front=True)
+        pending.done.set()
+
+    def _enqueue(self, pending: _Pending) -> None:
+        if self._closed:
+            raise Internal("the broker is shutting down")
+        if pending.reader is not None:
+            pending.reader.claimed = True
+        self._send.send_nowait(pending)
+
+    async def _submit(self, op: m.Op) -> _Pending:
+        pending = _Pending(op)
+        self._enqueue(pending)
+        with trio.CancelScope(shield=True):
+            # Once submitted, the outcome must be observed: a send must not be reported as
+            # failed (or a lease left dangling) because its caller went away mid-commit.
+            await pending.done.wait()
+        if pending.error is not None:
+            raise Internal(f"the broker could not store that: {pending.error}")
+        return pending
+
+    def _plan(self, batch: list[_Pending]) -> list[m.Op]:
+        """Order a batch (inserts first, takes last) and assign hand-offs to parked readers."""
+        order = {m.Insert: 0, m.Take: 2}
+        batch.sort(key=lambda p: order.get(type(p.op), 1))
+        for pending in batch:
+            op = pending.op
+            if isinstance(op, m.Insert):
+                op.handoffs, pending.handoff_to = [], []
+                for recipient in op.recipients:
+                    parked = self._parked.get(recipient)
+                    reader = parked.popleft() if parked else None
+                    if reader is not None:
+                        reader.claimed = True
+                    pending.handoff_to.append(reader)
+                    op.handoffs.append(
+                        None if reader is None else ("leased" if reader.lease else "delivered")
+                    )
+        return [p.op for p in batch]
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        ops = self._plan(batch)
+        try:
+            # A batch that started is finished and answered, even during shutdown: its
+            # senders must learn the truth about what was committed.
+            with trio.CancelScope(shield=True):
+                await self._store.run(m.execute, ops)
+        except Exception as exc:
+            log.error("broker commit of %d operations failed: %s", len(ops), exc)
+            for pending in batch:
+                self._fail(pending, exc)
+            return
+        self.batches += 1
+        self.batched_ops += len(batch)
+        requeued: set[str] = set()
+        for pending in batch:
+            self._complete(pending, requeued)
+            pending.done.set()
+        for recipient in requeued:
+            self._retake(recipient)
+
+    def _complete(self, pending: _Pending, requeued: set[str]) -> None:
+        op = pending.op
+        if isinstance(op, m.Insert):
+            for row, reader in zip(op.rows, pending.handoff_to, strict=True):
+                msg = m.to_message(row, handed_out=reader is not None)
+                self._hub.publish(partial(_sent_event, m.to_message(row)))
+                if reader is not None:
+                    self._answer(reader, msg)
+                elif msg.state == "queued":
+                    self._count(msg.to, +1)
+                    if self._parked.get(msg.to):
+                        # A reader parked while this batch was being written.
+                        requeued.add(msg.to)
+        elif isinstance(op, m.Take):
+            reader = pending.reader
+            assert reader is not None
+            if op.dead:
+                self._count(op.recipient, -len(op.dead))
+                self._spawn(self._report_dead, [m.to_message(r) for r in op.dead])
+            if op.row is not None:
+                self._count(op.recipient, -1)
+                self._answer(reader, m.to_message(op.row, handed_out=True))
+            elif reader.park:
+                self._park(reader)
+            else:
+                self._answer(reader, None)
+        elif isinstance(op, m.Ack):
+            if op.acked:
+                self._hub.publish(partial(_delivered_event, op.id, op.recipient))
+        elif isinstance(op, m.Nack) and op.done:
+            self._count(op.recipient, +1)
+            requeued.add(op.recipient)
+        elif isinstance(op, m.Release) and op.released:
+            if op.recipient is None:
+                self._recount = True
+                requeued.update(self._parked)
+            else:
+                self._count(op.recipient, op.released)
+                requeued.add(op.recipient)
+        elif isinstance(op, m.Requeue) and op.row is not None:
+            self._count(op.row[2], +1)
+            requeued.add(op.row[2])
+
+    def _count(self, recipient: str, delta: int) -> None:
+        self._queued[recipient] = max(0, self._queued.get(recipient, 0) + delta)
+
+    def _answer(self, reader: _Reader, msg: wire.Message | None) -> None:
+        reader.message = msg
+        reader.claimed = False
+        if msg is not None and msg.state == "delivered":
+            self._hub.publish(partial(_delivered_event, msg.id, msg.to))
+        reader.done.set()
+
+    def _park(self, reader: _Reader, *, front: bool = False) -> None:
+        reader.claimed = False
+        parked = self._parked.setdefault(reader.recipient, deque())
+        if front:
+            parked.appendleft(reader)
+        else:
+            parked.append(reader)
+
+    def _retake(self, recipient: str) -> None:
+        """Messages went back to a queue: let the readers parked on it look again."""
+        parked = self._parked.pop(recipient, None)
+        for reader in parked or ():
+            self._enqueue(
+                _Pending(m.Take(recipient, reader.lease, self.max_attempts), reader=reader)
+            )
+
+    def _spawn(self, fn: Callable[..., object], *args: object) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ API
 
     async def recover(self) -> int:
         """At start-up every lease belongs to a process that is gone: hand them out again."""
-        return await self._store.run(_release, None)
+        pending = await self._submit(m.Release(None))
+        assert isinstance(pending.op, m.Release)
+        self._queued = await self._store.run(m.queued_counts)
+        self._recount = False
+        return pending.op.released
 
     async def send(
         self, sender: str, to: str, body: str, *, origin: str = ""
@@ -222,70 +327,137 @@ class Broker:
         """Store a message durably (committed before this returns) and wake its readers."""
         if not isinstance(body, str):
             raise BadParams("body must be a string")
-        if len(body.encode("utf-8", "surrogatepass")) > MAX_BODY:
-            raise BadParams(f"message body exceeds {MAX_BODY} bytes")
         if "\x00" in body:
             raise BadParams("message body contains a NUL character")
         try:
-            body.encode("utf-8")
+            size = len(body.encode("utf-8"))
         except UnicodeEncodeError:
             raise BadParams("message body is not valid Unicode (lone surrogate)") from None
+        if size > MAX_BODY:
+            raise BadParams(f"message body is {size} bytes; the limit is {MAX_BODY}")
         recipients = self._resolve(to, sender)
-        if not recipients and to != BROADCAST:
+        if not recipients:
+            if to == BROADCAST:
+                return []
             raise NotFound(f"no recipients for {to!r}")
-        rows = await self._store.run(_insert, sender, recipients, body, to == BROADCAST, origin)
-        messages = [_message(r) for r in rows]
-        for msg in messages:
-            self._wake(msg.to)
-            self._hub.publish(partial(_sent_event, msg))
-        return messages
-
-    def _wake(self, recipient: str) -> None:
-        ev = self._waiters.pop(recipient, None)
-        if ev is not None:
-            ev.set()
+        op = m.Insert(sender, recipients, body, to == BROADCAST, origin)
+        await self._submit(op)
+        return [m.to_message(row) for row in op.rows]
 
     async def recv(
         self, recipient: str, wait_seconds: float | None, *, lease: bool
     ) -> wire.Message | None:
         """Hand out the oldest queued message; park up to `wait_seconds` for one to arrive."""
         wait = min(max(wait_seconds or 0.0, 0.0), MAX_WAIT)
+        reader = _Reader(recipient, lease, park=wait > 0)
         deadline = trio.current_time() + wait
-        while True:
-            # Take the wake-up event *before* looking, so a send in between is never missed.
-            ev = self._waiters.setdefault(recipient, trio.Event())
-            row = await self._store.run(_take, recipient, lease)
-            if row is not None:
-                msg = _message(row, handed_out=True)
-                if not lease:
-                    self._delivered(msg)
-                return msg
-            if trio.current_time() >= deadline:
-                return None
+        if self._recount or self._queued.get(recipient, 0) > 0:
+            self._enqueue(_Pending(m.Take(recipient, lease, self.max_attempts), reader=reader))
+        elif reader.park:
+            # Nothing is queued: park at once. A send planned from now on hands over directly;
+            # one being written right now sees us parked when it completes (see _complete).
+            self._park(reader)
+        else:
+            return None
+        try:
             with trio.move_on_at(deadline):
-                await ev.wait()
+                await reader.done.wait()
+            if not reader.done.is_set():
+                parked = self._parked.get(recipient)
+                if not reader.claimed and parked is not None and reader in parked:
+                    parked.remove(reader)
+                    return None
+                with trio.CancelScope(shield=True):
+                    await reader.done.wait()
+            if reader.error is not None:
+                raise Internal(f"the broker could not read the inbox: {reader.error}")
+            return reader.message
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await self._abandon(reader)
+            raise
+
+    async def _abandon(self, reader: _Reader) -> None:
+        """The caller went away: un-park it, or give back what was handed to it meanwhile."""
+        parked = self._parked.get(reader.recipient)
+        if parked is not None and reader in parked:
+            parked.remove(reader)
+            return
+        await reader.done.wait()
+        msg = reader.message
+        if msg is not None and msg.state == "leased":
+            await self._submit(m.Release(reader.recipient, id=msg.id, uncount=True))
 
     async def ack(self, recipient: str, mid: int, attempt: int) -> bool:
-        """Mark a leased message delivered; a stale attempt (superseded lease) is ignored."""
-        done = await self._store.run(_ack, recipient, mid, attempt)
-        if done:
-            self._hub.publish(lambda seq: wire.MessageDelivered(seq=seq, id=mid, to=recipient))
-        return done
+        """Complete a lease (and the turn's other leases); a stale attempt is ignored."""
+        pending = await self._submit(m.Ack(recipient, mid, attempt))
+        assert isinstance(pending.op, m.Ack)
+        return pending.op.acked
+
+    async def nack(
+        self, recipient: str, mid: int, attempt: int, error: str, *, count: bool
+    ) -> bool:
+        pending = await self._submit(m.Nack(recipient, mid, attempt, error, count))
+        assert isinstance(pending.op, m.Nack)
+        return pending.op.done
 
     async def release(self, recipient: str) -> int:
         """Return an inbox's in-flight messages to the queue (its reader is gone)."""
-        n = await self._store.run(_release, recipient)
-        if n:
-            self._wake(recipient)
-        return n
+        pending = await self._submit(m.Release(recipient))
+        assert isinstance(pending.op, m.Release)
+        return pending.op.released
 
-    def _delivered(self, msg: wire.Message) -> None:
-        self._hub.publish(lambda seq: wire.MessageDelivered(seq=seq, id=msg.id, to=msg.to))
+    async def requeue(self, mid: int) -> wire.Message:
+        pending = await self._submit(m.Requeue(mid))
+        assert isinstance(pending.op, m.Requeue)
+        if pending.op.row is None:
+            raise NotFound(f"message #{mid} is not a dead letter")
+        return m.to_message(pending.op.row)
 
-    async def recent(self, recipient: str | None, limit: int) -> list[wire.Message]:
+    async def vacuum(self, older_than_days: float = 30.0) -> int:
+        pending = await self._submit(m.Vacuum(older_than_days))
+        assert isinstance(pending.op, m.Vacuum)
+        return pending.op.deleted
+
+    async def checkpoint(self) -> tuple[int, int, int]:
+        return await self._store.run(m.checkpoint)
+
+    async def _report_dead(self, dead: list[wire.Message]) -> None:
+        """Dead letters are kept, shown to the operator and reported to the manager."""
+        for msg in dead:
+            note = (
+                f"Message #{msg.id} from {msg.sender} to {msg.to} was dead-lettered after"
+                f" {msg.attempt} attempts: no turn on it completed. It is kept; requeue it with"
+                f" `hive-c0re requeue {msg.id}`."
+            )
+            event = msgspec.json.encode(
+                {
+                    "event": "dead_letter",
+                    "id": msg.id,
+                    "from": msg.sender,
+                    "to": msg.to,
+                    "attempts": msg.attempt,
+                }
+            ).decode()
+            try:
+                await self.send(SYSTEM, OPERATOR, note, origin=SYSTEM)
+                if msg.to != MANAGER:
+                    await self.send(SYSTEM, MANAGER, event, origin=SYSTEM)
+            except (Internal, NotFound) as exc:
+                log.error("could not report dead letter #%d: %s", msg.id, exc)
+
+    # ------------------------------------------------------------------ reads
+
+    async def recent(
+        self, recipient: str | None, limit: int, *, state: str | None = None
+    ) -> list[wire.Message]:
         limit = max(1, min(limit, 2000))
-        return [_message(r) for r in await self._store.run(_recent, recipient, limit)]
+        rows = await self._store.run(m.recent, recipient, limit, state)
+        return [m.to_message(r) for r in rows]
+
+    def queued(self, recipient: str) -> int:
+        return self._queued.get(recipient, 0)
 
     async def counts(self, recipient: str) -> tuple[int, int]:
         """(queued, in flight) for one inbox."""
-        return await self._store.run(_counts, recipient)
+        return await self._store.run(m.counts, recipient)

@@ -32,6 +32,10 @@ class DaemonConfig:
     restart_max: float = 300.0
     restart_reset_after: float = 600.0
     stop_grace: float = 5.0
+    max_attempts: int = 5
+    """Deliveries of one message before it is dead-lettered."""
+    group_commit: bool = True
+    """Commit concurrent writes together (one fsync per batch); off = one fsync per write."""
     line_timeout: float = 10.0
     """Seconds a client has to complete a line it started (and to send its first one)."""
 

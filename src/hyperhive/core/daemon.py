@@ -107,7 +107,14 @@ async def run(
         hub = EventHub()
         registry = Registry(store, hub, ui_port_base=cfg.ui_port_base, backend=backend.name)
         await registry.load()
-        broker = Broker(store, hub, registry.resolve)
+        broker = Broker(
+            store,
+            hub,
+            registry.resolve,
+            max_attempts=cfg.max_attempts,
+            group_commit=cfg.group_commit,
+        )
+        await nursery.start(broker.serve)
         released = await broker.recover()
         if released:
             log.info("returned %d in-flight messages to their queues", released)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -212,7 +213,9 @@ class Supervisor:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, self.cfg.restart_max)
         finally:
-            with trio.CancelScope(shield=True):
+            # At daemon shutdown the broker may be gone already; start-up recovery releases
+            # every lease then anyway.
+            with trio.CancelScope(shield=True), contextlib.suppress(Internal):
                 await self.broker.release(rec.recipient)
             self._containers.pop(rec.name, None)
             if rec.state != "destroying":

@@ -1,0 +1,293 @@
+"""The messages table: every broker write as a step of one batched sqlite transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hyperhive.protocol import wire
+from hyperhive.protocol.names import OPERATOR
+
+COLUMNS = "id, sender, recipient, body, sent_at, attempts, broadcast, state"
+
+Row = tuple[int, str, str, str, float, int, int, str]
+
+DAY = 86400.0
+
+
+def to_message(row: Row, *, handed_out: bool = False) -> wire.Message:
+    mid, sender, recipient, body, sent_at, attempts, broadcast, state = row
+    return wire.Message(
+        id=mid,
+        sender=sender,
+        to=recipient,
+        body=body,
+        sent_at=sent_at,
+        attempt=attempts if handed_out else 0,
+        redelivery=handed_out and attempts > 1,
+        broadcast=bool(broadcast),
+        state=state,
+    )
+
+
+# ----------------------------------------------------------------------------- operations
+# Plain data: planned on the trio side, executed in order on the store's worker thread.
+
+Handoff = Literal["leased", "delivered"] | None
+
+
+@dataclass
+class Insert:
+    sender: str
+    recipients: list[str]
+    body: str
+    broadcast: bool
+    origin: str
+    handoffs: list[Handoff] = field(default_factory=list)
+    """Per recipient: hand straight to a parked reader (stored leased/delivered, attempt 1)."""
+    rows: list[Row] = field(default_factory=list)
+
+
+@dataclass
+class Take:
+    recipient: str
+    lease: bool
+    max_attempts: int
+    row: Row | None = None
+    dead: list[Row] = field(default_factory=list)
+
+
+@dataclass
+class Ack:
+    recipient: str
+    id: int
+    attempt: int
+    acked: bool = False
+    also: int = 0
+
+
+@dataclass
+class Nack:
+    """Give a lease back: the turn failed. `count=False` when it was not the message's fault."""
+
+    recipient: str
+    id: int
+    attempt: int
+    error: str
+    count: bool
+    done: bool = False
+
+
+@dataclass
+class Release:
+    """Return in-flight messages to the queue (their reader is gone); one inbox, one id or all."""
+
+    recipient: str | None
+    id: int | None = None
+    uncount: bool = False
+    released: int = 0
+
+
+@dataclass
+class Requeue:
+    """The operator gives a dead letter another chance."""
+
+    id: int
+    row: Row | None = None
+
+
+@dataclass
+class Vacuum:
+    older_than_days: float
+    deleted: int = 0
+
+
+Op = Insert | Take | Ack | Nack | Release | Requeue | Vacuum
+
+
+def execute(conn: sqlite3.Connection, ops: list[Op]) -> None:
+    """Run a batch as one transaction (one fsync: the connection is synchronous=FULL).
+
+    Each op records its own result. Raises, having rolled back, on failure.
+    """
+    now = time.time()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            _step(conn, op, now)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _insert(conn: sqlite3.Connection, op: Insert, now: float) -> None:
+    handoffs = op.handoffs or [None] * len(op.recipients)
+    op.rows = []
+    for recipient, handoff in zip(op.recipients, handoffs, strict=True):
+        # The operator's inbox is a view on the dashboard: nothing leases it.
+        state = "delivered" if recipient == OPERATOR else (handoff or "queued")
+        attempts = 1 if handoff else 0
+        cur = conn.execute(
+            "INSERT INTO messages (sender, recipient, body, sent_at, broadcast, state, attempts,"
+            " leased_at, delivered_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                op.sender,
+                recipient,
+                op.body,
+                now,
+                int(op.broadcast),
+                state,
+                attempts,
+                now if handoff else None,
+                now if state == "delivered" else None,
+                op.origin,
+            ),
+        )
+        assert cur.lastrowid is not None
+        op.rows.append(
+            (cur.lastrowid, op.sender, recipient, op.body, now, attempts, int(op.broadcast), state)
+        )
+
+
+def _take(conn: sqlite3.Connection, op: Take, now: float) -> None:
+    while True:
+        row: Row | None = conn.execute(
+            f"SELECT {COLUMNS} FROM messages WHERE recipient = ? AND state = 'queued'"
+            " ORDER BY id LIMIT 1",
+            (op.recipient,),
+        ).fetchone()
+        if row is None:
+            return
+        if row[5] >= op.max_attempts:
+            conn.execute(
+                "UPDATE messages SET state = 'dead', last_error = COALESCE(last_error, ?)"
+                " WHERE id = ?",
+                (f"no turn completed after {row[5]} attempts", row[0]),
+            )
+            op.dead.append((*row[:7], "dead"))
+            continue
+        state = "leased" if op.lease else "delivered"
+        conn.execute(
+            "UPDATE messages SET state = ?, attempts = attempts + 1, leased_at = ?,"
+            " delivered_at = ? WHERE id = ?",
+            (state, now, None if op.lease else now, row[0]),
+        )
+        op.row = (*row[:5], row[5] + 1, row[6], state)
+        return
+
+
+def _ack(conn: sqlite3.Connection, op: Ack, now: float) -> None:
+    cur = conn.execute(
+        "UPDATE messages SET state = 'delivered', delivered_at = ? WHERE id = ? AND"
+        " recipient = ? AND state = 'leased' AND attempts = ?",
+        (now, op.id, op.recipient, op.attempt),
+    )
+    op.acked = cur.rowcount == 1
+    if op.acked:
+        # Messages the turn drained itself (the recv tool) are consumed by the same turn.
+        op.also = conn.execute(
+            "UPDATE messages SET state = 'delivered', delivered_at = ? WHERE recipient = ? AND"
+            " state = 'leased'",
+            (now, op.recipient),
+        ).rowcount
+
+
+def _nack(conn: sqlite3.Connection, op: Nack, now: float) -> None:
+    cur = conn.execute(
+        "UPDATE messages SET state = 'queued', last_error = ?, attempts = attempts - ?"
+        " WHERE id = ? AND recipient = ? AND state = 'leased' AND attempts = ?",
+        (op.error[:2000], 0 if op.count else 1, op.id, op.recipient, op.attempt),
+    )
+    op.done = cur.rowcount == 1
+
+
+def _release(conn: sqlite3.Connection, op: Release, now: float) -> None:
+    sql = "UPDATE messages SET state = 'queued', attempts = attempts - ? WHERE state = 'leased'"
+    args: list[object] = [1 if op.uncount else 0]
+    if op.recipient is not None:
+        sql += " AND recipient = ?"
+        args.append(op.recipient)
+    if op.id is not None:
+        sql += " AND id = ?"
+        args.append(op.id)
+    op.released = conn.execute(sql, args).rowcount
+
+
+def _requeue(conn: sqlite3.Connection, op: Requeue, now: float) -> None:
+    cur = conn.execute(
+        "UPDATE messages SET state = 'queued', attempts = 0 WHERE id = ? AND state = 'dead'",
+        (op.id,),
+    )
+    if cur.rowcount == 1:
+        op.row = conn.execute(f"SELECT {COLUMNS} FROM messages WHERE id = ?", (op.id,)).fetchone()
+
+
+def _vacuum(conn: sqlite3.Connection, op: Vacuum, now: float) -> None:
+    op.deleted = conn.execute(
+        "DELETE FROM messages WHERE state = 'delivered' AND delivered_at < ?",
+        (now - op.older_than_days * DAY,),
+    ).rowcount
+
+
+def _step(conn: sqlite3.Connection, op: Op, now: float) -> None:
+    match op:
+        case Insert():
+            _insert(conn, op, now)
+        case Take():
+            _take(conn, op, now)
+        case Ack():
+            _ack(conn, op, now)
+        case Nack():
+            _nack(conn, op, now)
+        case Release():
+            _release(conn, op, now)
+        case Requeue():
+            _requeue(conn, op, now)
+        case Vacuum():
+            _vacuum(conn, op, now)
+
+
+# ----------------------------------------------------------------------------- reads
+
+
+def recent(
+    conn: sqlite3.Connection, recipient: str | None, limit: int, state: str | None = None
+) -> list[Row]:
+    where, args = [], []
+    if recipient is not None:
+        where.append("recipient = ?")
+        args.append(recipient)
+    if state is not None:
+        where.append("state = ?")
+        args.append(state)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    rows: list[Row] = conn.execute(
+        f"SELECT {COLUMNS} FROM messages {clause} ORDER BY id DESC LIMIT ?", (*args, limit)
+    ).fetchall()
+    rows.reverse()
+    return rows
+
+
+def counts(conn: sqlite3.Connection, recipient: str) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT COALESCE(SUM(state = 'queued'), 0), COALESCE(SUM(state = 'leased'), 0)"
+        " FROM messages WHERE recipient = ? AND state IN ('queued', 'leased')",
+        (recipient,),
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def queued_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT recipient, COUNT(*) FROM messages WHERE state = 'queued' GROUP BY recipient"
+    ).fetchall()
+    return {str(r): int(n) for r, n in rows}
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """Fold the WAL back into the database and truncate it, so it cannot grow without bound."""
+    row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
