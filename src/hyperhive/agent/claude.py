@@ -32,6 +32,7 @@ class _Probe(msgspec.Struct):
     result: str | None = None
     errors: list[str] | None = None
     terminal_reason: str | None = None
+    api_error_status: int | None = None
 
 
 _probe = msgspec.json.Decoder(_Probe)
@@ -43,6 +44,9 @@ class TurnResult:
     note: str
     saw_result: bool = False
     auth_failed: bool = False
+    transient: bool = False
+    """The API was overloaded or rate limited: not the message's fault, retry later."""
+    cancelled: bool = False
 
 
 def claude_argv(settings: HarnessSettings, *, model: str, resume: bool) -> list[str]:
@@ -146,6 +150,9 @@ async def run_turn(
             if probe.type == "result":
                 outcome.saw_result = True
                 outcome.ok = not probe.is_error and probe.subtype == "success"
+                status = probe.api_error_status
+                outcome.auth_failed = outcome.auth_failed or status in (401, 403)
+                outcome.transient = status in (429, 500, 502, 503, 504, 529)
                 if outcome.ok:
                     outcome.note = ""
                 else:
@@ -185,6 +192,7 @@ async def run_turn(
                 nursery.cancel_scope.cancel()
         if cancel.cancelled_caught:
             outcome.ok = False
+            outcome.cancelled = True
             outcome.note = "turn cancelled"
     finally:
         with trio.CancelScope(shield=True):

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import trio
 
 from hyperhive.agent.bus import LiveBus, Note, TurnEnd, TurnStart, open_history
-from hyperhive.agent.claude import run_turn
+from hyperhive.agent.claude import TurnResult, run_turn
 from hyperhive.agent.settings import HarnessSettings, write_claude_files
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, open_client
-from hyperhive.protocol.errors import ConnectionLost, HiveError
+from hyperhive.protocol.errors import ConnectionLost
 from hyperhive.protocol.names import BROADCAST, SYSTEM
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 RECV_WAIT = 180.0
 LOGIN_POLL = 5.0
 RECONNECT_MAX = 10.0
+RETRY_INITIAL = 5.0
+RETRY_MAX = 300.0
 
 
 def wake_prompt(msg: wire.Message, unread: int) -> str:
@@ -104,6 +106,7 @@ class Harness:
         self.settings = settings
         self.bus = bus
         self.controls = controls
+        self.backoff = 0.0
 
     def _has_session(self) -> bool:
         projects = self.settings.claude_config_dir / "projects"
@@ -153,14 +156,30 @@ class Harness:
                 continue
             msg = reply.message
             status = await client.call(wire.Status(), wire.StatusReply)
-            await self.turn(msg, status.unread)
-            try:
-                await client.call(wire.Ack(id=msg.id, attempt=msg.attempt), wire.Acked)
-            except HiveError as exc:
-                await self.bus.emit(Note(text=f"ack failed: {exc.message}", level="error"))
-                raise
+            result = await self.turn(msg, status.unread)
+            await self.settle(client, msg, result)
 
-    async def turn(self, msg: wire.Message, unread: int) -> None:
+    async def settle(self, client: Client, msg: wire.Message, result: TurnResult) -> None:
+        """Ack a completed turn; give the message back when the turn did not complete."""
+        if result.ok or result.cancelled:
+            # An operator's cancel is a decision, not a failure: the message is consumed.
+            await client.call(wire.Ack(id=msg.id, attempt=msg.attempt), wire.Acked)
+            self.backoff = 0.0
+            return
+        blameless = result.transient or result.auth_failed
+        await client.call(
+            wire.Nack(id=msg.id, attempt=msg.attempt, error=result.note, count=not blameless),
+            wire.Acked,
+        )
+        if blameless:
+            # Overloaded, rate limited or logged out: wait before trying again.
+            self.backoff = min(max(self.backoff * 2, RETRY_INITIAL), RETRY_MAX)
+            await self.bus.emit(
+                Note(text=f"will retry in {self.backoff:.0f}s: {result.note}", level="warn")
+            )
+            await trio.sleep(self.backoff)
+
+    async def turn(self, msg: wire.Message, unread: int) -> TurnResult:
         await self.bus.emit(
             TurnStart(
                 sender=msg.sender,
@@ -188,18 +207,19 @@ class Harness:
                 cancel=scope,
             )
         except OSError as exc:
-            result_ok, note = False, f"cannot run claude: {exc}"
-        else:
-            result_ok, note = result.ok, result.note
+            result = TurnResult(ok=False, note=f"cannot run claude: {exc}", transient=True)
         finally:
             self.controls._turn_scope = None
         self.controls.turns += 1
         await self.bus.emit(
             TurnEnd(
-                ok=result_ok, note=note, duration_ms=int((trio.current_time() - started) * 1000)
+                ok=result.ok,
+                note=result.note,
+                duration_ms=int((trio.current_time() - started) * 1000),
             )
         )
         await self.bus.set_state("idle")
+        return result
 
 
 async def serve(settings: HarnessSettings) -> None:

@@ -56,7 +56,8 @@ def build_server(settings: HarnessSettings) -> MCPServer:
         )
     )
     async def recv(wait_seconds: float = 0) -> str:
-        reply = await call(wire.Recv(wait_seconds=wait_seconds, lease=False))
+        # Leased: the turn's ack consumes it, a failed turn gives it back with the wake message.
+        reply = await call(wire.Recv(wait_seconds=wait_seconds, lease=True))
         assert isinstance(reply, wire.Received)
         return "(empty)" if reply.message is None else format_message(reply.message)
 

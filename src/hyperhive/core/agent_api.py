@@ -53,6 +53,9 @@ class AgentHandler:
             case wire.Ack(id=mid, attempt=attempt):
                 acked = await self.broker.ack(self.principal, mid, attempt)
                 return wire.Acked(acked=acked)
+            case wire.Nack(id=mid, attempt=attempt, error=error, count=count):
+                done = await self.broker.nack(self.principal, mid, attempt, error, count=count)
+                return wire.Acked(acked=done)
             case wire.Status():
                 queued, in_flight = await self.broker.counts(self.principal)
                 return wire.StatusReply(

@@ -268,7 +268,7 @@ class Broker:
             if op.acked:
                 self._hub.publish(partial(_delivered_event, op.id, op.recipient))
         elif isinstance(op, m.Nack) and op.done:
-            self._count(op.recipient, +1)
+            self._count(op.recipient, 1 + op.also)
             requeued.add(op.recipient)
         elif isinstance(op, m.Release) and op.released:
             if op.recipient is None:

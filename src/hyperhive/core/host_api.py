@@ -132,6 +132,10 @@ class HostHandler:
                 return wire.Inbox(messages=await self.broker.recent(inbox, limit))
             case wire.Flow(limit=limit):
                 return wire.Inbox(messages=await self.broker.recent(None, limit))
+            case wire.DeadLetters(limit=limit):
+                return wire.Inbox(messages=await self.broker.recent(None, limit, state="dead"))
+            case wire.Requeue(id=mid):
+                return wire.Received(message=await self.broker.requeue(mid))
             case wire.Subscribe():
                 return EventStream(wire.Subscribed(), self._events())
         raise BadParams(f"unsupported request {type(request).__name__}")

@@ -78,6 +78,7 @@ class Nack:
     error: str
     count: bool
     done: bool = False
+    also: int = 0
 
 
 @dataclass
@@ -202,6 +203,12 @@ def _nack(conn: sqlite3.Connection, op: Nack, now: float) -> None:
         (op.error[:2000], 0 if op.count else 1, op.id, op.recipient, op.attempt),
     )
     op.done = cur.rowcount == 1
+    if op.done:
+        # What the failed turn drained itself goes back too (attempts already counted).
+        op.also = conn.execute(
+            "UPDATE messages SET state = 'queued' WHERE recipient = ? AND state = 'leased'",
+            (op.recipient,),
+        ).rowcount
 
 
 def _release(conn: sqlite3.Connection, op: Release, now: float) -> None:

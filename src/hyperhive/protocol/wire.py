@@ -113,6 +113,18 @@ class Flow(HostRequest, frozen=True, tag="flow"):
     limit: int = 200
 
 
+class DeadLetters(HostRequest, frozen=True, tag="dead_letters"):
+    """Messages no turn completed after the attempt limit: kept, never dropped."""
+
+    limit: int = 100
+
+
+class Requeue(HostRequest, frozen=True, tag="requeue"):
+    """Give a dead letter another round of attempts."""
+
+    id: int
+
+
 class Subscribe(HostRequest, frozen=True, tag="subscribe"):
     """Turn this connection into a stream of `HiveEvent` lines after the `Subscribed` reply."""
 
@@ -135,6 +147,19 @@ class Ack(AgentRequest, frozen=True, tag="ack"):
 
     id: int
     attempt: int
+
+
+class Nack(AgentRequest, frozen=True, tag="nack"):
+    """Give a lease back because the turn failed: the message is delivered again later.
+
+    `count` false means the failure was not the message's fault (the API was overloaded, the
+    login expired): the attempt is not counted towards dead-lettering.
+    """
+
+    id: int
+    attempt: int
+    error: str = ""
+    count: bool = True
 
 
 class Status(AgentRequest, frozen=True, tag="status"):
@@ -257,9 +282,11 @@ HostRequests = (
     | OperatorSend
     | HostRecent
     | Flow
+    | DeadLetters
+    | Requeue
     | Subscribe
 )
-AgentRequests = Send | Recv | Ack | Status | Recent | Wake
+AgentRequests = Send | Recv | Ack | Nack | Status | Recent | Wake
 ManagerRequests = AgentRequests
 HiveEvents = MessageSent | MessageDelivered | AgentChanged | AgentRemoved | Dropped
 
@@ -277,10 +304,13 @@ REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
     OperatorSend: Sent,
     HostRecent: Inbox,
     Flow: Inbox,
+    DeadLetters: Inbox,
+    Requeue: Received,
     Subscribe: Subscribed,
     Send: Sent,
     Recv: Received,
     Ack: Acked,
+    Nack: Acked,
     Status: StatusReply,
     Recent: Inbox,
     Wake: Sent,
