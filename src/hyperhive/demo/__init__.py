@@ -1,0 +1,1 @@
+"""The bundled scripted model: an offline Messages API that plays deterministic scripts."""

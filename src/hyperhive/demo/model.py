@@ -171,13 +171,16 @@ def sse_frame(event: StreamEvent) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _encoder.encode(event) + b"\n\n"
 
 
-def error_response(status: int, message: str, error_type: str | None = None) -> Response:
+def error_response(
+    status: int, message: str, error_type: str | None = None, *, retry: bool = False
+) -> Response:
     body = ErrorBody(ErrorDetail(error_type or error_type_for(status), message))
+    headers = {"request-id": f"req_{secrets.token_hex(12)}"}
+    if not retry:
+        # The Anthropic SDKs (and claude, except on 529) skip their retry loop on this header.
+        headers["x-should-retry"] = "false"
     return Response(
-        _encoder.encode(body),
-        status=status,
-        content_type="application/json",
-        headers={"request-id": f"req_{secrets.token_hex(12)}"},
+        _encoder.encode(body), status=status, content_type="application/json", headers=headers
     )
 
 
@@ -208,8 +211,8 @@ def create_app(*, new_id: Callable[[], str] = new_tool_use_id) -> QuartTrio:
         if decision.delay > 0:
             await trio.sleep(decision.delay)
         match decision:
-            case Failure(status=status, error_type=error_type, message=message):
-                return error_response(status, message, error_type)
+            case Failure(status=status, error_type=error_type, message=message, retry=retry):
+                return error_response(status, message, error_type, retry=retry)
             case Reply() as reply:
                 return _reply_response(parsed, reply, rough_token_count(body))
 

@@ -87,12 +87,17 @@ class Reply:
 
 @dataclass(frozen=True)
 class Failure:
-    """Answer with an HTTP error in Anthropic's error shape, after waiting `delay` seconds."""
+    """Answer with an HTTP error in Anthropic's error shape, after waiting `delay` seconds.
+
+    Unless `retry`, the response carries `x-should-retry: false`, which claude honours for
+    every status but 529; otherwise it retries ten times over about three minutes.
+    """
 
     status: int
     error_type: str
     message: str
     delay: float = 0.0
+    retry: bool = False
 
 
 Decision: TypeAlias = Reply | Failure
@@ -261,7 +266,8 @@ def _answer(context: _Context, body: str, *, delay: float) -> Decision:
         case "!tools":
             return _directive_tools(context, "\n".join([argument, rest]), delay)
         case "!text":
-            return _text("\n".join([argument, rest]).strip(), delay)
+            # The API rejects empty text blocks when a later turn replays this one.
+            return _text("\n".join([argument, rest]).strip() or "Done.", delay)
         case "!sleep":
             return _directive_sleep(context, argument, rest, delay)
         case "!error":
@@ -307,14 +313,15 @@ def _directive_sleep(context: _Context, argument: str, rest: str, delay: float) 
 
 
 def _directive_error(argument: str, delay: float) -> Decision:
+    words = argument.split()
     try:
-        status = int(argument.split()[0])
+        status = int(words[0])
     except (IndexError, ValueError):
         status = 0
-    if not 400 <= status <= 599:
-        return _text("!error: usage is `!error <status 400-599>`", delay)
+    if not 400 <= status <= 599 or words[1:] not in ([], ["retry"]):
+        return _text("!error: usage is `!error <status 400-599> [retry]`", delay)
     kind = error_type_for(status)
-    return Failure(status, kind, f"scripted {kind} ({status})", delay)
+    return Failure(status, kind, f"scripted {kind} ({status})", delay, retry=words[1:] == ["retry"])
 
 
 def _converse(context: _Context, body: str, delay: float) -> Decision:
