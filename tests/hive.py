@@ -107,3 +107,52 @@ def sent_to(recipient: str) -> Callable[[wire.HiveEvent], bool]:
         return isinstance(event, wire.MessageSent) and event.message.to == recipient
 
     return check
+
+
+@asynccontextmanager
+async def daemon_process(
+    root: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> AsyncIterator[trio.Process]:
+    """`hive-c0re serve` as a separate process (so it can be killed -9); yields once ready."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [
+        sys.executable,
+        "-m",
+        "hyperhive.cli",
+        "--run-dir",
+        str(root / "run"),
+        "serve",
+        "--state-dir",
+        str(root / "state"),
+        "--no-manager",
+        "--dashboard-port",
+        "-1",
+        "--ui-port-base",
+        str(ui_port_base()),
+        "--log-level",
+        "WARNING",
+        *args,
+    ]
+    proc = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}
+    )
+    assert proc.stdout is not None
+    try:
+        with trio.fail_after(30):
+            seen = b""
+            while b"host socket" not in seen:
+                chunk = await proc.stdout.receive_some(4096)
+                assert chunk, "daemon exited before it was ready"
+                seen += chunk
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            with trio.move_on_after(10):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()

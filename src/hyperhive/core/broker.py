@@ -20,6 +20,7 @@ import msgspec
 import trio
 
 from hyperhive.core import messages as m
+from hyperhive.core.faults import Faults
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import BadParams, Internal, NotFound
@@ -124,7 +125,9 @@ class Broker:
         *,
         max_attempts: int = 5,
         group_commit: bool = True,
+        faults: Faults | None = None,
     ) -> None:
+        self._faults = faults or Faults()
         self._store = store
         self._hub = hub
         self._resolve = resolve
@@ -219,6 +222,9 @@ class Broker:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         ops = self._plan(batch)
+        if any(isinstance(op, m.Ack) for op in ops):
+            self._faults.hit("before_ack")
+        self._faults.hit("before_commit")
         try:
             # A batch that started is finished and answered, even during shutdown: its
             # senders must learn the truth about what was committed.
@@ -229,6 +235,9 @@ class Broker:
             for pending in batch:
                 self._fail(pending, exc)
             return
+        self._faults.hit("after_commit")
+        if any(isinstance(op, m.Take) and op.row is not None for op in ops):
+            self._faults.hit("after_take")
         self.batches += 1
         self.batched_ops += len(batch)
         requeued: set[str] = set()

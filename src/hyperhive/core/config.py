@@ -36,6 +36,8 @@ class DaemonConfig:
     """Deliveries of one message before it is dead-lettered."""
     group_commit: bool = True
     """Commit concurrent writes together (one fsync per batch); off = one fsync per write."""
+    crash_at: str | None = None
+    """Fault injection for tests (`label:n`, see core/faults.py); from $HIVE_CRASH_AT."""
     line_timeout: float = 10.0
     """Seconds a client has to complete a line it started (and to send its first one)."""
 

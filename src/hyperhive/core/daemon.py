@@ -16,6 +16,7 @@ from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.base import Backend
+from hyperhive.core.faults import Faults
 from hyperhive.core.host_api import HostHandler
 from hyperhive.core.server import SocketLimits, SocketServer, require_uid
 from hyperhive.core.store import open_store
@@ -113,6 +114,7 @@ async def run(
             registry.resolve,
             max_attempts=cfg.max_attempts,
             group_commit=cfg.group_commit,
+            faults=Faults.parse(cfg.crash_at),
         )
         await nursery.start(broker.serve)
         released = await broker.recover()

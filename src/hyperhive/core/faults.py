@@ -1,0 +1,39 @@
+"""Crash points for fault-injection tests: `HIVE_CRASH_AT=label:n` kills the daemon at the nth hit.
+
+Off unless configured; a crash is `os._exit(137)`, as abrupt as `kill -9`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+LABELS = ("before_commit", "after_commit", "after_take", "before_ack")
+
+
+@dataclass
+class Faults:
+    label: str | None = None
+    at: int = 0
+    _hits: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str | None) -> Faults:
+        """`label:n`, e.g. `after_commit:40`; empty or None disables crash points."""
+        if not spec:
+            return cls()
+        label, _, count = spec.partition(":")
+        if label not in LABELS or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"bad crash point {spec!r}: use one of {', '.join(LABELS)} as label:n")
+        return cls(label, int(count))
+
+    def hit(self, label: str) -> None:
+        if label != self.label:
+            return
+        n = self._hits[label] = self._hits.get(label, 0) + 1
+        if n == self.at:
+            log.critical("crash point %s:%d reached; exiting abruptly", label, n)
+            os._exit(137)
