@@ -154,6 +154,7 @@ def serve(args: argparse.Namespace) -> int:
         model=args.model,
         operator_pronouns=args.operator_pronouns,
         claude_bin=claude or "claude",
+        crash_at=os.environ.get("HIVE_CRASH_AT") or None,
     )
     if claude is None:
         print("hive-c0re: warning: no `claude` on PATH; agents cannot run turns", file=sys.stderr)
