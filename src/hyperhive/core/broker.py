@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -430,6 +431,39 @@ class Broker:
 
     async def checkpoint(self) -> tuple[int, int, int]:
         return await self._store.run(m.checkpoint)
+
+    async def serve_maintenance(
+        self,
+        *,
+        vacuum_every: float = 3600.0,
+        keep_days: float = 30.0,
+        checkpoint_every: float = 60.0,
+        report: trio.MemorySendChannel[str] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        """Hourly: drop delivered messages older than `keep_days` (undelivered ones never).
+        Every minute: checkpoint the WAL so long-lived readers cannot make it grow unbounded."""
+        task_status.started()
+        next_vacuum = trio.current_time() + vacuum_every
+        while True:
+            await trio.sleep(checkpoint_every)
+            try:
+                if trio.current_time() >= next_vacuum:
+                    next_vacuum += vacuum_every
+                    deleted = await self.vacuum(keep_days)
+                    if deleted:
+                        log.info(
+                            "vacuumed %d delivered messages older than %g days", deleted, keep_days
+                        )
+                    if report is not None:
+                        await report.send(f"vacuum {deleted}")
+                busy, wal, moved = await self.checkpoint()
+                if busy:
+                    log.debug("checkpoint blocked by a reader: %d/%d pages", moved, wal)
+                if report is not None:
+                    await report.send(f"checkpoint {busy}")
+            except (Internal, sqlite3.Error) as exc:
+                log.error("broker maintenance failed: %s", exc)
 
     async def _report_dead(self, dead: list[wire.Message]) -> None:
         """Dead letters are kept, shown to the operator and reported to the manager."""

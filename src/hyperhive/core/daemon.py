@@ -117,6 +117,7 @@ async def run(
             faults=Faults.parse(cfg.crash_at),
         )
         await nursery.start(broker.serve)
+        await nursery.start(broker.serve_maintenance)
         released = await broker.recover()
         if released:
             log.info("returned %d in-flight messages to their queues", released)
