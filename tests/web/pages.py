@@ -1,8 +1,10 @@
-"""Helpers for web tests: reading a page's CSRF token, same-origin headers, raw HTTP."""
+"""Helpers for web tests: a page's CSRF token, same-origin headers, raw HTTP and SSE readers."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -26,23 +28,83 @@ def post_headers(token: str | None, origin: str | None = "http://localhost") -> 
     return headers
 
 
-def json_of(data: bytes) -> Any:
+def json_of(data: bytes | str) -> Any:
     return msgspec.json.decode(data)
 
 
-async def http_get(port: int, path: str, *, host: str | None = None) -> tuple[int, bytes]:
-    """A minimal HTTP/1.1 GET over TCP (the served app, not the test client)."""
+class HttpReader:
+    """Reads the response to an HTTP/1.0 request (so a streamed body is never chunked)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buf = b""
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    async def _fill(self) -> bool:
+        chunk = await self._stream.receive_some(65536)
+        self._buf += chunk
+        return bool(chunk)
+
+    async def read_head(self) -> None:
+        while b"\r\n\r\n" not in self._buf:
+            if not await self._fill():
+                raise EOFError("connection closed before the response head")
+        head, self._buf = self._buf.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split(" ", 2)[1])
+        for line in lines:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    async def read_body(self) -> bytes:
+        """A body with a Content-Length (the server may keep the connection open after it)."""
+        length = int(self.headers["content-length"])
+        while len(self._buf) < length:
+            if not await self._fill():
+                raise EOFError("connection closed inside the body")
+        body, self._buf = self._buf[:length], self._buf[length:]
+        return body
+
+    async def frame(self) -> bytes | None:
+        """The next SSE frame (without its blank line), or None when the stream ends."""
+        while b"\n\n" not in self._buf:
+            if not await self._fill():
+                return None
+        frame, self._buf = self._buf.split(b"\n\n", 1)
+        return frame
+
+    async def event(self) -> Any:
+        """The JSON of the next `data:` frame, skipping comments (connect notes, heartbeats)."""
+        while (frame := await self.frame()) is not None:
+            if frame.startswith(b":"):
+                continue
+            assert frame.startswith(b"data: "), frame
+            return json_of(frame.removeprefix(b"data: "))
+        raise EOFError("event stream ended")
+
+
+@asynccontextmanager
+async def open_http(
+    port: int, path: str, *, host: str | None = None, headers: dict[str, str] | None = None
+) -> AsyncIterator[HttpReader]:
+    """GET `path` from a served app over real TCP; the response head is already read."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: {host or f'127.0.0.1:{port}'}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        await stream.send_all(request.encode())
-        chunks = []
-        while chunk := await stream.receive_some(65536):
-            chunks.append(chunk)
-    raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, body
+        lines = [
+            f"GET {path} HTTP/1.0",
+            f"Host: {host or f'127.0.0.1:{port}'}",
+            "Connection: close",
+        ]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        reader = HttpReader(stream)
+        await reader.read_head()
+        yield reader
+
+
+async def page_token(port: int) -> str:
+    """Load the served page like a browser would and take its CSRF token."""
+    async with open_http(port, "/") as page:
+        assert page.status == 200
+        return csrf_token((await page.read_body()).decode())

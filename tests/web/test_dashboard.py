@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,10 +13,10 @@ from quart.typing import TestClientProtocol as WebClient
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
-from hyperhive.web.dashboard import create_dashboard_app
+from hyperhive.web.dashboard import create_dashboard_app, serve_dashboard
 from hyperhive.web.edge import MAX_BODY
-from tests.hive import Hive
-from tests.web.pages import csrf_token, json_of, post_headers
+from tests.hive import Hive, hive_config, open_hive
+from tests.web.pages import csrf_token, json_of, open_http, post_headers
 
 XSS = '<img src=x onerror=alert(1)></script><script>alert(2)</script><a href="javascript:x">'
 
@@ -135,26 +137,19 @@ async def test_history_backfills_the_flow(hive: Hive, client: WebClient) -> None
     assert history["seq"] == history["events"][-1]["message"]["id"]
 
 
-async def test_stream_relays_hive_events(hive: Hive, client: WebClient) -> None:
-    token = await token_of(client)
+async def test_stream_relays_hive_events(hive: Hive, nursery: trio.Nursery) -> None:
+    port = await nursery.start(partial(serve_dashboard, host_socket=hive.sock, port=0))
     with trio.fail_after(10):
-        async with client.request("/dashboard/stream") as conn:
-            await conn.send_complete()
-            assert await conn.receive() == b": connected\n\n"
-            resp = await client.post(
-                "/op-send", json={"to": "hm1nd", "body": "live!"}, headers=post_headers(token)
-            )
-            assert resp.status_code == 200
-            buffer = b""
-            while b"live!" not in buffer:
-                buffer += await conn.receive()
-                print("got", buffer)
-            await conn.disconnect()
-    frame = next(f for f in buffer.split(b"\n\n") if b"live!" in f)
-    assert frame.startswith(b"data: {")
-    event = json_of(frame.removeprefix(b"data: "))
-    assert event["event"] == "message_sent"
+        async with open_http(port, "/dashboard/stream") as stream:
+            assert stream.status == 200
+            assert stream.headers["content-type"] == "text/event-stream"
+            assert await stream.frame() == b": connected"
+            await hive.call(wire.OperatorSend(to=MANAGER_NAME, body="live!"))
+            while (event := await stream.event())["event"] != "message_sent":
+                pass
+    assert event["message"]["from"] == "operator"
     assert event["message"]["to"] == "manager"
+    assert event["message"]["body"] == "live!"
 
 
 async def test_lifecycle_routes_report_daemon_errors(hive: Hive, client: WebClient) -> None:
@@ -190,3 +185,22 @@ async def test_spawn_then_purge_an_agent(hive: Hive, client: WebClient) -> None:
     assert resp.status_code == 200, await resp.get_data(as_text=True)
     state = json_of(await (await client.get("/api/state")).get_data(as_text=False))
     assert "bob" not in [a["name"] for a in state["agents"]]
+
+
+async def test_the_daemon_serves_its_own_dashboard(hive_root: Path) -> None:
+    cfg = hive_config(hive_root, dashboard_port=0)
+    async with open_hive(cfg) as hive:
+        port = hive.info.dashboard_port
+        assert port is not None and port > 0
+        with trio.fail_after(10):
+            async with open_http(port, "/api/state", host=f"localhost:{port}") as resp:
+                assert resp.status == 200
+                assert json_of(await resp.read_body()) == {
+                    "agents": [],
+                    "inbox": [],
+                    "manager_name": "hm1nd",
+                    "manager_recipient": "manager",
+                    "operator": "operator",
+                }
+            async with open_http(port, "/", host=f"evil.example:{port}") as resp:
+                assert resp.status == 421

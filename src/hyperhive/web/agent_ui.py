@@ -1,0 +1,217 @@
+"""An agent's own web UI: its live terminal, inbox and controls, served inside its container."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NoReturn, Protocol
+
+import msgspec
+import trio
+from quart import Response, render_template
+from quart_trio import QuartTrio
+
+from hyperhive.agent.bus import LiveBus
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once, open_client
+from hyperhive.protocol.errors import BadParams, HiveError
+from hyperhive.protocol.names import OPERATOR
+from hyperhive.web import security
+from hyperhive.web.edge import install_error_handlers, json_response, read_input, require_text
+from hyperhive.web.serving import serve_app
+from hyperhive.web.sse import sse_response, with_heartbeats
+
+INBOX_LIMIT = 30
+MAX_MODEL = 128
+
+
+class AgentControls(Protocol):
+    """What the harness lets its web UI steer."""
+
+    @property
+    def model(self) -> str: ...
+
+    def set_model(self, model: str) -> None: ...
+
+    def request_new_session(self) -> None: ...
+
+    async def cancel_turn(self) -> bool: ...
+
+    @property
+    def login_state(self) -> str:
+        """`"ok"` or `"needs_login"`."""
+        ...
+
+
+class AgentState(msgspec.Struct, frozen=True, kw_only=True):
+    label: str
+    role: str
+    model: str
+    turn_state: str
+    turn_state_since: float
+    login_state: str
+    inbox: list[wire.Message]
+    unread: int | None
+    dashboard_url: str | None
+    socket_error: str | None = None
+    """Why the inbox could not be read (the daemon is away); the rest is still live."""
+
+
+class EventHistory(msgspec.Struct, frozen=True):
+    seq: int
+    events: list[msgspec.Raw]
+
+
+class SendInput(msgspec.Struct, frozen=True):
+    body: str
+
+
+class ModelInput(msgspec.Struct, frozen=True):
+    model: str
+
+
+class Cancelled(wire.Reply, frozen=True, kw_only=True):
+    cancelled: bool
+
+
+class ModelSet(wire.Reply, frozen=True, kw_only=True):
+    model: str
+
+
+def check_model(model: str) -> str:
+    model = model.strip()
+    if not model:
+        raise BadParams("model is empty")
+    if len(model) > MAX_MODEL or not model.isprintable() or any(c.isspace() for c in model):
+        raise BadParams(f"model must be at most {MAX_MODEL} printable characters without spaces")
+    return model
+
+
+async def _receive_or_none(events: trio.MemoryReceiveChannel[bytes]) -> bytes | None:
+    try:
+        return await events.receive()
+    except (trio.EndOfChannel, trio.ClosedResourceError):
+        # The bus closed our channel: this viewer fell behind. Ending the response lets the
+        # browser reconnect and backfill from history instead of stalling everyone else.
+        return None
+
+
+def create_agent_app(
+    *,
+    label: str,
+    role: str,
+    bus: LiveBus,
+    socket_path: str,
+    controls: AgentControls,
+    dashboard_url: str | None = None,
+    allowed_hosts: Sequence[str] = (),
+) -> QuartTrio:
+    """The agent UI app: live state from `bus` and `controls`, inbox via `socket_path`."""
+    if dashboard_url is not None and not dashboard_url.startswith(("http://", "https://")):
+        raise ValueError(f"dashboard_url must be an http(s) URL, not {dashboard_url!r}")
+    app = QuartTrio(__name__, static_folder="static", template_folder="templates")
+    guard = security.install(app, allowed_hosts=allowed_hosts)
+    install_error_handlers(app)
+
+    @app.get("/")
+    async def index() -> str:
+        return await render_template(
+            "agent.html",
+            csrf_token=guard.csrf_token,
+            label=label,
+            role=role,
+            dashboard_url=dashboard_url or "",
+        )
+
+    @app.get("/api/state")
+    async def state() -> Response:
+        inbox: list[wire.Message] = []
+        unread: int | None = None
+        socket_error: str | None = None
+        try:
+            async with open_client(socket_path) as client:
+                recent = await client.call(wire.Recent(limit=INBOX_LIMIT), wire.Inbox)
+                status = await client.call(wire.Status(), wire.StatusReply)
+            inbox, unread = recent.messages, status.unread
+        except HiveError as err:
+            socket_error = err.message
+        snapshot = AgentState(
+            label=label,
+            role=role,
+            model=controls.model,
+            turn_state=bus.state,
+            turn_state_since=bus.state_since,
+            login_state=controls.login_state,
+            inbox=inbox,
+            unread=unread,
+            dashboard_url=dashboard_url,
+            socket_error=socket_error,
+        )
+        return json_response(snapshot)
+
+    @app.get("/events/history")
+    async def history() -> Response:
+        seq, events = await bus.backfill()
+        return json_response(EventHistory(seq=seq, events=[msgspec.Raw(e) for e in events]))
+
+    @app.get("/events/stream")
+    async def stream() -> Response:
+        events = bus.subscribe()
+
+        async def close() -> None:
+            await events.aclose()
+
+        return sse_response(with_heartbeats(lambda: _receive_or_none(events), close))
+
+    @app.post("/api/send")
+    async def send() -> Response:
+        form = await read_input(SendInput)
+        body = require_text(form.body, "message body")
+        reply = await call_once(socket_path, wire.Wake(sender=OPERATOR, body=body), wire.Sent)
+        return json_response(reply)
+
+    @app.post("/api/cancel")
+    async def cancel() -> Response:
+        return json_response(Cancelled(cancelled=await controls.cancel_turn()))
+
+    @app.post("/api/new-session")
+    async def new_session() -> Response:
+        controls.request_new_session()
+        return json_response(wire.Done())
+
+    @app.post("/api/model")
+    async def set_model() -> Response:
+        form = await read_input(ModelInput)
+        model = check_model(form.model)
+        try:
+            controls.set_model(model)
+        except ValueError as exc:
+            raise BadParams(str(exc)) from None
+        return json_response(ModelSet(model=controls.model))
+
+    return app
+
+
+async def serve_agent_ui(
+    *,
+    label: str,
+    role: str,
+    bus: LiveBus,
+    socket_path: str,
+    controls: AgentControls,
+    port: int,
+    bind: str = "127.0.0.1",
+    dashboard_url: str | None = None,
+    allowed_hosts: Sequence[str] = (),
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve the agent UI until cancelled; `task_status.started(port)` gives the bound port."""
+    app = create_agent_app(
+        label=label,
+        role=role,
+        bus=bus,
+        socket_path=socket_path,
+        controls=controls,
+        dashboard_url=dashboard_url,
+        allowed_hosts=(*allowed_hosts, bind),
+    )
+    await serve_app(app, bind=bind, port=port, name="agent-ui", task_status=task_status)

@@ -1,0 +1,434 @@
+// hyperhive · dashboard. State comes from /api/state and the /dashboard/stream event relay.
+"use strict";
+
+(() => {
+  const { el, post, getJSON, toast, whoClass, fmtTime } = Hive;
+
+  const MANAGER = "manager";
+  const MANAGER_NAME = "hm1nd";
+  const TRANSIENT = new Set(["spawning", "starting", "stopping", "restarting", "destroying"]);
+  const FLOW_LIMIT = 500;
+  const BODY_PREVIEW = 600;
+  const RECIPIENT_KEY = "hyperhive.recipient";
+
+  const agents = new Map(); // name → agent record (+ url)
+  const flowRows = new Map(); // message id → row element
+  const inboxIds = new Set();
+
+  const agentList = document.getElementById("agents");
+  const flow = Hive.terminal(
+    document.getElementById("flow"), document.getElementById("flow-pill"), FLOW_LIMIT,
+  );
+
+  // ------------------------------------------------------------------ naming
+  const display = (who) => (who === MANAGER ? MANAGER_NAME : who);
+  function nameSpan(who, className) {
+    const shown = display(who);
+    return el("span", `${className} ${whoClass(who === MANAGER_NAME ? MANAGER : who)}`, shown);
+  }
+
+  function agentUrl(agent) {
+    if (agent.url && /^https?:\/\//.test(agent.url)) return agent.url;
+    if (!agent.port) return null;
+    return `${location.protocol}//${location.hostname}:${agent.port}/`;
+  }
+
+  // ------------------------------------------------------------------ containers
+  function stateClass(state) {
+    if (TRANSIENT.has(state)) return "st-transient";
+    return `st-${state}`;
+  }
+
+  function actionButton(label, title, className, run) {
+    const b = el("button", `btn ${className || ""}`, label);
+    b.type = "button";
+    b.title = title;
+    b.addEventListener("click", async () => {
+      b.disabled = true;
+      try {
+        await run();
+      } catch (err) {
+        toast(err.message, "error");
+      } finally {
+        b.disabled = false;
+      }
+    });
+    return b;
+  }
+
+  function lifecycle(verb, name, data) {
+    return async () => {
+      await post(`/${verb}/${encodeURIComponent(name)}`, data);
+      toast(`${verb} ${name} ✓`, "ok");
+      refreshState();
+    };
+  }
+
+  function renderAgent(agent) {
+    const li = el("li", `agent ${stateClass(agent.state)}`);
+    li.dataset.name = agent.name;
+
+    const top = el("div", "line");
+    top.appendChild(el("span", "glyph", "◆"));
+    const url = agentUrl(agent);
+    if (url && agent.state !== "destroyed") {
+      const a = el("a", "name", agent.name);
+      a.href = url;
+      a.target = "_blank";
+      a.rel = "noopener noreferrer";
+      a.title = `open ${agent.name}'s UI`;
+      top.appendChild(a);
+    } else {
+      top.appendChild(el("span", "name", agent.name));
+    }
+    if (agent.role === "manager") top.appendChild(el("span", "chip role role-manager", "m1nd"));
+    if (TRANSIENT.has(agent.state)) {
+      top.appendChild(el("span", "pill transient", `${agent.state}…`));
+    } else {
+      top.appendChild(el("span", "state", agent.state));
+    }
+    if (agent.needs_login) top.appendChild(el("span", "badge login", "⚠ needs login"));
+    if (agent.unread > 0) top.appendChild(el("span", "badge unread", `✉ ${agent.unread} unread`));
+    if (agent.port) top.appendChild(el("span", "port", `:${agent.port}`));
+    li.appendChild(top);
+
+    const bottom = el("div", "line");
+    const meta = [agent.backend, agent.container];
+    if (agent.pid) meta.push(`pid ${agent.pid}`);
+    if (agent.restarts) meta.push(`↻ ${agent.restarts}`);
+    bottom.appendChild(el("span", "meta", meta.filter(Boolean).join(" · ")));
+    const actions = el("span", "actions");
+    const name = agent.name;
+    if (agent.state !== "destroyed") {
+      if (agent.state === "stopped" || agent.state === "crashed") {
+        actions.appendChild(actionButton("▶ start", `start ${name}`, "", lifecycle("start", name)));
+      } else {
+        actions.appendChild(actionButton("■ stop", `stop ${name}`, "", lifecycle("kill", name)));
+      }
+      actions.appendChild(
+        actionButton("↻ restart", `restart ${name}`, "btn-warn", lifecycle("restart", name)),
+      );
+    }
+    if (agent.role !== "manager") {
+      if (agent.state !== "destroyed") {
+        actions.appendChild(actionButton("DESTR0Y", `destroy ${name}, keep its state`,
+          "btn-danger", async () => {
+            if (!confirm(`DESTR0Y ${name}?\n\nThe container goes away; its state dir and ` +
+                         "claude login are kept.")) return;
+            await lifecycle("destroy", name, { purge: false })();
+          }));
+      }
+      actions.appendChild(actionButton("PURG3", `destroy ${name} and delete its state`,
+        "btn-danger", async () => {
+          if (!confirm(`PURG3 ${name}?\n\nThis deletes its state dir and credentials ` +
+                       "for good. There is no undo.")) return;
+          await lifecycle("destroy", name, { purge: true })();
+        }));
+    }
+    bottom.appendChild(actions);
+    li.appendChild(bottom);
+
+    if (agent.last_error) li.appendChild(el("div", "problem", `✗ ${agent.last_error}`));
+    if (agent.limits_note) li.appendChild(el("div", "limits", `! ${agent.limits_note}`));
+    return li;
+  }
+
+  function renderAgents() {
+    const sorted = [...agents.values()].sort((a, b) => {
+      if (a.role !== b.role) return a.role === "manager" ? -1 : 1;
+      return a.name.localeCompare(b.name);
+    });
+    agentList.replaceChildren(...sorted.map(renderAgent));
+    document.getElementById("agents-empty").hidden = sorted.length > 0;
+    const live = sorted.filter((a) => a.state !== "destroyed");
+    const running = live.filter((a) => a.state === "running").length;
+    document.getElementById("counts").textContent =
+      `${live.length} container${live.length === 1 ? "" : "s"} · ${running} running`;
+  }
+
+  // ------------------------------------------------------------------ operator inbox
+  const inboxList = document.getElementById("inbox");
+
+  function inboxItem(msg) {
+    const li = el("li");
+    const head = el("div", "head");
+    head.appendChild(el("span", "ts", fmtTime(msg.sent_at)));
+    head.appendChild(nameSpan(msg.from, "from"));
+    const reply = el("button", "reply", "↩ reply");
+    reply.type = "button";
+    reply.title = `reply to ${display(msg.from)}`;
+    reply.addEventListener("click", () => {
+      setRecipient(display(msg.from));
+      compose.focus();
+    });
+    head.appendChild(reply);
+    li.appendChild(head);
+    const body = el("div", "body");
+    Hive.longText(body, msg.body, BODY_PREVIEW);
+    li.appendChild(body);
+    return li;
+  }
+
+  function renderInbox(messages) {
+    inboxIds.clear();
+    const newest = [...messages].sort((a, b) => b.id - a.id);
+    newest.forEach((m) => inboxIds.add(m.id));
+    inboxList.replaceChildren(...newest.map(inboxItem));
+    updateInboxCount();
+  }
+
+  function addToInbox(msg) {
+    if (inboxIds.has(msg.id)) return;
+    inboxIds.add(msg.id);
+    inboxList.insertBefore(inboxItem(msg), inboxList.firstChild);
+    updateInboxCount();
+  }
+
+  function updateInboxCount() {
+    document.getElementById("inbox-empty").hidden = inboxIds.size > 0;
+    document.getElementById("inbox-count").textContent = inboxIds.size ? `(${inboxIds.size})` : "";
+  }
+
+  // ------------------------------------------------------------------ message flow
+  function flowRow(msg, fresh) {
+    const { row, content } = Hive.row(msg.sent_at, msg.broadcast ? "⌁" : "→",
+      `msg ${msg.state === "queued" ? "queued" : ""} ${fresh ? "fresh" : ""}`);
+    row.dataset.id = String(msg.id);
+    content.appendChild(nameSpan(msg.from, "from"));
+    content.appendChild(el("span", "arrow", " → "));
+    content.appendChild(nameSpan(msg.to, "to"));
+    content.appendChild(el("span", "colon", ":"));
+    Hive.longText(content, msg.body, BODY_PREVIEW);
+    const tick = el("span", "tick", msg.state === "queued" ? "·" : "✓");
+    tick.title = msg.state;
+    content.appendChild(tick);
+    return row;
+  }
+
+  function addMessage(msg, fresh) {
+    if (flowRows.has(msg.id)) return;
+    const row = flowRow(msg, fresh);
+    // Keep rows ordered by id: a backfill can arrive after newer live events.
+    let before = null;
+    for (const [id, other] of flowRows) {
+      if (id > msg.id && other.isConnected && (!before || id < Number(before.dataset.id))) {
+        before = other;
+      }
+    }
+    flowRows.set(msg.id, row);
+    flow.insert(row, before);
+    if (flowRows.size > FLOW_LIMIT * 2) {
+      for (const [id, other] of flowRows) if (!other.isConnected) flowRows.delete(id);
+    }
+    if (msg.to === "operator") addToInbox(msg);
+  }
+
+  function markDelivered(id) {
+    const row = flowRows.get(id);
+    if (!row) return;
+    row.classList.remove("queued");
+    const tick = row.querySelector(".tick");
+    if (tick) {
+      tick.textContent = "✓";
+      tick.title = "delivered";
+    }
+  }
+
+  function systemRow(text) {
+    const { row, content } = Hive.row(Date.now() / 1000, "!", "sys");
+    content.textContent = text;
+    flow.insert(row, null);
+  }
+
+  // ------------------------------------------------------------------ state & events
+  let refreshTimer = null;
+  async function refreshState() {
+    try {
+      const state = await getJSON("/api/state");
+      agents.clear();
+      for (const a of state.agents) agents.set(a.name, a);
+      renderAgents();
+      renderInbox(state.inbox);
+    } catch (err) {
+      toast(`state: ${err.message}`, "error");
+    }
+  }
+  function refreshSoon() {
+    clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(refreshState, 800);
+  }
+
+  async function backfill() {
+    try {
+      const history = await getJSON("/dashboard/history");
+      for (const ev of history.events) if (ev.message) addMessage(ev.message, false);
+      flow.toBottom();
+    } catch (err) {
+      toast(`history: ${err.message}`, "error");
+    }
+  }
+
+  function onEvent(ev) {
+    switch (ev.event) {
+      case "message_sent":
+        addMessage(ev.message, true);
+        refreshSoon(); // unread counts moved
+        break;
+      case "message_delivered":
+        markDelivered(ev.id);
+        refreshSoon();
+        break;
+      case "agent_changed": {
+        const old = agents.get(ev.agent.name);
+        agents.set(ev.agent.name, { ...ev.agent, url: old ? old.url : null });
+        renderAgents();
+        break;
+      }
+      case "agent_removed":
+        agents.delete(ev.name);
+        renderAgents();
+        break;
+      case "dropped":
+        systemRow(`event stream dropped (${ev.reason}); reconnecting…`);
+        break;
+      default:
+        break;
+    }
+  }
+
+  Hive.stream("/dashboard/stream", {
+    onOpen: () => {
+      Hive.setLink(true);
+      refreshState();
+      backfill();
+    },
+    onEvent,
+    onDown: () => Hive.setLink(false),
+  });
+
+  // ------------------------------------------------------------------ compose box
+  const compose = document.getElementById("compose");
+  const composeForm = document.getElementById("compose-form");
+  const promptSpan = document.getElementById("compose-prompt");
+  const completeList = document.getElementById("complete");
+  let recipient = localStorage.getItem(RECIPIENT_KEY) || MANAGER_NAME;
+  let choices = [];
+  let active = 0;
+
+  function setRecipient(name) {
+    recipient = name;
+    localStorage.setItem(RECIPIENT_KEY, name);
+    promptSpan.textContent = `@${name}>`;
+  }
+  setRecipient(recipient);
+
+  function candidates() {
+    const names = [...agents.values()].filter((a) => a.state !== "destroyed").map((a) => a.name);
+    return [...new Set([MANAGER_NAME, ...names])].sort();
+  }
+
+  function closeCompletion() {
+    choices = [];
+    completeList.hidden = true;
+  }
+
+  function renderCompletion() {
+    completeList.replaceChildren(...choices.map((name, i) => {
+      const li = el("li", i === active ? "active" : "", `@${name}`);
+      li.setAttribute("role", "option");
+      li.addEventListener("mousedown", (ev) => {
+        ev.preventDefault();
+        pick(name);
+      });
+      return li;
+    }));
+    completeList.hidden = choices.length === 0;
+  }
+
+  function pick(name) {
+    compose.value = `@${name} `;
+    closeCompletion();
+    compose.focus();
+  }
+
+  compose.addEventListener("input", () => {
+    const m = /^@([a-z0-9-]*)$/.exec(compose.value);
+    if (!m) {
+      closeCompletion();
+      return;
+    }
+    choices = candidates().filter((n) => n.startsWith(m[1]));
+    active = 0;
+    renderCompletion();
+  });
+
+  compose.addEventListener("keydown", (ev) => {
+    if (completeList.hidden || choices.length === 0) return;
+    if (ev.key === "ArrowDown" || ev.key === "ArrowUp") {
+      ev.preventDefault();
+      active = (active + (ev.key === "ArrowDown" ? 1 : choices.length - 1)) % choices.length;
+      renderCompletion();
+    } else if (ev.key === "Tab" || (ev.key === "Enter" && compose.value !== `@${choices[active]}`)) {
+      ev.preventDefault();
+      pick(choices[active]);
+    } else if (ev.key === "Escape") {
+      ev.preventDefault();
+      closeCompletion();
+    }
+  });
+  compose.addEventListener("blur", closeCompletion);
+
+  composeForm.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    closeCompletion();
+    const text = compose.value;
+    const m = /^@(\S+)(?:\s+([\s\S]*))?$/.exec(text.trim());
+    const to = m ? m[1] : recipient;
+    const body = m ? (m[2] || "") : text;
+    if (!body.trim()) {
+      if (m) {
+        setRecipient(to);
+        compose.value = "";
+      }
+      return;
+    }
+    compose.disabled = true;
+    try {
+      await post("/op-send", { to, body });
+      setRecipient(to);
+      compose.value = "";
+    } catch (err) {
+      toast(`send: ${err.message}`, "error");
+    } finally {
+      compose.disabled = false;
+      compose.focus();
+    }
+  });
+
+  // ------------------------------------------------------------------ spawn
+  const spawnForm = document.getElementById("spawn-form");
+  const spawnName = document.getElementById("spawn-name");
+  spawnForm.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const name = spawnName.value.trim();
+    if (!name) return;
+    const button = spawnForm.querySelector("button");
+    button.disabled = true;
+    try {
+      await post("/spawn", { name });
+      toast(`sp4wn ${name} ✓`, "ok");
+      spawnName.value = "";
+      refreshState();
+    } catch (err) {
+      toast(`spawn: ${err.message}`, "error");
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  // ------------------------------------------------------------------ clock
+  const clock = document.getElementById("clock");
+  const tick = () => { clock.textContent = fmtTime(Date.now() / 1000); };
+  tick();
+  setInterval(tick, 1000);
+})();
