@@ -31,6 +31,9 @@ def wake_prompt(msg: wire.Message, unread: int) -> str:
         f'from="{html.escape(msg.sender, quote=True)}" id="{msg.id}" '
         f'attempt="{msg.attempt}" redelivery="{str(msg.redelivery).lower()}"'
     )
+    if msg.origin and msg.origin != msg.sender:
+        attrs += f' via="{html.escape(msg.origin, quote=True)}"'
+
     body = msg.body.replace("</hive-message>", "</hive-message\u200b>")
     lines = [f"<hive-message {attrs}>", body, "</hive-message>"]
     if msg.sender == SYSTEM:

@@ -88,6 +88,10 @@ def _delivered_event(mid: int, to: str, seq: int) -> wire.HiveEvent:
     return wire.MessageDelivered(seq=seq, id=mid, to=to)
 
 
+def _leased_event(msg: wire.Message, seq: int) -> wire.HiveEvent:
+    return wire.MessageLeased(seq=seq, id=msg.id, to=msg.to, attempt=msg.attempt)
+
+
 # ----------------------------------------------------------------------------- broker
 
 Resolver = Callable[[str, str], list[str]]
@@ -299,6 +303,8 @@ class Broker:
         reader.claimed = False
         if msg is not None and msg.state == "delivered":
             self._hub.publish(partial(_delivered_event, msg.id, msg.to))
+        elif msg is not None and msg.state == "leased":
+            self._hub.publish(partial(_leased_event, msg))
         reader.done.set()
 
     def _park(self, reader: _Reader, *, front: bool = False) -> None:

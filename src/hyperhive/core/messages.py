@@ -10,15 +10,15 @@ from typing import Literal
 from hyperhive.protocol import wire
 from hyperhive.protocol.names import OPERATOR
 
-COLUMNS = "id, sender, recipient, body, sent_at, attempts, broadcast, state"
+COLUMNS = "id, sender, recipient, body, sent_at, attempts, broadcast, state, origin"
 
-Row = tuple[int, str, str, str, float, int, int, str]
+Row = tuple[int, str, str, str, float, int, int, str, str]
 
 DAY = 86400.0
 
 
 def to_message(row: Row, *, handed_out: bool = False) -> wire.Message:
-    mid, sender, recipient, body, sent_at, attempts, broadcast, state = row
+    mid, sender, recipient, body, sent_at, attempts, broadcast, state, origin = row
     return wire.Message(
         id=mid,
         sender=sender,
@@ -29,6 +29,7 @@ def to_message(row: Row, *, handed_out: bool = False) -> wire.Message:
         redelivery=handed_out and attempts > 1,
         broadcast=bool(broadcast),
         state=state,
+        origin=origin,
     )
 
 
@@ -149,7 +150,17 @@ def _insert(conn: sqlite3.Connection, op: Insert, now: float) -> None:
         )
         assert cur.lastrowid is not None
         op.rows.append(
-            (cur.lastrowid, op.sender, recipient, op.body, now, attempts, int(op.broadcast), state)
+            (
+                cur.lastrowid,
+                op.sender,
+                recipient,
+                op.body,
+                now,
+                attempts,
+                int(op.broadcast),
+                state,
+                op.origin,
+            )
         )
 
 
@@ -168,7 +179,7 @@ def _take(conn: sqlite3.Connection, op: Take, now: float) -> None:
                 " WHERE id = ?",
                 (f"no turn completed after {row[5]} attempts", row[0]),
             )
-            op.dead.append((*row[:7], "dead"))
+            op.dead.append((*row[:7], "dead", row[8]))
             continue
         state = "leased" if op.lease else "delivered"
         conn.execute(
@@ -176,7 +187,7 @@ def _take(conn: sqlite3.Connection, op: Take, now: float) -> None:
             " delivered_at = ? WHERE id = ?",
             (state, now, None if op.lease else now, row[0]),
         )
-        op.row = (*row[:5], row[5] + 1, row[6], state)
+        op.row = (*row[:5], row[5] + 1, row[6], state, row[8])
         return
 
 

@@ -39,6 +39,9 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
     redelivery: bool = False
     broadcast: bool = False
     state: str = "queued"
+    origin: str = ""
+    """The socket that accepted it (an agent, `operator`, `system`); differs from `from` only
+    for `wake` labels, which an agent may put into its own inbox."""
 
 
 class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -258,6 +261,14 @@ class MessageDelivered(HiveEvent, frozen=True, tag="message_delivered"):
     to: str
 
 
+class MessageLeased(HiveEvent, frozen=True, tag="message_leased"):
+    """A turn took the message: it is in flight until acked (or given back)."""
+
+    id: int
+    to: str
+    attempt: int
+
+
 class AgentChanged(HiveEvent, frozen=True, tag="agent_changed"):
     agent: AgentInfo
 
@@ -288,7 +299,7 @@ HostRequests = (
 )
 AgentRequests = Send | Recv | Ack | Nack | Status | Recent | Wake
 ManagerRequests = AgentRequests
-HiveEvents = MessageSent | MessageDelivered | AgentChanged | AgentRemoved | Dropped
+HiveEvents = MessageSent | MessageDelivered | MessageLeased | AgentChanged | AgentRemoved | Dropped
 
 HOST_COMMANDS = frozenset(t.__struct_config__.tag for t in HostRequests.__args__)
 AGENT_COMMANDS = frozenset(t.__struct_config__.tag for t in AgentRequests.__args__)
