@@ -37,6 +37,10 @@ MANAGER_DECODER: RequestDecoder[object] = RequestDecoder(
 
 DEMO_AGENT = "scout"
 
+HOST_MAX_CONNECTIONS = 256
+AGENT_MAX_CONNECTIONS = 64
+"""Per-socket connection caps: an agent socket has one container (and its tools) behind it."""
+
 
 @dataclass(frozen=True)
 class DaemonInfo:
@@ -122,7 +126,13 @@ async def run(
         if released:
             log.info("returned %d in-flight messages to their queues", released)
 
-        limits = SocketLimits(first_line_timeout=cfg.line_timeout, line_timeout=cfg.line_timeout)
+        host_limits = SocketLimits(
+            max_connections=HOST_MAX_CONNECTIONS,
+            first_line_timeout=cfg.line_timeout,
+            line_timeout=cfg.line_timeout,
+            send_timeout=cfg.line_timeout,
+        )
+        agent_limits = replace(host_limits, max_connections=AGENT_MAX_CONNECTIONS)
 
         def socket_factory(rec: AgentRecord, path: str) -> SocketServer[object]:
             decoder = MANAGER_DECODER if rec.role == "manager" else AGENT_DECODER
@@ -130,7 +140,7 @@ async def run(
                 path,
                 decoder,
                 AgentHandler(rec, broker, registry),
-                limits=limits,
+                limits=agent_limits,
                 name=f"{rec.name} agent",
             )
 
@@ -141,12 +151,12 @@ async def run(
             str(cfg.host_socket),
             HOST_DECODER,
             host,
-            limits=limits,
+            limits=host_limits,
             peer_check=require_uid(cfg.allowed_uids()),
             name="host",
         )
         await nursery.start(host_server.serve)
-        if cfg.demo and not any(r.role == "agent" for r in registry.all()):
+        if cfg.demo and cfg.start_manager and not any(r.role == "agent" for r in registry.all()):
             # The demo needs someone for the manager to talk to.
             await host.spawn(DEMO_AGENT)
         if cfg.start_manager:
