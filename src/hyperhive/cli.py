@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pass a variable to every agent's claude (repeatable), e.g. ANTHROPIC_BASE_URL",
     )
     serve.add_argument("--no-manager", action="store_true", help="do not create hm1nd")
+    serve.add_argument(
+        "--line-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a socket client may take over a line or a reply (default %(default)s)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     sub.add_parser("list", help="list agents")
@@ -76,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     recent = sub.add_parser("recent", help="show an inbox (operator, manager or an agent)")
     recent.add_argument("name", nargs="?", default="operator")
     recent.add_argument("--limit", type=int, default=20)
+    dead = sub.add_parser("dead-letters", help="messages no turn completed (kept, never dropped)")
+    dead.add_argument("--limit", type=int, default=100)
+    sub.add_parser("requeue", help="give a dead letter another round of attempts").add_argument(
+        "id", type=int
+    )
     return parser
 
 
@@ -97,6 +109,10 @@ def _request(args: argparse.Namespace) -> msgspec.Struct:
             return wire.OperatorSend(to=args.to, body=" ".join(args.body))
         case "recent":
             return wire.HostRecent(name=args.name, limit=args.limit)
+        case "dead-letters":
+            return wire.DeadLetters(limit=args.limit)
+        case "requeue":
+            return wire.Requeue(id=args.id)
     raise SystemExit(f"unknown command {args.command}")
 
 
@@ -128,6 +144,8 @@ def render(reply: wire.Reply) -> str:
             return "\n".join(
                 f"{_when(m.sent_at)}  #{m.id} {m.sender} → {m.to}: {m.body}" for m in messages
             )
+        case wire.Received(message=m):
+            return "(nothing)" if m is None else f"#{m.id} {m.sender} → {m.to}: {m.state}"
         case wire.Done():
             return "ok"
     return msgspec.json.encode(reply).decode()
@@ -155,6 +173,7 @@ def serve(args: argparse.Namespace) -> int:
         operator_pronouns=args.operator_pronouns,
         claude_bin=claude or "claude",
         crash_at=os.environ.get("HIVE_CRASH_AT") or None,
+        line_timeout=args.line_timeout,
     )
     if claude is None:
         print("hive-c0re: warning: no `claude` on PATH; agents cannot run turns", file=sys.stderr)
