@@ -128,6 +128,63 @@ def host(run_dir: Path, request: wire.HostRequest) -> None:
     trio.run(call_once, str(run_dir / "host.sock"), request)
 
 
+def bench_daemon(
+    root: Path, args: argparse.Namespace, floor: list[float], *, group_commit: bool
+) -> None:
+    run_dir, state = root / "run", root / "state"
+    mode = "group commit" if group_commit else "synchronous=FULL, one fsync per write"
+    print(f"-- daemon with {mode}")
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hyperhive.cli",
+            "--run-dir",
+            str(run_dir),
+            "serve",
+            "--state-dir",
+            str(state),
+            "--no-manager",
+            "--dashboard-port",
+            "-1",
+            "--log-level",
+            "WARNING",
+            *([] if group_commit else ["--no-group-commit"]),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert daemon.stdout is not None
+    daemon.stdout.readline()
+    try:
+        for name in ("pinga", "pongb", "sink"):
+            host(run_dir, wire.Spawn(name=name))
+            host(run_dir, wire.Kill(name=name))  # sockets stay; no container competes
+
+        def sock(name: str) -> str:
+            return str(run_dir / "agents" / name / "mcp.sock")
+
+        for name in ("pinga", "pongb"):  # drain the spawn notices
+            trio.run(call_once, sock(name), wire.Recv())
+        pong = child("ponger", sock("pongb"), str(args.rounds))
+        wait_ready(pong)
+        wake = result(child("pinger", sock("pinga"), str(args.rounds)))
+        pong.wait()
+        assert isinstance(wake, list)
+        p50, p99 = pct(wake, 0.5), pct(wake, 0.99)
+        print(
+            f"durable send->recv wake latency (one leg)       p50 {p50 * 1e3:.3f} ms"
+            f"   p99 {p99 * 1e3:.3f} ms   ({p50 / pct(floor, 0.5):.1f}x the floor p50)"
+        )
+        for senders in (1, 8, 64):
+            rate = result(child("flood", sock("pinga"), str(senders), str(args.messages)))
+            assert isinstance(rate, float)
+            print(f"durable throughput, {senders:>2} concurrent senders      {rate:,.0f} msg/s")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=2000)
@@ -165,53 +222,9 @@ def main() -> None:
             f"   p99 {pct(floor, 0.99) * 1e3:.3f} ms"
         )
 
-        # 2. and 3. against a real daemon
-        run_dir, state = root / "run", root / "state"
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hyperhive.cli",
-                "--run-dir",
-                str(run_dir),
-                "serve",
-                "--state-dir",
-                str(state),
-                "--no-manager",
-                "--dashboard-port",
-                "-1",
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert daemon.stdout is not None
-        daemon.stdout.readline()
-        for name in ("pinga", "pongb", "sink"):
-            host(run_dir, wire.Spawn(name=name))
-            host(run_dir, wire.Kill(name=name))  # sockets stay; no container competes
-        for name in ("pinga", "pongb"):  # drain the spawn notices
-            trio.run(call_once, str(run_dir / "agents" / name / "mcp.sock"), wire.Recv())
-
-        def sock(name: str) -> str:
-            return str(run_dir / "agents" / name / "mcp.sock")
-
-        pong = child("ponger", sock("pongb"), str(args.rounds))
-        wait_ready(pong)
-        wake = result(child("pinger", sock("pinga"), str(args.rounds)))
-        pong.wait()
-        assert isinstance(wake, list)
-        p50, p99 = pct(wake, 0.5), pct(wake, 0.99)
-        print(
-            f"durable send→recv wake latency (one leg)       p50 {p50 * 1e3:.3f} ms"
-            f"   p99 {p99 * 1e3:.3f} ms   ({p50 / pct(floor, 0.5):.1f}x the floor p50)"
-        )
-        for senders in (1, 8, 64):
-            rate = result(child("flood", sock("pinga"), str(senders), str(args.messages)))
-            print(f"durable throughput, {senders:>2} concurrent senders      {rate:,.0f} msg/s")
-        daemon.terminate()
-        daemon.wait(timeout=30)
+        # 2. and 3. against a real daemon, with group commit and with one fsync per write
+        for group in (True, False):
+            bench_daemon(root / ("gc" if group else "full"), args, floor, group_commit=group)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

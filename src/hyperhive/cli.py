@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a socket client may take over a line or a reply (default %(default)s)",
     )
+    serve.add_argument(
+        "--no-group-commit",
+        action="store_true",
+        help="one fsync per write instead of per batch (for benchmarks)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     sub.add_parser("list", help="list agents")
@@ -174,6 +179,7 @@ def serve(args: argparse.Namespace) -> int:
         claude_bin=claude or "claude",
         crash_at=os.environ.get("HIVE_CRASH_AT") or None,
         line_timeout=args.line_timeout,
+        group_commit=not args.no_group_commit,
     )
     if claude is None:
         print("hive-c0re: warning: no `claude` on PATH; agents cannot run turns", file=sys.stderr)
