@@ -1,0 +1,104 @@
+"""`agent.toml`: the backend-neutral settings of one agent, validated before anything is built."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from typing import Annotated
+
+import msgspec
+
+from hyperhive.protocol.errors import BadParams
+
+AGENT_TOML = "agent.toml"
+
+_SIZE = r"^[1-9][0-9]*[KMGT]?$"
+_PERCENT = r"^[1-9][0-9]*%$"
+_ENV_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_SERVER = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+
+EnvKey = Annotated[str, msgspec.Meta(pattern=_ENV_KEY, max_length=128)]
+
+
+class McpServer(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """An extra stdio MCP server claude starts inside the container."""
+
+    command: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    args: list[Annotated[str, msgspec.Meta(max_length=4096)]] = []
+    env: dict[EnvKey, Annotated[str, msgspec.Meta(max_length=65536)]] = {}
+    allowed_tools: list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]] = []
+    """Tool names to allow (without the `mcp__<server>__` prefix); empty allows all of them."""
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    memory_max: Annotated[str, msgspec.Meta(pattern=_SIZE)] | None = None
+    """e.g. "4G"; systemd MemoryMax syntax."""
+    cpu_quota: Annotated[str, msgspec.Meta(pattern=_PERCENT)] | None = None
+    """e.g. "200%" = two cores; systemd CPUQuota syntax."""
+
+
+class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,100}$")] | None = None
+    allowed_recipients: list[Annotated[str, msgspec.Meta(min_length=1, max_length=16)]] = []
+    """Who `send` may reach besides the manager; empty = anyone."""
+    extra_mcp_servers: dict[Annotated[str, msgspec.Meta(pattern=_SERVER)], McpServer] = {}
+    env: dict[EnvKey, Annotated[str, msgspec.Meta(max_length=65536)]] = {}
+    limits: Limits = Limits()
+    private_network: bool = False
+
+
+DEFAULT_TOML = """\
+# Settings of this agent, written once and read by every backend (and by agent.nix on NixOS).
+# Unknown keys are refused. Changes go through the manager and the operator's approval.
+
+# model = "sonnet"              # claude model for this agent's turns
+# allowed_recipients = []       # whom `send` may reach besides the manager (empty: anyone)
+# private_network = false       # true: no network at all inside the container
+
+[limits]
+# memory_max = "4G"             # systemd MemoryMax syntax
+# cpu_quota = "200%"            # systemd CPUQuota syntax (200% = two cores)
+
+[env]
+# EXAMPLE = "value"             # extra environment for the agent's claude
+
+# [extra_mcp_servers.search]
+# command = "/run/current-system/sw/bin/mcp-search"
+# args = []
+# allowed_tools = ["query"]
+"""
+
+_LOCATION = re.compile(r"at `\$\.([^`]*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+
+
+def parse(text: str, *, source: str = AGENT_TOML) -> AgentConfig:
+    """Validate agent.toml; errors name the file, the line (when known) and the key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadParams(f"{source}: {exc}") from None
+    try:
+        return msgspec.convert(raw, AgentConfig)
+    except msgspec.ValidationError as exc:
+        raise BadParams(f"{source}: {_with_line(str(exc), text)}") from None
+
+
+def _with_line(message: str, text: str) -> str:
+    """Point a validation error at the line of the key it names."""
+    unknown = _UNKNOWN.search(message)
+    match = _LOCATION.search(message)
+    if unknown is not None:
+        key = unknown.group(1)
+    elif match is not None:
+        path = [p for p in re.split(r"[.\[\]]", match.group(1)) if p and not p.isdigit()]
+        if not path:
+            return message
+        key = path[-1]
+    else:
+        return message
+    pattern = re.compile(rf"^\s*(\[[^\]]*\b{re.escape(key)}\b[^\]]*\]|\"?{re.escape(key)}\"?\s*=)")
+    for n, line in enumerate(text.splitlines(), 1):
+        if pattern.search(line):
+            return f"line {n}: {message}"
+    return message
