@@ -14,6 +14,8 @@ from typing import Protocol
 
 import trio
 
+from hyperhive.core.agent_config import AgentConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -36,20 +38,44 @@ class ContainerSpec:
     command: tuple[str, ...]
     log_path: Path
     workdir: str = "/state"
-    private_network: bool = False
-    memory_max: str | None = None
-    cpu_quota: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    """The agent's web UI port."""
+    config: AgentConfig = field(default_factory=AgentConfig)
+    """The applied agent.toml (limits, private network, env, ...)."""
+    config_dir: Path | None = None
+    """The applied config repo (agent.toml, agent.nix) the container is built from."""
+
+    @property
+    def private_network(self) -> bool:
+        return self.config.private_network
 
 
 OnStarted = Callable[[int], None]
 
 
 class Backend(Protocol):
+    """One container technology. The supervisor calls these; `run` is the container's life."""
+
     name: str
 
-    def argv(self, spec: ContainerSpec) -> list[str]:
-        """The exact command line that runs this container in the foreground."""
+    def limits_note(self, spec: ContainerSpec) -> str | None:
+        """What of spec.config.limits this backend cannot enforce here (None: all of it)."""
+        ...
+
+    async def create(self, spec: ContainerSpec) -> None:
+        """Make the container exist (idempotent): files, images, units."""
+        ...
+
+    async def rebuild(self, spec: ContainerSpec) -> None:
+        """Re-apply the agent's config to the container (the next `run` uses it)."""
+        ...
+
+    async def destroy(self, spec: ContainerSpec) -> None:
+        """Remove what `create` made (the agent's state is the supervisor's business)."""
+        ...
+
+    async def logs(self, spec: ContainerSpec, lines: int) -> list[str]:
+        """The container's most recent log lines."""
         ...
 
     async def run(self, spec: ContainerSpec, *, grace: float, on_started: OnStarted) -> int:
@@ -156,3 +182,15 @@ async def reap_stale(pidfile: Path) -> None:
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
+
+
+def tail_lines(path: Path, lines: int, *, max_bytes: int = 1 << 20) -> list[str]:
+    """The last `lines` lines of a log file (reading at most max_bytes from its end)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-lines:] if lines > 0 else []

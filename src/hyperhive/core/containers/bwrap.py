@@ -7,8 +7,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import trio
+
 import hyperhive
-from hyperhive.core.containers.base import ContainerSpec, OnStarted, run_process_group
+from hyperhive.core.containers.base import ContainerSpec, OnStarted, run_process_group, tail_lines
 
 _MASKED = ("/tmp", "/run", "/root")
 """Host directories replaced by an empty tmpfs inside the container."""
@@ -87,6 +89,24 @@ class BwrapBackend:
             args += ["--ro-bind" if bind.read_only else "--bind", str(bind.source), bind.dest]
         args += ["--chdir", spec.workdir, "--", *spec.command]
         return args
+
+    def limits_note(self, spec: ContainerSpec) -> str | None:
+        limits = spec.config.limits
+        if limits.memory_max or limits.cpu_quota:
+            return "bubblewrap cannot enforce memory_max/cpu_quota here (no cgroup delegation)"
+        return None
+
+    async def create(self, spec: ContainerSpec) -> None:
+        """Nothing to build: the container is the host's root, read-only, plus binds."""
+
+    async def rebuild(self, spec: ContainerSpec) -> None:
+        """Nothing to rebuild: the next start reads the applied config."""
+
+    async def destroy(self, spec: ContainerSpec) -> None:
+        """Nothing to remove beyond the agent's own state."""
+
+    async def logs(self, spec: ContainerSpec, lines: int) -> list[str]:
+        return await trio.to_thread.run_sync(tail_lines, spec.log_path, lines)
 
     async def run(self, spec: ContainerSpec, *, grace: float, on_started: OnStarted) -> int:
         return await run_process_group(
