@@ -247,6 +247,12 @@ class Broker:
         self.batched_ops += len(batch)
         requeued: set[str] = set()
         for pending in batch:
+            if pending.op.failed is not None:
+                log.warning(
+                    "broker operation %s failed: %s", type(pending.op).__name__, pending.op.failed
+                )
+                self._fail(pending, Internal(pending.op.failed))
+                continue
             self._complete(pending, requeued)
             pending.done.set()
         for recipient in requeued:

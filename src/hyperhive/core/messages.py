@@ -39,8 +39,14 @@ def to_message(row: Row, *, handed_out: bool = False) -> wire.Message:
 Handoff = Literal["leased", "delivered"] | None
 
 
+@dataclass(kw_only=True)
+class _Op:
+    failed: str | None = None
+    """Set when this op failed (and was rolled back on its own)."""
+
+
 @dataclass
-class Insert:
+class Insert(_Op):
     sender: str
     recipients: list[str]
     body: str
@@ -52,7 +58,7 @@ class Insert:
 
 
 @dataclass
-class Take:
+class Take(_Op):
     recipient: str
     lease: bool
     max_attempts: int
@@ -61,7 +67,7 @@ class Take:
 
 
 @dataclass
-class Ack:
+class Ack(_Op):
     recipient: str
     id: int
     attempt: int
@@ -70,7 +76,7 @@ class Ack:
 
 
 @dataclass
-class Nack:
+class Nack(_Op):
     """Give a lease back: the turn failed. `count=False` when it was not the message's fault."""
 
     recipient: str
@@ -83,7 +89,7 @@ class Nack:
 
 
 @dataclass
-class Release:
+class Release(_Op):
     """Return in-flight messages to the queue (their reader is gone); one inbox, one id or all."""
 
     recipient: str | None
@@ -93,7 +99,7 @@ class Release:
 
 
 @dataclass
-class Requeue:
+class Requeue(_Op):
     """The operator gives a dead letter another chance."""
 
     id: int
@@ -101,7 +107,7 @@ class Requeue:
 
 
 @dataclass
-class Vacuum:
+class Vacuum(_Op):
     older_than_days: float
     deleted: int = 0
 
@@ -118,7 +124,15 @@ def execute(conn: sqlite3.Connection, ops: list[Op]) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         for op in ops:
-            _step(conn, op, now)
+            # Each op in its own savepoint: one that fails is rolled back and reported alone,
+            # never taking the rest of the batch (other clients' sends) with it.
+            conn.execute("SAVEPOINT op")
+            try:
+                _step(conn, op, now)
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK TO op")
+                op.failed = str(exc)
+            conn.execute("RELEASE op")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -96,7 +96,7 @@ class SocketServer(Generic[Req]):
         await trio.to_thread.run_sync(_unlink_stale, self.path)
         await sock.bind(self.path)
         os.chmod(self.path, self.mode)
-        sock.listen(128)
+        sock.listen(4096)  # the kernel caps it at net.core.somaxconn
         listener = trio.SocketListener(sock)
         try:
             async with trio.open_nursery() as nursery:

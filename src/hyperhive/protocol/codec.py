@@ -60,13 +60,15 @@ class RequestDecoder(Generic[T]):
             return self._decoder.decode(stripped)
         except msgspec.DecodeError as exc:
             raise self._explain(stripped, exc) from None
+        except RecursionError:
+            raise ParseError("JSON is nested too deeply") from None
 
     def _explain(self, text: str, exc: msgspec.DecodeError) -> HiveError:
         if not isinstance(exc, msgspec.ValidationError):
             return ParseError(f"malformed JSON: {exc}")
         try:
             probe = _probe.decode(text)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             return InvalidRequest('a request must be a JSON object with a "cmd" field')
         cmd = probe.cmd
         if cmd is None:

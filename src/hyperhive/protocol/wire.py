@@ -6,11 +6,16 @@ Unknown fields are ignored on the wire so that newer clients keep working with o
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 # --------------------------------------------------------------------------- shared records
+
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""What sqlite can store: a larger number names no message, so it is refused at the edge."""
+Limit = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+Wait = Annotated[float, msgspec.Meta(ge=0, le=86_400)]
 
 AgentRole = Literal["agent", "manager"]
 ContainerState = Literal[
@@ -107,25 +112,25 @@ class HostRecent(HostRequest, frozen=True, tag="recent"):
     """The last messages of one inbox (`operator` is the dashboard's)."""
 
     name: str
-    limit: int = 50
+    limit: Limit = 50
 
 
 class Flow(HostRequest, frozen=True, tag="flow"):
     """The last messages across the whole hive, oldest first (dashboard backfill)."""
 
-    limit: int = 200
+    limit: Limit = 200
 
 
 class DeadLetters(HostRequest, frozen=True, tag="dead_letters"):
     """Messages no turn completed after the attempt limit: kept, never dropped."""
 
-    limit: int = 100
+    limit: Limit = 100
 
 
 class Requeue(HostRequest, frozen=True, tag="requeue"):
     """Give a dead letter another round of attempts."""
 
-    id: int
+    id: Int64
 
 
 class Subscribe(HostRequest, frozen=True, tag="subscribe"):
@@ -140,7 +145,7 @@ class Send(AgentRequest, frozen=True, tag="send"):
 class Recv(AgentRequest, frozen=True, tag="recv"):
     """Pop the next message. `wait_seconds` absent or 0 peeks; > 0 parks up to 180 s."""
 
-    wait_seconds: float | None = None
+    wait_seconds: Wait | None = None
     lease: bool = False
     """With a lease the message stays in flight until `ack`; without, it is delivered at once."""
 
@@ -148,8 +153,8 @@ class Recv(AgentRequest, frozen=True, tag="recv"):
 class Ack(AgentRequest, frozen=True, tag="ack"):
     """Acknowledge a leased message once the turn that consumed it completed."""
 
-    id: int
-    attempt: int
+    id: Int64
+    attempt: Int64
 
 
 class Nack(AgentRequest, frozen=True, tag="nack"):
@@ -159,8 +164,8 @@ class Nack(AgentRequest, frozen=True, tag="nack"):
     login expired): the attempt is not counted towards dead-lettering.
     """
 
-    id: int
-    attempt: int
+    id: Int64
+    attempt: Int64
     error: str = ""
     count: bool = True
 
@@ -170,7 +175,7 @@ class Status(AgentRequest, frozen=True, tag="status"):
 
 
 class Recent(AgentRequest, frozen=True, tag="recent"):
-    limit: int = 30
+    limit: Limit = 30
 
 
 class Wake(AgentRequest, frozen=True, tag="wake"):
