@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar, overload
 
 import trio
 
@@ -16,6 +17,8 @@ from hyperhive.core.config import DaemonConfig
 from hyperhive.core.daemon import DaemonInfo, run
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, call_once, open_client
+
+R = TypeVar("R", bound=wire.Reply)
 
 
 def short_tmpdir() -> Path:
@@ -51,6 +54,12 @@ class Hive:
     @property
     def sock(self) -> str:
         return self.info.host_socket
+
+    @overload
+    async def call(self, request: wire.HostRequest, reply: type[R]) -> R: ...
+
+    @overload
+    async def call(self, request: wire.HostRequest, reply: None = None) -> wire.Reply: ...
 
     async def call(
         self, request: wire.HostRequest, reply: type[wire.Reply] | None = None

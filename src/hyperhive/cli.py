@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="run against the bundled scripted model")
     serve.add_argument("--dashboard-port", type=int, default=7000)
     serve.add_argument("--bind", default="127.0.0.1")
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the dashboard and agent UIs answer to when bound beyond loopback"
+        " (repeatable)",
+    )
     serve.add_argument("--ui-port-base", type=int, default=8000)
     serve.add_argument("--model", default="haiku")
     serve.add_argument("--operator-pronouns", default="she/her")
@@ -71,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="INFO")
 
+    sub.add_parser("url", help="print the dashboard's login URL (it carries the login token)")
     sub.add_parser("list", help="list agents")
     for verb, text in (
         ("spawn", "create and start an agent (no approval)"),
@@ -170,6 +179,7 @@ def serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         demo=args.demo,
         bind=args.bind,
+        allowed_hosts=tuple(args.allowed_host),
         dashboard_port=args.dashboard_port,
         ui_port_base=args.ui_port_base,
         start_manager=not args.no_manager,
@@ -187,10 +197,35 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def login_url(args: argparse.Namespace) -> int:
+    """`hive-c0re url`: the login URL the running daemon wrote next to host.sock."""
+    from hyperhive.core.config import DaemonConfig
+
+    path = DaemonConfig(run_dir=Path(args.run_dir)).dashboard_url_path
+    try:
+        url = path.read_text("ascii").strip()
+    except FileNotFoundError:
+        print(
+            f"hive-c0re: no {path}: is `hive-c0re serve` running, with a dashboard?",
+            file=sys.stderr,
+        )
+        return 1
+    except PermissionError:
+        print(f"hive-c0re: cannot read {path}: run this as the daemon's user", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"hive-c0re: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode({"url": url}).decode() if args.json else url)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "url":
+        return login_url(args)
     sock = str(Path(args.run_dir) / "host.sock")
     try:
         reply: wire.Reply = trio.run(call_once, sock, _request(args))

@@ -1,4 +1,4 @@
-"""Helpers for web tests: a page's CSRF token, same-origin headers, raw HTTP and SSE readers."""
+"""Helpers for web tests: logging in, a page's CSRF token, same-origin headers, raw HTTP, SSE."""
 
 from __future__ import annotations
 
@@ -9,8 +9,43 @@ from typing import Any
 
 import msgspec
 import trio
+from quart import Quart, Response
+from quart.typing import TestHTTPConnectionProtocol, TestWebsocketConnectionProtocol
+from quart_trio.testing import TrioClient
+from werkzeug.datastructures import Headers
 
 _META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+def login(token: str) -> dict[str, str]:
+    """The header the page's JS sends with every request once it has the login token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+class LoggedInClient(TrioClient):
+    """Quart's test client, logged in: each request carries the token unless it sets its own
+    `Authorization` (tests of refusals use a plain `app.test_client()` or pass another)."""
+
+    def __init__(self, app: Quart, token: str) -> None:
+        super().__init__(app)
+        self.token = token
+
+    def _login(self, headers: Any) -> Headers:
+        merged = Headers(headers or {})
+        merged.setdefault("Authorization", f"Bearer {self.token}")
+        return merged
+
+    async def open(self, path: str, **kwargs: Any) -> Response:
+        kwargs["headers"] = self._login(kwargs.get("headers"))
+        return await super().open(path, **kwargs)
+
+    def request(self, path: str, **kwargs: Any) -> TestHTTPConnectionProtocol:
+        kwargs["headers"] = self._login(kwargs.get("headers"))
+        return super().request(path, **kwargs)
+
+    def websocket(self, path: str, **kwargs: Any) -> TestWebsocketConnectionProtocol:
+        kwargs["headers"] = self._login(kwargs.get("headers"))
+        return super().websocket(path, **kwargs)
 
 
 def csrf_token(html: str) -> str:

@@ -10,7 +10,6 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
-from quart.typing import TestClientProtocol as WebClient
 from quart_trio import QuartTrio
 
 from hyperhive.agent.bus import LiveBus, Note, TurnStart, open_history
@@ -19,7 +18,9 @@ from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.agent_ui import AgentControls, create_agent_app, serve_agent_ui
 from tests.hive import Hive
-from tests.web.pages import csrf_token, json_of, open_http, post_headers
+from tests.web.pages import LoggedInClient, csrf_token, json_of, open_http, post_headers
+
+LOGIN = "the-agent-ui-login-token-of-this-test-0123"
 
 
 @dataclass
@@ -56,7 +57,7 @@ def _controls_fit_the_protocol(controls: Controls) -> AgentControls:
 @dataclass
 class AgentUi:
     app: QuartTrio
-    client: WebClient
+    client: LoggedInClient
     bus: LiveBus
     controls: Controls
     socket: str
@@ -66,6 +67,7 @@ class AgentUi:
 
 
 def make_ui(hive: Hive, bus: LiveBus, **kwargs: object) -> AgentUi:
+    """The manager's UI, and a client logged in to it (the token the daemon would give it)."""
     controls = Controls()
     socket = hive.agent_sock(MANAGER_NAME)
     app = create_agent_app(
@@ -74,10 +76,11 @@ def make_ui(hive: Hive, bus: LiveBus, **kwargs: object) -> AgentUi:
         bus=bus,
         socket_path=socket,
         controls=_controls_fit_the_protocol(controls),
+        login_token=LOGIN,
         dashboard_url="http://localhost:7000/",
         **kwargs,  # type: ignore[arg-type]
     )
-    return AgentUi(app, app.test_client(), bus, controls, socket)
+    return AgentUi(app, LoggedInClient(app, LOGIN), bus, controls, socket)
 
 
 @pytest.fixture
@@ -102,15 +105,17 @@ async def state_of(ui: AgentUi) -> dict[str, object]:
 
 
 async def test_page_shell(ui: AgentUi) -> None:
-    resp = await ui.client.get("/")
+    resp = await ui.app.test_client().get("/")  # not logged in: the shell is public
     html = await resp.get_data(as_text=True)
     assert resp.status_code == 200
+    assert LOGIN not in html
     assert 'href="http://localhost:7000/"' in html
+    assert 'id="login-wall"' in html
     assert 'id="live"' in html and 'id="prompt"' in html
     assert "<script>" not in html and "style=" not in html
     assert resp.headers["Content-Security-Policy"].startswith("default-src 'self'")
     for asset in ("/static/agent.js", "/static/hive.js", "/static/hive.css"):
-        assert (await ui.client.get(asset)).status_code == 200
+        assert (await ui.app.test_client().get(asset)).status_code == 200
 
 
 async def test_label_is_escaped_and_dashboard_url_must_be_http(hive: Hive) -> None:
@@ -120,6 +125,7 @@ async def test_label_is_escaped_and_dashboard_url_must_be_http(hive: Hive) -> No
         bus=LiveBus(),
         socket_path=hive.agent_sock(MANAGER_NAME),
         controls=Controls(),
+        login_token=LOGIN,
     )
     html = await (await app.test_client().get("/")).get_data(as_text=True)
     assert "<img" not in html and "&lt;img src=x" in html
@@ -130,7 +136,17 @@ async def test_label_is_escaped_and_dashboard_url_must_be_http(hive: Hive) -> No
             bus=LiveBus(),
             socket_path="/nonexistent",
             controls=Controls(),
+            login_token=LOGIN,
             dashboard_url="javascript:alert(1)",
+        )
+    with pytest.raises(ValueError, match="login token"):
+        create_agent_app(
+            label="x",
+            role="agent",
+            bus=LiveBus(),
+            socket_path="/nonexistent",
+            controls=Controls(),
+            login_token="",
         )
 
 
@@ -138,6 +154,7 @@ async def test_state_reports_turn_model_login_and_inbox(hive: Hive, ui: AgentUi)
     await hive.call(wire.OperatorSend(to=MANAGER_NAME, body="<b>for the manager</b>"))
     await ui.bus.set_state("thinking")
     state = await state_of(ui)
+    assert LOGIN not in msgspec.json.encode(state).decode()
     assert state["label"] == MANAGER_NAME
     assert state["role"] == "manager"
     assert state["model"] == "haiku"
@@ -158,8 +175,9 @@ async def test_state_survives_a_missing_daemon(hive: Hive, hive_root: Path) -> N
         bus=LiveBus(),
         socket_path=str(hive_root / "gone.sock"),
         controls=Controls(login_state="needs_login"),
+        login_token=LOGIN,
     )
-    resp = await app.test_client().get("/api/state")
+    resp = await LoggedInClient(app, LOGIN).get("/api/state")
     assert resp.status_code == 200
     state = json_of(await resp.get_data(as_text=False))
     assert state["login_state"] == "needs_login"
@@ -192,11 +210,12 @@ async def test_stream_delivers_bus_events(hive: Hive, nursery: trio.Nursery) -> 
             bus=bus,
             socket_path=hive.agent_sock(MANAGER_NAME),
             controls=Controls(),
+            login_token=LOGIN,
             port=0,
         )
     )
     with trio.fail_after(10):
-        async with open_http(port, "/events/stream") as stream:
+        async with open_http(port, f"/events/stream?token={LOGIN}") as stream:
             assert stream.headers["content-type"] == "text/event-stream"
             assert await stream.frame() == b": connected"
             await bus.emit(TurnStart(sender="operator", body="wake up", unread=1))

@@ -1,21 +1,27 @@
-"""The dashboard in a real Chromium: renders the hive, and the compose box sends as operator."""
+"""The web UIs in a real Chromium: logging in with the `#token=` URL, the dashboard rendering the
+hive and sending as operator, and an agent's page reached through the dashboard's link."""
 
 from __future__ import annotations
 
 import os
+import socket
 from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import pytest
 import trio
 
 from hyperhive.agent.bus import LiveBus, LiveEvent, Note, Stream, TurnEnd, TurnStart
+from hyperhive.core.tokens import LoginTokens, login_url
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.agent_ui import serve_agent_ui
 from hyperhive.web.dashboard import serve_dashboard
-from tests.hive import Hive
+from tests.hive import Hive, hive_config, open_hive
 from tests.web.test_agent_ui import Controls
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,7 +36,9 @@ CHROMIUM_FLAGS = [
 ]
 SCREENSHOT = "/tmp/dashboard.png"
 AGENT_SCREENSHOT = "/tmp/agent-ui.png"
+LOGGED_OUT_SCREENSHOT = "/tmp/dashboard-logged-out.png"
 BODY = "hello from the browser"
+TOKEN_KEY = "hyperhive.token"
 
 pytestmark = [
     pytest.mark.browser,
@@ -38,21 +46,48 @@ pytestmark = [
 ]
 
 
-def drive(url: str) -> list[str]:
+def drive(port: int, tokens: LoginTokens) -> list[str]:
     """Runs in a worker thread (Playwright's sync API); returns the page's console errors."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import Page, expect, sync_playwright
 
+    address = f"http://127.0.0.1:{port}/"
     errors: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 960})
+            # Anyone who finds the port gets the shell and nothing else; the page, knowing it
+            # has no token, does not even ask.
+            stranger = browser.new_page()
+            asked: list[str] = []
+            stranger.on("request", lambda r: asked.append(urlsplit(r.url).path))
+            stranger.goto(address)
+            expect_logged_out(stranger)
+            stranger.screenshot(path=LOGGED_OUT_SCREENSHOT)
+            assert asked and all(p == "/" or p.startswith("/static/") for p in asked), asked
+            # A stale or forged token is refused, and the page says what to do.
+            forger = browser.new_page()
+            forger.goto(f"{address}#token={tokens.agent(MANAGER_NAME)}")
+            expect_logged_out(forger)
+
+            # The operator opens the URL hive-c0re printed, in a fresh tab.
+            context = browser.new_context(viewport={"width": 1440, "height": 960})
+            page: Page = context.new_page()
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url)
+            page.goto(login_url("127.0.0.1", port, tokens.dashboard))
+            # The token leaves the address bar (and so history and bookmarks) at once...
+            expect(page).to_have_url(address)
+            assert page.evaluate(f"localStorage.getItem('{TOKEN_KEY}')") == tokens.dashboard
+            expect(page.locator("#login-wall")).to_be_hidden()
+            # ...and the login survives a reload.
+            page.reload()
             agents = page.locator("#agents")
             expect(agents.get_by_text(MANAGER_NAME, exact=True)).to_be_visible(timeout=15_000)
             expect(page.locator("#link")).to_have_text("● l1nk up", timeout=15_000)
+            # The manager's link logs in to its UI with its own token, not the dashboard's.
+            href = agents.get_by_role("link", name=MANAGER_NAME).get_attribute("href")
+            assert href is not None
+            assert href.endswith(f"/#token={tokens.agent(MANAGER_NAME)}")
 
             compose = page.locator("#compose")
             compose.click()
@@ -74,13 +109,34 @@ def drive(url: str) -> list[str]:
     return errors
 
 
-async def test_compose_box_sends_as_operator(hive: Hive, nursery: trio.Nursery) -> None:
+def expect_logged_out(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    wall = page.locator("#login-wall")
+    expect(wall).to_be_visible(timeout=15_000)
+    expect(wall).to_contain_text("hive-c0re url")
+    expect(page.locator("#link")).to_have_text("○ n0t l0gged 1n")
+    expect(page.locator("main")).to_be_hidden()
+    assert page.evaluate(f"localStorage.getItem('{TOKEN_KEY}')") is None
+
+
+async def test_compose_box_sends_as_operator(
+    hive: Hive, tokens: LoginTokens, nursery: trio.Nursery
+) -> None:
     manager = hive.agent_sock(MANAGER_NAME)
     await call_once(manager, wire.Send(to="operator", body="hm1nd online. awaiting orders."))
     await call_once(manager, wire.Send(to="operator", body="<img src=x onerror=alert(1)>"))
-    port = await nursery.start(partial(serve_dashboard, host_socket=hive.sock, port=0))
+    port = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
 
-    errors = await trio.to_thread.run_sync(drive, f"http://127.0.0.1:{port}/")
+    errors = await trio.to_thread.run_sync(drive, port, tokens)
 
     assert errors == []
     flow = await hive.call(wire.Flow(limit=50))
@@ -127,18 +183,30 @@ TURN: list[LiveEvent] = [
 ]
 
 
-def drive_agent(url: str, bus: LiveBus) -> list[str]:
+def drive_agent(
+    dashboard_port: int, agent_port: int, tokens: LoginTokens, bus: LiveBus
+) -> list[str]:
     from playwright.sync_api import expect, sync_playwright
 
     errors: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            # The operator logs in to the dashboard and follows the manager's link.
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            dashboard = context.new_page()
+            dashboard.goto(login_url("127.0.0.1", dashboard_port, tokens.dashboard))
+            link = dashboard.locator("#agents").get_by_role("link", name=MANAGER_NAME)
+            with dashboard.expect_popup() as popup:
+                link.click(timeout=15_000)
+            page = popup.value
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url)
+            expect(page).to_have_url(f"http://127.0.0.1:{agent_port}/", timeout=15_000)
             expect(page.locator("#link")).to_have_text("● l1nk up", timeout=15_000)
+            # Its origin (another port) holds the agent's token only, never the dashboard's.
+            stored = page.evaluate(f"localStorage.getItem('{TOKEN_KEY}')")
+            assert stored == tokens.agent(MANAGER_NAME)
             expect(page.locator("#model-chip")).to_have_text("model · haiku", timeout=15_000)
 
             async def play() -> None:
@@ -169,27 +237,56 @@ def drive_agent(url: str, bus: LiveBus) -> list[str]:
     return errors
 
 
-async def test_agent_page_renders_a_turn_and_sends(hive: Hive, nursery: trio.Nursery) -> None:
-    bus = LiveBus()
-    controls = Controls()
-    port = await nursery.start(
-        partial(
-            serve_agent_ui,
-            label=MANAGER_NAME,
-            role="manager",
-            bus=bus,
-            socket_path=hive.agent_sock(MANAGER_NAME),
-            controls=controls,
-            dashboard_url="http://127.0.0.1:7000/",
-            port=0,
+def free_port() -> int:
+    """A port nobody listens on now (the kernel's pick): a random one may be held by a stray."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_agent_page_renders_a_turn_and_sends(hive_root: Path, tokens: LoginTokens) -> None:
+    cfg = hive_config(hive_root, start_manager=True, ui_port_base=free_port())
+    async with open_hive(cfg) as hive, trio.open_nursery() as servers:
+        await hive.call(wire.Kill(name=MANAGER_NAME))
+        listed = await hive.call(wire.ListAgents())
+        assert isinstance(listed, wire.AgentList)
+        (manager,) = [a for a in listed.agents if a.name == MANAGER_NAME]
+        dashboard_port = await servers.start(
+            partial(
+                serve_dashboard,
+                host_socket=hive.sock,
+                port=0,
+                login_token=tokens.dashboard,
+                agent_token=tokens.agent,
+            )
         )
-    )
+        bus = LiveBus()
+        controls = Controls()
+        # The manager's container is stopped: its UI is served here, on its port, with its token.
+        await servers.start(
+            partial(
+                serve_agent_ui,
+                label=MANAGER_NAME,
+                role="manager",
+                bus=bus,
+                socket_path=hive.agent_sock(MANAGER_NAME),
+                controls=controls,
+                login_token=tokens.agent(MANAGER_NAME),
+                dashboard_url=f"http://127.0.0.1:{dashboard_port}/",
+                port=manager.port,
+            )
+        )
 
-    errors = await trio.to_thread.run_sync(drive_agent, f"http://127.0.0.1:{port}/", bus)
+        errors = await trio.to_thread.run_sync(
+            drive_agent, dashboard_port, manager.port, tokens, bus
+        )
 
-    assert errors == []
-    assert controls.model == "sonnet"
-    recent = await call_once(hive.agent_sock(MANAGER_NAME), wire.Recent(limit=10), wire.Inbox)
-    assert ("operator", "hello from the agent page") in [
-        (m.sender, m.body) for m in recent.messages
-    ]
+        assert errors == []
+        assert controls.model == "sonnet"
+        socket_path = hive.agent_sock(MANAGER_NAME)
+        recent = await call_once(socket_path, wire.Recent(limit=10), wire.Inbox)
+        assert ("operator", "hello from the agent page") in [
+            (m.sender, m.body) for m in recent.messages
+        ]
+        servers.cancel_scope.cancel()

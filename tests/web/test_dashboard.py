@@ -9,21 +9,30 @@ from typing import Any
 import pytest
 import trio
 from quart.typing import TestClientProtocol as WebClient
+from quart_trio import QuartTrio
 
+from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.dashboard import create_dashboard_app, serve_dashboard
 from hyperhive.web.edge import MAX_BODY
 from tests.hive import Hive, hive_config, open_hive
-from tests.web.pages import csrf_token, json_of, open_http, post_headers
+from tests.web.pages import LoggedInClient, csrf_token, json_of, login, open_http, post_headers
 
 XSS = '<img src=x onerror=alert(1)></script><script>alert(2)</script><a href="javascript:x">'
 
 
 @pytest.fixture
-def client(hive: Hive) -> WebClient:
-    return create_dashboard_app(host_socket=hive.sock).test_client()
+def app(hive: Hive, tokens: LoginTokens) -> QuartTrio:
+    return create_dashboard_app(
+        host_socket=hive.sock, login_token=tokens.dashboard, agent_token=tokens.agent
+    )
+
+
+@pytest.fixture
+def client(app: QuartTrio, tokens: LoginTokens) -> LoggedInClient:
+    return LoggedInClient(app, tokens.dashboard)
 
 
 async def token_of(client: WebClient) -> str:
@@ -39,11 +48,16 @@ async def flow(hive: Hive) -> list[wire.Message]:
     return [m for m in reply.messages if m.sender != "system"]
 
 
-async def test_index_is_a_static_shell_with_security_headers(client: WebClient) -> None:
+async def test_index_is_a_static_shell_with_security_headers(
+    app: QuartTrio, tokens: LoginTokens
+) -> None:
+    client = app.test_client()  # not logged in: the shell and its assets are public
     resp = await client.get("/")
     assert resp.status_code == 200
     html = await resp.get_data(as_text=True)
     assert 'id="compose"' in html and "C0NTAINERS" in html
+    assert 'id="login-wall"' in html
+    assert tokens.dashboard not in html and tokens.agent(MANAGER_NAME) not in html
     assert "<script>" not in html and "<style" not in html and "style=" not in html
     assert resp.headers["Content-Security-Policy"].startswith("default-src 'self'")
     assert "unsafe-inline" not in resp.headers["Content-Security-Policy"]
@@ -56,14 +70,20 @@ async def test_index_is_a_static_shell_with_security_headers(client: WebClient) 
         assert static.headers["X-Content-Type-Options"] == "nosniff"
 
 
-async def test_state_lists_agents_with_their_ui_urls(client: WebClient) -> None:
+async def test_state_lists_agents_with_their_ui_login_links(
+    client: WebClient, tokens: LoginTokens
+) -> None:
     resp = await client.get("/api/state", headers={"Host": "127.0.0.1:7000"})
     assert resp.status_code == 200
-    state = json_of(await resp.get_data(as_text=False))
+    body = await resp.get_data(as_text=True)
+    state = json_of(body)
     (manager,) = [a for a in state["agents"] if a["name"] == MANAGER_NAME]
     assert manager["role"] == "manager"
     assert manager["state"] == "stopped"
-    assert manager["url"] == f"http://127.0.0.1:{manager['port']}/"
+    # Each agent's link logs the browser into that agent's UI, and only that one.
+    token = tokens.agent(MANAGER_NAME)
+    assert manager["url"] == f"http://127.0.0.1:{manager['port']}/#token={token}"
+    assert tokens.dashboard not in body
     assert {"needs_login", "unread", "port"} <= manager.keys()
     assert state["inbox"] == []
 
@@ -137,10 +157,21 @@ async def test_history_backfills_the_flow(hive: Hive, client: WebClient) -> None
     assert history["seq"] == history["events"][-1]["message"]["id"]
 
 
-async def test_stream_relays_hive_events(hive: Hive, nursery: trio.Nursery) -> None:
-    port = await nursery.start(partial(serve_dashboard, host_socket=hive.sock, port=0))
+async def test_stream_relays_hive_events(
+    hive: Hive, tokens: LoginTokens, nursery: trio.Nursery
+) -> None:
+    port = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
     with trio.fail_after(10):
-        async with open_http(port, "/dashboard/stream") as stream:
+        # EventSource cannot send headers: the page puts its token in the query.
+        async with open_http(port, f"/dashboard/stream?token={tokens.dashboard}") as stream:
             assert stream.status == 200
             assert stream.headers["content-type"] == "text/event-stream"
             assert await stream.frame() == b": connected"
@@ -192,8 +223,14 @@ async def test_the_daemon_serves_its_own_dashboard(hive_root: Path) -> None:
     async with open_hive(cfg) as hive:
         port = hive.info.dashboard_port
         assert port is not None and port > 0
+        token = (await trio.Path(cfg.dashboard_token_path).read_text()).strip()
+        assert hive.info.login_url == f"http://127.0.0.1:{port}/#token={token}"
         with trio.fail_after(10):
             async with open_http(port, "/api/state", host=f"localhost:{port}") as resp:
+                assert resp.status == 401
+            async with open_http(
+                port, "/api/state", host=f"localhost:{port}", headers=login(token)
+            ) as resp:
                 assert resp.status == 200
                 assert json_of(await resp.read_body()) == {
                     "agents": [],

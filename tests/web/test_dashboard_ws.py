@@ -8,6 +8,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, WebSocketConnection, open_websocket_url
 
+from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import wire
 from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.dashboard import serve_dashboard
@@ -16,13 +17,28 @@ from tests.web.pages import json_of, page_token
 
 
 @pytest.fixture
-async def port(hive: Hive, nursery: trio.Nursery) -> int:
-    bound: int = await nursery.start(partial(serve_dashboard, host_socket=hive.sock, port=0))
+async def port(hive: Hive, tokens: LoginTokens, nursery: trio.Nursery) -> int:
+    bound: int = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
     return bound
 
 
-def ws_url(port: int, token: str) -> str:
-    return f"ws://127.0.0.1:{port}/ws?csrf={token}"
+@pytest.fixture
+def login_token(tokens: LoginTokens) -> str:
+    return tokens.dashboard
+
+
+def ws_url(port: int, csrf: str, token: str | None) -> str:
+    """A WebSocket cannot send headers from a page: the login token rides in the query."""
+    url = f"ws://127.0.0.1:{port}/ws?csrf={csrf}"
+    return url if token is None else f"{url}&token={token}"
 
 
 def origin(port: int) -> list[tuple[bytes, bytes]]:
@@ -36,10 +52,11 @@ async def ask(ws: WebSocketConnection, line: str) -> dict[str, object]:
     return reply
 
 
-async def test_requests_round_trip(port: int) -> None:
+async def test_requests_round_trip(port: int, login_token: str) -> None:
     token = await page_token(port)
+    url = ws_url(port, token, login_token)
     with trio.fail_after(10):
-        async with open_websocket_url(ws_url(port, token), extra_headers=origin(port)) as ws:
+        async with open_websocket_url(url, extra_headers=origin(port)) as ws:
             listed = await ask(ws, '{"cmd":"list"}')
             assert listed["ok"] is True
             agents = listed["agents"]
@@ -62,10 +79,13 @@ async def test_requests_round_trip(port: int) -> None:
             assert messages[-1]["body"] == "over the websocket"
 
 
-async def test_subscribe_streams_events_until_closed(hive: Hive, port: int) -> None:
+async def test_subscribe_streams_events_until_closed(
+    hive: Hive, port: int, login_token: str
+) -> None:
     token = await page_token(port)
+    url = ws_url(port, token, login_token)
     with trio.fail_after(10):
-        async with open_websocket_url(ws_url(port, token), extra_headers=origin(port)) as ws:
+        async with open_websocket_url(url, extra_headers=origin(port)) as ws:
             assert await ask(ws, '{"cmd":"subscribe"}') == {"ok": True, "subscribed": True}
             await hive.call(wire.OperatorSend(to=MANAGER_NAME, body="ping"))
             while (event := json_of(await ws.get_message()))["event"] != "message_sent":
@@ -88,19 +108,51 @@ async def test_subscribe_streams_events_until_closed(hive: Hive, port: int) -> N
         None,
     ],
 )
-async def test_cross_origin_handshake_is_refused(port: int, origin_of: object) -> None:
+async def test_cross_origin_handshake_is_refused(
+    port: int, login_token: str, origin_of: object
+) -> None:
     token = await page_token(port)
     headers: list[tuple[bytes, bytes]] = []
     if callable(origin_of):
         headers.append((b"Origin", str(origin_of(port)).encode()))
     with trio.fail_after(10), pytest.raises(ConnectionRejected) as info:
-        async with open_websocket_url(ws_url(port, token), extra_headers=headers):
+        async with open_websocket_url(ws_url(port, token, login_token), extra_headers=headers):
             pass
     assert info.value.status_code == 403
 
 
-async def test_handshake_needs_the_token(port: int) -> None:
+async def test_handshake_needs_the_csrf_token(port: int, login_token: str) -> None:
+    url = ws_url(port, "guess", login_token)
     with trio.fail_after(10), pytest.raises(ConnectionRejected) as info:
-        async with open_websocket_url(ws_url(port, "guess"), extra_headers=origin(port)):
+        async with open_websocket_url(url, extra_headers=origin(port)):
             pass
     assert info.value.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "token_of",
+    [
+        lambda tokens: None,
+        lambda tokens: "",
+        lambda tokens: "guess",
+        lambda tokens: tokens.dashboard[:-1],
+        lambda tokens: tokens.agent(MANAGER_NAME),  # an agent's token opens its own UI only
+    ],
+)
+async def test_handshake_needs_the_login_token(
+    hive: Hive, port: int, tokens: LoginTokens, token_of: object
+) -> None:
+    # Everything a page could get without logging in: the shell, its CSRF token, the origin.
+    csrf = await page_token(port)
+    assert callable(token_of)
+    with trio.fail_after(10), pytest.raises(ConnectionRejected) as info:
+        async with open_websocket_url(
+            ws_url(port, csrf, token_of(tokens)), extra_headers=origin(port)
+        ) as ws:
+            await ws.send_message('{"cmd":"send","to":"hm1nd","body":"let me in"}')
+            await ws.get_message()
+    assert info.value.status_code == 401
+    assert b"hive-c0re url" in (info.value.body or b"")
+    flow = await hive.call(wire.Flow(limit=10))
+    assert isinstance(flow, wire.Inbox)
+    assert [m for m in flow.messages if m.sender == "operator"] == []

@@ -1,4 +1,7 @@
-"""The browser-facing guard: Host allow-list (I7), Origin + CSRF (I6), headers (I8)."""
+"""The browser-facing guard: Host allow-list (I7), Origin + CSRF (I6), headers (I8).
+
+The login token (test_login.py) is checked as well; here every client is logged in.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,24 @@ import trio
 from quart.testing.connections import WebsocketResponseError
 from quart.typing import TestClientProtocol as WebClient
 
+from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import wire
 from hyperhive.web.dashboard import create_dashboard_app
-from hyperhive.web.security import Guard, split_host
+from hyperhive.web.security import Guard, bearer_token, split_host
 from hyperhive.web.sse import HEARTBEAT, data_frame, with_heartbeats
 from tests.hive import Hive
-from tests.web.pages import csrf_token, json_of, post_headers
+from tests.web.pages import LoggedInClient, csrf_token, json_of, post_headers
 
 
 @pytest.fixture
-def client(hive: Hive) -> WebClient:
-    return create_dashboard_app(host_socket=hive.sock, allowed_hosts=["hive.lan"]).test_client()
+def client(hive: Hive, tokens: LoginTokens) -> LoggedInClient:
+    app = create_dashboard_app(
+        host_socket=hive.sock,
+        login_token=tokens.dashboard,
+        agent_token=tokens.agent,
+        allowed_hosts=["hive.lan"],
+    )
+    return LoggedInClient(app, tokens.dashboard)
 
 
 async def operator_messages(hive: Hive) -> list[wire.Message]:
@@ -96,12 +106,14 @@ async def test_posts_need_same_origin_and_the_csrf_token(hive: Hive, client: Web
     assert len(await operator_messages(hive)) == 1
 
 
-async def test_each_app_has_its_own_token(hive: Hive) -> None:
-    tokens = set()
+async def test_each_app_has_its_own_csrf_token(hive: Hive, tokens: LoginTokens) -> None:
+    seen = set()
     for _ in range(2):
-        client = create_dashboard_app(host_socket=hive.sock).test_client()
-        tokens.add(csrf_token(await (await client.get("/")).get_data(as_text=True)))
-    assert len(tokens) == 2
+        app = create_dashboard_app(
+            host_socket=hive.sock, login_token=tokens.dashboard, agent_token=tokens.agent
+        )
+        seen.add(csrf_token(await (await app.test_client().get("/")).get_data(as_text=True)))
+    assert len(seen) == 2
 
 
 async def test_websocket_handshake_is_guarded(client: WebClient) -> None:
@@ -163,7 +175,30 @@ def test_split_host(host: str, expected: tuple[str, int | None]) -> None:
     ],
 )
 def test_same_origin(origin: str | None, scheme: str, host: str, same: bool) -> None:
-    assert Guard.create().same_origin(origin, scheme, host) is same
+    assert Guard.create(login_token="t").same_origin(origin, scheme, host) is same
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc", "abc"),
+        ("bearer  abc ", "abc"),
+        ("Bearer", None),
+        ("Bearer ", None),
+        ("Basic abc", None),
+        ("abc", None),
+        (None, None),
+    ],
+)
+def test_bearer_token(header: str | None, token: str | None) -> None:
+    assert bearer_token(header) == token
+
+
+def test_a_guard_without_a_login_token_lets_nobody_in() -> None:
+    guard = Guard.create(login_token="")
+    assert not guard.logged_in("") and not guard.logged_in(None)
+    assert Guard.create(login_token="t").logged_in("t")
+    assert "secret-ish" not in repr(Guard.create(login_token="secret-ish"))
 
 
 def test_data_frames_are_unnamed_single_events() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -235,26 +236,57 @@ async def serve(settings: HarnessSettings) -> None:
         harness = Harness(settings, bus, controls)
         async with trio.open_nursery() as nursery:
             if settings.port:
-                nursery.start_soon(_serve_ui, settings, bus, controls)
+                # Started, not start_soon: the UI is up before the first turn is taken.
+                await nursery.start(_serve_ui, settings, bus, controls)
             await bus.emit(Note(text=f"{settings.label} harness up (model {controls.model})"))
             await harness.run()
 
 
-async def _serve_ui(settings: HarnessSettings, bus: LiveBus, controls: Controls) -> None:
+async def _serve_ui(
+    settings: HarnessSettings,
+    bus: LiveBus,
+    controls: Controls,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """The web UI is a window on the harness; if it cannot bind, turns go on without it."""
+    if not settings.ui_token:
+        # Without its login token nobody could use the UI: better not to serve it at all.
+        await bus.emit(Note(text="web UI not started: no HIVE_UI_TOKEN", level="error"))
+        task_status.started()
+        return
+    up = False
     try:
         from hyperhive.web.agent_ui import serve_agent_ui
 
         dashboard = f"http://{settings.bind}:{settings.dashboard_port}/"
-        await serve_agent_ui(
-            label=settings.label,
-            role=settings.role,
-            bus=bus,
-            socket_path=settings.socket,
-            controls=controls,
-            dashboard_url=dashboard if settings.dashboard_port > 0 else None,
-            bind=settings.bind,
-            port=settings.port,
-        )
-    except (OSError, ImportError) as exc:
-        await bus.emit(Note(text=f"web UI not started: {exc}", level="error"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    serve_agent_ui,
+                    label=settings.label,
+                    role=settings.role,
+                    bus=bus,
+                    socket_path=settings.socket,
+                    controls=controls,
+                    login_token=settings.ui_token,
+                    dashboard_url=dashboard if settings.dashboard_port > 0 else None,
+                    bind=settings.bind,
+                    port=settings.port,
+                    allowed_hosts=settings.allowed_hosts,
+                )
+            )
+            up = True
+            task_status.started()
+    except* (OSError, ImportError) as group:
+        # hypercorn reports a port in use from inside its nurseries, as an exception group.
+        def leaves(exc: BaseException) -> list[BaseException]:
+            if isinstance(exc, BaseExceptionGroup):
+                return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+            return [exc]
+
+        what = "stopped" if up else "not started"
+        reason = "; ".join(str(e) for e in leaves(group))
+        await bus.emit(Note(text=f"web UI {what}: {reason}", level="error"))
+        if not up:
+            task_status.started()

@@ -28,6 +28,9 @@ class HarnessSettings:
     runtime_dir: Path = Path("/run/hive")
     port: int = 0
     bind: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    ui_token: str = field(default="", repr=False)
+    """The web UI's login token (`HIVE_UI_TOKEN`); kept out of `env`, so claude never gets it."""
     dashboard_port: int = 7000
     model: str = "haiku"
     operator_pronouns: str = "she/her"
@@ -42,6 +45,7 @@ class HarnessSettings:
     @classmethod
     def from_env(cls, role: str, env: dict[str, str] | None = None) -> HarnessSettings:
         env = dict(os.environ if env is None else env)
+        ui_token = env.pop("HIVE_UI_TOKEN", "")
         return cls(
             label=env.get("HIVE_LABEL", "hm1nd" if role == "manager" else "agent"),
             role=role,
@@ -54,6 +58,10 @@ class HarnessSettings:
             ),
             port=int(env.get("HIVE_PORT", "0")),
             bind=env.get("HIVE_BIND", "127.0.0.1"),
+            allowed_hosts=tuple(
+                h.strip() for h in env.get("HIVE_ALLOWED_HOSTS", "").split(",") if h.strip()
+            ),
+            ui_token=ui_token,
             dashboard_port=int(env.get("HIVE_DASHBOARD_PORT", "7000")),
             model=env.get("HIVE_MODEL", "haiku"),
             operator_pronouns=env.get("HIVE_OPERATOR_PRONOUNS", "she/her"),

@@ -17,6 +17,8 @@ class DaemonConfig:
     backend: str = "bwrap"
     demo: bool = False
     bind: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names the dashboard and agent UIs answer to besides loopback and `bind`."""
     dashboard_port: int = 7000
     """0 picks a free port; -1 runs no dashboard."""
     ui_port_base: int = 8000
@@ -39,7 +41,8 @@ class DaemonConfig:
     crash_at: str | None = None
     """Fault injection for tests (`label:n`, see core/faults.py); from $HIVE_CRASH_AT."""
     line_timeout: float = 10.0
-    """Seconds a client has to complete a line it started (and to send its first one)."""
+    """Seconds a client has to complete a line it started, to send its first one, and to take
+    a reply it asked for (one knob for "too slow": `busy`, connection closed)."""
 
     @property
     def db_path(self) -> Path:
@@ -48,6 +51,16 @@ class DaemonConfig:
     @property
     def host_socket(self) -> Path:
         return self.run_dir / "host.sock"
+
+    @property
+    def dashboard_token_path(self) -> Path:
+        """The dashboard's login token (0600, rewritten each boot), for `hive-c0re url`."""
+        return self.run_dir / "dashboard.token"
+
+    @property
+    def dashboard_url_path(self) -> Path:
+        """The whole login URL, `http://<bind>:<port>/#token=<token>` (0600)."""
+        return self.run_dir / "dashboard.url"
 
     def socket_dir(self, name: str) -> Path:
         """The directory a container mounts at /run/hive (the dir, so restarts don't strand it)."""

@@ -6,7 +6,8 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass, replace
+import sys
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import trio
@@ -21,6 +22,7 @@ from hyperhive.core.host_api import HostHandler
 from hyperhive.core.server import SocketLimits, SocketServer, require_uid
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
+from hyperhive.core.tokens import LoginTokens, login_url, serve_login_files
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import RequestDecoder
 
@@ -49,6 +51,8 @@ class DaemonInfo:
     host_socket: str
     dashboard_port: int | None
     model_url: str | None
+    login_url: str | None = field(default=None, repr=False)
+    """The dashboard's login URL (it carries the token: print it only to the operator)."""
 
 
 def make_backend(name: str) -> Backend:
@@ -144,7 +148,11 @@ async def run(
                 name=f"{rec.name} agent",
             )
 
-        supervisor = Supervisor(cfg, registry, broker, backend, socket_factory)
+        # One secret per boot: restarting the daemon logs every browser out.
+        login_tokens = LoginTokens.generate()
+        supervisor = Supervisor(
+            cfg, registry, broker, backend, socket_factory, login_tokens=login_tokens
+        )
         await nursery.start(supervisor.serve)
         host = HostHandler(cfg, registry, broker, supervisor, hub)
         host_server = SocketServer(
@@ -167,6 +175,7 @@ async def run(
                 if rec.desired == "running":
                     await supervisor.launch(rec)
         dashboard_port: int | None = None
+        dashboard_login: str | None = None
         if cfg.dashboard_port >= 0:
             from hyperhive.web.dashboard import serve_dashboard
 
@@ -176,11 +185,24 @@ async def run(
                     host_socket=str(cfg.host_socket),
                     bind=cfg.bind,
                     port=cfg.dashboard_port,
+                    allowed_hosts=cfg.allowed_hosts,
+                    login_token=login_tokens.dashboard,
+                    agent_token=login_tokens.agent,
                 )
+            )
+            dashboard_login = login_url(cfg.bind, dashboard_port, login_tokens.dashboard)
+            await nursery.start(
+                serve_login_files,
+                cfg.dashboard_token_path,
+                cfg.dashboard_url_path,
+                login_tokens.dashboard,
+                dashboard_login,
             )
         sd_notify("READY=1")
         log.info("hive-c0re ready: host socket %s, dashboard %s", cfg.host_socket, dashboard_port)
-        task_status.started(DaemonInfo(str(cfg.host_socket), dashboard_port, model_url))
+        task_status.started(
+            DaemonInfo(str(cfg.host_socket), dashboard_port, model_url, dashboard_login)
+        )
 
 
 async def serve_until_signalled(cfg: DaemonConfig) -> None:
@@ -189,8 +211,14 @@ async def serve_until_signalled(cfg: DaemonConfig) -> None:
         async with trio.open_nursery() as nursery:
             info = await nursery.start(run, cfg)
             print(f"hive-c0re: host socket {info.host_socket}", flush=True)
-            if info.dashboard_port is not None:
-                print(f"hive-c0re: dashboard http://{cfg.bind}:{info.dashboard_port}/", flush=True)
+            if info.login_url is not None:
+                # The URL carries the login token: show it on a terminal, keep it out of logs
+                # (a service's stdout is its journal); `hive-c0re url` prints it any time.
+                if sys.stdout.isatty():
+                    print(f"hive-c0re: dashboard {info.login_url}", flush=True)
+                else:
+                    address = info.login_url.partition("#")[0]
+                    print(f"hive-c0re: dashboard {address} (log in: hive-c0re url)", flush=True)
             async for signum in signals:
                 log.info("received %s; stopping", signal.Signals(signum).name)
                 sd_notify("STOPPING=1")

@@ -18,6 +18,7 @@ from hyperhive.core.broker import Broker
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.base import Backend, Bind, ContainerSpec
 from hyperhive.core.server import SocketServer
+from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol.errors import Internal
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,11 @@ class Supervisor:
         broker: Broker,
         backend: Backend,
         socket_factory: SocketFactory,
+        *,
+        login_tokens: LoginTokens,
     ) -> None:
         self.cfg = cfg
+        self._login_tokens = login_tokens
         self.registry = registry
         self.broker = broker
         self.backend = backend
@@ -112,11 +116,14 @@ class Supervisor:
             "HIVE_STATE": "/state",
             "HIVE_PORT": str(rec.port),
             "HIVE_BIND": cfg.bind,
+            "HIVE_ALLOWED_HOSTS": ",".join(cfg.allowed_hosts),
             "HIVE_DASHBOARD_PORT": str(cfg.dashboard_port),
             "HIVE_MODEL": cfg.model,
             "HIVE_OPERATOR_PRONOUNS": cfg.operator_pronouns,
             "HIVE_CLAUDE": cfg.claude_bin,
             **cfg.claude_env,
+            # After claude_env, so that it cannot be overridden; the harness keeps it from claude.
+            "HIVE_UI_TOKEN": self._login_tokens.agent(rec.name),
         }
         command = (cfg.harness_python, "-m", "hyperhive.agent", "serve", "--role", rec.role)
         return ContainerSpec(

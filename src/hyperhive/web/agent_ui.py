@@ -102,14 +102,21 @@ def create_agent_app(
     bus: LiveBus,
     socket_path: str,
     controls: AgentControls,
+    login_token: str,
     dashboard_url: str | None = None,
     allowed_hosts: Sequence[str] = (),
 ) -> QuartTrio:
-    """The agent UI app: live state from `bus` and `controls`, inbox via `socket_path`."""
+    """The agent UI app: live state from `bus` and `controls`, inbox via `socket_path`.
+
+    `login_token` is this agent's own (from the daemon, via `HIVE_UI_TOKEN`): the dashboard's
+    and other agents' tokens do not open it.
+    """
     if dashboard_url is not None and not dashboard_url.startswith(("http://", "https://")):
         raise ValueError(f"dashboard_url must be an http(s) URL, not {dashboard_url!r}")
     app = QuartTrio(__name__, static_folder="static", template_folder="templates")
-    guard = security.install(app, allowed_hosts=allowed_hosts)
+    guard = security.install(
+        app, login_token=login_token, stream_endpoints=["stream"], allowed_hosts=allowed_hosts
+    )
     install_error_handlers(app)
 
     @app.get("/")
@@ -198,6 +205,7 @@ async def serve_agent_ui(
     bus: LiveBus,
     socket_path: str,
     controls: AgentControls,
+    login_token: str,
     port: int,
     bind: str = "127.0.0.1",
     dashboard_url: str | None = None,
@@ -211,6 +219,7 @@ async def serve_agent_ui(
         bus=bus,
         socket_path=socket_path,
         controls=controls,
+        login_token=login_token,
         dashboard_url=dashboard_url,
         allowed_hosts=(*allowed_hosts, bind),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import msgspec
@@ -31,7 +31,7 @@ FLOW_LIMIT = 200
 
 
 class AgentView(wire.AgentInfo, frozen=True, kw_only=True):
-    """An agent as the page shows it: the daemon's record plus the URL of its own UI."""
+    """An agent as the page shows it: the daemon's record plus its UI's login URL."""
 
     url: str | None = None
 
@@ -63,12 +63,15 @@ class DestroyInput(msgspec.Struct, frozen=True):
     purge: bool = False
 
 
-def agent_url(host: str, port: int) -> str | None:
-    """The agent UI's address as seen from the browser that asked (same host name, its port)."""
+def agent_url(host: str, port: int, token: str) -> str | None:
+    """The agent UI's login URL as seen from the browser that asked (same host name, its port).
+
+    The agent's own token rides in the fragment, which the browser keeps to itself.
+    """
     if port <= 0:
         return None
     name, _ = security.split_host(host)
-    return f"http://{name}:{port}/"
+    return f"http://{name}:{port}/#{security.TOKEN_PARAM}={token}"
 
 
 def recipient_of(to: str) -> str:
@@ -79,10 +82,26 @@ def recipient_of(to: str) -> str:
     return canonical_recipient(to)
 
 
-def create_dashboard_app(*, host_socket: str, allowed_hosts: Sequence[str] = ()) -> QuartTrio:
-    """The dashboard app; every request opens its own connection to `host_socket`."""
+AgentToken = Callable[[str], str]
+"""An agent's name → the login token of its UI."""
+
+
+def create_dashboard_app(
+    *,
+    host_socket: str,
+    login_token: str,
+    agent_token: AgentToken,
+    allowed_hosts: Sequence[str] = (),
+) -> QuartTrio:
+    """The dashboard app; every request opens its own connection to `host_socket`.
+
+    `login_token` lets the operator in; `agent_token` gives the operator's browser each agent
+    UI's own login link (an agent's token opens that agent's UI and nothing else).
+    """
     app = QuartTrio(__name__, static_folder="static", template_folder="templates")
-    guard = security.install(app, allowed_hosts=allowed_hosts)
+    guard = security.install(
+        app, login_token=login_token, stream_endpoints=["stream"], allowed_hosts=allowed_hosts
+    )
     install_error_handlers(app)
 
     @app.get("/")
@@ -95,7 +114,10 @@ def create_dashboard_app(*, host_socket: str, allowed_hosts: Sequence[str] = ())
             agents = await client.call(wire.ListAgents(), wire.AgentList)
             inbox = await client.call(wire.HostRecent(name=OPERATOR, limit=INBOX_LIMIT), wire.Inbox)
         views = [
-            AgentView(**msgspec.structs.asdict(a), url=agent_url(request.host, a.port))
+            AgentView(
+                **msgspec.structs.asdict(a),
+                url=agent_url(request.host, a.port, agent_token(a.name)),
+            )
             for a in agents.agents
         ]
         return json_response(DashboardState(agents=views, inbox=inbox.messages))
@@ -156,8 +178,15 @@ async def serve_dashboard(
     bind: str = "127.0.0.1",
     port: int = 7000,
     allowed_hosts: Sequence[str] = (),
+    login_token: str,
+    agent_token: AgentToken,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve the dashboard until cancelled; `task_status.started(port)` gives the bound port."""
-    app = create_dashboard_app(host_socket=host_socket, allowed_hosts=(*allowed_hosts, bind))
+    app = create_dashboard_app(
+        host_socket=host_socket,
+        login_token=login_token,
+        agent_token=agent_token,
+        allowed_hosts=(*allowed_hosts, bind),
+    )
     await serve_app(app, bind=bind, port=port, name="dashboard", task_status=task_status)

@@ -1,11 +1,11 @@
-"""The browser-facing guard both web apps share: Host allow-list, Origin + CSRF checks, headers."""
+"""The guard both web apps share: login token, Host allow-list, Origin + CSRF checks, headers."""
 
 from __future__ import annotations
 
 import hmac
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from quart import Quart, Response, request, websocket
@@ -18,6 +18,12 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf"
+
+TOKEN_PARAM = "token"
+"""The query parameter that carries the login token where a header cannot (EventSource, ws)."""
+LOGIN_HINT = "log in: open the URL printed by `hive-c0re url`"
+PUBLIC_ENDPOINTS = frozenset({"index", "static"})
+"""What a browser may GET before it has logged in: the static shell page and its assets."""
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'; "
@@ -64,17 +70,44 @@ def normalise_host_name(name: str) -> str:
     return name
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
 @dataclass(frozen=True)
 class Guard:
-    """The checks of one app instance; the CSRF token lives as long as the process."""
+    """The checks of one app instance; the CSRF token lives as long as the process.
+
+    The login token is the operator's: whoever can reach the port (any local process, and so
+    any agent, whose containers share the host's network) gets nothing without it.
+    """
 
     csrf_token: str
+    login_token: str = field(repr=False)
     allowed_hosts: frozenset[str]
 
     @classmethod
-    def create(cls, allowed_hosts: Iterable[str] = ()) -> Guard:
+    def create(cls, *, login_token: str, allowed_hosts: Iterable[str] = ()) -> Guard:
         hosts = {*LOCAL_HOSTS, *(normalise_host_name(h) for h in allowed_hosts if h.strip())}
-        return cls(csrf_token=secrets.token_urlsafe(32), allowed_hosts=frozenset(hosts))
+        return cls(
+            csrf_token=secrets.token_urlsafe(32),
+            login_token=login_token,
+            allowed_hosts=frozenset(hosts),
+        )
+
+    def logged_in(self, token: str | None) -> bool:
+        """Is `token` this UI's login token? A guard without one lets nobody in."""
+        return (
+            bool(self.login_token)
+            and token is not None
+            and hmac.compare_digest(token.encode("utf-8", "replace"), self.login_token.encode())
+        )
 
     def host_allowed(self, host: str) -> bool:
         name, port = split_host(host)
@@ -105,9 +138,29 @@ class Guard:
         )
 
 
-def install(app: Quart, *, allowed_hosts: Sequence[str] = ()) -> Guard:
-    """Guard every route of `app`; returns the guard so the page can embed its CSRF token."""
-    guard = Guard.create(allowed_hosts)
+def not_logged_in() -> Response:
+    response = error_response(401, "unauthorized", LOGIN_HINT)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="hyperhive"'
+    return response
+
+
+def install(
+    app: Quart,
+    *,
+    login_token: str,
+    stream_endpoints: Iterable[str] = (),
+    allowed_hosts: Sequence[str] = (),
+) -> Guard:
+    """Guard every route of `app`; returns the guard so the page can embed its CSRF token.
+
+    Everything but the shell page and its static files needs `login_token`, as an
+    `Authorization: Bearer` header, or as `?token=` on `stream_endpoints` (EventSource cannot
+    send headers) and on websocket handshakes.
+    """
+    if not login_token:
+        raise ValueError("a web UI needs a login token")
+    guard = Guard.create(login_token=login_token, allowed_hosts=allowed_hosts)
+    streams = frozenset(stream_endpoints)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
 
     def fetch_site_ok(value: str | None) -> bool:
@@ -117,7 +170,15 @@ def install(app: Quart, *, allowed_hosts: Sequence[str] = ()) -> Guard:
     async def check_request() -> Response | None:
         if not guard.host_allowed(request.host):
             return error_response(421, "misdirected", "this host name is not served here")
-        if request.method in _SAFE_METHODS:
+        safe = request.method in _SAFE_METHODS
+        # The endpoint is the matched route (None for a 404 or 405), never a path prefix.
+        if not (safe and request.endpoint in PUBLIC_ENDPOINTS):
+            token = bearer_token(request.headers.get("Authorization"))
+            if token is None and safe and request.endpoint in streams:
+                token = request.args.get(TOKEN_PARAM)
+            if not guard.logged_in(token):
+                return not_logged_in()
+        if safe:
             return None
         if not guard.same_origin(request.headers.get("Origin"), request.scheme, request.host):
             return error_response(403, "forbidden", "cross-origin request refused")
@@ -140,6 +201,11 @@ def install(app: Quart, *, allowed_hosts: Sequence[str] = ()) -> Guard:
     async def check_websocket() -> Response | None:
         if not guard.host_allowed(websocket.host):
             return error_response(421, "misdirected", "this host name is not served here")
+        token = websocket.args.get(TOKEN_PARAM) or bearer_token(
+            websocket.headers.get("Authorization")
+        )
+        if not guard.logged_in(token):
+            return not_logged_in()
         origin = websocket.headers.get("Origin")
         if not guard.same_origin(origin, websocket.scheme, websocket.host):
             return error_response(403, "forbidden", "cross-origin websocket refused")

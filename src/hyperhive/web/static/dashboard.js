@@ -27,10 +27,10 @@
     return el("span", `${className} ${whoClass(who === MANAGER_NAME ? MANAGER : who)}`, shown);
   }
 
+  /** The agent UI's login link (its own token in the fragment), from /api/state only. */
   function agentUrl(agent) {
     if (agent.url && /^https?:\/\//.test(agent.url)) return agent.url;
-    if (!agent.port) return null;
-    return `${location.protocol}//${location.hostname}:${agent.port}/`;
+    return null;
   }
 
   // ------------------------------------------------------------------ containers
@@ -282,6 +282,8 @@
         const old = agents.get(ev.agent.name);
         agents.set(ev.agent.name, { ...ev.agent, url: old ? old.url : null });
         renderAgents();
+        // Events carry no links (they are the daemon's, relayed verbatim): fetch a newcomer's.
+        if (!old || !old.url) refreshSoon();
         break;
       }
       case "agent_removed":

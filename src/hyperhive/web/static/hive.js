@@ -5,6 +5,70 @@ const Hive = (() => {
   const meta = document.querySelector('meta[name="csrf-token"]');
   const csrf = meta ? meta.getAttribute("content") : "";
 
+  // ------------------------------------------------------------------ login
+  // The operator logs in with a URL ending in `#token=…`: a fragment never reaches a server or
+  // a log. The token is kept in localStorage, which is per origin *including the port*, so an
+  // agent's UI cannot read the dashboard's token nor another agent's (cookies would be shared
+  // across the ports of a host). It travels as `Authorization: Bearer`, or as `?token=` where a
+  // header cannot be set (EventSource).
+  const TOKEN_KEY = "hyperhive.token";
+  const PROBE = "/api/state";
+
+  function stored() {
+    try {
+      return localStorage.getItem(TOKEN_KEY) || "";
+    } catch (_) {
+      return "";
+    }
+  }
+
+  function takeToken() {
+    const params = new URLSearchParams(location.hash.slice(1));
+    const fresh = params.get("token");
+    if (fresh === null) return stored();
+    params.delete("token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+    try {
+      localStorage.setItem(TOKEN_KEY, fresh);
+    } catch (_) {
+      // No storage (a locked-down profile): this tab stays logged in until it is reloaded.
+    }
+    return fresh;
+  }
+
+  const token = takeToken();
+  let loggedIn = token !== "";
+  const sources = new Set();
+
+  /** Show the "not logged in" state: no token, or the server refused the one we had. */
+  function logOut() {
+    loggedIn = false;
+    try {
+      if (localStorage.getItem(TOKEN_KEY) === token) localStorage.removeItem(TOKEN_KEY);
+    } catch (_) {
+      // Nothing stored, nothing to forget.
+    }
+    for (const source of sources) source.close();
+    sources.clear();
+    document.body.classList.add("logged-out");
+    const wall = document.getElementById("login-wall");
+    if (wall) wall.hidden = false;
+    const link = document.getElementById("link");
+    if (link) {
+      link.className = "link down";
+      link.textContent = "○ n0t l0gged 1n";
+    }
+  }
+
+  function authHeaders(extra) {
+    return { ...(extra || {}), Authorization: `Bearer ${token}` };
+  }
+
+  function withToken(url) {
+    return `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
+  }
+
   /** Build an element; `text` is set with textContent, never parsed as HTML. */
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -27,6 +91,7 @@ const Hive = (() => {
     } catch (_) {
       data = null;
     }
+    if (resp.status === 401) logOut();
     if (!resp.ok) {
       const msg = data && data.error ? data.error : `HTTP ${resp.status}`;
       throw new HttpError(resp.status, msg);
@@ -35,15 +100,19 @@ const Hive = (() => {
   }
 
   async function getJSON(url) {
-    const resp = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+    const resp = await fetch(url, {
+      credentials: "omit",
+      cache: "no-store",
+      headers: authHeaders(),
+    });
     return parse(resp);
   }
 
   async function post(url, data) {
     const resp = await fetch(url, {
       method: "POST",
-      credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      credentials: "omit",
+      headers: authHeaders({ "Content-Type": "application/json", "X-CSRF-Token": csrf }),
       body: JSON.stringify(data || {}),
     });
     return parse(resp);
@@ -155,23 +224,35 @@ const Hive = (() => {
 
   /**
    * An EventSource that reports link state; `onOpen` runs on every (re)connect so the page can
-   * backfill what it missed, `onEvent` gets each parsed JSON payload.
+   * backfill what it missed, `onEvent` gets each parsed JSON payload. Without a login it does
+   * not connect at all.
    */
   function stream(url, { onOpen, onEvent, onDown }) {
     let retry = 1000;
+    function reconnectLater() {
+      setTimeout(connect, retry);
+      retry = Math.min(retry * 2, 30000);
+    }
     function connect() {
-      const source = new EventSource(url);
+      if (!loggedIn) return;
+      const source = new EventSource(withToken(url));
+      sources.add(source);
       source.onopen = () => {
         retry = 1000;
         onOpen();
       };
       source.onerror = () => {
+        if (!loggedIn) return;
         onDown();
         // The browser retries dropped streams by itself, but gives up for good on an error
-        // status (say, the daemon was briefly away): then we retry, backing off to 30 s.
+        // status: the daemon was briefly away, or our token is no longer valid (it restarted),
+        // which EventSource cannot tell us. Ask with a plain request (a 401 logs out), then
+        // retry, backing off to 30 s.
         if (source.readyState === EventSource.CLOSED) {
-          setTimeout(connect, retry);
-          retry = Math.min(retry * 2, 30000);
+          sources.delete(source);
+          getJSON(PROBE).then(reconnectLater, (err) => {
+            if (!(err instanceof HttpError && err.status === 401)) reconnectLater();
+          });
         }
       };
       source.onmessage = (ev) => {
@@ -189,9 +270,14 @@ const Hive = (() => {
 
   function setLink(up) {
     const link = document.getElementById("link");
-    if (!link) return;
+    if (!link || !loggedIn) return;
     link.className = `link ${up ? "up" : "down"}`;
     link.textContent = up ? "● l1nk up" : "○ l1nk d0wn";
+  }
+
+  if (!loggedIn) {
+    // Scripts run deferred, so the page is parsed and the wall is there to show.
+    logOut();
   }
 
   return {
