@@ -134,6 +134,8 @@ class Supervisor:
             env=env,
             command=command,
             log_path=root / "container.log",
+            port=rec.port,
+            hidden=(cfg.state_dir, cfg.run_dir),
         )
 
     def _dirs(self, rec: AgentRecord) -> list[Path]:

@@ -44,6 +44,9 @@ class ContainerSpec:
     """The applied agent.toml (limits, private network, env, ...)."""
     config_dir: Path | None = None
     """The applied config repo (agent.toml, agent.nix) the container is built from."""
+    hidden: tuple[Path, ...] = ()
+    """Host paths the container must not see even though they lie under what it is given
+    (the daemon's state and run dirs: every agent's credentials, the login tokens)."""
 
     @property
     def private_network(self) -> bool:
@@ -122,6 +125,9 @@ async def run_process_group(
         if proc.returncode is None:
             with trio.CancelScope(shield=True):
                 await stop_process_group(proc, grace)
+        # Whatever is left of the group goes too: bwrap's outer process can exit on SIGTERM
+        # while its in-namespace init (same group) lives on and would keep the agent running.
+        _killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             pidfile.unlink()
 

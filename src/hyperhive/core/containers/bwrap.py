@@ -12,8 +12,9 @@ import trio
 import hyperhive
 from hyperhive.core.containers.base import ContainerSpec, OnStarted, run_process_group, tail_lines
 
-_MASKED = ("/tmp", "/run", "/root")
-"""Host directories replaced by an empty tmpfs inside the container."""
+_MASKED = ("/tmp", "/run", "/root", "/home")
+"""Host directories replaced by an empty tmpfs inside the container: scratch space, and the
+places where users (and the operator) keep what no agent should read."""
 
 
 def _under_masked(path: str) -> bool:
@@ -83,6 +84,9 @@ class BwrapBackend:
             args.append("--unshare-net")
         for masked in _MASKED:
             args += ["--tmpfs", masked]
+        for hidden in spec.hidden:
+            if not _under_masked(str(hidden)):
+                args += ["--tmpfs", str(hidden)]
         for path in self.keep_paths:
             args += ["--ro-bind", path, path]
         for bind in spec.binds:

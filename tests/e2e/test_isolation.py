@@ -1,0 +1,64 @@
+"""What an agent sees from inside its container: its own things, nothing of others or the host."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from hyperhive.protocol import wire
+from tests.conftest import needs_bwrap, needs_claude
+from tests.hive import hive_config, open_hive, subscription, wait_for_event
+
+pytestmark = [needs_bwrap, needs_claude]
+
+SECRET = "sk-ant-oat-bobs-very-own-secret"
+
+
+@pytest.fixture
+def var_root() -> Iterator[Path]:
+    """A hive under /var (which containers see read-only), not under a masked /tmp."""
+    root = Path(tempfile.mkdtemp(prefix="hh-", dir="/var/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_an_agent_sees_neither_other_agents_nor_the_daemons_files(var_root: Path) -> None:
+    cfg = hive_config(var_root, demo=True)
+    async with open_hive(cfg) as hive, subscription(hive.sock) as events:
+        for name in ("alice", "bob"):
+            await hive.call(wire.Spawn(name=name))
+        bob_creds = cfg.agent_root("bob") / "claude" / ".credentials.json"
+        bob_creds.write_text(SECRET)
+        probe = (
+            f"ls -A {cfg.state_dir}; echo ---; cat {bob_creds}; echo ---; ls -A {cfg.run_dir};"
+            " echo ---; ls -A /run/hive; echo ---; ls -A /home; echo ---; ls -A /root;"
+            " echo ---; hostname"
+        )
+        command = f"({probe}) > /state/probe.txt 2>&1"
+        body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
+        sent = await hive.call(wire.OperatorSend(to="alice", body=body), wire.Sent)
+        await wait_for_event(
+            events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
+        )
+
+    seen = (cfg.agent_root("alice") / "state" / "probe.txt").read_text()
+    state_listing, creds, run_listing, hive_dir, home, root, hostname = seen.split("---\n")
+    assert state_listing.strip() == ""  # the daemon's state dir is an empty tmpfs inside
+    assert SECRET not in seen and "No such file" in creds
+    assert run_listing.strip() == ""  # no host.sock, no login tokens
+    assert set(hive_dir.split()) <= {
+        "mcp.sock",
+        "claude-mcp-config.json",
+        "claude-settings.json",
+        "claude-system-prompt.md",
+    }
+    assert "mcp.sock" in hive_dir.split()
+    assert home.strip() == ""
+    # /root: a tmpfs with alice's own credentials dir, claude's cache, the python runtime.
+    assert ".claude" in root.split() and set(root.split()) <= {".claude", ".pyenv", ".cache"}
+    assert hostname.strip() == "h-alice"
