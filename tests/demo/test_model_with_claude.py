@@ -100,6 +100,8 @@ async def run_claude(base_url: str, root: Path, prompt: str, *, name: str, role:
         "ANTHROPIC_BASE_URL": base_url,
         "ANTHROPIC_API_KEY": "sk-ant-fake",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # Wait for the MCP server before the first request (claude -p does not by default).
+        "MCP_CONNECTION_NONBLOCKING": "false",
         "DISABLE_AUTOUPDATER": "1",
     }
     command = [

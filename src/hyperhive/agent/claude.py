@@ -19,6 +19,17 @@ from hyperhive.protocol.errors import LineTooLong
 
 log = logging.getLogger(__name__)
 
+CLAUDE_DEFAULTS = {
+    # claude -p connects MCP servers in the background and may send the first request before
+    # our server is up, leaving the turn without its hive tools: make it wait for them.
+    "MCP_CONNECTION_NONBLOCKING": "false",
+    "MCP_CONNECT_TIMEOUT_MS": "30000",
+    # claude's own retries of overloaded/5xx answers (10 by default, minutes); the harness
+    # backs off and retries the whole turn itself, without counting it against the message.
+    "CLAUDE_CODE_MAX_RETRIES": "3",
+}
+"""Environment for every claude turn unless the operator's --claude-env says otherwise."""
+
 MAX_EVENT = 16 * 1024 * 1024
 """The largest single stream-json line accepted from claude."""
 
@@ -94,7 +105,7 @@ async def run_turn(
     a timeout, or when `cancel` is cancelled (SIGINT first, so claude can flush its session).
     """
     argv = claude_argv(settings, model=model, resume=resume)
-    env = {**settings.env, "HOME": settings.env.get("HOME", "/root")}
+    env = {**CLAUDE_DEFAULTS, **settings.env, "HOME": settings.env.get("HOME", "/root")}
     cwd = str(settings.state_dir) if settings.state_dir.is_dir() else None
     proc = await trio.lowlevel.open_process(
         argv,
