@@ -335,9 +335,10 @@ class Broker:
 
     # ------------------------------------------------------------------ API
 
-    async def recover(self) -> int:
-        """At start-up every lease belongs to a process that is gone: hand them out again."""
-        pending = await self._submit(m.Release(None))
+    async def recover(self, keep: tuple[str, ...] = ()) -> int:
+        """At start-up a lease belongs to a process that is gone, unless its container outlived
+        the previous daemon and is adopted (`keep`): hand the others out again."""
+        pending = await self._submit(m.Release(None, keep=keep))
         assert isinstance(pending.op, m.Release)
         self._queued = await self._store.run(m.queued_counts)
         self._recount = False

@@ -9,6 +9,7 @@ import socket
 import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -22,7 +23,7 @@ from hyperhive.core.host_api import HostHandler
 from hyperhive.core.server import SocketLimits, SocketServer, require_uid
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
-from hyperhive.core.tokens import LoginTokens, login_url, serve_login_files
+from hyperhive.core.tokens import LoginTokens, login_url, remove_login_files, serve_login_files
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import RequestDecoder
 
@@ -60,6 +61,10 @@ def make_backend(name: str) -> Backend:
         from hyperhive.core.containers.bwrap import BwrapBackend
 
         return BwrapBackend()
+    if name == "nspawn":
+        from hyperhive.core.containers.nspawn import NspawnBackend
+
+        return NspawnBackend()
     raise ValueError(f"unknown container backend {name!r} (available: bwrap)")
 
 
@@ -126,9 +131,6 @@ async def run(
         )
         await nursery.start(broker.serve)
         await nursery.start(broker.serve_maintenance)
-        released = await broker.recover()
-        if released:
-            log.info("returned %d in-flight messages to their queues", released)
 
         host_limits = SocketLimits(
             max_connections=HOST_MAX_CONNECTIONS,
@@ -148,12 +150,21 @@ async def run(
                 name=f"{rec.name} agent",
             )
 
-        # One secret per boot: restarting the daemon logs every browser out.
-        login_tokens = LoginTokens.generate()
+        # One secret per boot (kept across a crash for adopted containers, see tokens.py).
+        secret_path = cfg.run_dir / "login.secret"
+        login_tokens = await trio.to_thread.run_sync(LoginTokens.load_or_generate, secret_path)
+        nursery.start_soon(_forget_on_clean_exit, secret_path)
         supervisor = Supervisor(
             cfg, registry, broker, backend, socket_factory, login_tokens=login_tokens
         )
         await nursery.start(supervisor.serve)
+        # Containers that outlived a crashed daemon are adopted, and keep their leases.
+        adopted = await supervisor.adoptable()
+        released = await broker.recover(keep=adopted)
+        if released:
+            log.info("returned %d in-flight messages to their queues", released)
+        if adopted:
+            log.info("adopting running containers of %s", ", ".join(adopted))
         host = HostHandler(cfg, registry, broker, supervisor, hub)
         host_server = SocketServer(
             str(cfg.host_socket),
@@ -203,6 +214,14 @@ async def run(
         task_status.started(
             DaemonInfo(str(cfg.host_socket), dashboard_port, model_url, dashboard_login)
         )
+
+
+async def _forget_on_clean_exit(path: Path) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(remove_login_files, path)
 
 
 async def serve_until_signalled(cfg: DaemonConfig) -> None:

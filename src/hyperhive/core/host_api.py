@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
+from hyperhive.core import events
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
@@ -14,7 +15,7 @@ from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import encode_line
-from hyperhive.protocol.errors import BadParams, Forbidden
+from hyperhive.protocol.errors import BadParams, Conflict, Forbidden
 from hyperhive.protocol.names import (
     MANAGER,
     MANAGER_NAME,
@@ -101,6 +102,7 @@ class HostHandler:
                 rec.desired = "stopped"
                 await self.registry.save(rec)
                 await self.supervisor.stop(rec)
+                await self.supervisor.notify_manager(events.Killed(agent=rec.name))
                 return wire.AgentReply(agent=self.registry.info(rec))
             case wire.Start(name=name):
                 rec = self.registry.live(check_name(name))
@@ -118,6 +120,17 @@ class HostHandler:
                 await self.supervisor.launch(rec)
                 await self.kick(rec, "Restarted.")
                 return wire.AgentReply(agent=self.registry.info(rec))
+            case wire.Rebuild(name=name):
+                rec = self.registry.live(check_name(name))
+                ok, note = await self.supervisor.rebuild(rec)
+                if ok:
+                    await self.kick(rec, "Rebuilt: your configuration was re-applied.")
+                else:
+                    raise Conflict(f"rebuild of {name} failed: {note}")
+                return wire.AgentReply(agent=self.registry.info(rec))
+            case wire.Logs(name=name, lines=lines):
+                rec = self.registry.get(check_name(name))
+                return wire.LogLines(name=name, lines=await self.supervisor.logs(rec, lines))
             case wire.Destroy(name=name, purge=purge):
                 return await self._destroy(check_name(name), purge)
             case wire.OperatorSend(to=to, body=body):
@@ -155,6 +168,7 @@ class HostHandler:
         if purge:
             await self.supervisor.purge(rec)
             await self.registry.forget(name)
+        await self.supervisor.notify_manager(events.Destroyed(agent=name, purged=purge))
         return wire.Done()
 
     async def _events(self) -> AsyncIterator[bytes]:

@@ -95,6 +95,8 @@ class Release(_Op):
     recipient: str | None
     id: int | None = None
     uncount: bool = False
+    keep: tuple[str, ...] = ()
+    """Inboxes left alone: their reader (an adopted container) is still alive."""
     released: int = 0
 
 
@@ -245,6 +247,9 @@ def _release(conn: sqlite3.Connection, op: Release, now: float) -> None:
     if op.id is not None:
         sql += " AND id = ?"
         args.append(op.id)
+    if op.keep:
+        sql += f" AND recipient NOT IN ({', '.join('?' * len(op.keep))})"
+        args.extend(op.keep)
     op.released = conn.execute(sql, args).rowcount
 
 

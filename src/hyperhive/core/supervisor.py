@@ -13,13 +13,21 @@ from typing import NoReturn
 
 import trio
 
+from hyperhive.core import events
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.broker import Broker
 from hyperhive.core.config import DaemonConfig
-from hyperhive.core.containers.base import Backend, Bind, ContainerSpec
+from hyperhive.core.containers.base import (
+    ADOPTED_EXIT,
+    Backend,
+    Bind,
+    ContainerSpec,
+    read_live_pidfile,
+)
 from hyperhive.core.server import SocketServer
 from hyperhive.core.tokens import LoginTokens
-from hyperhive.protocol.errors import Internal
+from hyperhive.protocol.errors import HiveError, Internal
+from hyperhive.protocol.names import MANAGER, SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +183,16 @@ class Supervisor:
 
     # ------------------------------------------------------------------ containers
 
+    async def adoptable(self) -> tuple[str, ...]:
+        """Inboxes of agents whose containers outlived the previous daemon (to be adopted)."""
+        found = []
+        for rec in self.registry.all():
+            pidfile = self.cfg.agent_root(rec.name) / "container.pid"
+            pid = await trio.to_thread.run_sync(read_live_pidfile, pidfile)
+            if rec.alive and pid is not None:
+                found.append(rec.recipient)
+        return tuple(found)
+
     def is_supervised(self, name: str) -> bool:
         return name in self._containers
 
@@ -212,12 +230,22 @@ class Supervisor:
                     log.warning("%s exited with %s after %.1fs", rec.container, code, ran_for)
                     if ran_for >= self.cfg.restart_reset_after:
                         backoff = self.cfg.restart_initial
+                    status = None if code == ADOPTED_EXIT else code
+                    what = "exited" if status is None else f"exited with status {status}"
                     self.registry.set_state(
                         rec,
                         "crashed",
                         pid=None,
                         restarts=rec.restarts + 1,
-                        last_error=f"exited with status {code}" + (f": {tail}" if tail else ""),
+                        last_error=what + (f": {tail}" if tail else ""),
+                    )
+                    await self.notify_manager(
+                        events.ContainerCrash(
+                            agent=rec.name,
+                            status=status,
+                            restarts=rec.restarts,
+                            note=f"restarting in {backoff:g}s",
+                        )
                     )
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, self.cfg.restart_max)
@@ -230,6 +258,34 @@ class Supervisor:
             if rec.state != "destroying":
                 self.registry.set_state(rec, "stopped", pid=None)
             task.done.set()
+
+    async def notify_manager(self, event: events.HelperEvent) -> None:
+        """Tell the manager what happened; losing the event never stops supervision."""
+        try:
+            await self.broker.send(SYSTEM, MANAGER, events.encode(event), origin=SYSTEM)
+        except HiveError as exc:
+            log.error("could not tell the manager about %s: %s", event, exc.message)
+
+    async def rebuild(self, rec: AgentRecord) -> tuple[bool, str]:
+        """Re-apply the agent's config: stop, backend rebuild, start. Returns (ok, note)."""
+        self.registry.set_state(rec, "rebuilding")
+        await self.stop(rec)
+        self.registry.set_state(rec, "rebuilding")
+        try:
+            await self.backend.rebuild(self.spec_for(rec))
+        except HiveError as exc:
+            ok, note = False, exc.message
+        else:
+            ok, note = True, "rebuilt and restarted"
+        if rec.desired == "running":
+            await self.launch(rec)
+        else:
+            self.registry.set_state(rec, "stopped")
+        await self.notify_manager(events.Rebuilt(agent=rec.name, ok=ok, note=note))
+        return ok, note
+
+    async def logs(self, rec: AgentRecord, lines: int) -> list[str]:
+        return await self.backend.logs(self.spec_for(rec), lines)
 
     async def _run_once(self, rec: AgentRecord) -> int:
         self.registry.set_state(rec, "starting")

@@ -36,6 +36,21 @@ class LoginTokens:
     def generate(cls) -> LoginTokens:
         return cls(secrets.token_bytes(SECRET_BYTES))
 
+    @classmethod
+    def load_or_generate(cls, path: Path) -> LoginTokens:
+        """The secret of this boot, kept (0600, in the root-only run dir) across a daemon
+        crash: containers adopted after it still hold tokens derived from it. A clean stop
+        removes the file, so the next start logs every browser out. Blocking."""
+        try:
+            secret = bytes.fromhex(path.read_text("ascii").strip())
+            if len(secret) >= SECRET_BYTES:
+                return cls(secret)
+        except (FileNotFoundError, ValueError):
+            pass
+        tokens = cls.generate()
+        _write_private(path, tokens.secret.hex() + "\n")
+        return tokens
+
     def derive(self, scope: bytes) -> str:
         digest = hmac.new(self.secret, scope, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")

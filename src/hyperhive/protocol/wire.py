@@ -25,6 +25,7 @@ ContainerState = Literal[
     "running",
     "stopping",
     "restarting",
+    "rebuilding",
     "crashed",
     "destroying",
     "destroyed",
@@ -94,6 +95,19 @@ class Start(HostRequest, frozen=True, tag="start"):
 
 class Restart(HostRequest, frozen=True, tag="restart"):
     name: str
+
+
+class Rebuild(HostRequest, frozen=True, tag="rebuild"):
+    """Re-apply the agent's config to its container and restart it."""
+
+    name: str
+
+
+class Logs(HostRequest, frozen=True, tag="logs"):
+    """The container's most recent log lines."""
+
+    name: str
+    lines: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 200
 
 
 class Destroy(HostRequest, frozen=True, tag="destroy"):
@@ -231,6 +245,11 @@ class StatusReply(Reply, frozen=True):
     in_flight: int
 
 
+class LogLines(Reply, frozen=True):
+    name: str
+    lines: list[str]
+
+
 class Acked(Reply, frozen=True):
     acked: bool
     """False when the lease was not current (a late ack of a superseded attempt is ignored)."""
@@ -294,6 +313,8 @@ HostRequests = (
     | Kill
     | Start
     | Restart
+    | Rebuild
+    | Logs
     | Destroy
     | OperatorSend
     | HostRecent
@@ -316,6 +337,8 @@ REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
     Kill: AgentReply,
     Start: AgentReply,
     Restart: AgentReply,
+    Rebuild: AgentReply,
+    Logs: LogLines,
     Destroy: Done,
     OperatorSend: Sent,
     HostRecent: Inbox,

@@ -100,11 +100,15 @@ async def run_process_group(
 ) -> int:
     """Run argv in its own process group with output appended to log_path.
 
+    If a container of this agent outlived a daemon that died (its pidfile names a live
+    process), it is adopted instead: watched through a pidfd, never started twice.
     The process is a cancel scope: cancelling this call signals the whole group.
     """
     await trio.to_thread.run_sync(lambda: log_path.parent.mkdir(parents=True, exist_ok=True))
     pidfile = log_path.parent / "container.pid"
-    await reap_stale(pidfile)
+    adopted = await trio.to_thread.run_sync(read_live_pidfile, pidfile)
+    if adopted is not None:
+        return await _watch_adopted(adopted, pidfile, grace=grace, on_started=on_started)
     logfile = await trio.to_thread.run_sync(open, log_path, "ab")
     try:
         proc = await trio.lowlevel.open_process(
@@ -128,8 +132,35 @@ async def run_process_group(
         # Whatever is left of the group goes too: bwrap's outer process can exit on SIGTERM
         # while its in-namespace init (same group) lives on and would keep the agent running.
         _killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            pidfile.unlink()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_remove, pidfile)
+
+
+ADOPTED_EXIT = -2
+"""The exit status reported for an adopted container: not our child, so its status is unknown."""
+
+
+async def _watch_adopted(pid: int, pidfile: Path, *, grace: float, on_started: OnStarted) -> int:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return ADOPTED_EXIT
+    log.info("adopted container process group %d left running by a previous daemon", pid)
+    try:
+        on_started(pid)
+        await trio.lowlevel.wait_readable(fd)
+        return ADOPTED_EXIT
+    finally:
+        with trio.CancelScope(shield=True):
+            _killpg(pid, signal.SIGTERM)
+            with trio.move_on_after(grace) as waited:
+                await trio.lowlevel.wait_readable(fd)
+            if waited.cancelled_caught:
+                log.warning("adopted group %d ignored SIGTERM for %.1fs; killing", pid, grace)
+            _killpg(pid, signal.SIGKILL)
+        os.close(fd)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_remove, pidfile)
 
 
 async def stop_process_group(proc: trio.Process, grace: float) -> None:
@@ -151,11 +182,17 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 def _write_pidfile(path: Path, pid: int) -> None:
     path.write_text(f"{pid} {_start_time(pid) or ''}\n", "ascii")
 
 
-def _read_stale(path: Path) -> int | None:
+def read_live_pidfile(path: Path) -> int | None:
+    """The pid in a container pidfile if that very process (same start time) still runs."""
     try:
         pid_text, _, start = path.read_text("ascii").strip().partition(" ")
         pid = int(pid_text)
@@ -165,14 +202,10 @@ def _read_stale(path: Path) -> int | None:
 
 
 async def reap_stale(pidfile: Path) -> None:
-    """Kill a container left running by a daemon that died without stopping it.
-
-    Such a process is no longer our child: a pidfd tells us when it is gone.
-    """
-    pid = await trio.to_thread.run_sync(_read_stale, pidfile)
+    """Kill the process group a pidfile names if it still runs, and wait until it is gone."""
+    pid = await trio.to_thread.run_sync(read_live_pidfile, pidfile)
     if pid is None:
         return
-    log.warning("killing container process group %d left over from a previous daemon", pid)
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:

@@ -1,0 +1,202 @@
+"""The systemd-nspawn backend: host /usr on a fresh tmpfs root, the agent's dirs bound in."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import trio
+
+import hyperhive
+from hyperhive.core.containers.base import (
+    ContainerSpec,
+    OnStarted,
+    _write_pidfile,
+    reap_stale,
+    run_process_group,
+    tail_lines,
+)
+
+log = logging.getLogger(__name__)
+
+HOST_DIRS = ("/etc",)
+"""Host directories bound read-only besides /usr: certificates, resolv.conf, passwd."""
+INIT_PIDFILE = "container-init.pid"
+"""Next to container.pid: the container's pid 1, which outlives a SIGKILLed nspawn."""
+INIT_POLL = 0.02
+INIT_ATTEMPTS = 500
+"""Ten seconds of looking for it."""
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent + "/")
+
+
+def runtime_paths() -> list[str]:
+    """Host paths the harness needs that the volatile root lacks (venv, python, claude, node).
+
+    With `--volatile=yes` only /usr comes from the host; everything else must be bound.
+    """
+    candidates = {sys.prefix, sys.base_prefix, str(Path(hyperhive.__file__).parent.parent)}
+    for tool in ("claude", "node"):
+        found_tool = shutil.which(tool)
+        if found_tool:
+            candidates.add(os.path.dirname(found_tool))
+            candidates.add(os.path.dirname(os.path.realpath(found_tool)))
+    found: set[str] = set(HOST_DIRS)
+    for path in candidates:
+        for p in (path, os.path.realpath(path)):
+            if p != "/" and not _under(p, "/usr") and os.path.exists(p):
+                found.add(p)
+    # A path inside another one is covered by it.
+    return sorted(p for p in found if not any(p != q and _under(p, q) for q in found))
+
+
+def _escape(path: str) -> str:
+    """nspawn splits --bind=SRC:DEST at colons; it reads backslash escapes in both halves."""
+    return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def _container_init(nspawn_pid: int) -> int | None:
+    """nspawn's child that is pid 1 of the container's pid namespace, once it exists."""
+    try:
+        with open(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children", encoding="ascii") as fh:
+            children = [int(c) for c in fh.read().split()]
+    except (OSError, ValueError):
+        return None
+    for child in children:
+        try:
+            with open(f"/proc/{child}/status", encoding="ascii", errors="replace") as fh:
+                nspid = next((line.split()[1:] for line in fh if line.startswith("NSpid:")), [])
+        except OSError:
+            continue
+        if len(nspid) > 1 and nspid[-1] == "1":
+            return child
+    return None
+
+
+async def _record_init(nspawn_pid: int, pidfile: Path) -> None:
+    # Nothing signals when nspawn has forked the container's init: look for it for a while.
+    for _ in range(INIT_ATTEMPTS):
+        init = await trio.to_thread.run_sync(_container_init, nspawn_pid)
+        if init is not None:
+            await trio.to_thread.run_sync(_write_pidfile, pidfile, init)
+            return
+        await trio.sleep(INIT_POLL)
+    log.warning("cannot find the init of nspawn %d: a SIGKILL would leave it running", nspawn_pid)
+
+
+class NspawnBackend:
+    """The host's /usr read-only on a fresh tmpfs root (`--volatile=yes`), the payload as pid 2.
+
+    Without systemd as PID 1 and without D-Bus there is no machined and no scope unit, so the
+    container runs in the caller's own process (`--register=no --keep-unit`) and is stopped by
+    process group like every other backend.
+    """
+
+    name = "nspawn"
+
+    def __init__(self, nspawn: str = "systemd-nspawn", keep_paths: list[str] | None = None) -> None:
+        self.nspawn = nspawn
+        self.keep_paths = runtime_paths() if keep_paths is None else keep_paths
+
+    def argv(self, spec: ContainerSpec) -> list[str]:
+        """The command line. It names the environment variables but never carries their values.
+
+        /proc/<pid>/cmdline is world-readable, and the environment holds secrets (the API key,
+        the UI token, whatever claude_env adds). `--setenv=NAME` without a value makes nspawn
+        copy NAME from its own environment, which `run` sets to spec.env; /proc/<pid>/environ
+        is readable only by the daemon's user. Every variable goes that way, so no backend code
+        has to decide which of them are secret.
+        """
+        args = [
+            self.nspawn,
+            "--quiet",
+            "--directory=/",
+            "--volatile=yes",
+            # No systemd PID 1 or D-Bus: no machine registration, no transient scope.
+            "--register=no",
+            "--keep-unit",
+            # /etc is the host's, so the machine id is too: nspawn would refuse to link the
+            # journal with a warning on every start.
+            "--link-journal=no",
+            "--as-pid2",
+            "--console=pipe",
+            f"--machine={spec.container}",
+        ]
+        if spec.private_network:
+            args.append("--private-network")
+        for path in self.keep_paths:
+            args.append(f"--bind-ro={_escape(path)}:{_escape(path)}")
+        for bind in spec.binds:
+            flag = "--bind-ro" if bind.read_only else "--bind"
+            args.append(f"{flag}={_escape(str(bind.source))}:{_escape(bind.dest)}")
+        args.append(f"--chdir={spec.workdir}")
+        args += [f"--setenv={key}" for key in sorted(spec.env)]
+        args += ["--", *spec.command]
+        return args
+
+    def limits_note(self, spec: ContainerSpec) -> str | None:
+        limits = spec.config.limits
+        if limits.memory_max or limits.cpu_quota:
+            return (
+                "systemd-nspawn cannot enforce memory_max/cpu_quota here: without systemd as"
+                " PID 1 it runs with --keep-unit --register=no, so there is no scope unit and"
+                " --property= has no effect"
+            )
+        return None
+
+    async def create(self, spec: ContainerSpec) -> None:
+        """Nothing to build: the root is a fresh tmpfs over the host's /usr on every start."""
+
+    async def rebuild(self, spec: ContainerSpec) -> None:
+        """Nothing to rebuild: the next start reads the applied config."""
+
+    async def destroy(self, spec: ContainerSpec) -> None:
+        """Nothing to remove: the volatile root vanishes with the container, and no machine is
+        registered; the agent's state is the supervisor's business."""
+
+    async def logs(self, spec: ContainerSpec, lines: int) -> list[str]:
+        return await trio.to_thread.run_sync(tail_lines, spec.log_path, lines)
+
+    async def run(self, spec: ContainerSpec, *, grace: float, on_started: OnStarted) -> int:
+        """Run nspawn in its own process group (see base.run_process_group).
+
+        nspawn answers SIGTERM by SIGKILLing the container's init, which takes everything in
+        the container with it, and exits at once. But the init runs in a session of its own,
+        so it survives a SIGKILL of nspawn's process group (the grace period running out, or a
+        new daemon reaping one that died): its pid is recorded so that it can be killed then.
+        """
+        init_pidfile = spec.log_path.parent / INIT_PIDFILE
+        await reap_stale(init_pidfile)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def started(pid: int) -> None:
+                    on_started(pid)
+                    nursery.start_soon(_record_init, pid, init_pidfile)
+
+                try:
+                    # nspawn's environment is spec.env: `--setenv=NAME` hands it on (see argv).
+                    return await run_process_group(
+                        self.argv(spec),
+                        env=spec.env,
+                        log_path=spec.log_path,
+                        grace=grace,
+                        on_started=started,
+                    )
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await reap_stale(init_pidfile)
+            with contextlib.suppress(OSError):
+                init_pidfile.unlink()
+
+
+def nspawn_available() -> bool:
+    return shutil.which("systemd-nspawn") is not None

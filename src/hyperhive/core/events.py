@@ -1,0 +1,44 @@
+"""Hive events for the manager: JSON bodies of messages from `system`, tagged by `event`."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class HelperEvent(msgspec.Struct, frozen=True, tag_field="event", kw_only=True):
+    agent: str
+
+
+class ContainerCrash(HelperEvent, frozen=True, tag="container_crash"):
+    status: int | None
+    restarts: int
+    note: str = ""
+
+
+class Spawned(HelperEvent, frozen=True, tag="spawned"):
+    ok: bool = True
+    note: str = ""
+
+
+class Rebuilt(HelperEvent, frozen=True, tag="rebuilt"):
+    ok: bool = True
+    note: str = ""
+
+
+class Killed(HelperEvent, frozen=True, tag="killed"):
+    pass
+
+
+class Destroyed(HelperEvent, frozen=True, tag="destroyed"):
+    purged: bool = False
+
+
+class NeedsUpdate(HelperEvent, frozen=True, tag="needs_update"):
+    note: str = ""
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(event: HelperEvent) -> str:
+    return _encoder.encode(event).decode()
