@@ -54,21 +54,23 @@ class Client:
     ) -> wire.Reply:
         """Send one request and return its typed reply (or raise its HiveError)."""
         rtype = reply_type or wire.REPLY_FOR[type(request)]
+        return decode_reply(await self._exchange(encode_line(request)), rtype)
+
+    async def _exchange(self, data: bytes) -> bytes:
+        """One line out, one line back; a broken connection is a ConnectionLost."""
         async with self._lock:
-            await self._lines.send_line(encode_line(request))
-            line = await self._lines.receive_line()
+            try:
+                await self._lines.send_line(data)
+                line = await self._lines.receive_line()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ConnectionLost(f"connection to the daemon broke: {exc}") from None
         if line is None:
             raise ConnectionLost("the daemon closed the connection")
-        return decode_reply(line, rtype)
+        return line
 
     async def raw(self, line: bytes) -> bytes:
         """Send a raw line (for tools and tests) and return the raw reply line."""
-        async with self._lock:
-            await self._lines.send_line(line if line.endswith(b"\n") else line + b"\n")
-            reply = await self._lines.receive_line()
-        if reply is None:
-            raise ConnectionLost("the daemon closed the connection")
-        return reply
+        return await self._exchange(line if line.endswith(b"\n") else line + b"\n")
 
     async def events(self) -> AsyncIterator[wire.HiveEvent]:
         """After `Subscribe`, yield each event line until the daemon closes the stream."""

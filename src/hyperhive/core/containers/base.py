@@ -7,10 +7,11 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import trio
 
@@ -111,6 +112,7 @@ async def run_process_group(
         return await _watch_adopted(adopted, pidfile, grace=grace, on_started=on_started)
     logfile = await trio.to_thread.run_sync(open, log_path, "ab")
     try:
+        await trio.to_thread.run_sync(_log_line, logfile, f"starting: {' '.join(argv[:1])}")
         proc = await trio.lowlevel.open_process(
             argv,
             env=env,
@@ -134,6 +136,7 @@ async def run_process_group(
         _killpg(proc.pid, signal.SIGKILL)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_remove, pidfile)
+            await trio.to_thread.run_sync(_append_line, log_path, f"exited: {proc.returncode}")
 
 
 ADOPTED_EXIT = -2
@@ -180,6 +183,18 @@ def _start_time(pid: int) -> str | None:
             return fh.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+def _log_line(fh: BinaryIO, text: str) -> None:
+    """A line of the daemon's own in a container's log, so the log viewer shows each start."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    fh.write(f"--- {stamp} hive-c0re: {text} ---\n".encode())
+    fh.flush()
+
+
+def _append_line(path: Path, text: str) -> None:
+    with contextlib.suppress(OSError), open(path, "ab") as fh:
+        _log_line(fh, text)
 
 
 def _remove(path: Path) -> None:

@@ -1,0 +1,164 @@
+"""Container lifecycle with real bubblewrap containers and a real daemon process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import msgspec
+import trio
+
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once, open_client
+from tests.conftest import needs_bwrap
+from tests.hive import daemon_process, hive_config, open_hive, subscription, wait_for_event
+
+pytestmark = needs_bwrap
+
+
+def _containers(root: Path, name: str) -> list[int]:
+    """Host pids of the outer bwrap processes running `name` of the hive under `root`."""
+    bind = f"{root}/run/agents/{name}".encode()
+    found, parents = [], {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if argv and argv[0].endswith(b"bwrap") and bind in argv:
+            found.append(int(entry))
+    return [pid for pid in found if parents.get(pid) not in found]
+
+
+def _kill_leftovers(root: Path) -> None:
+    """A failed test must not leave containers behind (they outlive their daemon on purpose)."""
+    for name in ("alice", "bob"):
+        for pid in _containers(root, name):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+async def _list(root: Path) -> dict[str, wire.AgentInfo]:
+    reply = await call_once(str(root / "run" / "host.sock"), wire.ListAgents(), wire.AgentList)
+    return {a.name: a for a in reply.agents}
+
+
+async def test_containers_outlive_a_killed_daemon_and_are_adopted_not_doubled(
+    hive_root: Path,
+) -> None:
+    try:
+        await _outlive_and_adopt(hive_root)
+    finally:
+        _kill_leftovers(hive_root)
+
+
+async def _outlive_and_adopt(hive_root: Path) -> None:
+    host = str(hive_root / "run" / "host.sock")
+    # A key and an unreachable API: harnesses log in and take their start-up notice (proof
+    # that they run and are connected); their turns then fail, which does not matter here.
+    claude = (
+        "--claude-env",
+        "ANTHROPIC_API_KEY=sk-ant-x",
+        "--claude-env",
+        "ANTHROPIC_BASE_URL=http://127.0.0.1:9",
+    )
+    async with daemon_process(hive_root, args=claude) as first:
+        async with open_client(host) as client:
+            await client.call(wire.Subscribe())
+            for name in ("alice", "bob"):
+                await call_once(host, wire.Spawn(name=name))
+            taken: set[str] = set()
+            while taken != {"alice", "bob"}:
+                leased = await wait_for_event(client, lambda e: isinstance(e, wire.MessageLeased))
+                assert isinstance(leased, wire.MessageLeased)
+                taken.add(leased.to)
+        before = await _list(hive_root)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        # The containers live on without their daemon.
+        assert all(len(_containers(hive_root, n)) == 1 for n in ("alice", "bob"))
+
+    async with daemon_process(hive_root, args=claude):
+        after = await _list(hive_root)
+        for name in ("alice", "bob"):
+            assert after[name].state == "running"
+            assert after[name].pid == before[name].pid  # adopted, not started again
+            assert _containers(hive_root, name) == [after[name].pid]
+        # The adopted harness found its way back to the new socket: it is served.
+        await call_once(host, wire.OperatorSend(to="alice", body="still with us?"))
+        await call_once(host, wire.Kill(name="alice"))
+        assert _containers(hive_root, "alice") == []  # stopping an adopted one stops it
+    assert _containers(hive_root, "bob") == []  # and a clean daemon stop stops the rest
+
+
+async def test_a_crashed_container_is_restarted_and_the_manager_told(hive_root: Path) -> None:
+    cfg = hive_config(hive_root, restart_initial=0.2)
+    async with open_hive(cfg) as hive, subscription(hive.sock) as events:
+        await hive.call(wire.Spawn(name="alice"))
+        running = await wait_for_event(
+            events, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "running"
+        )
+        assert isinstance(running, wire.AgentChanged) and running.agent.pid is not None
+        os.killpg(running.agent.pid, signal.SIGKILL)  # the container dies under us
+        await wait_for_event(
+            events, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "crashed"
+        )
+        again = await wait_for_event(
+            events, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "running"
+        )
+        assert isinstance(again, wire.AgentChanged)
+        assert again.agent.pid != running.agent.pid and again.agent.restarts == 1
+        inbox = await hive.call(wire.HostRecent(name="manager"), wire.Inbox)
+        event = msgspec.json.decode(inbox.messages[-1].body)
+        assert event["event"] == "container_crash" and event["agent"] == "alice"
+        logs = await hive.call(wire.Logs(name="alice", lines=50), wire.LogLines)
+        assert logs.lines  # the container's own output, for the dashboard's log viewer
+
+
+async def test_destroy_keeps_a_tombstone_revive_reuses_it_purge_wipes_only_that_agent(
+    hive_root: Path,
+) -> None:
+    cfg = hive_config(hive_root)
+    async with open_hive(cfg) as hive:
+        for name in ("alice", "bob"):
+            await hive.call(wire.Spawn(name=name))
+        note = cfg.agent_root("alice") / "state" / "notes.md"
+        note.write_text("remember me")
+        await hive.call(wire.Destroy(name="alice"))
+        listed = {a.name: a for a in (await hive.call(wire.ListAgents(), wire.AgentList)).agents}
+        assert listed["alice"].state == "destroyed" and note.exists()
+        assert not _containers(hive_root, "alice")
+
+        await hive.call(wire.Spawn(name="alice"))  # revive
+        assert note.read_text() == "remember me"
+        await hive.call(wire.Destroy(name="alice", purge=True))
+        listed = {a.name: a for a in (await hive.call(wire.ListAgents(), wire.AgentList)).agents}
+        assert "alice" not in listed and listed["bob"].state in ("starting", "running")
+        assert not cfg.agent_root("alice").exists()
+        assert cfg.agent_root("bob").exists()
+
+
+async def test_twenty_agents_spawned_at_once_all_run(hive_root: Path) -> None:
+    cfg = hive_config(hive_root)
+    names = [f"a{i}" for i in range(20)]
+    async with open_hive(cfg) as hive, subscription(hive.sock) as events:
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(hive.call, wire.Spawn(name=name))
+        running: set[str] = set()
+        while running != set(names):
+            event = await wait_for_event(
+                events, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "running"
+            )
+            assert isinstance(event, wire.AgentChanged)
+            running.add(event.agent.name)
+        listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+        assert len({a.port for a in listed}) == 20  # every UI has its own port
+        assert all(len(_containers(hive_root, n)) == 1 for n in names)
