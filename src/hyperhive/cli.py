@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the host daemon")
     serve.add_argument("--state-dir", default=os.environ.get("HIVE_STATE_DIR", DEFAULT_STATE_DIR))
-    serve.add_argument("--backend", default="bwrap", choices=["bwrap"])
+    serve.add_argument("--backend", default="bwrap", choices=["bwrap", "nspawn"])
     serve.add_argument("--demo", action="store_true", help="run against the bundled scripted model")
     serve.add_argument("--dashboard-port", type=int, default=7000)
     serve.add_argument("--bind", default="127.0.0.1")

@@ -12,6 +12,7 @@ from hyperhive.agent.settings import HarnessSettings
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.errors import HiveError
+from hyperhive.protocol.names import MANAGER, canonical_recipient
 
 INSTRUCTIONS = (
     "hyperhive: talk to other agents, the manager and the operator through a durable broker. "
@@ -44,6 +45,12 @@ def build_server(settings: HarnessSettings) -> MCPServer:
         )
     )
     async def send(to: str, body: str) -> str:
+        allowed = settings.allowed_recipients
+        if allowed and canonical_recipient(to) not in (*allowed, MANAGER):
+            raise ToolError(
+                f"{to!r} is not among your allowed recipients ({', '.join(allowed)}, manager);"
+                " ask the manager if you need to reach someone else"
+            )
         reply = await call(wire.Send(to=to, body=body))
         assert isinstance(reply, wire.Sent)
         return f"sent to {', '.join(reply.recipients)} (id {', '.join(map(str, reply.ids))})"

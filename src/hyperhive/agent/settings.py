@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import msgspec
+
+from hyperhive.protocol.agent_config import McpServer
+
 LOGIN_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
 
 BUILTIN_TOOLS = ("Bash", "Edit", "Glob", "Grep", "Read", "Write")
@@ -38,6 +42,10 @@ class HarnessSettings:
     python: str = sys.executable
     claude_config_dir: Path = Path("/root/.claude")
     env: dict[str, str] = field(default_factory=dict)
+    allowed_recipients: tuple[str, ...] = ()
+    """From agent.toml: whom `send` may reach besides the manager (empty: anyone)."""
+    extra_mcp: dict[str, McpServer] = field(default_factory=dict)
+    """From agent.toml: extra stdio MCP servers claude starts next to `hyperhive`."""
     first_event_timeout: float = 300.0
     idle_timeout: float = 900.0
     result_exit_grace: float = 10.0
@@ -67,6 +75,10 @@ class HarnessSettings:
             operator_pronouns=env.get("HIVE_OPERATOR_PRONOUNS", "she/her"),
             claude=env.get("HIVE_CLAUDE", "claude"),
             claude_config_dir=Path(env.get("CLAUDE_CONFIG_DIR", "/root/.claude")),
+            allowed_recipients=tuple(
+                r.strip() for r in env.get("HIVE_ALLOWED_RECIPIENTS", "").split(",") if r.strip()
+            ),
+            extra_mcp=_extra_mcp(env.get("HIVE_EXTRA_MCP", "")),
             env=env,
         )
 
@@ -76,7 +88,12 @@ class HarnessSettings:
 
     @property
     def allowed_tools(self) -> list[str]:
-        return [*BUILTIN_TOOLS, *(f"mcp__{MCP_SERVER}__{t}" for t in self.tools)]
+        extra = [
+            f"mcp__{key}__{tool}" if server.allowed_tools else f"mcp__{key}"
+            for key, server in sorted(self.extra_mcp.items())
+            for tool in (server.allowed_tools or [""])
+        ]
+        return [*BUILTIN_TOOLS, *(f"mcp__{MCP_SERVER}__{t}" for t in self.tools), *extra]
 
     @property
     def mcp_config_path(self) -> Path:
@@ -105,6 +122,17 @@ class HarnessSettings:
         return (self.claude_config_dir / ".credentials.json").is_file()
 
 
+def _extra_mcp(text: str) -> dict[str, McpServer]:
+    """The extra MCP servers the daemon passed on (validated there); `hyperhive` is ours."""
+    if not text:
+        return {}
+    try:
+        servers = msgspec.json.decode(text, type=dict[str, McpServer])
+    except msgspec.DecodeError:
+        return {}
+    return {k: v for k, v in servers.items() if k != MCP_SERVER}
+
+
 def system_prompt(settings: HarnessSettings) -> str:
     name = "manager.md" if settings.role == "manager" else "agent.md"
     template = resources.files("hyperhive.agent").joinpath("prompts", name).read_text("utf-8")
@@ -116,8 +144,13 @@ def system_prompt(settings: HarnessSettings) -> str:
 def write_claude_files(settings: HarnessSettings) -> None:
     """Write the MCP config, claude settings and system prompt (blocking; call off the loop)."""
     settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+    extra = {
+        key: {"type": "stdio", "command": srv.command, "args": srv.args, "env": srv.env}
+        for key, srv in settings.extra_mcp.items()
+    }
     mcp = {
         "mcpServers": {
+            **extra,
             MCP_SERVER: {
                 "type": "stdio",
                 "command": settings.python,
@@ -126,8 +159,9 @@ def write_claude_files(settings: HarnessSettings) -> None:
                     "HIVE_SOCKET": settings.socket,
                     "HIVE_LABEL": settings.label,
                     "HIVE_ROLE": settings.role,
+                    "HIVE_ALLOWED_RECIPIENTS": ",".join(settings.allowed_recipients),
                 },
-            }
+            },
         }
     }
     claude_settings = {

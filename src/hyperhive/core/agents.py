@@ -41,6 +41,7 @@ class AgentRecord:
     pid: int | None = None
     restarts: int = 0
     last_error: str | None = None
+    limits_note: str | None = None
 
     @property
     def container(self) -> str:
@@ -171,6 +172,7 @@ class Registry:
             restarts=rec.restarts,
             unread=unread,
             last_error=rec.last_error,
+            limits_note=rec.limits_note,
         )
 
     def changed(self, rec: AgentRecord) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import trio
 
@@ -14,6 +15,7 @@ from hyperhive.core.config import DaemonConfig
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import wire
+from hyperhive.protocol.agent_config import AGENT_TOML, DEFAULT_TOML
 from hyperhive.protocol.codec import encode_line
 from hyperhive.protocol.errors import BadParams, Conflict, Forbidden
 from hyperhive.protocol.names import (
@@ -34,6 +36,14 @@ def needs_login(cfg: DaemonConfig, names: list[str]) -> dict[str, bool]:
     if any(cfg.claude_env.get(k) for k in LOGIN_KEYS):
         return dict.fromkeys(names, False)
     return {n: not (cfg.agent_root(n) / "claude" / ".credentials.json").is_file() for n in names}
+
+
+def _seed_config(applied: Path) -> None:
+    """A new agent starts from the template agent.toml (kept as it is when reviving)."""
+    applied.mkdir(parents=True, exist_ok=True)
+    path = applied / AGENT_TOML
+    if not path.exists():
+        path.write_text(DEFAULT_TOML, "utf-8")
 
 
 class HostHandler:
@@ -75,6 +85,7 @@ class HostHandler:
     async def spawn(self, name: str) -> AgentRecord:
         check_new_agent_name(name)
         revived = self.registry.find(name) is not None
+        await trio.to_thread.run_sync(_seed_config, self.cfg.state_dir / "applied" / name)
         rec = await self.registry.add(name, "agent")
         await self.supervisor.launch(rec)
         await self.kick(rec, "Revived from kept state." if revived else "Spawned.")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+import msgspec
 import trio
 
 from hyperhive.core import events
@@ -26,6 +27,8 @@ from hyperhive.core.containers.base import (
 )
 from hyperhive.core.server import SocketServer
 from hyperhive.core.tokens import LoginTokens
+from hyperhive.protocol import agent_config
+from hyperhive.protocol.agent_config import AGENT_TOML, AgentConfig
 from hyperhive.protocol.errors import HiveError, Internal
 from hyperhive.protocol.names import MANAGER, SYSTEM
 
@@ -46,6 +49,17 @@ def _prepare_dirs(paths: list[Path]) -> None:
     for path in paths:
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o700)
+
+
+CONFIG_ERROR = -3
+"""The exit status reported when the agent's config was refused before anything started."""
+
+
+def _note(root: Path, text: str) -> None:
+    """Put a line of the daemon's into the agent's container log (read by `logs`, `list`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "container.log", "a", encoding="utf-8") as fh:
+        fh.write(f"--- hive-c0re: {text} ---\n")
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -97,8 +111,21 @@ class Supervisor:
 
     # ------------------------------------------------------------------ layout
 
-    def spec_for(self, rec: AgentRecord) -> ContainerSpec:
+    def applied_dir(self, rec: AgentRecord) -> Path:
+        return self.cfg.state_dir / "applied" / rec.name
+
+    def load_config(self, rec: AgentRecord) -> AgentConfig:
+        """The applied agent.toml (blocking; validated: unknown keys and bad values refused)."""
+        path = self.applied_dir(rec) / AGENT_TOML
+        try:
+            text = path.read_text("utf-8")
+        except FileNotFoundError:
+            return AgentConfig()
+        return agent_config.parse(text, source=str(path))
+
+    def spec_for(self, rec: AgentRecord, config: AgentConfig | None = None) -> ContainerSpec:
         cfg = self.cfg
+        config = config or AgentConfig()
         root = cfg.agent_root(rec.name)
         binds = [
             Bind(cfg.socket_dir(rec.name), "/run/hive"),
@@ -126,10 +153,14 @@ class Supervisor:
             "HIVE_BIND": cfg.bind,
             "HIVE_ALLOWED_HOSTS": ",".join(cfg.allowed_hosts),
             "HIVE_DASHBOARD_PORT": str(cfg.dashboard_port),
-            "HIVE_MODEL": cfg.model,
+            "HIVE_MODEL": config.model or cfg.model,
             "HIVE_OPERATOR_PRONOUNS": cfg.operator_pronouns,
             "HIVE_CLAUDE": cfg.claude_bin,
+            "HIVE_ALLOWED_RECIPIENTS": ",".join(config.allowed_recipients),
+            "HIVE_EXTRA_MCP": msgspec.json.encode(config.extra_mcp_servers).decode(),
             **cfg.claude_env,
+            # The agent's own variables never replace the hive's.
+            **{k: v for k, v in config.env.items() if not k.startswith("HIVE_")},
             # After claude_env, so that it cannot be overridden; the harness keeps it from claude.
             "HIVE_UI_TOKEN": self._login_tokens.agent(rec.name),
         }
@@ -143,6 +174,8 @@ class Supervisor:
             command=command,
             log_path=root / "container.log",
             port=rec.port,
+            config=config,
+            config_dir=self.applied_dir(rec),
             hidden=(cfg.state_dir, cfg.run_dir),
         )
 
@@ -289,7 +322,14 @@ class Supervisor:
 
     async def _run_once(self, rec: AgentRecord) -> int:
         self.registry.set_state(rec, "starting")
-        spec = self.spec_for(rec)
+        try:
+            config = await trio.to_thread.run_sync(self.load_config, rec)
+        except HiveError as exc:
+            log.error("%s: %s", rec.container, exc.message)
+            await trio.to_thread.run_sync(_note, self.cfg.agent_root(rec.name), exc.message)
+            return CONFIG_ERROR
+        spec = self.spec_for(rec, config)
+        rec.limits_note = self.backend.limits_note(spec)
 
         def started(pid: int) -> None:
             self.registry.set_state(rec, "running", pid=pid)

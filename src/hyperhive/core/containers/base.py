@@ -15,7 +15,7 @@ from typing import BinaryIO, Protocol
 
 import trio
 
-from hyperhive.core.agent_config import AgentConfig
+from hyperhive.protocol.agent_config import AgentConfig
 
 log = logging.getLogger(__name__)
 

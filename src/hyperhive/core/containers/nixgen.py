@@ -10,8 +10,8 @@ from urllib.parse import quote
 
 import msgspec
 
-from hyperhive.core.agent_config import Limits
 from hyperhive.core.containers.base import Bind, ContainerSpec
+from hyperhive.protocol.agent_config import Limits
 from hyperhive.protocol.errors import BadParams
 from hyperhive.protocol.names import is_valid_name
 

@@ -16,6 +16,7 @@ from hyperhive.core.containers.base import (
     ContainerSpec,
     OnStarted,
     _write_pidfile,
+    read_live_pidfile,
     reap_stale,
     run_process_group,
     tail_lines,
@@ -135,10 +136,21 @@ class NspawnBackend:
         for bind in spec.binds:
             flag = "--bind-ro" if bind.read_only else "--bind"
             args.append(f"{flag}={_escape(str(bind.source))}:{_escape(bind.dest)}")
+        # nspawn mounts parents before children, whatever the order on the command line.
+        args += [f"--tmpfs={_escape(path)}" for path in self.masked(spec)]
         args.append(f"--chdir={spec.workdir}")
         args += [f"--setenv={key}" for key in sorted(spec.env)]
         args += ["--", *spec.command]
         return args
+
+    def masked(self, spec: ContainerSpec) -> list[str]:
+        """The hidden host paths that /usr or a kept path would show: covered by a tmpfs.
+
+        The others are not in the container at all (its root is a fresh tmpfs).
+        """
+        shown = ("/usr", *self.keep_paths)
+        hidden = {p for h in spec.hidden for p in (str(h), os.path.realpath(h))}
+        return sorted(p for p in hidden if any(_under(p, top) for top in shown))
 
     def limits_note(self, spec: ContainerSpec) -> str | None:
         limits = spec.config.limits
@@ -167,12 +179,17 @@ class NspawnBackend:
         """Run nspawn in its own process group (see base.run_process_group).
 
         nspawn answers SIGTERM by SIGKILLing the container's init, which takes everything in
-        the container with it, and exits at once. But the init runs in a session of its own,
-        so it survives a SIGKILL of nspawn's process group (the grace period running out, or a
-        new daemon reaping one that died): its pid is recorded so that it can be killed then.
+        the container with it, and exits at once. But that init runs in a session of its own:
+        a SIGKILL of nspawn's process group alone would leave it, and the agent, running. So
+        its pid is recorded, and killed once nspawn is gone.
         """
         init_pidfile = spec.log_path.parent / INIT_PIDFILE
-        await reap_stale(init_pidfile)
+        nspawn_alive = await trio.to_thread.run_sync(
+            read_live_pidfile, spec.log_path.parent / "container.pid"
+        )
+        if nspawn_alive is None:
+            # Nothing to adopt, but nspawn may have been SIGKILLed under a container.
+            await reap_stale(init_pidfile)
         try:
             async with trio.open_nursery() as nursery:
 

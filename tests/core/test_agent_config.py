@@ -1,0 +1,121 @@
+"""agent.toml: validated with line numbers, applied to the container, enforced in the harness."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from mcp import Client
+from mcp.types import TextContent
+
+from hyperhive.agent.mcp_server import build_server
+from hyperhive.agent.settings import HarnessSettings
+from hyperhive.protocol import wire
+from hyperhive.protocol.agent_config import DEFAULT_TOML, parse
+from hyperhive.protocol.errors import BadParams
+from tests.conftest import needs_bwrap
+from tests.hive import hive_config, open_hive, subscription, wait_for_event
+
+
+def test_the_template_is_valid_and_empty() -> None:
+    config = parse(DEFAULT_TOML)
+    assert config.model is None and config.allowed_recipients == [] and not config.env
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('# hi\nmodle = "x"\n', "line 2"),
+        ('model = "sonnet"\n[limits]\nmemory_max = "lots"\n', "line 3"),
+        ("[extra_mcp_servers.web]\nargs = []\n", "command"),
+        ("x = [", "agent.toml"),
+        ('private_network = "yes"\n', "line 1"),
+    ],
+)
+def test_bad_agent_toml_is_refused_with_where_and_why(text: str, where: str) -> None:
+    with pytest.raises(BadParams) as err:
+        parse(text)
+    assert err.value.message.startswith("agent.toml:") and where in err.value.message
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        pairs = [p.decode().split("=", 1) for p in fh.read().split(b"\0") if b"=" in p]
+    return dict(pairs)
+
+
+def _harness_env(container_pid: int) -> dict[str, str]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                env = _environ(int(entry))
+            except OSError:
+                continue
+            if env.get("HIVE_LABEL") == "alice" and os.getpgid(int(entry)) == container_pid:
+                return env
+    raise AssertionError("harness not found")
+
+
+@needs_bwrap
+async def test_applied_agent_toml_reaches_the_container(hive_root: Path) -> None:
+    cfg = hive_config(hive_root)
+    applied = cfg.state_dir / "applied" / "alice"
+    applied.mkdir(parents=True)
+    (applied / "agent.toml").write_text(
+        'model = "sonnet"\nallowed_recipients = ["bob"]\n'
+        '[env]\nPROJECT = "moon"\nHIVE_LABEL = "mallory"\n'
+        '[limits]\nmemory_max = "1G"\n'
+    )
+    async with open_hive(cfg) as hive, subscription(hive.sock) as events:
+        await hive.call(wire.Spawn(name="alice"))
+        running = await wait_for_event(
+            events, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "running"
+        )
+        assert isinstance(running, wire.AgentChanged) and running.agent.pid is not None
+        env = _harness_env(running.agent.pid)
+        assert env["HIVE_MODEL"] == "sonnet" and env["PROJECT"] == "moon"
+        assert env["HIVE_LABEL"] == "alice"  # an agent's env cannot rename it
+        assert env["HIVE_ALLOWED_RECIPIENTS"] == "bob"
+        assert running.agent.limits_note and "cannot enforce" in running.agent.limits_note
+
+
+@needs_bwrap
+async def test_a_broken_agent_toml_keeps_the_container_down_and_says_why(
+    hive_root: Path,
+) -> None:
+    cfg = hive_config(hive_root, restart_initial=60)
+    applied = cfg.state_dir / "applied" / "alice"
+    applied.mkdir(parents=True)
+    (applied / "agent.toml").write_text('model = "sonnet"\nmemory = "1G"\n')
+    async with open_hive(cfg) as hive, subscription(hive.sock) as events:
+        await hive.call(wire.Spawn(name="alice"))
+        crashed = await wait_for_event(
+            events, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "crashed"
+        )
+        assert isinstance(crashed, wire.AgentChanged) and crashed.agent.last_error is not None
+        assert "agent.toml: line 2" in crashed.agent.last_error
+        assert "unknown field `memory`" in crashed.agent.last_error
+
+
+async def test_send_is_limited_to_the_allowed_recipients_and_the_manager(hive_root: Path) -> None:
+    async with open_hive(hive_config(hive_root)) as hive:
+        for name in ("alice", "bob", "carol"):
+            await hive.call(wire.Spawn(name=name))
+            await hive.call(wire.Kill(name=name))
+        settings = HarnessSettings(
+            label="alice",
+            role="agent",
+            socket=hive.agent_sock("alice"),
+            allowed_recipients=("bob",),
+        )
+        async with Client(build_server(settings)) as client:
+            refused = await client.call_tool("send", {"to": "carol", "body": "psst"})
+            assert refused.is_error
+            text = "".join(c.text for c in refused.content if isinstance(c, TextContent))
+            assert "not among your allowed recipients" in text
+            for to in ("bob", "manager", "hm1nd"):
+                ok = await client.call_tool("send", {"to": to, "body": "hi"})
+                assert not ok.is_error
+        flow = await hive.call(wire.Flow(), wire.Inbox)
+        assert [m.to for m in flow.messages if m.sender == "alice"] == ["bob", "manager", "manager"]
