@@ -13,7 +13,6 @@ import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from hyperhive.core.agent_config import DEFAULT_TOML, parse
 from hyperhive.core.containers.nixgen import (
     AGENT_FLAKE_NIX,
     DEFAULT_AGENT_NIX,
@@ -22,6 +21,7 @@ from hyperhive.core.containers.nixgen import (
     meta_flake_nix,
     nix_string,
 )
+from hyperhive.protocol.agent_config import DEFAULT_TOML, parse
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nix-instantiate") is None,

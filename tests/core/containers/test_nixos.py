@@ -15,7 +15,6 @@ import pytest
 import trio
 import trio.testing
 
-from hyperhive.core.agent_config import AgentConfig, Limits
 from hyperhive.core.containers.base import Bind, ContainerSpec
 from hyperhive.core.containers.nixgen import (
     AGENT_FLAKE_MARKER,
@@ -28,6 +27,7 @@ from hyperhive.core.containers.nixgen import (
 )
 from hyperhive.core.containers.nixos import NixosBackend
 from hyperhive.core.runner import CommandFailed, Completed, Runner
+from hyperhive.protocol.agent_config import AgentConfig, Limits
 from hyperhive.protocol.errors import BadParams
 
 GRACE = 5.0
