@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the host daemon")
     serve.add_argument("--state-dir", default=os.environ.get("HIVE_STATE_DIR", DEFAULT_STATE_DIR))
-    serve.add_argument("--backend", default="bwrap", choices=["bwrap", "nspawn"])
+    serve.add_argument("--backend", default="bwrap", choices=["bwrap", "nspawn", "nixos"])
+    serve.add_argument(
+        "--hyperhive-flake",
+        default="git+file:///etc/hyperhive",
+        help="nixos backend: the flake reference of hyperhive itself",
+    )
     serve.add_argument("--demo", action="store_true", help="run against the bundled scripted model")
     serve.add_argument("--dashboard-port", type=int, default=7000)
     serve.add_argument("--bind", default="127.0.0.1")
@@ -177,6 +182,7 @@ def serve(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir),
         run_dir=Path(args.run_dir),
         backend=args.backend,
+        hyperhive_flake=args.hyperhive_flake,
         demo=args.demo,
         bind=args.bind,
         allowed_hosts=tuple(args.allowed_host),

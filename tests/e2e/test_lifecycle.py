@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 from pathlib import Path
 
 import msgspec
@@ -43,6 +44,22 @@ def _kill_leftovers(root: Path) -> None:
         for pid in _containers(root, name):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+async def _when_running(root: Path, names: set[str]) -> dict[str, wire.AgentInfo]:
+    """The agents' records once each of them is running (adoption takes a moment)."""
+    async with open_client(str(root / "run" / "host.sock")) as client:
+        await client.call(wire.Subscribe())
+        agents = await _list(root)
+        waiting = {n for n in names if agents[n].state != "running"}
+        while waiting:
+            event = await wait_for_event(
+                client, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "running"
+            )
+            assert isinstance(event, wire.AgentChanged)
+            agents[event.agent.name] = event.agent
+            waiting.discard(event.agent.name)
+        return agents
 
 
 async def _list(root: Path) -> dict[str, wire.AgentInfo]:
@@ -86,7 +103,7 @@ async def _outlive_and_adopt(hive_root: Path) -> None:
         assert all(len(_containers(hive_root, n)) == 1 for n in ("alice", "bob"))
 
     async with daemon_process(hive_root, args=claude):
-        after = await _list(hive_root)
+        after = await _when_running(hive_root, {"alice", "bob"})
         for name in ("alice", "bob"):
             assert after[name].state == "running"
             assert after[name].pid == before[name].pid  # adopted, not started again
@@ -162,3 +179,52 @@ async def test_twenty_agents_spawned_at_once_all_run(hive_root: Path) -> None:
         listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
         assert len({a.port for a in listed}) == 20  # every UI has its own port
         assert all(len(_containers(hive_root, n)) == 1 for n in names)
+
+
+async def test_an_adopted_container_from_an_older_hyperhive_is_rebuilt(hive_root: Path) -> None:
+    try:
+        await _adopt_after_upgrade(hive_root)
+    finally:
+        _kill_leftovers(hive_root)
+
+
+async def _adopt_after_upgrade(hive_root: Path) -> None:
+    host = str(hive_root / "run" / "host.sock")
+    claude = (
+        "--claude-env",
+        "ANTHROPIC_API_KEY=sk-ant-x",
+        "--claude-env",
+        "ANTHROPIC_BASE_URL=http://127.0.0.1:9",
+    )
+    async with daemon_process(hive_root, args=claude) as first:
+        async with open_client(host) as client:
+            await client.call(wire.Subscribe())
+            await call_once(host, wire.Spawn(name="alice"))
+            await wait_for_event(client, lambda e: isinstance(e, wire.MessageLeased))
+        old_pid = (await _list(hive_root))["alice"].pid
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    # As if the running container had been started by an older hyperhive.
+    with sqlite3.connect(hive_root / "state" / "broker.sqlite") as conn:
+        conn.execute("UPDATE agents SET built_rev = 'older' WHERE name = 'alice'")
+
+    async with daemon_process(hive_root, args=claude), open_client(host) as client:
+        await client.call(wire.Subscribe())
+        rebuilt = await wait_for_event(
+            client,
+            lambda e: (
+                isinstance(e, wire.MessageSent)
+                and e.message.to == "manager"
+                and '"rebuilt"' in e.message.body
+            ),
+        )
+        assert isinstance(rebuilt, wire.MessageSent)
+        notes = await call_once(host, wire.HostRecent(name="manager"), wire.Inbox)
+        kinds = [msgspec.json.decode(m.body)["event"] for m in notes.messages]
+        assert kinds[-2:] == ["needs_update", "rebuilt"]
+        running = await wait_for_event(
+            client, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "running"
+        )
+        assert isinstance(running, wire.AgentChanged)
+        assert running.agent.pid not in (None, old_pid) and not running.agent.needs_update
+        assert _containers(hive_root, "alice") == [running.agent.pid]

@@ -42,6 +42,8 @@ class AgentRecord:
     restarts: int = 0
     last_error: str | None = None
     limits_note: str | None = None
+    built_rev: str | None = None
+    """The hyperhive revision the running container was started from."""
 
     @property
     def container(self) -> str:
@@ -57,18 +59,30 @@ class AgentRecord:
         return self.destroyed_at is None
 
 
-def _load(conn: sqlite3.Connection) -> list[tuple[str, str, int, float, str, float | None]]:
+def _load(
+    conn: sqlite3.Connection,
+) -> list[tuple[str, str, int, float, str, float | None, str | None]]:
     return conn.execute(
-        "SELECT name, role, port, created_at, desired, destroyed_at FROM agents ORDER BY name"
+        "SELECT name, role, port, created_at, desired, destroyed_at, built_rev FROM agents"
+        " ORDER BY name"
     ).fetchall()
 
 
 def _upsert(conn: sqlite3.Connection, rec: AgentRecord) -> None:
     conn.execute(
-        "INSERT INTO agents (name, role, created_at, port, desired, destroyed_at)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET role = excluded.role,"
-        " port = excluded.port, desired = excluded.desired, destroyed_at = excluded.destroyed_at",
-        (rec.name, rec.role, rec.created_at, rec.port, rec.desired, rec.destroyed_at),
+        "INSERT INTO agents (name, role, created_at, port, desired, destroyed_at, built_rev)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET role = excluded.role,"
+        " port = excluded.port, desired = excluded.desired, destroyed_at = excluded.destroyed_at,"
+        " built_rev = excluded.built_rev",
+        (
+            rec.name,
+            rec.role,
+            rec.created_at,
+            rec.port,
+            rec.desired,
+            rec.destroyed_at,
+            rec.built_rev,
+        ),
     )
 
 
@@ -84,9 +98,11 @@ class Registry:
         self._backend = backend
         self._agents: dict[str, AgentRecord] = {}
         self.login_check: dict[str, bool] = {}
+        self.revision: str | None = None
+        """The hyperhive revision new containers start from (see core/revision.py)."""
 
     async def load(self) -> None:
-        for name, role, port, created, desired, destroyed in await self._store.run(_load):
+        for name, role, port, created, desired, destroyed, built in await self._store.run(_load):
             assert role in ("agent", "manager")
             self._agents[name] = AgentRecord(
                 name=name,
@@ -96,6 +112,7 @@ class Registry:
                 desired=desired,
                 destroyed_at=destroyed,
                 state="destroyed" if destroyed is not None else "stopped",
+                built_rev=built,
             )
 
     def get(self, name: str) -> AgentRecord:
@@ -173,6 +190,9 @@ class Registry:
             unread=unread,
             last_error=rec.last_error,
             limits_note=rec.limits_note,
+            needs_update=rec.state == "running"
+            and self.revision is not None
+            and rec.built_rev != self.revision,
         )
 
     def changed(self, rec: AgentRecord) -> None:

@@ -15,6 +15,9 @@ class DaemonConfig:
     state_dir: Path = Path("/var/lib/hyperhive")
     run_dir: Path = Path("/run/hyperhive")
     backend: str = "bwrap"
+    """bwrap, nspawn or nixos (nixos-container, on NixOS hosts)."""
+    hyperhive_flake: str = "git+file:///etc/hyperhive"
+    """The nixos backend's flake reference of hyperhive itself (the module sets it)."""
     demo: bool = False
     bind: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()

@@ -20,6 +20,7 @@ from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.base import Backend
 from hyperhive.core.faults import Faults
 from hyperhive.core.host_api import HostHandler
+from hyperhive.core.revision import current_revision
 from hyperhive.core.server import SocketLimits, SocketServer, require_uid
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
@@ -56,16 +57,31 @@ class DaemonInfo:
     """The dashboard's login URL (it carries the token: print it only to the operator)."""
 
 
-def make_backend(name: str) -> Backend:
-    if name == "bwrap":
-        from hyperhive.core.containers.bwrap import BwrapBackend
+BACKENDS = ("bwrap", "nspawn", "nixos")
 
-        return BwrapBackend()
-    if name == "nspawn":
-        from hyperhive.core.containers.nspawn import NspawnBackend
 
-        return NspawnBackend()
-    raise ValueError(f"unknown container backend {name!r} (available: bwrap)")
+def make_backend(cfg: DaemonConfig) -> Backend:
+    match cfg.backend:
+        case "bwrap":
+            from hyperhive.core.containers.bwrap import BwrapBackend
+
+            return BwrapBackend()
+        case "nspawn":
+            from hyperhive.core.containers.nspawn import NspawnBackend
+
+            return NspawnBackend()
+        case "nixos":
+            from hyperhive.core.containers.nixos import NixosBackend
+            from hyperhive.core.runner import Runner
+
+            return NixosBackend(
+                Runner(),
+                cfg.state_dir,
+                hyperhive_flake=cfg.hyperhive_flake,
+                operator_pronouns=cfg.operator_pronouns,
+                dashboard_port=cfg.dashboard_port,
+            )
+    raise ValueError(f"unknown container backend {cfg.backend!r} (available: {BACKENDS})")
 
 
 MAX_SOCKET_PATH = 100
@@ -103,7 +119,7 @@ async def run(
 ) -> None:
     """Run the daemon until cancelled. started(DaemonInfo) once sockets and dashboard are up."""
     await trio.to_thread.run_sync(_prepare, cfg)
-    backend = make_backend(cfg.backend)
+    backend = make_backend(cfg)
     async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
         model_url: str | None = None
         if cfg.demo:
@@ -121,6 +137,7 @@ async def run(
         hub = EventHub()
         registry = Registry(store, hub, ui_port_base=cfg.ui_port_base, backend=backend.name)
         await registry.load()
+        registry.revision = await trio.to_thread.run_sync(current_revision)
         broker = Broker(
             store,
             hub,
@@ -185,6 +202,14 @@ async def run(
                 await supervisor.open_socket(rec)
                 if rec.desired == "running":
                     await supervisor.launch(rec)
+        # auto-update: adopted containers from before an upgrade are rebuilt, one at a time.
+        stale = [
+            r.name
+            for r in registry.all()
+            if r.recipient in adopted and r.built_rev != registry.revision
+        ]
+        if stale:
+            nursery.start_soon(supervisor.update_stale, stale)
         dashboard_port: int | None = None
         dashboard_login: str | None = None
         if cfg.dashboard_port >= 0:

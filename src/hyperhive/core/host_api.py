@@ -87,6 +87,8 @@ class HostHandler:
         revived = self.registry.find(name) is not None
         await trio.to_thread.run_sync(_seed_config, self.cfg.state_dir / "applied" / name)
         rec = await self.registry.add(name, "agent")
+        await self.supervisor.open_socket(rec)
+        await self.supervisor.create(rec)
         await self.supervisor.launch(rec)
         await self.kick(rec, "Revived from kept state." if revived else "Spawned.")
         return rec
@@ -98,6 +100,7 @@ class HostHandler:
             return None
         rec = await self.registry.add(MANAGER_NAME, "manager")
         await self.supervisor.open_socket(rec)
+        await self.supervisor.create(rec)
         await self.kick(rec, "The hive is up and you are its manager.")
         return rec
 
@@ -171,6 +174,7 @@ class HostHandler:
         if rec.alive:
             self.registry.set_state(rec, "destroying")
             await self.supervisor.stop(rec)
+            await self.supervisor.destroy(rec)
             await self.supervisor.close_socket(name)
             rec.desired = "stopped"
             rec.destroyed_at = time.time()

@@ -176,8 +176,10 @@ class SocketServer(Generic[Req]):
         """Pump a stream to the client until either side ends; reading detects a hang-up."""
 
         async def watch_hangup(cancel: trio.CancelScope) -> None:
-            while await lines.receive_line() is not None:
-                pass
+            # Whatever the client does now (hang up, reset, send junk) ends the stream.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, HiveError):
+                while await lines.receive_line() is not None:
+                    pass
             cancel.cancel()
 
         async with trio.open_nursery() as nursery:
@@ -185,6 +187,8 @@ class SocketServer(Generic[Req]):
             try:
                 async for data in source:
                     await self._send(lines, data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went away mid-stream
             finally:
                 aclose: Callable[[], Awaitable[None]] | None = getattr(source, "aclose", None)
                 if aclose is not None:

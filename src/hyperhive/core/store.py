@@ -64,7 +64,20 @@ def connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA journal_size_limit=67108864")
     conn.executescript(SCHEMA)
+    _migrate(conn)
     return conn
+
+
+_COLUMNS_ADDED = {"agents": {"built_rev": "TEXT"}}
+"""Columns added after a table was first created: ALTER TABLE on older databases."""
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for table, columns in _COLUMNS_ADDED.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column, kind in columns.items():
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 @asynccontextmanager

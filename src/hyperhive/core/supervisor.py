@@ -216,6 +216,20 @@ class Supervisor:
 
     # ------------------------------------------------------------------ containers
 
+    async def update_stale(self, names: list[str]) -> None:
+        """Rebuild adopted containers that run an older hyperhive, one at a time."""
+        for name in names:
+            rec = self.registry.find(name)
+            if rec is None or not rec.alive or rec.built_rev == self.registry.revision:
+                continue
+            await self.notify_manager(
+                events.NeedsUpdate(
+                    agent=name,
+                    note=f"runs hyperhive {rec.built_rev}, the daemon {self.registry.revision}",
+                )
+            )
+            await self.rebuild(rec)
+
     async def adoptable(self) -> tuple[str, ...]:
         """Inboxes of agents whose containers outlived the previous daemon (to be adopted)."""
         found = []
@@ -305,7 +319,8 @@ class Supervisor:
         await self.stop(rec)
         self.registry.set_state(rec, "rebuilding")
         try:
-            await self.backend.rebuild(self.spec_for(rec))
+            config = await trio.to_thread.run_sync(self.load_config, rec)
+            await self.backend.rebuild(self.spec_for(rec, config))
         except HiveError as exc:
             ok, note = False, exc.message
         else:
@@ -316,6 +331,15 @@ class Supervisor:
             self.registry.set_state(rec, "stopped")
         await self.notify_manager(events.Rebuilt(agent=rec.name, ok=ok, note=note))
         return ok, note
+
+    async def create(self, rec: AgentRecord) -> None:
+        """Make the agent's container exist in the backend (files, units, images)."""
+        config = await trio.to_thread.run_sync(self.load_config, rec)
+        await self.backend.create(self.spec_for(rec, config))
+
+    async def destroy(self, rec: AgentRecord) -> None:
+        """Remove the backend's container (the agent's state is kept unless purged)."""
+        await self.backend.destroy(self.spec_for(rec))
 
     async def logs(self, rec: AgentRecord, lines: int) -> list[str]:
         return await self.backend.logs(self.spec_for(rec), lines)
@@ -330,8 +354,14 @@ class Supervisor:
             return CONFIG_ERROR
         spec = self.spec_for(rec, config)
         rec.limits_note = self.backend.limits_note(spec)
+        pidfile = self.cfg.agent_root(rec.name) / "container.pid"
+        adopting = await trio.to_thread.run_sync(read_live_pidfile, pidfile) is not None
 
         def started(pid: int) -> None:
+            if not adopting and rec.built_rev != self.registry.revision:
+                # A fresh container runs this daemon's hyperhive; an adopted one keeps its own.
+                rec.built_rev = self.registry.revision
+                self.nursery.start_soon(self.registry.save, rec)
             self.registry.set_state(rec, "running", pid=pid)
 
         try:

@@ -58,6 +58,8 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     backend: str
     port: int
     needs_login: bool = False
+    needs_update: bool = False
+    """The container runs an older hyperhive than the daemon's (adopted across an upgrade)."""
     pid: int | None = None
     restarts: int = 0
     unread: int = 0

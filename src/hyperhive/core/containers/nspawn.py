@@ -62,6 +62,11 @@ def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 def _container_init(nspawn_pid: int) -> int | None:
     """nspawn's child that is pid 1 of the container's pid namespace, once it exists."""
     try:
@@ -95,7 +100,7 @@ class NspawnBackend:
     """The host's /usr read-only on a fresh tmpfs root (`--volatile=yes`), the payload as pid 2.
 
     Without systemd as PID 1 and without D-Bus there is no machined and no scope unit, so the
-    container runs in the caller's own process (`--register=no --keep-unit`) and is stopped by
+    container stays in the daemon's own unit (`--register=no --keep-unit`) and is stopped by
     process group like every other backend.
     """
 
@@ -184,10 +189,10 @@ class NspawnBackend:
         its pid is recorded, and killed once nspawn is gone.
         """
         init_pidfile = spec.log_path.parent / INIT_PIDFILE
-        nspawn_alive = await trio.to_thread.run_sync(
+        adoptable = await trio.to_thread.run_sync(
             read_live_pidfile, spec.log_path.parent / "container.pid"
         )
-        if nspawn_alive is None:
+        if adoptable is None:
             # Nothing to adopt, but nspawn may have been SIGKILLed under a container.
             await reap_stale(init_pidfile)
         try:
@@ -211,8 +216,7 @@ class NspawnBackend:
         finally:
             with trio.CancelScope(shield=True):
                 await reap_stale(init_pidfile)
-            with contextlib.suppress(OSError):
-                init_pidfile.unlink()
+                await trio.to_thread.run_sync(_remove, init_pidfile)
 
 
 def nspawn_available() -> bool:
