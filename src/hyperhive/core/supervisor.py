@@ -333,8 +333,16 @@ class Supervisor:
         return ok, note
 
     async def create(self, rec: AgentRecord) -> None:
-        """Make the agent's container exist in the backend (files, units, images)."""
-        config = await trio.to_thread.run_sync(self.load_config, rec)
+        """Make the agent's container exist in the backend (files, units, images).
+
+        A config the daemon refuses is not an error here: the start that follows fails with
+        it, visibly (`last_error`, the container log), and a fixed config recovers.
+        """
+        try:
+            config = await trio.to_thread.run_sync(self.load_config, rec)
+        except HiveError as exc:
+            log.error("%s: not created: %s", rec.container, exc.message)
+            return
         await self.backend.create(self.spec_for(rec, config))
 
     async def destroy(self, rec: AgentRecord) -> None:
