@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("requeue", help="give a dead letter another round of attempts").add_argument(
         "id", type=int
     )
+    sub.add_parser("pending", help="approvals waiting for the operator, with their diffs")
+    sub.add_parser("approve", help="approve a pending approval").add_argument("id", type=int)
+    deny = sub.add_parser("deny", help="deny a pending approval")
+    deny.add_argument("id", type=int)
+    deny.add_argument("--note", default="", help="why (sent to the manager)")
+    request_spawn = sub.add_parser("request-spawn", help="queue a spawn approval")
+    request_spawn.add_argument("name")
+    request_spawn.add_argument("--description", default="")
     return parser
 
 
@@ -132,11 +140,27 @@ def _request(args: argparse.Namespace) -> msgspec.Struct:
             return wire.DeadLetters(limit=args.limit)
         case "requeue":
             return wire.Requeue(id=args.id)
+        case "pending":
+            return wire.Pending()
+        case "approve":
+            return wire.Approve(id=args.id)
+        case "deny":
+            return wire.Deny(id=args.id, note=args.note)
+        case "request-spawn":
+            return wire.HostRequestSpawn(name=args.name, description=args.description)
     raise SystemExit(f"unknown command {args.command}")
 
 
 def _when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _approval(a: wire.ApprovalInfo) -> str:
+    what = f"{a.sha[:12]}" if a.kind == "apply_commit" else a.description
+    head = f"#{a.id} {a.kind} {a.agent} {a.status} {_when(a.requested_at)} {what}".rstrip()
+    if a.note:
+        head += f"\n  note: {a.note}"
+    return head + (f"\n{a.diff.rstrip()}" if a.diff else "")
 
 
 def render(reply: wire.Reply) -> str:
@@ -146,7 +170,14 @@ def render(reply: wire.Reply) -> str:
                 return "no agents"
             rows = [("NAME", "ROLE", "STATE", "PORT", "UNREAD", "NOTE")]
             for a in agents:
-                note = "needs login" if a.needs_login else (a.last_error or "")
+                notes = [
+                    "needs login" if a.needs_login else "",
+                    f"port {a.port} taken by another process" if a.port_conflict else "",
+                    "needs update" if a.needs_update else "",
+                    a.last_error or "",
+                    a.limits_note or "",
+                ]
+                note = "; ".join(n for n in notes if n)
                 rows.append((a.name, a.role, a.state, str(a.port), str(a.unread), note[:60]))
             widths = [max(len(r[i]) for r in rows) for i in range(5)]
             return "\n".join(
@@ -167,6 +198,14 @@ def render(reply: wire.Reply) -> str:
             return "(nothing)" if m is None else f"#{m.id} {m.sender} → {m.to}: {m.state}"
         case wire.Done():
             return "ok"
+        case wire.ApprovalList(approvals=approvals):
+            if not approvals:
+                return "no pending approvals"
+            return "\n\n".join(_approval(a) for a in approvals)
+        case wire.ApprovalReply(approval=a):
+            return _approval(a)
+        case wire.ApprovalQueued(id=aid, sha=sha):
+            return f"approval #{aid} queued" + (f" ({sha[:12]})" if sha else "")
     return msgspec.json.encode(reply).decode()
 
 

@@ -42,3 +42,23 @@ async def test_send_and_recv_tools_act_as_the_socket_owner(hive_root: Path) -> N
 
         inbox = await hive.call(wire.HostRecent(name="operator", limit=5), wire.Inbox)
         assert [(m.sender, m.body) for m in inbox.messages] == [("alice", "hi from mcp")]
+
+
+async def test_the_manager_tools_forward_to_the_manager_socket(hive_root: Path) -> None:
+    async with open_hive(hive_config(hive_root, start_manager=True)) as hive:
+        await hive.call(wire.Kill(name="hm1nd"))
+        settings = HarnessSettings(label="hm1nd", role="manager", socket=hive.agent_sock("hm1nd"))
+        async with Client(build_server(settings)) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert set(settings.tools) <= tools
+            assert {"request_spawn", "request_apply_commit", "kill", "start", "restart"} <= tools
+            queued = await client.call_tool("request_spawn", {"name": "bob"})
+            assert not queued.is_error and "approval #1" in _text(queued)
+            refused = await client.call_tool("kill", {"name": "hm1nd"})
+            assert refused.is_error and "cannot target itself" in _text(refused)
+        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        assert [(a.kind, a.agent) for a in pending.approvals] == [("spawn", "bob")]
+        agent = HarnessSettings(label="alice", role="agent", socket=hive.agent_sock("hm1nd"))
+        async with Client(build_server(agent)) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert "request_spawn" not in tools

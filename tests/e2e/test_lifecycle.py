@@ -228,3 +228,22 @@ async def _adopt_after_upgrade(hive_root: Path) -> None:
         assert isinstance(running, wire.AgentChanged)
         assert running.agent.pid not in (None, old_pid) and not running.agent.needs_update
         assert _containers(hive_root, "alice") == [running.agent.pid]
+
+
+async def test_a_web_port_held_by_a_stranger_is_reported_not_moved(hive_root: Path) -> None:
+    from hyperhive.core.agents import PORT_SPAN, fnv1a_32
+
+    cfg = hive_config(hive_root)
+    port = cfg.ui_port_base + 100 + fnv1a_32(b"alice") % PORT_SPAN
+    stranger = trio.socket.socket()
+    stranger.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+    await stranger.bind(("127.0.0.1", port))
+    stranger.listen(1)
+    with stranger:
+        async with open_hive(cfg) as hive, subscription(hive.sock) as events:
+            await hive.call(wire.Spawn(name="alice"))
+            running = await wait_for_event(
+                events, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "running"
+            )
+            assert isinstance(running, wire.AgentChanged)
+            assert running.agent.port == port and running.agent.port_conflict

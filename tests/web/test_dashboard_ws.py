@@ -66,7 +66,7 @@ async def test_requests_round_trip(port: int, login_token: str) -> None:
             # A malformed line gets the daemon's own error reply; the socket stays usable.
             bad = await ask(ws, "{not json")
             assert (bad["ok"], bad["code"]) == (False, "parse_error")
-            unknown = await ask(ws, '{"cmd":"approve","id":1}')
+            unknown = await ask(ws, '{"cmd":"launch_missiles","id":1}')
             assert (unknown["ok"], unknown["code"]) == (False, "unknown_command")
             two_lines = await ask(ws, '{"cmd":"list"}\n{"cmd":"list"}')
             assert two_lines["code"] == "parse_error"

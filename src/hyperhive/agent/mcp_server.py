@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Awaitable, Callable
 
 import anyio
 from mcp.server.mcpserver import MCPServer
@@ -68,7 +69,55 @@ def build_server(settings: HarnessSettings) -> MCPServer:
         assert isinstance(reply, wire.Received)
         return "(empty)" if reply.message is None else format_message(reply.message)
 
+    if settings.role == "manager":
+        _add_manager_tools(server, call)
     return server
+
+
+def _add_manager_tools(
+    server: MCPServer, call: Callable[[wire.AgentRequest], Awaitable[wire.Reply]]
+) -> None:
+    """What only the manager may do: propose approvals, stop and start agents (never itself)."""
+
+    @server.tool(
+        description=(
+            "Ask the operator to approve a new agent. Returns the approval id at once; the "
+            "outcome arrives later as `approval_resolved` and `spawned` messages from system."
+        )
+    )
+    async def request_spawn(name: str, description: str = "") -> str:
+        reply = await call(wire.RequestSpawn(name=name, description=description))
+        assert isinstance(reply, wire.ApprovalQueued)
+        return f"spawn of {name} queued for the operator as approval #{reply.id}"
+
+    @server.tool(
+        description=(
+            "Ask the operator to deploy a commit of /agents/<agent>/config (commit it first). "
+            "`commit_ref` is its 7-40 digit hex sha; the commit is pinned now, so later amends "
+            "change nothing. The outcome arrives as an `approval_resolved` message."
+        )
+    )
+    async def request_apply_commit(agent: str, commit_ref: str) -> str:
+        reply = await call(wire.RequestApplyCommit(agent=agent, commit_ref=commit_ref))
+        assert isinstance(reply, wire.ApprovalQueued)
+        return f"{reply.sha[:12]} pinned as proposal/{reply.id}, waiting for the operator"
+
+    async def lifecycle(request: wire.AgentRequest) -> str:
+        reply = await call(request)
+        assert isinstance(reply, wire.AgentReply)
+        return f"{reply.agent.name}: {reply.agent.state}"
+
+    @server.tool(description="Stop an agent gracefully (it stays stopped until started).")
+    async def kill(name: str) -> str:
+        return await lifecycle(wire.KillAgent(name=name))
+
+    @server.tool(description="Start a stopped agent.")
+    async def start(name: str) -> str:
+        return await lifecycle(wire.StartAgent(name=name))
+
+    @server.tool(description="Restart an agent (its claude session is kept).")
+    async def restart(name: str) -> str:
+        return await lifecycle(wire.RestartAgent(name=name))
 
 
 def run_stdio(settings: HarnessSettings) -> None:

@@ -19,7 +19,14 @@ BUILTIN_TOOLS = ("Bash", "Edit", "Glob", "Grep", "Read", "Write")
 """Built-in claude tools an agent may use; WebFetch, WebSearch, Task and friends stay off."""
 
 AGENT_TOOLS = ("send", "recv")
-MANAGER_TOOLS = AGENT_TOOLS
+MANAGER_TOOLS = (
+    *AGENT_TOOLS,
+    "request_spawn",
+    "request_apply_commit",
+    "kill",
+    "start",
+    "restart",
+)
 MCP_SERVER = "hyperhive"
 
 

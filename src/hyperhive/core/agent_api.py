@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.approvals import refuse_manager_target
 from hyperhive.core.broker import Broker
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.protocol import wire
@@ -15,6 +18,9 @@ from hyperhive.protocol.names import (
     SYSTEM,
     canonical_recipient,
 )
+
+if TYPE_CHECKING:
+    from hyperhive.core.host_api import HostHandler
 
 MAX_LABEL = 64
 _FORBIDDEN_LABELS = frozenset({SYSTEM, MANAGER, MANAGER_NAME, REMINDER, BROADCAST})
@@ -69,3 +75,34 @@ class AgentHandler:
                 )
                 return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
         raise BadParams(f"unsupported request {type(request).__name__}")
+
+
+class ManagerHandler(AgentHandler):
+    """The manager's socket: an agent's commands plus proposing approvals and lifecycle verbs.
+
+    The decoder already refuses these commands on agent sockets; `host` does the work exactly as
+    for the operator, but the manager can never target itself.
+    """
+
+    def __init__(
+        self, rec: AgentRecord, broker: Broker, registry: Registry, host: HostHandler
+    ) -> None:
+        super().__init__(rec, broker, registry)
+        self.host = host
+
+    async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
+        approvals = self.host.approvals
+        match request:
+            case wire.RequestSpawn(name=name, description=description):
+                row = await approvals.request_spawn(name, description)
+                return wire.ApprovalQueued(id=row.id)
+            case wire.RequestApplyCommit(agent=agent, commit_ref=ref):
+                row = await approvals.request_apply_commit(agent, ref)
+                return wire.ApprovalQueued(id=row.id, sha=row.sha)
+            case wire.KillAgent(name=name):
+                return wire.AgentReply(agent=await self.host.kill(refuse_manager_target(name)))
+            case wire.StartAgent(name=name):
+                return wire.AgentReply(agent=await self.host.start(refuse_manager_target(name)))
+            case wire.RestartAgent(name=name):
+                return wire.AgentReply(agent=await self.host.restart(refuse_manager_target(name)))
+        return await super().handle(request, peer)

@@ -44,6 +44,7 @@ class AgentRecord:
     limits_note: str | None = None
     built_rev: str | None = None
     """The hyperhive revision the running container was started from."""
+    port_conflict: bool = False
 
     @property
     def container(self) -> str:
@@ -190,6 +191,7 @@ class Registry:
             unread=unread,
             last_error=rec.last_error,
             limits_note=rec.limits_note,
+            port_conflict=rec.port_conflict,
             needs_update=rec.state == "running"
             and self.revision is not None
             and rec.built_rev != self.revision,

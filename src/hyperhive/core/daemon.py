@@ -13,14 +13,17 @@ from pathlib import Path
 
 import trio
 
-from hyperhive.core.agent_api import AgentHandler
+from hyperhive.core.agent_api import AgentHandler, ManagerHandler
 from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.approvals import Approvals
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.base import Backend
 from hyperhive.core.faults import Faults
+from hyperhive.core.gitops import GitOps
 from hyperhive.core.host_api import HostHandler
 from hyperhive.core.revision import current_revision
+from hyperhive.core.runner import Runner
 from hyperhive.core.server import SocketLimits, SocketServer, require_uid
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
@@ -72,7 +75,6 @@ def make_backend(cfg: DaemonConfig) -> Backend:
             return NspawnBackend()
         case "nixos":
             from hyperhive.core.containers.nixos import NixosBackend
-            from hyperhive.core.runner import Runner
 
             return NixosBackend(
                 Runner(),
@@ -138,13 +140,14 @@ async def run(
         registry = Registry(store, hub, ui_port_base=cfg.ui_port_base, backend=backend.name)
         await registry.load()
         registry.revision = await trio.to_thread.run_sync(current_revision)
+        faults = Faults.parse(cfg.crash_at)
         broker = Broker(
             store,
             hub,
             registry.resolve,
             max_attempts=cfg.max_attempts,
             group_commit=cfg.group_commit,
-            faults=Faults.parse(cfg.crash_at),
+            faults=faults,
         )
         await nursery.start(broker.serve)
         await nursery.start(broker.serve_maintenance)
@@ -157,12 +160,20 @@ async def run(
         )
         agent_limits = replace(host_limits, max_connections=AGENT_MAX_CONNECTIONS)
 
+        # Filled in once the host handler exists; no agent socket is opened before that.
+        hosts: list[HostHandler] = []
+
         def socket_factory(rec: AgentRecord, path: str) -> SocketServer[object]:
-            decoder = MANAGER_DECODER if rec.role == "manager" else AGENT_DECODER
+            handler: AgentHandler
+            if rec.role == "manager":
+                decoder = MANAGER_DECODER
+                handler = ManagerHandler(rec, broker, registry, hosts[0])
+            else:
+                decoder, handler = AGENT_DECODER, AgentHandler(rec, broker, registry)
             return SocketServer(
                 path,
                 decoder,
-                AgentHandler(rec, broker, registry),
+                handler,
                 limits=agent_limits,
                 name=f"{rec.name} agent",
             )
@@ -182,7 +193,11 @@ async def run(
             log.info("returned %d in-flight messages to their queues", released)
         if adopted:
             log.info("adopting running containers of %s", ", ".join(adopted))
-        host = HostHandler(cfg, registry, broker, supervisor, hub)
+        approvals = Approvals(store, GitOps(Runner(), cfg.state_dir), registry, supervisor, faults)
+        host = HostHandler(cfg, registry, broker, supervisor, hub, approvals)
+        hosts.append(host)
+        # A deploy a crash interrupted is rolled back before any container starts on it.
+        rolled_back = await approvals.recover()
         host_server = SocketServer(
             str(cfg.host_socket),
             HOST_DECODER,
@@ -210,6 +225,11 @@ async def run(
         ]
         if stale:
             nursery.start_soon(supervisor.update_stale, stale)
+        for name in rolled_back:
+            back = registry.find(name)
+            if back is not None and back.alive and back.recipient in adopted:
+                # Adopted containers may run the config that was rolled back.
+                nursery.start_soon(supervisor.rebuild, back)
         dashboard_port: int | None = None
         dashboard_login: str | None = None
         if cfg.dashboard_port >= 0:

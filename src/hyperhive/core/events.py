@@ -33,6 +33,17 @@ class Destroyed(HelperEvent, frozen=True, tag="destroyed"):
     purged: bool = False
 
 
+class ApprovalResolved(HelperEvent, frozen=True, tag="approval_resolved"):
+    """An approval reached its end: `status` is deployed, failed or denied; `tag` the git tag."""
+
+    id: int
+    status: str
+    commit_ref: str = ""
+    note: str = ""
+    sha: str = ""
+    tag: str = ""
+
+
 class NeedsUpdate(HelperEvent, frozen=True, tag="needs_update"):
     note: str = ""
 

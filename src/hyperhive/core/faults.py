@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-LABELS = ("before_commit", "after_commit", "after_take", "before_ack")
+LABELS = ("before_commit", "after_commit", "after_take", "before_ack", "mid_approve")
 
 
 @dataclass

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import trio
 
 from hyperhive.core import events
 from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.approvals import Approvals
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import wire
-from hyperhive.protocol.agent_config import AGENT_TOML, DEFAULT_TOML
 from hyperhive.protocol.codec import encode_line
 from hyperhive.protocol.errors import BadParams, Conflict, Forbidden
 from hyperhive.protocol.names import (
@@ -38,14 +37,6 @@ def needs_login(cfg: DaemonConfig, names: list[str]) -> dict[str, bool]:
     return {n: not (cfg.agent_root(n) / "claude" / ".credentials.json").is_file() for n in names}
 
 
-def _seed_config(applied: Path) -> None:
-    """A new agent starts from the template agent.toml (kept as it is when reviving)."""
-    applied.mkdir(parents=True, exist_ok=True)
-    path = applied / AGENT_TOML
-    if not path.exists():
-        path.write_text(DEFAULT_TOML, "utf-8")
-
-
 class HostHandler:
     def __init__(
         self,
@@ -54,7 +45,9 @@ class HostHandler:
         broker: Broker,
         supervisor: Supervisor,
         hub: EventHub,
+        approvals: Approvals,
     ) -> None:
+        self.approvals = approvals
         self.cfg = cfg
         self.registry = registry
         self.broker = broker
@@ -85,13 +78,40 @@ class HostHandler:
     async def spawn(self, name: str) -> AgentRecord:
         check_new_agent_name(name)
         revived = self.registry.find(name) is not None
-        await trio.to_thread.run_sync(_seed_config, self.cfg.state_dir / "applied" / name)
+        # The proposed and applied config repos (kept as they are when reviving).
+        await self.approvals.gitops.seed(name)
         rec = await self.registry.add(name, "agent")
         await self.supervisor.open_socket(rec)
         await self.supervisor.create(rec)
         await self.supervisor.launch(rec)
         await self.kick(rec, "Revived from kept state." if revived else "Spawned.")
         return rec
+
+    async def kill(self, name: str) -> wire.AgentInfo:
+        rec = self.registry.live(check_name(name))
+        rec.desired = "stopped"
+        await self.registry.save(rec)
+        await self.supervisor.stop(rec)
+        await self.supervisor.notify_manager(events.Killed(agent=rec.name))
+        return self.registry.info(rec)
+
+    async def start(self, name: str) -> wire.AgentInfo:
+        rec = self.registry.live(check_name(name))
+        rec.desired = "running"
+        await self.registry.save(rec)
+        await self.supervisor.launch(rec)
+        await self.kick(rec, "Started.")
+        return self.registry.info(rec)
+
+    async def restart(self, name: str) -> wire.AgentInfo:
+        rec = self.registry.live(check_name(name))
+        self.registry.set_state(rec, "restarting")
+        await self.supervisor.stop(rec)
+        rec.desired = "running"
+        await self.registry.save(rec)
+        await self.supervisor.launch(rec)
+        await self.kick(rec, "Restarted.")
+        return self.registry.info(rec)
 
     async def ensure_manager(self) -> AgentRecord | None:
         """Create hm1nd when missing; returns the record only when it was just created."""
@@ -112,28 +132,24 @@ class HostHandler:
                 rec = await self.spawn(name)
                 return wire.AgentReply(agent=self.registry.info(rec))
             case wire.Kill(name=name):
-                rec = self.registry.live(check_name(name))
-                rec.desired = "stopped"
-                await self.registry.save(rec)
-                await self.supervisor.stop(rec)
-                await self.supervisor.notify_manager(events.Killed(agent=rec.name))
-                return wire.AgentReply(agent=self.registry.info(rec))
+                return wire.AgentReply(agent=await self.kill(name))
             case wire.Start(name=name):
-                rec = self.registry.live(check_name(name))
-                rec.desired = "running"
-                await self.registry.save(rec)
-                await self.supervisor.launch(rec)
-                await self.kick(rec, "Started.")
-                return wire.AgentReply(agent=self.registry.info(rec))
+                return wire.AgentReply(agent=await self.start(name))
             case wire.Restart(name=name):
-                rec = self.registry.live(check_name(name))
-                self.registry.set_state(rec, "restarting")
-                await self.supervisor.stop(rec)
-                rec.desired = "running"
-                await self.registry.save(rec)
-                await self.supervisor.launch(rec)
-                await self.kick(rec, "Restarted.")
-                return wire.AgentReply(agent=self.registry.info(rec))
+                return wire.AgentReply(agent=await self.restart(name))
+            case wire.Pending():
+                return wire.ApprovalList(approvals=await self.approvals.pending())
+            case wire.Approve(id=aid):
+                row = await self.approvals.approve(aid, self.spawn)
+                if row.kind == "apply_commit" and row.status == "deployed":
+                    rec = self.registry.get(row.agent)
+                    await self.kick(rec, "Config update applied: your agent.toml changed.")
+                return wire.ApprovalReply(approval=row.info())
+            case wire.Deny(id=aid, note=note):
+                return wire.ApprovalReply(approval=(await self.approvals.deny(aid, note)).info())
+            case wire.HostRequestSpawn(name=name, description=description):
+                row = await self.approvals.request_spawn(name, description)
+                return wire.ApprovalQueued(id=row.id)
             case wire.Rebuild(name=name):
                 rec = self.registry.live(check_name(name))
                 ok, note = await self.supervisor.rebuild(rec)

@@ -38,6 +38,21 @@ CREATE TABLE IF NOT EXISTS agents (
     desired     TEXT NOT NULL DEFAULT 'running',
     destroyed_at REAL
 ) STRICT;
+
+CREATE TABLE IF NOT EXISTS approvals (
+    id           INTEGER PRIMARY KEY,
+    agent        TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    commit_ref   TEXT NOT NULL DEFAULT '',
+    fetched_sha  TEXT NOT NULL DEFAULT '',
+    description  TEXT NOT NULL DEFAULT '',
+    requested_at REAL NOT NULL,
+    status       TEXT NOT NULL DEFAULT 'pending',
+    resolved_at  REAL,
+    note         TEXT NOT NULL DEFAULT '',
+    old_sha      TEXT NOT NULL DEFAULT ''
+) STRICT;
+CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, id);
 """
 
 

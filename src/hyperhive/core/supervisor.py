@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,17 @@ def _prepare_dirs(paths: list[Path]) -> None:
     for path in paths:
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o700)
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether the agent's UI could bind its port (reported, never silently reassigned)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError:
+            return False
+    return True
 
 
 CONFIG_ERROR = -3
@@ -364,6 +376,12 @@ class Supervisor:
         rec.limits_note = self.backend.limits_note(spec)
         pidfile = self.cfg.agent_root(rec.name) / "container.pid"
         adopting = await trio.to_thread.run_sync(read_live_pidfile, pidfile) is not None
+        if not adopting:
+            rec.port_conflict = not await trio.to_thread.run_sync(
+                _port_free, self.cfg.bind, rec.port
+            )
+            if rec.port_conflict:
+                log.warning("%s: web UI port %d is taken by another process", rec.name, rec.port)
 
         def started(pid: int) -> None:
             if not adopting and rec.built_rev != self.registry.revision:

@@ -66,6 +66,8 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None = None
     limits_note: str | None = None
     """Set when a configured limit cannot be enforced by the backend (never pretend)."""
+    port_conflict: bool = False
+    """The agent's web UI port is held by a process outside the hive (it is not moved)."""
 
 
 # --------------------------------------------------------------------------- requests
@@ -153,6 +155,30 @@ class Subscribe(HostRequest, frozen=True, tag="subscribe"):
     """Turn this connection into a stream of `HiveEvent` lines after the `Subscribed` reply."""
 
 
+class Pending(HostRequest, frozen=True, tag="pending"):
+    """The approvals waiting for the operator, each with the diff it would deploy."""
+
+
+class Approve(HostRequest, frozen=True, tag="approve"):
+    """Approve a pending approval: deploy the pinned commit, or spawn the agent."""
+
+    id: Int64
+
+
+class Deny(HostRequest, frozen=True, tag="deny"):
+    """Deny a pending approval; the note reaches the manager (and the `denied/<id>` tag)."""
+
+    id: Int64
+    note: str = ""
+
+
+class HostRequestSpawn(HostRequest, frozen=True, tag="request_spawn"):
+    """Queue a spawn approval from the operator's side."""
+
+    name: str
+    description: str = ""
+
+
 class Send(AgentRequest, frozen=True, tag="send"):
     to: str
     body: str
@@ -199,6 +225,41 @@ class Wake(AgentRequest, frozen=True, tag="wake"):
 
     sender: str = msgspec.field(name="from")
     body: str
+
+
+class RequestSpawn(AgentRequest, frozen=True, tag="request_spawn"):
+    """Manager only: ask the operator to approve a new agent."""
+
+    name: str
+    description: str = ""
+
+
+class RequestApplyCommit(AgentRequest, frozen=True, tag="request_apply_commit"):
+    """Manager only: ask the operator to deploy a commit of an agent's proposed config repo.
+
+    `commit_ref` is a 7-40 digit hex sha; it is pinned (fetched and tagged) at once.
+    """
+
+    agent: str
+    commit_ref: str
+
+
+class KillAgent(AgentRequest, frozen=True, tag="kill"):
+    """Manager only: stop an agent (never the manager itself)."""
+
+    name: str
+
+
+class StartAgent(AgentRequest, frozen=True, tag="start"):
+    """Manager only: start a stopped agent."""
+
+    name: str
+
+
+class RestartAgent(AgentRequest, frozen=True, tag="restart"):
+    """Manager only: restart an agent."""
+
+    name: str
 
 
 # --------------------------------------------------------------------------- replies
@@ -259,6 +320,39 @@ class Acked(Reply, frozen=True):
 
 class Subscribed(Reply, frozen=True):
     subscribed: bool = True
+
+
+ApprovalKind = Literal["apply_commit", "spawn"]
+ApprovalStatus = Literal["pending", "building", "spawning", "deployed", "failed", "denied"]
+
+
+class ApprovalInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    agent: str
+    kind: ApprovalKind
+    status: ApprovalStatus
+    requested_at: float
+    commit_ref: str = ""
+    sha: str = ""
+    """The commit pinned as `proposal/<id>` (apply_commit only)."""
+    description: str = ""
+    resolved_at: float | None = None
+    note: str = ""
+    diff: str = ""
+    """`git diff main..proposal/<id>` of the applied repo (in `pending` only; capped)."""
+
+
+class ApprovalQueued(Reply, frozen=True):
+    id: int
+    sha: str = ""
+
+
+class ApprovalList(Reply, frozen=True):
+    approvals: list[ApprovalInfo]
+
+
+class ApprovalReply(Reply, frozen=True):
+    approval: ApprovalInfo
 
 
 class ReplyEnvelope(msgspec.Struct, frozen=True):
@@ -324,14 +418,19 @@ HostRequests = (
     | DeadLetters
     | Requeue
     | Subscribe
+    | Pending
+    | Approve
+    | Deny
+    | HostRequestSpawn
 )
 AgentRequests = Send | Recv | Ack | Nack | Status | Recent | Wake
-ManagerRequests = AgentRequests
+ManagerOnlyRequests = RequestSpawn | RequestApplyCommit | KillAgent | StartAgent | RestartAgent
+ManagerRequests = AgentRequests | ManagerOnlyRequests
 HiveEvents = MessageSent | MessageDelivered | MessageLeased | AgentChanged | AgentRemoved | Dropped
 
 HOST_COMMANDS = frozenset(t.__struct_config__.tag for t in HostRequests.__args__)
 AGENT_COMMANDS = frozenset(t.__struct_config__.tag for t in AgentRequests.__args__)
-MANAGER_COMMANDS = AGENT_COMMANDS
+MANAGER_COMMANDS = frozenset(t.__struct_config__.tag for t in ManagerRequests.__args__)
 
 REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
     ListAgents: AgentList,
@@ -355,5 +454,14 @@ REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
     Status: StatusReply,
     Recent: Inbox,
     Wake: Sent,
+    Pending: ApprovalList,
+    Approve: ApprovalReply,
+    Deny: ApprovalReply,
+    HostRequestSpawn: ApprovalQueued,
+    RequestSpawn: ApprovalQueued,
+    RequestApplyCommit: ApprovalQueued,
+    KillAgent: AgentReply,
+    StartAgent: AgentReply,
+    RestartAgent: AgentReply,
 }
 """The reply type of each request: what a client decodes and what the schema documents."""

@@ -1,0 +1,322 @@
+"""The approval queue: the manager proposes, the operator decides; each step in sqlite and git.
+
+States of one approval (the tags live in the agent's applied repo):
+
+    pending ──approve──▶ building ──ok──▶ deployed      proposal/ approved/ building/ deployed/
+       │                    └──fail──▶ failed          … failed/ (annotated with the error)
+       └──deny──▶ denied                               proposal/ denied/ (annotated with the note)
+    pending(spawn) ──approve──▶ spawning ──▶ deployed | failed
+
+A transition is written to sqlite before its git steps (with the old `main` for a rollback) and
+after them, so `recover()` can finish or undo whatever a killed daemon left half done.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from hyperhive.core import events
+from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.faults import Faults
+from hyperhive.core.gitops import GitOps
+from hyperhive.core.store import Store
+from hyperhive.core.supervisor import Supervisor
+from hyperhive.protocol import agent_config, wire
+from hyperhive.protocol.agent_config import AGENT_TOML
+from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, HiveError, NotFound
+from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name, check_new_agent_name
+
+log = logging.getLogger(__name__)
+
+SHA = re.compile(r"[0-9a-f]{7,40}")
+DIFF_CAP = 200 * 1024
+INTERRUPTED = "interrupted"
+
+Spawner = Callable[[str], Awaitable[AgentRecord]]
+
+
+@dataclass
+class Approval:
+    id: int
+    agent: str
+    kind: wire.ApprovalKind
+    commit_ref: str
+    sha: str
+    description: str
+    requested_at: float
+    status: wire.ApprovalStatus
+    resolved_at: float | None
+    note: str
+    old_sha: str
+
+    def info(self, diff: str = "") -> wire.ApprovalInfo:
+        return wire.ApprovalInfo(
+            id=self.id,
+            agent=self.agent,
+            kind=self.kind,
+            status=self.status,
+            requested_at=self.requested_at,
+            commit_ref=self.commit_ref,
+            sha=self.sha,
+            description=self.description,
+            resolved_at=self.resolved_at,
+            note=self.note,
+            diff=diff,
+        )
+
+
+_COLUMNS = (
+    "id, agent, kind, commit_ref, fetched_sha, description, requested_at, status, resolved_at,"
+    " note, old_sha"
+)
+
+
+def _insert(
+    conn: sqlite3.Connection, agent: str, kind: str, ref: str, sha: str, description: str
+) -> int:
+    cur = conn.execute(
+        "INSERT INTO approvals (agent, kind, commit_ref, fetched_sha, description, requested_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (agent, kind, ref, sha, description, time.time()),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def _select(conn: sqlite3.Connection, where: str, args: tuple[object, ...]) -> list[Approval]:
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM approvals WHERE {where} ORDER BY id", args)
+    return [Approval(*row) for row in rows]
+
+
+def _set(
+    conn: sqlite3.Connection, aid: int, status: str, note: str, old_sha: str | None, final: bool
+) -> None:
+    conn.execute(
+        "UPDATE approvals SET status = ?, note = ?, old_sha = COALESCE(?, old_sha),"
+        " resolved_at = ? WHERE id = ?",
+        (status, note, old_sha, time.time() if final else None, aid),
+    )
+
+
+class Approvals:
+    def __init__(
+        self,
+        store: Store,
+        gitops: GitOps,
+        registry: Registry,
+        supervisor: Supervisor,
+        faults: Faults,
+    ) -> None:
+        self.store = store
+        self.gitops = gitops
+        self.registry = registry
+        self.supervisor = supervisor
+        self.faults = faults
+        self._lock = trio.Lock()
+        """One transition at a time: they share the applied repos and the rollback bookkeeping."""
+
+    async def _get(self, aid: int) -> Approval:
+        found = await self.store.run(_select, "id = ?", (aid,))
+        if not found:
+            raise NotFound(f"no approval #{aid}")
+        return found[0]
+
+    async def _set(
+        self, row: Approval, status: wire.ApprovalStatus, note: str = "", old_sha: str | None = None
+    ) -> None:
+        final = status in ("deployed", "failed", "denied")
+        await self.store.run(_set, row.id, status, note, old_sha, final)
+        row.status, row.note = status, note
+        if old_sha is not None:
+            row.old_sha = old_sha
+
+    # ------------------------------------------------------------------ requests
+
+    async def request_apply_commit(self, agent: str, commit_ref: str) -> Approval:
+        rec = self.registry.live(check_name(agent))
+        if rec.role == "manager":
+            raise Forbidden("the manager's own config is not deployed through approvals")
+        ref = commit_ref.strip().lower()
+        if not SHA.fullmatch(ref):
+            raise BadParams(f"commit_ref {commit_ref[:60]!r} is not a 7-40 digit hex sha")
+        await self.gitops.seed(rec.name)
+        sha = await self.gitops.resolve(self.gitops.proposed(rec.name), ref)
+        if sha is None:
+            raise NotFound(f"no commit {ref} in {rec.name}'s proposed repo")
+        async with self._lock:
+            # Pinned at once: whatever happens to the proposed repo later, this sha is what builds.
+            await self.gitops.pin(rec.name, sha)
+            aid = await self.store.run(_insert, rec.name, "apply_commit", ref, sha, "")
+            await self.gitops.tag(rec.name, f"proposal/{aid}", sha)
+        return await self._get(aid)
+
+    async def request_spawn(self, name: str, description: str = "") -> Approval:
+        check_new_agent_name(name)
+        rec = self.registry.find(name)
+        if rec is not None and rec.alive:
+            raise Conflict(f"agent {name!r} already exists")
+        async with self._lock:
+            waiting = await self.store.run(
+                _select, "kind = 'spawn' AND agent = ? AND status = 'pending'", (name,)
+            )
+            if waiting:
+                raise Conflict(f"a spawn of {name!r} is already pending (#{waiting[0].id})")
+            aid = await self.store.run(_insert, name, "spawn", "", "", description[:4000])
+        return await self._get(aid)
+
+    async def pending(self) -> list[wire.ApprovalInfo]:
+        rows = await self.store.run(_select, "status = 'pending'", ())
+        infos = []
+        for row in rows:
+            diff = ""
+            if row.kind == "apply_commit":
+                diff = await self.gitops.diff(row.agent, f"refs/tags/proposal/{row.id}", DIFF_CAP)
+            infos.append(row.info(diff))
+        return infos
+
+    # ------------------------------------------------------------------ decisions
+
+    async def approve(self, aid: int, spawn: Spawner) -> Approval:
+        async with self._lock:
+            row = await self._get(aid)
+            if row.status != "pending":
+                raise Conflict(f"approval #{aid} is {row.status}, not pending")
+            if row.kind == "spawn":
+                await self._spawn(row, spawn)
+            else:
+                await self._deploy(row)
+            return row
+
+    async def deny(self, aid: int, note: str = "") -> Approval:
+        async with self._lock:
+            row = await self._get(aid)
+            if row.status != "pending":
+                raise Conflict(f"approval #{aid} is {row.status}, not pending")
+            tag = ""
+            if row.kind == "apply_commit":
+                tag = f"denied/{row.id}"
+                await self.gitops.tag(row.agent, tag, row.sha, note or "denied")
+            await self._set(row, "denied", note)
+            await self._resolved(row, tag)
+            return row
+
+    async def _deploy(self, row: Approval) -> None:
+        rec = self.registry.find(row.agent)
+        if rec is None or not rec.alive:
+            await self._set(row, "failed", "the agent no longer exists")
+            await self._resolved(row, "")
+            return
+        name, sha = row.agent, row.sha
+        applied = self.gitops.applied(name)
+        old = await self.gitops.resolve(applied, "main")
+        assert old is not None
+        await self._set(row, "building", old_sha=old)
+        await self.gitops.tag(name, f"approved/{row.id}", sha)
+        await self.gitops.tag(name, f"building/{row.id}", sha)
+        await self.gitops.move_main(name, sha)
+        self.faults.hit("mid_approve")
+        rebuilt = False
+        text = await self.gitops.show(name, sha, AGENT_TOML)
+        try:
+            if text is None:
+                raise BadParams(f"{AGENT_TOML} is missing from {sha[:12]}")
+            agent_config.parse(text, source=AGENT_TOML)
+        except HiveError as exc:
+            ok, note = False, exc.message
+        else:
+            ok, note = await self.supervisor.rebuild(rec)
+            rebuilt = True
+        if ok:
+            await self.gitops.tag(name, f"deployed/{row.id}", sha)
+            await self._set(row, "deployed", note)
+            await self._resolved(row, f"deployed/{row.id}")
+            return
+        await self._rollback(row, note)
+        if rebuilt:
+            await self._restart(rec)
+
+    async def _rollback(self, row: Approval, note: str) -> None:
+        await self.gitops.tag(row.agent, f"failed/{row.id}", row.sha, note)
+        await self.gitops.move_main(row.agent, row.old_sha)
+        await self._set(row, "failed", note)
+        await self._resolved(row, f"failed/{row.id}")
+
+    async def _restart(self, rec: AgentRecord) -> None:
+        """Bring the agent back on the restored config after a failed rebuild."""
+        await self.supervisor.stop(rec)
+        if rec.desired == "running":
+            await self.supervisor.launch(rec)
+
+    async def _spawn(self, row: Approval, spawn: Spawner) -> None:
+        await self._set(row, "spawning")
+        try:
+            await spawn(row.agent)
+        except HiveError as exc:
+            ok, note = False, exc.message
+        else:
+            ok, note = True, "spawned"
+        await self._set(row, "deployed" if ok else "failed", note if not ok else "")
+        await self.supervisor.notify_manager(events.Spawned(agent=row.agent, ok=ok, note=note))
+        await self._resolved(row, "")
+
+    async def _resolved(self, row: Approval, tag: str) -> None:
+        await self.supervisor.notify_manager(
+            events.ApprovalResolved(
+                agent=row.agent,
+                id=row.id,
+                commit_ref=row.commit_ref,
+                status=row.status,
+                note=row.note,
+                sha=row.sha,
+                tag=tag,
+            )
+        )
+
+    # ------------------------------------------------------------------ start-up
+
+    async def recover(self) -> list[str]:
+        """Finish or undo transitions a killed daemon left half done; the agents rolled back."""
+        rolled_back: list[str] = []
+        async with self._lock:
+            for row in await self.store.run(_select, "status IN ('building', 'spawning')", ()):
+                if row.kind == "spawn":
+                    rec = self.registry.find(row.agent)
+                    ok = rec is not None and rec.alive
+                    await self._set(row, "deployed" if ok else "failed", "" if ok else INTERRUPTED)
+                    await self._resolved(row, "")
+                elif await self.gitops.has_ref(
+                    self.gitops.applied(row.agent), f"refs/tags/deployed/{row.id}"
+                ):
+                    await self.gitops.move_main(row.agent, row.sha)
+                    await self._set(row, "deployed", "completed after a restart")
+                    await self._resolved(row, f"deployed/{row.id}")
+                else:
+                    log.warning("approval #%d was interrupted mid-deploy: rolling back", row.id)
+                    await self._rollback(row, INTERRUPTED)
+                    rolled_back.append(row.agent)
+            for row in await self.store.run(
+                _select, "status = 'pending' AND kind = 'apply_commit'", ()
+            ):
+                repo = self.gitops.applied(row.agent)
+                if await self.gitops.has_ref(repo, f"refs/tags/proposal/{row.id}"):
+                    continue
+                if await self.gitops.resolve(repo, row.sha) is not None:
+                    await self.gitops.tag(row.agent, f"proposal/{row.id}", row.sha)
+                else:
+                    await self._set(row, "failed", "interrupted before the commit was pinned")
+                    await self._resolved(row, "")
+        return rolled_back
+
+
+def refuse_manager_target(name: str) -> str:
+    """The manager may stop, start and restart agents, never itself."""
+    if name in (MANAGER, MANAGER_NAME):
+        raise Forbidden("the manager cannot target itself")
+    return check_name(name)

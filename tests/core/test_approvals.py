@@ -1,0 +1,277 @@
+"""Approvals with real git and a real daemon: propose, approve, deny, roll back, recover."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once
+from hyperhive.protocol.errors import BadParams, ConnectionLost, Forbidden, NotFound, UnknownCommand
+from tests.conftest import needs_bwrap
+from tests.core.test_agent_config import _harness_env
+from tests.hive import (
+    Hive,
+    daemon_process,
+    hive_config,
+    open_hive,
+    subscription,
+    wait_for_event,
+)
+
+pytestmark = needs_bwrap
+
+
+async def git(repo: Path, *args: str) -> str:
+    done = await trio.run_process(
+        [
+            "git",
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@hyperhive",
+            "-C",
+            str(repo),
+            *args,
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return done.stdout.decode().strip()
+
+
+async def propose(repo: Path, toml: str, message: str = "change") -> str:
+    """Commit a new agent.toml in the proposed repo, as the manager would."""
+    await trio.to_thread.run_sync((repo / "agent.toml").write_text, toml)
+    await git(repo, "commit", "-q", "-am", message)
+    return await git(repo, "rev-parse", "HEAD")
+
+
+def is_running(name: str) -> object:
+    def check(e: wire.HiveEvent) -> bool:
+        return (
+            isinstance(e, wire.AgentChanged) and e.agent.name == name and e.agent.state == "running"
+        )
+
+    return check
+
+
+async def manager_events(hive: Hive) -> list[dict[str, object]]:
+    inbox = await hive.call(wire.HostRecent(name="manager", limit=200), wire.Inbox)
+    found = []
+    for m in inbox.messages:
+        if m.sender == "system" and m.body.startswith("{"):
+            found.append(msgspec.json.decode(m.body))
+    return found
+
+
+async def tags(applied: Path) -> set[str]:
+    return set((await git(applied, "tag")).split())
+
+
+@asynccontextmanager
+async def hive_with_alice(root: Path) -> AsyncIterator[tuple[Hive, Path, Path, int]]:
+    """A daemon with hm1nd's socket served (its container killed at once) and alice running."""
+    async with open_hive(hive_config(root, start_manager=True)) as hive:
+        await hive.call(wire.Kill(name="hm1nd"))
+        async with subscription(hive.sock) as events:
+            await hive.call(wire.Spawn(name="alice"))
+            running = await wait_for_event(events, is_running("alice"))  # type: ignore[arg-type]
+        assert isinstance(running, wire.AgentChanged) and running.agent.pid is not None
+        state = hive.cfg.state_dir
+        yield (
+            hive,
+            state / "agents" / "alice" / "config",
+            state / "applied" / "alice",
+            running.agent.pid,
+        )
+
+
+async def request_apply(hive: Hive, sha: str, agent: str = "alice") -> wire.ApprovalQueued:
+    return await call_once(
+        hive.agent_sock("hm1nd"),
+        wire.RequestApplyCommit(agent=agent, commit_ref=sha),
+        wire.ApprovalQueued,
+    )
+
+
+async def test_spawn_seeds_both_repos(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (_hive, proposed, applied, _pid):
+        assert await git(applied, "rev-parse", "main") == await git(proposed, "rev-parse", "HEAD")
+        assert await tags(applied) == {"deployed/0"}
+        assert await git(proposed, "remote", "get-url", "applied") == "/applied/alice"
+        author = await git(applied, "log", "-1", "--format=%an <%ae>")
+        assert author == "hive-c0re <hive-c0re@hyperhive>"
+
+
+async def test_approve_deploys_the_commit_and_restarts_alice(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, proposed, applied, _pid):
+        sha = await propose(proposed, 'model = "sonnet"\n')
+        queued = await request_apply(hive, sha[:10])
+        assert queued.id == 1 and queued.sha == sha
+        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        assert [a.id for a in pending.approvals] == [1]
+        assert '+model = "sonnet"' in pending.approvals[0].diff
+        async with subscription(hive.sock) as events:
+            done = await hive.call(wire.Approve(id=1), wire.ApprovalReply)
+            assert done.approval.status == "deployed"
+            running = await wait_for_event(events, is_running("alice"))  # type: ignore[arg-type]
+        assert {"proposal/1", "approved/1", "building/1", "deployed/1"} <= await tags(applied)
+        assert await git(applied, "rev-parse", "main") == sha
+        assert await git(applied, "status", "--porcelain") == ""
+        seen = await manager_events(hive)
+        resolved = [e for e in seen if e["event"] == "approval_resolved"]
+        assert resolved and resolved[-1]["status"] == "deployed"
+        assert resolved[-1]["tag"] == "deployed/1" and resolved[-1]["sha"] == sha
+        assert any(e["event"] == "rebuilt" and e["agent"] == "alice" for e in seen)
+        assert isinstance(running, wire.AgentChanged) and running.agent.pid is not None
+        assert _harness_env(running.agent.pid)["HIVE_MODEL"] == "sonnet"
+        # Resolved once: approving again is a conflict, and nothing is pending.
+        assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
+
+
+async def test_a_broken_agent_toml_fails_and_rolls_back(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, proposed, applied, pid):
+        before = await git(applied, "rev-parse", "main")
+        sha = await propose(proposed, 'modle = "sonnet"\n')
+        queued = await request_apply(hive, sha)
+        done = await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+        assert done.approval.status == "failed" and "unknown field `modle`" in done.approval.note
+        assert f"failed/{queued.id}" in await tags(applied)
+        assert f"deployed/{queued.id}" not in await tags(applied)
+        message = await git(applied, "tag", "-l", "--format=%(contents)", f"failed/{queued.id}")
+        assert "unknown field `modle`" in message
+        assert await git(applied, "rev-parse", "main") == before
+        assert await git(applied, "status", "--porcelain") == ""
+        assert "modle" not in (applied / "agent.toml").read_text()
+        alice = await hive.call(wire.ListAgents(), wire.AgentList)
+        (info,) = [a for a in alice.agents if a.name == "alice"]
+        assert info.state == "running" and info.pid == pid
+        resolved = [e for e in await manager_events(hive) if e["event"] == "approval_resolved"]
+        assert resolved[-1]["status"] == "failed" and resolved[-1]["tag"] == f"failed/{queued.id}"
+
+
+async def test_deny_tags_the_note(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, proposed, applied, _pid):
+        before = await git(applied, "rev-parse", "main")
+        sha = await propose(proposed, 'model = "opus"\n')
+        queued = await request_apply(hive, sha)
+        done = await hive.call(wire.Deny(id=queued.id, note="too pricey"), wire.ApprovalReply)
+        assert done.approval.status == "denied"
+        message = await git(applied, "tag", "-l", "--format=%(contents)", f"denied/{queued.id}")
+        assert message == "too pricey"
+        assert await git(applied, "rev-parse", f"denied/{queued.id}^{{commit}}") == sha
+        assert await git(applied, "rev-parse", "main") == before
+        resolved = [e for e in await manager_events(hive) if e["event"] == "approval_resolved"]
+        assert resolved[-1]["status"] == "denied" and resolved[-1]["note"] == "too pricey"
+        with pytest.raises(Exception, match="not pending"):
+            await hive.call(wire.Approve(id=queued.id))
+
+
+async def test_an_amend_after_the_proposal_changes_nothing(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, proposed, applied, _pid):
+        sha = await propose(proposed, 'model = "sonnet"\n')
+        queued = await request_apply(hive, sha)
+        (proposed / "agent.toml").write_text('model = "opus"\n')
+        await git(proposed, "commit", "-q", "--amend", "-am", "sneaky")
+        amended = await git(proposed, "rev-parse", "HEAD")
+        assert amended != sha
+        await git(proposed, "reflog", "expire", "--expire=now", "--all")
+        await git(proposed, "gc", "-q", "--prune=now")
+        done = await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+        assert done.approval.status == "deployed"
+        assert await git(applied, "rev-parse", "main") == sha
+        assert (applied / "agent.toml").read_text() == 'model = "sonnet"\n'
+
+
+async def test_bad_refs_and_agents_are_refused(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, _proposed, _applied, _pid):
+        for ref in ("main", "zzzz", "HEAD~1", "abc"):
+            with pytest.raises(BadParams):
+                await request_apply(hive, ref)
+        with pytest.raises(NotFound):
+            await request_apply(hive, "0123456789abcdef0123456789abcdef01234567")
+        with pytest.raises(NotFound):
+            await request_apply(hive, "deadbeef", agent="nobody")
+        manager = hive.agent_sock("hm1nd")
+        for name in ("hm1nd", "manager"):
+            with pytest.raises(Forbidden):
+                await call_once(manager, wire.KillAgent(name=name))
+        # An agent's socket knows none of the manager's commands.
+        alice = hive.agent_sock("alice")
+        for request in (
+            wire.RequestSpawn(name="bob"),
+            wire.RequestApplyCommit(agent="alice", commit_ref="deadbeef"),
+            wire.KillAgent(name="alice"),
+            wire.StartAgent(name="alice"),
+            wire.RestartAgent(name="alice"),
+        ):
+            with pytest.raises(UnknownCommand):
+                await call_once(alice, request)
+        assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
+
+
+async def test_manager_kill_and_start_an_agent(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, _proposed, _applied, _pid):
+        manager = hive.agent_sock("hm1nd")
+        killed = await call_once(manager, wire.KillAgent(name="alice"), wire.AgentReply)
+        assert killed.agent.state == "stopped"
+        async with subscription(hive.sock) as events:
+            await call_once(manager, wire.StartAgent(name="alice"), wire.AgentReply)
+            await wait_for_event(events, is_running("alice"))  # type: ignore[arg-type]
+
+
+async def test_request_spawn_then_approve_spawns(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, _proposed, _applied, _pid):
+        queued = await call_once(
+            hive.agent_sock("hm1nd"),
+            wire.RequestSpawn(name="bob", description="reviews alice's work"),
+            wire.ApprovalQueued,
+        )
+        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        assert [(a.kind, a.agent, a.description) for a in pending.approvals] == [
+            ("spawn", "bob", "reviews alice's work")
+        ]
+        async with subscription(hive.sock) as events:
+            done = await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+            assert done.approval.status == "deployed"
+            await wait_for_event(events, is_running("bob"))  # type: ignore[arg-type]
+        assert (hive.cfg.state_dir / "applied" / "bob" / ".git").is_dir()
+        seen = await manager_events(hive)
+        assert {"event": "spawned", "agent": "bob", "ok": True, "note": "spawned"} in seen
+        with pytest.raises(Exception, match="already exists"):
+            await hive.call(wire.HostRequestSpawn(name="bob"))
+
+
+async def test_a_daemon_killed_mid_approve_comes_back_rolled_back(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, proposed, applied, _pid):
+        before = await git(applied, "rev-parse", "main")
+        sha = await propose(proposed, 'model = "sonnet"\n')
+        queued = await request_apply(hive, sha)
+    async with daemon_process(hive_root, env={"HIVE_CRASH_AT": "mid_approve:1"}) as doomed:
+        sock = str(hive_root / "run" / "host.sock")
+        with pytest.raises(ConnectionLost):
+            await call_once(sock, wire.Approve(id=queued.id))
+        with trio.fail_after(10):
+            await doomed.wait()
+        assert doomed.returncode == 137
+    # Killed between moving main and deploying: main points at the proposal, no verdict yet.
+    assert await git(applied, "rev-parse", "main") == sha
+    assert f"building/{queued.id}" in await tags(applied)
+    async with open_hive(hive_config(hive_root)) as hive:
+        assert await git(applied, "rev-parse", "main") == before
+        assert await git(applied, "status", "--porcelain") == ""
+        assert f"deployed/{queued.id}" not in await tags(applied)
+        message = await git(applied, "tag", "-l", "--format=%(contents)", f"failed/{queued.id}")
+        assert message == "interrupted"
+        resolved = [e for e in await manager_events(hive) if e["event"] == "approval_resolved"]
+        assert resolved[-1]["status"] == "failed" and resolved[-1]["note"] == "interrupted"
+        with pytest.raises(Exception, match="failed, not pending"):
+            await hive.call(wire.Approve(id=queued.id))
