@@ -67,6 +67,35 @@ async def _list(root: Path) -> dict[str, wire.AgentInfo]:
     return {a.name: a for a in reply.agents}
 
 
+# A key and an unreachable API: harnesses log in and take their start-up notice (proof that
+# they run and are connected); their turns then fail, which does not matter here.
+CLAUDE = (
+    "--claude-env",
+    "ANTHROPIC_API_KEY=sk-ant-x",
+    "--claude-env",
+    "ANTHROPIC_BASE_URL=http://127.0.0.1:9",
+)
+
+
+async def _spawn_then_kill_the_daemon(root: Path, names: set[str]) -> dict[str, wire.AgentInfo]:
+    """Spawn agents under a daemon process, wait until their harnesses work, kill -9 it."""
+    host = str(root / "run" / "host.sock")
+    async with daemon_process(root, args=CLAUDE) as daemon:
+        async with open_client(host) as client:
+            await client.call(wire.Subscribe())
+            for name in sorted(names):
+                await call_once(host, wire.Spawn(name=name))
+            taken: set[str] = set()
+            while taken != names:
+                leased = await wait_for_event(client, lambda e: isinstance(e, wire.MessageLeased))
+                assert isinstance(leased, wire.MessageLeased)
+                taken.add(leased.to)
+        before = await _list(root)
+        daemon.send_signal(signal.SIGKILL)
+        await daemon.wait()
+    return before
+
+
 async def test_containers_outlive_a_killed_daemon_and_are_adopted_not_doubled(
     hive_root: Path,
 ) -> None:
@@ -78,31 +107,11 @@ async def test_containers_outlive_a_killed_daemon_and_are_adopted_not_doubled(
 
 async def _outlive_and_adopt(hive_root: Path) -> None:
     host = str(hive_root / "run" / "host.sock")
-    # A key and an unreachable API: harnesses log in and take their start-up notice (proof
-    # that they run and are connected); their turns then fail, which does not matter here.
-    claude = (
-        "--claude-env",
-        "ANTHROPIC_API_KEY=sk-ant-x",
-        "--claude-env",
-        "ANTHROPIC_BASE_URL=http://127.0.0.1:9",
-    )
-    async with daemon_process(hive_root, args=claude) as first:
-        async with open_client(host) as client:
-            await client.call(wire.Subscribe())
-            for name in ("alice", "bob"):
-                await call_once(host, wire.Spawn(name=name))
-            taken: set[str] = set()
-            while taken != {"alice", "bob"}:
-                leased = await wait_for_event(client, lambda e: isinstance(e, wire.MessageLeased))
-                assert isinstance(leased, wire.MessageLeased)
-                taken.add(leased.to)
-        before = await _list(hive_root)
-        first.send_signal(signal.SIGKILL)
-        await first.wait()
-        # The containers live on without their daemon.
-        assert all(len(_containers(hive_root, n)) == 1 for n in ("alice", "bob"))
+    before = await _spawn_then_kill_the_daemon(hive_root, {"alice", "bob"})
+    # The containers live on without their daemon.
+    assert all(len(_containers(hive_root, n)) == 1 for n in ("alice", "bob"))
 
-    async with daemon_process(hive_root, args=claude):
+    async with daemon_process(hive_root, args=CLAUDE):
         after = await _when_running(hive_root, {"alice", "bob"})
         for name in ("alice", "bob"):
             assert after[name].state == "running"
@@ -190,25 +199,12 @@ async def test_an_adopted_container_from_an_older_hyperhive_is_rebuilt(hive_root
 
 async def _adopt_after_upgrade(hive_root: Path) -> None:
     host = str(hive_root / "run" / "host.sock")
-    claude = (
-        "--claude-env",
-        "ANTHROPIC_API_KEY=sk-ant-x",
-        "--claude-env",
-        "ANTHROPIC_BASE_URL=http://127.0.0.1:9",
-    )
-    async with daemon_process(hive_root, args=claude) as first:
-        async with open_client(host) as client:
-            await client.call(wire.Subscribe())
-            await call_once(host, wire.Spawn(name="alice"))
-            await wait_for_event(client, lambda e: isinstance(e, wire.MessageLeased))
-        old_pid = (await _list(hive_root))["alice"].pid
-        first.send_signal(signal.SIGKILL)
-        await first.wait()
+    old_pid = (await _spawn_then_kill_the_daemon(hive_root, {"alice"}))["alice"].pid
     # As if the running container had been started by an older hyperhive.
     with sqlite3.connect(hive_root / "state" / "broker.sqlite") as conn:
         conn.execute("UPDATE agents SET built_rev = 'older' WHERE name = 'alice'")
 
-    async with daemon_process(hive_root, args=claude), open_client(host) as client:
+    async with daemon_process(hive_root, args=CLAUDE), open_client(host) as client:
         await client.call(wire.Subscribe())
         rebuilt = await wait_for_event(
             client,

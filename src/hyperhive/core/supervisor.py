@@ -25,6 +25,7 @@ from hyperhive.core.containers.base import (
     Bind,
     ContainerSpec,
     read_live_pidfile,
+    reap_stale,
 )
 from hyperhive.core.server import SocketServer
 from hyperhive.core.tokens import LoginTokens
@@ -273,6 +274,9 @@ class Supervisor:
         self.registry.set_state(rec, "stopping")
         task.scope.cancel()
         await task.done.wait()
+        # Stopped before it reached (or adopted) its container, a task leaves a container that
+        # outlived an earlier daemon running: make sure nothing of it survives the stop.
+        await reap_stale(self.cfg.agent_root(rec.name) / "container.pid")
 
     async def _supervise(self, rec: AgentRecord, task: _Task) -> None:
         backoff = self.cfg.restart_initial
