@@ -177,12 +177,16 @@ async def stop_process_group(proc: trio.Process, grace: float) -> None:
 
 
 def _start_time(pid: int) -> str | None:
-    """The kernel's start time of pid (field 22 of /proc/pid/stat), to tell pid reuse apart."""
+    """The kernel's start time of a live pid (field 22 of /proc/pid/stat), to tell pid reuse
+    apart; None for no such process, or one that already exited (a zombie not yet reaped)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 def _log_line(fh: BinaryIO, text: str) -> None:
