@@ -9,6 +9,8 @@ from pathlib import Path
 import msgspec
 import trio
 
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once
 from tests.hive import hive_config, open_hive
 
 
@@ -52,3 +54,29 @@ async def test_cli_says_when_the_daemon_is_not_running(hive_root: Path) -> None:
     result = await _cli(hive_root / "nothing-here", "list")
     assert result.returncode == 1
     assert b"cannot connect" in result.stderr
+
+
+async def test_cli_questions_answer_and_cancel(hive_root: Path) -> None:
+    cfg = hive_config(hive_root)
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Kill(name="alice"))
+        sock = hive.agent_sock("alice")
+        for text in ("Ship it?", "Still there?"):
+            await call_once(sock, wire.Ask(question=text, options=["yes", "no"]))
+
+        listed = await _cli(cfg.run_dir, "questions")
+        out = listed.stdout.decode()
+        assert listed.returncode == 0 and "#1 alice → operator" in out and "Ship it?" in out
+        assert "options: yes | no" in out
+
+        answered = await _cli(cfg.run_dir, "answer", "1", "yes,", "ship")
+        assert (
+            answered.returncode == 0 and "answer by operator: yes, ship" in answered.stdout.decode()
+        )
+        cancelled = await _cli(cfg.run_dir, "cancel-question", "2")
+        assert cancelled.returncode == 0 and "[cancelled]" in cancelled.stdout.decode()
+        again = await _cli(cfg.run_dir, "--json", "answer", "1", "no")
+        assert again.returncode == 1 and msgspec.json.decode(again.stdout)["code"] == "conflict"
+        empty = await _cli(cfg.run_dir, "questions")
+        assert empty.stdout.decode().strip() == "no pending questions"

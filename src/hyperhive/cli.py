@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     deny = sub.add_parser("deny", help="deny a pending approval")
     deny.add_argument("id", type=int)
     deny.add_argument("--note", default="", help="why (sent to the manager)")
+    sub.add_parser("questions", help="questions waiting for an answer")
+    answer = sub.add_parser("answer", help="answer a question as operator")
+    answer.add_argument("id", type=int)
+    answer.add_argument("text", nargs="+")
+    sub.add_parser("cancel-question", help="resolve a question as [cancelled]").add_argument(
+        "id", type=int
+    )
     request_spawn = sub.add_parser("request-spawn", help="queue a spawn approval")
     request_spawn.add_argument("name")
     request_spawn.add_argument("--description", default="")
@@ -148,6 +155,12 @@ def _request(args: argparse.Namespace) -> msgspec.Struct:
             return wire.Deny(id=args.id, note=args.note)
         case "request-spawn":
             return wire.HostRequestSpawn(name=args.name, description=args.description)
+        case "questions":
+            return wire.ListQuestions()
+        case "answer":
+            return wire.HostAnswer(id=args.id, answer=" ".join(args.text))
+        case "cancel-question":
+            return wire.CancelQuestion(id=args.id)
     raise SystemExit(f"unknown command {args.command}")
 
 
@@ -161,6 +174,17 @@ def _approval(a: wire.ApprovalInfo) -> str:
     if a.note:
         head += f"\n  note: {a.note}"
     return head + (f"\n{a.diff.rstrip()}" if a.diff else "")
+
+
+def _question(q: wire.QuestionInfo) -> str:
+    to = q.target or "operator"
+    head = f"#{q.id} {q.asker} → {to} {_when(q.asked_at)} (expires {_when(q.deadline_at)})"
+    lines = [head, f"  {q.question}"]
+    if q.options:
+        lines.append(f"  options{' (several)' if q.multi else ''}: {' | '.join(q.options)}")
+    if q.answer is not None:
+        lines.append(f"  answer by {q.answerer}: {q.answer}")
+    return "\n".join(lines)
 
 
 def render(reply: wire.Reply) -> str:
@@ -204,6 +228,10 @@ def render(reply: wire.Reply) -> str:
             return "\n\n".join(_approval(a) for a in approvals)
         case wire.ApprovalReply(approval=a):
             return _approval(a)
+        case wire.QuestionList(questions=questions):
+            return "\n\n".join(map(_question, questions)) if questions else "no pending questions"
+        case wire.QuestionReply(question=q):
+            return _question(q)
         case wire.ApprovalQueued(id=aid, sha=sha):
             return f"approval #{aid} queued" + (f" ({sha[:12]})" if sha else "")
     return msgspec.json.encode(reply).decode()

@@ -62,3 +62,28 @@ async def test_the_manager_tools_forward_to_the_manager_socket(hive_root: Path) 
         async with Client(build_server(agent)) as client:
             tools = {t.name for t in (await client.list_tools()).tools}
             assert "request_spawn" not in tools
+
+
+async def test_ask_answer_and_remind_tools(hive_root: Path) -> None:
+    async with open_hive(hive_config(hive_root)) as hive:
+        for name in ("alice", "bob"):
+            await hive.call(wire.Spawn(name=name))
+            await hive.call(wire.Kill(name=name))
+        alice = HarnessSettings(label="alice", role="agent", socket=hive.agent_sock("alice"))
+        bob = HarnessSettings(label="bob", role="agent", socket=hive.agent_sock("bob"))
+        async with Client(build_server(alice)) as a, Client(build_server(bob)) as b:
+            assert set(alice.tools) <= {t.name for t in (await a.list_tools()).tools}
+            asked = await a.call_tool(
+                "ask", {"question": "port?", "options": ["80", "443"], "to": "bob"}
+            )
+            assert not asked.is_error and _text(asked) == "question #1 queued for bob"
+            answered = await b.call_tool("answer", {"id": 1, "answer": "443"})
+            assert not answered.is_error, _text(answered)
+            again = await b.call_tool("answer", {"id": 1, "answer": "80"})
+            assert again.is_error and "already resolved" in _text(again)
+            reminded = await a.call_tool("remind", {"message": "later", "delay_seconds": 3600})
+            assert not reminded.is_error and "reminder #1 due" in _text(reminded)
+            neither = await a.call_tool("remind", {"message": "when?"})
+            assert neither.is_error and "exactly one" in _text(neither)
+        inbox = await hive.call(wire.HostRecent(name="alice", limit=5), wire.Inbox)
+        assert '"answer":"443"' in inbox.messages[-1].body

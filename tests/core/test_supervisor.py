@@ -23,6 +23,8 @@ from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.containers.base import ContainerSpec, OnStarted
 from hyperhive.core.daemon import AGENT_DECODER
+from hyperhive.core.questions import Questions
+from hyperhive.core.reminders import Reminders
 from hyperhive.core.server import SocketServer
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
@@ -95,7 +97,10 @@ async def world(root: Path) -> AsyncIterator[World]:
         await broker.recover()
 
         def sockets(rec: AgentRecord, path: str) -> SocketServer[object]:
-            return SocketServer(path, AGENT_DECODER, AgentHandler(rec, broker, registry))
+            handler = AgentHandler(
+                rec, broker, registry, Questions(store, broker), Reminders(store, broker)
+            )
+            return SocketServer(path, AGENT_DECODER, handler)
 
         supervisor = Supervisor(
             cfg, registry, broker, backend, sockets, login_tokens=LoginTokens.generate()

@@ -69,6 +69,56 @@ def build_server(settings: HarnessSettings) -> MCPServer:
         assert isinstance(reply, wire.Received)
         return "(empty)" if reply.message is None else format_message(reply.message)
 
+    @server.tool(
+        description=(
+            "Ask the operator (or, with `to`, a peer agent) a question. Returns its id at once: "
+            "do NOT wait inline. The answer arrives later as a `question_answered` message from "
+            "system. `options` are suggestions (free text is always allowed); `multi` lets "
+            "several be picked. `ttl_seconds` (0 = the 6 h cap) resolves it as `[expired]`."
+        )
+    )
+    async def ask(
+        question: str,
+        options: list[str] | None = None,
+        multi: bool = False,
+        ttl_seconds: float = 0,
+        to: str = "",
+    ) -> str:
+        request = wire.Ask(
+            question=question, options=options or [], multi=multi, ttl_seconds=ttl_seconds, to=to
+        )
+        reply = await call(request)
+        assert isinstance(reply, wire.QuestionQueued)
+        return f"question #{reply.id} queued for {to or 'the operator'}"
+
+    @server.tool(
+        description=(
+            "Answer a question a peer routed to you (a `question_asked` message). "
+            "Only you (or the operator) can answer it, and only once."
+        )
+    )
+    async def answer(id: int, answer: str) -> str:
+        reply = await call(wire.Answer(id=id, answer=answer))
+        assert isinstance(reply, wire.QuestionReply)
+        return f"question #{reply.question.id} answered"
+
+    @server.tool(
+        description=(
+            "Schedule a message into your own inbox (from `reminder`): give exactly one of "
+            "`delay_seconds` or `at_unix_timestamp`. Survives restarts; at most 50 pending."
+        )
+    )
+    async def remind(
+        message: str, delay_seconds: float | None = None, at_unix_timestamp: float | None = None
+    ) -> str:
+        request = wire.Remind(
+            message=message, delay_seconds=delay_seconds, at_unix_timestamp=at_unix_timestamp
+        )
+        reply = await call(request)
+        assert isinstance(reply, wire.ReminderQueued)
+        when = datetime.datetime.fromtimestamp(reply.due_at, datetime.UTC)
+        return f"reminder #{reply.id} due {when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
     if settings.role == "manager":
         _add_manager_tools(server, call)
     return server

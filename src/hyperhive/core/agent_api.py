@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.approvals import refuse_manager_target
 from hyperhive.core.broker import Broker
+from hyperhive.core.questions import Questions
+from hyperhive.core.reminders import Reminders
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import BadParams
@@ -27,10 +29,19 @@ _FORBIDDEN_LABELS = frozenset({SYSTEM, MANAGER, MANAGER_NAME, REMINDER, BROADCAS
 
 
 class AgentHandler:
-    def __init__(self, rec: AgentRecord, broker: Broker, registry: Registry) -> None:
+    def __init__(
+        self,
+        rec: AgentRecord,
+        broker: Broker,
+        registry: Registry,
+        questions: Questions,
+        reminders: Reminders,
+    ) -> None:
         self.rec = rec
         self.broker = broker
         self.registry = registry
+        self.questions = questions
+        self.reminders = reminders
 
     @property
     def principal(self) -> str:
@@ -74,6 +85,21 @@ class AgentHandler:
                     self._check_label(label), self.principal, body, origin=self.rec.name
                 )
                 return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
+            case wire.Ask(question=q, options=options, multi=multi, ttl_seconds=ttl, to=to):
+                qid = await self.questions.ask(
+                    self.principal, q, options=options, multi=multi, ttl_seconds=ttl, to=to
+                )
+                return wire.QuestionQueued(id=qid)
+            case wire.Answer(id=qid, answer=answer):
+                info = await self.questions.answer(
+                    qid, answer, answerer=self.rec.name, as_peer=self.principal
+                )
+                return wire.QuestionReply(question=info)
+            case wire.Remind(message=text, delay_seconds=delay, at_unix_timestamp=at):
+                rid, due = await self.reminders.schedule(
+                    self.principal, text, delay_seconds=delay, at_unix_timestamp=at
+                )
+                return wire.ReminderQueued(id=rid, due_at=due)
         raise BadParams(f"unsupported request {type(request).__name__}")
 
 
@@ -85,9 +111,15 @@ class ManagerHandler(AgentHandler):
     """
 
     def __init__(
-        self, rec: AgentRecord, broker: Broker, registry: Registry, host: HostHandler
+        self,
+        rec: AgentRecord,
+        broker: Broker,
+        registry: Registry,
+        questions: Questions,
+        reminders: Reminders,
+        host: HostHandler,
     ) -> None:
-        super().__init__(rec, broker, registry)
+        super().__init__(rec, broker, registry, questions, reminders)
         self.host = host
 
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:

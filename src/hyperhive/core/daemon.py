@@ -22,6 +22,8 @@ from hyperhive.core.containers.base import Backend
 from hyperhive.core.faults import Faults
 from hyperhive.core.gitops import GitOps
 from hyperhive.core.host_api import HostHandler
+from hyperhive.core.questions import Questions
+from hyperhive.core.reminders import Reminders
 from hyperhive.core.revision import current_revision
 from hyperhive.core.runner import Runner
 from hyperhive.core.server import SocketLimits, SocketServer, require_uid
@@ -30,6 +32,7 @@ from hyperhive.core.supervisor import Supervisor
 from hyperhive.core.tokens import LoginTokens, login_url, remove_login_files, serve_login_files
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import RequestDecoder
+from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,12 @@ async def run(
         await nursery.start(broker.serve)
         await nursery.start(broker.serve_maintenance)
 
+        def peer_inbox(to: str) -> str:
+            return registry.live(check_name(MANAGER_NAME if to == MANAGER else to)).recipient
+
+        questions = Questions(store, broker, peer_inbox=peer_inbox)
+        reminders = Reminders(store, broker)
+
         host_limits = SocketLimits(
             max_connections=HOST_MAX_CONNECTIONS,
             first_line_timeout=cfg.line_timeout,
@@ -167,9 +176,10 @@ async def run(
             handler: AgentHandler
             if rec.role == "manager":
                 decoder = MANAGER_DECODER
-                handler = ManagerHandler(rec, broker, registry, hosts[0])
+                handler = ManagerHandler(rec, broker, registry, questions, reminders, hosts[0])
             else:
-                decoder, handler = AGENT_DECODER, AgentHandler(rec, broker, registry)
+                handler = AgentHandler(rec, broker, registry, questions, reminders)
+                decoder = AGENT_DECODER
             return SocketServer(
                 path,
                 decoder,
@@ -194,10 +204,14 @@ async def run(
         if adopted:
             log.info("adopting running containers of %s", ", ".join(adopted))
         approvals = Approvals(store, GitOps(Runner(), cfg.state_dir), registry, supervisor, faults)
-        host = HostHandler(cfg, registry, broker, supervisor, hub, approvals)
+        host = HostHandler(cfg, registry, broker, supervisor, hub, approvals, questions)
         hosts.append(host)
         # A deploy a crash interrupted is rolled back before any container starts on it.
         rolled_back = await approvals.recover()
+        # Deadlines that passed (and reminders that fell due) while the daemon was down are
+        # handled now, before any socket opens.
+        await nursery.start(questions.serve_ttl)
+        await nursery.start(reminders.serve)
         host_server = SocketServer(
             str(cfg.host_socket),
             HOST_DECODER,

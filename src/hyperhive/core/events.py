@@ -48,6 +48,24 @@ class NeedsUpdate(HelperEvent, frozen=True, tag="needs_update"):
     note: str = ""
 
 
+class QuestionAsked(HelperEvent, frozen=True, tag="question_asked"):
+    """A peer routed a question to you (`agent` is the asker): reply with `answer(id, ...)`."""
+
+    id: int
+    question: str
+    options: list[str] = msgspec.field(default_factory=list)
+    multi: bool = False
+
+
+class QuestionAnswered(HelperEvent, frozen=True, tag="question_answered"):
+    """Your question was resolved: by the operator, the peer, a cancel or the TTL watchdog."""
+
+    id: int
+    question: str
+    answer: str
+    answerer: str
+
+
 _encoder = msgspec.json.Encoder()
 
 

@@ -12,6 +12,7 @@ from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.approvals import Approvals
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
+from hyperhive.core.questions import Questions
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import wire
@@ -46,8 +47,10 @@ class HostHandler:
         supervisor: Supervisor,
         hub: EventHub,
         approvals: Approvals,
+        questions: Questions,
     ) -> None:
         self.approvals = approvals
+        self.questions = questions
         self.cfg = cfg
         self.registry = registry
         self.broker = broker
@@ -179,6 +182,12 @@ class HostHandler:
                 return wire.Inbox(messages=await self.broker.recent(None, limit, state="dead"))
             case wire.Requeue(id=mid):
                 return wire.Received(message=await self.broker.requeue(mid))
+            case wire.ListQuestions():
+                return wire.QuestionList(questions=await self.questions.pending())
+            case wire.HostAnswer(id=qid, answer=answer):
+                return wire.QuestionReply(question=await self.questions.answer(qid, answer))
+            case wire.CancelQuestion(id=qid):
+                return wire.QuestionReply(question=await self.questions.cancel(qid))
             case wire.Subscribe():
                 return EventStream(wire.Subscribed(), self._events())
         raise BadParams(f"unsupported request {type(request).__name__}")

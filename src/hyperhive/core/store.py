@@ -53,6 +53,31 @@ CREATE TABLE IF NOT EXISTS approvals (
     old_sha      TEXT NOT NULL DEFAULT ''
 ) STRICT;
 CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, id);
+
+CREATE TABLE IF NOT EXISTS questions (
+    id           INTEGER PRIMARY KEY,
+    asker        TEXT    NOT NULL,
+    target       TEXT,
+    question     TEXT    NOT NULL,
+    options_json TEXT    NOT NULL DEFAULT '[]',
+    multi        INTEGER NOT NULL DEFAULT 0,
+    asked_at     REAL    NOT NULL,
+    deadline_at  REAL    NOT NULL,
+    answered_at  REAL,
+    answer       TEXT,
+    answerer     TEXT,
+    notified     INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE TABLE IF NOT EXISTS reminders (
+    id           INTEGER PRIMARY KEY,
+    recipient    TEXT    NOT NULL,
+    message      TEXT    NOT NULL,
+    created_at   REAL    NOT NULL,
+    due_at       REAL    NOT NULL,
+    delivered_at REAL
+) STRICT;
+CREATE INDEX IF NOT EXISTS reminders_due ON reminders (delivered_at, due_at);
+CREATE INDEX IF NOT EXISTS questions_pending ON questions (answered_at, deadline_at);
 """
 
 

@@ -179,6 +179,23 @@ class HostRequestSpawn(HostRequest, frozen=True, tag="request_spawn"):
     description: str = ""
 
 
+class ListQuestions(HostRequest, frozen=True, tag="questions"):
+    """The questions nobody has resolved yet, oldest first."""
+
+
+class HostAnswer(HostRequest, frozen=True, tag="answer"):
+    """Answer a question as `operator`: any pending one, a peer's included."""
+
+    id: Int64
+    answer: str
+
+
+class CancelQuestion(HostRequest, frozen=True, tag="cancel_question"):
+    """Resolve a pending question with `[cancelled]`."""
+
+    id: Int64
+
+
 class Send(AgentRequest, frozen=True, tag="send"):
     to: str
     body: str
@@ -225,6 +242,41 @@ class Wake(AgentRequest, frozen=True, tag="wake"):
 
     sender: str = msgspec.field(name="from")
     body: str
+
+
+TtlSeconds = Annotated[float, msgspec.Meta(ge=0, le=10**10)]
+
+
+class Ask(AgentRequest, frozen=True, tag="ask"):
+    """Queue a question for the operator (or, with `to`, for a peer agent); returns its id now.
+
+    The answer arrives later as a `question_answered` message from `system`. `ttl_seconds` 0
+    means the default (and the cap): 6 hours, after which it resolves as `[expired]`.
+    """
+
+    question: str
+    options: list[str] = msgspec.field(default_factory=list)
+    multi: bool = False
+    ttl_seconds: TtlSeconds = 0
+    to: str = ""
+
+
+class Answer(AgentRequest, frozen=True, tag="answer"):
+    """Answer a question a peer routed to you (only its target may)."""
+
+    id: Int64
+    answer: str
+
+
+class Remind(AgentRequest, frozen=True, tag="remind"):
+    """Schedule `message` into the caller's own inbox, from `reminder`, at a later time.
+
+    Exactly one of `delay_seconds` and `at_unix_timestamp` is given.
+    """
+
+    message: str
+    delay_seconds: TtlSeconds | None = None
+    at_unix_timestamp: TtlSeconds | None = None
 
 
 class RequestSpawn(AgentRequest, frozen=True, tag="request_spawn"):
@@ -355,6 +407,39 @@ class ApprovalReply(Reply, frozen=True):
     approval: ApprovalInfo
 
 
+class QuestionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    asker: str
+    """The asker's inbox (`manager` for the manager)."""
+    target: str | None
+    """The peer's inbox it was routed to; None for the operator."""
+    question: str
+    options: list[str]
+    multi: bool
+    asked_at: float
+    deadline_at: float
+    answered_at: float | None = None
+    answer: str | None = None
+    answerer: str | None = None
+
+
+class QuestionQueued(Reply, frozen=True):
+    id: int
+
+
+class QuestionList(Reply, frozen=True):
+    questions: list[QuestionInfo]
+
+
+class QuestionReply(Reply, frozen=True):
+    question: QuestionInfo
+
+
+class ReminderQueued(Reply, frozen=True):
+    id: int
+    due_at: float
+
+
 class ReplyEnvelope(msgspec.Struct, frozen=True):
     """What every reply has in common; decoded first by clients."""
 
@@ -422,8 +507,11 @@ HostRequests = (
     | Approve
     | Deny
     | HostRequestSpawn
+    | ListQuestions
+    | HostAnswer
+    | CancelQuestion
 )
-AgentRequests = Send | Recv | Ack | Nack | Status | Recent | Wake
+AgentRequests = Send | Recv | Ack | Nack | Status | Recent | Wake | Ask | Answer | Remind
 ManagerOnlyRequests = RequestSpawn | RequestApplyCommit | KillAgent | StartAgent | RestartAgent
 ManagerRequests = AgentRequests | ManagerOnlyRequests
 HiveEvents = MessageSent | MessageDelivered | MessageLeased | AgentChanged | AgentRemoved | Dropped
@@ -463,5 +551,11 @@ REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
     KillAgent: AgentReply,
     StartAgent: AgentReply,
     RestartAgent: AgentReply,
+    ListQuestions: QuestionList,
+    HostAnswer: QuestionReply,
+    CancelQuestion: QuestionReply,
+    Ask: QuestionQueued,
+    Answer: QuestionReply,
+    Remind: ReminderQueued,
 }
 """The reply type of each request: what a client decodes and what the schema documents."""
