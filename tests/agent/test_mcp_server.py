@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mcp import Client
@@ -87,3 +88,17 @@ async def test_ask_answer_and_remind_tools(hive_root: Path) -> None:
             assert neither.is_error and "exactly one" in _text(neither)
         inbox = await hive.call(wire.HostRecent(name="alice", limit=5), wire.Inbox)
         assert '"answer":"443"' in inbox.messages[-1].body
+
+
+async def test_whoami_answers_from_the_socket_not_from_what_the_agent_claims(
+    hive_root: Path,
+) -> None:
+    async with open_hive(hive_config(hive_root)) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Kill(name="alice"))
+        # The harness's idea of its label is wrong on purpose: the socket decides.
+        settings = HarnessSettings(label="mallory", role="agent", socket=hive.agent_sock("alice"))
+        async with Client(build_server(settings)) as client:
+            result = await client.call_tool("whoami", {})
+            me = json.loads(_text(result))
+        assert me["name"] == "alice" and me["role"] == "agent" and me["unread"] == 1

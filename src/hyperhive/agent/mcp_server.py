@@ -6,6 +6,7 @@ import datetime
 from collections.abc import Awaitable, Callable
 
 import anyio
+import msgspec
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
@@ -55,6 +56,24 @@ def build_server(settings: HarnessSettings) -> MCPServer:
         reply = await call(wire.Send(to=to, body=body))
         assert isinstance(reply, wire.Sent)
         return f"sent to {', '.join(reply.recipients)} (id {', '.join(map(str, reply.ids))})"
+
+    @server.tool(
+        description=(
+            "Who you are in this hive, as the daemon knows you from your socket: your name, "
+            "your role, how many messages wait for you, and the operator's pronouns."
+        )
+    )
+    async def whoami() -> str:
+        reply = await call(wire.Status())
+        assert isinstance(reply, wire.StatusReply)
+        return msgspec.json.encode(
+            {
+                "name": reply.name,
+                "role": reply.role,
+                "unread": reply.unread,
+                "operator_pronouns": settings.operator_pronouns,
+            }
+        ).decode()
 
     @server.tool(
         description=(

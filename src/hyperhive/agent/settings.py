@@ -18,7 +18,7 @@ LOGIN_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TO
 BUILTIN_TOOLS = ("Bash", "Edit", "Glob", "Grep", "Read", "Write")
 """Built-in claude tools an agent may use; WebFetch, WebSearch, Task and friends stay off."""
 
-AGENT_TOOLS = ("send", "recv", "ask", "answer", "remind")
+AGENT_TOOLS = ("send", "recv", "ask", "answer", "remind", "whoami")
 MANAGER_TOOLS = (
     *AGENT_TOOLS,
     "request_spawn",
