@@ -13,10 +13,13 @@ from typing import TypeVar, overload
 
 import trio
 
+from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.daemon import DaemonInfo, run
+from hyperhive.core.store import Store, open_store
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, call_once, open_client
+from hyperhive.protocol.errors import NotFound
 
 R = TypeVar("R", bound=wire.Reply)
 
@@ -165,3 +168,23 @@ async def daemon_process(
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+def resolve_direct(to: str, sender: str) -> list[str]:
+    """A broker resolver for tests without a registry: every name is its own inbox, except
+    `ghost`, which plays an agent destroyed in the meantime."""
+    if to == "ghost":
+        raise NotFound("ghost was destroyed")
+    return [to]
+
+
+@asynccontextmanager
+async def open_broker(db: Path) -> AsyncIterator[tuple[Store, Broker, trio.Nursery]]:
+    """A real broker on a real sqlite file, its writer running; the nursery is for whatever
+    service a test runs on top of it (cancelled when the block exits)."""
+    async with open_store(str(db)) as store, trio.open_nursery() as nursery:
+        broker = Broker(store, EventHub(), resolve_direct)
+        await nursery.start(broker.serve)
+        await broker.recover()
+        yield store, broker, nursery
+        nursery.cancel_scope.cancel()

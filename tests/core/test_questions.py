@@ -12,13 +12,12 @@ import trio
 import trio.testing
 
 from hyperhive.core import events
-from hyperhive.core.broker import Broker, EventHub
+from hyperhive.core.broker import Broker
 from hyperhive.core.questions import MAX_TTL, Questions, _resolve
-from hyperhive.core.store import open_store
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, NotFound
-from tests.hive import Hive, hive_config, open_hive
+from tests.hive import Hive, hive_config, open_broker, open_hive
 
 _event = msgspec.json.Decoder(events.QuestionAsked | events.QuestionAnswered)
 
@@ -158,22 +157,12 @@ async def test_deadline_survives_a_daemon_restart(hive_root: Path) -> None:
 # --------------------------------------------------------------------------- on virtual time
 
 
-def _resolve_live(to: str, sender: str) -> list[str]:
-    if to == "ghost":
-        raise NotFound("ghost was destroyed")
-    return [to]
-
-
 @asynccontextmanager
 async def open_questions(db: Path) -> AsyncIterator[tuple[Questions, Broker]]:
-    async with open_store(str(db)) as store, trio.open_nursery() as nursery:
-        broker = Broker(store, EventHub(), _resolve_live)
-        await nursery.start(broker.serve)
-        await broker.recover()
+    async with open_broker(db) as (store, broker, nursery):
         questions = Questions(store, broker, clock=trio.current_time)
         await nursery.start(questions.serve_ttl)
         yield questions, broker
-        nursery.cancel_scope.cancel()
 
 
 async def next_answer(broker: Broker, inbox: str) -> events.QuestionAnswered:

@@ -10,13 +10,12 @@ import pytest
 import trio
 import trio.testing
 
-from hyperhive.core.broker import Broker, EventHub
+from hyperhive.core.broker import Broker
 from hyperhive.core.reminders import MAX_PENDING, Reminders
-from hyperhive.core.store import open_store
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
-from hyperhive.protocol.errors import BadParams, Conflict, NotFound
-from tests.hive import hive_config, open_hive
+from hyperhive.protocol.errors import BadParams, Conflict
+from tests.hive import hive_config, open_broker, open_hive
 
 
 @pytest.fixture
@@ -25,22 +24,12 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.05)
 
 
-def _resolve_live(to: str, sender: str) -> list[str]:
-    if to == "ghost":
-        raise NotFound("ghost was destroyed")
-    return [to]
-
-
 @asynccontextmanager
 async def open_reminders(db: Path) -> AsyncIterator[tuple[Reminders, Broker]]:
-    async with open_store(str(db)) as store, trio.open_nursery() as nursery:
-        broker = Broker(store, EventHub(), _resolve_live)
-        await nursery.start(broker.serve)
-        await broker.recover()
+    async with open_broker(db) as (store, broker, nursery):
         reminders = Reminders(store, broker, clock=trio.current_time)
         await nursery.start(reminders.serve)
         yield reminders, broker
-        nursery.cancel_scope.cancel()
 
 
 async def next_message(broker: Broker, inbox: str) -> wire.Message:

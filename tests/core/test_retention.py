@@ -5,26 +5,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
 import trio
 import trio.testing
 
-from hyperhive.core.broker import Broker, EventHub
-from hyperhive.core.store import open_store
-
-
-@asynccontextmanager
-async def open_broker(db: Path) -> AsyncIterator[Broker]:
-    async with open_store(str(db)) as store, trio.open_nursery() as nursery:
-        broker = Broker(store, EventHub(), lambda to, sender: [to])
-        await nursery.start(broker.serve)
-        await broker.recover()
-        yield broker
-        nursery.cancel_scope.cancel()
+from hyperhive.core.broker import Broker
+from tests.hive import open_broker
 
 
 def _age(db: Path, ids: list[int], days: float) -> None:
@@ -40,7 +28,7 @@ async def test_hourly_vacuum_drops_only_old_delivered_messages(
     hive_root: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     db = hive_root / "b.sqlite"
-    async with open_broker(db) as broker, trio.open_nursery() as nursery:
+    async with open_broker(db) as (_, broker, nursery):
         old_delivered = [(await broker.send("a", "bob", f"d{i}"))[0].id for i in range(3)]
         for _ in old_delivered:
             assert await broker.recv("bob", 0, lease=False) is not None
@@ -64,7 +52,7 @@ async def test_hourly_vacuum_drops_only_old_delivered_messages(
 async def test_checkpoint_truncates_the_wal_once_readers_let_go(hive_root: Path) -> None:
     db = hive_root / "b.sqlite"
     wal = Path(str(db) + "-wal")
-    async with open_broker(db) as broker:
+    async with open_broker(db) as (_, broker, _):
         reader = sqlite3.connect(db)
         reader.execute("BEGIN")
         reader.execute("SELECT COUNT(*) FROM messages").fetchone()  # a long-lived snapshot

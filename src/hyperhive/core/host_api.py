@@ -63,8 +63,8 @@ class HostHandler:
         self.registry.login_check.update(logins)
         infos = []
         for rec in recs:
-            queued, _ = await self.broker.counts(rec.recipient)
-            infos.append(self.registry.info(rec, unread=queued))
+            # The broker mirrors queue depths in memory: no sqlite round trip per agent.
+            infos.append(self.registry.info(rec, unread=self.broker.queued(rec.recipient)))
         return infos
 
     async def kick(self, rec: AgentRecord, reason: str) -> None:

@@ -24,8 +24,10 @@ from hyperhive.core.containers.base import (
     Backend,
     Bind,
     ContainerSpec,
+    append_log_line,
     read_live_pidfile,
     reap_stale,
+    tail_lines,
 )
 from hyperhive.core.server import SocketServer
 from hyperhive.core.tokens import LoginTokens
@@ -66,24 +68,6 @@ def _port_free(host: str, port: int) -> bool:
 
 CONFIG_ERROR = -3
 """The exit status reported when the agent's config was refused before anything started."""
-
-
-def _note(root: Path, text: str) -> None:
-    """Put a line of the daemon's into the agent's container log (read by `logs`, `list`)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "container.log", "a", encoding="utf-8") as fh:
-        fh.write(f"--- hive-c0re: {text} ---\n")
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 4096))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 class Supervisor:
@@ -288,7 +272,7 @@ class Supervisor:
                     ran_for = trio.current_time() - started_at
                     await self.broker.release(rec.recipient)
                     tail = await trio.to_thread.run_sync(
-                        _tail, self.cfg.agent_root(rec.name) / "container.log", 5
+                        tail_lines, self.cfg.agent_root(rec.name) / "container.log", 5
                     )
                     log.warning("%s exited with %s after %.1fs", rec.container, code, ran_for)
                     if ran_for >= self.cfg.restart_reset_after:
@@ -300,7 +284,7 @@ class Supervisor:
                         "crashed",
                         pid=None,
                         restarts=rec.restarts + 1,
-                        last_error=what + (f": {tail}" if tail else ""),
+                        last_error=what + (": " + "\n".join(tail) if tail else ""),
                     )
                     await self.notify_manager(
                         events.ContainerCrash(
@@ -374,7 +358,9 @@ class Supervisor:
             config = await trio.to_thread.run_sync(self.load_config, rec)
         except HiveError as exc:
             log.error("%s: %s", rec.container, exc.message)
-            await trio.to_thread.run_sync(_note, self.cfg.agent_root(rec.name), exc.message)
+            await trio.to_thread.run_sync(
+                append_log_line, self.cfg.agent_root(rec.name) / "container.log", exc.message
+            )
             return CONFIG_ERROR
         spec = self.spec_for(rec, config)
         rec.limits_note = self.backend.limits_note(spec)

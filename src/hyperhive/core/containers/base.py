@@ -136,7 +136,7 @@ async def run_process_group(
         _killpg(proc.pid, signal.SIGKILL)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_remove, pidfile)
-            await trio.to_thread.run_sync(_append_line, log_path, f"exited: {proc.returncode}")
+            await trio.to_thread.run_sync(append_log_line, log_path, f"exited: {proc.returncode}")
 
 
 ADOPTED_EXIT = -2
@@ -196,7 +196,8 @@ def _log_line(fh: BinaryIO, text: str) -> None:
     fh.flush()
 
 
-def _append_line(path: Path, text: str) -> None:
+def append_log_line(path: Path, text: str) -> None:
+    """Add a line of the daemon's own to a container log (blocking; errors ignored)."""
     with contextlib.suppress(OSError), open(path, "ab") as fh:
         _log_line(fh, text)
 
