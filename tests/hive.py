@@ -114,6 +114,21 @@ async def wait_for_event(
     raise AssertionError("event stream ended")
 
 
+async def wait_for_all(
+    client: Client, *predicates: Callable[[wire.HiveEvent], bool]
+) -> list[wire.HiveEvent]:
+    """Wait until each predicate has matched an event, in whatever order they come."""
+    found: list[wire.HiveEvent | None] = [None] * len(predicates)
+    with trio.fail_after(EVENT_DEADLINE):
+        async for event in client.events():
+            for i, predicate in enumerate(predicates):
+                if found[i] is None and predicate(event):
+                    found[i] = event
+            if all(f is not None for f in found):
+                return [f for f in found if f is not None]
+    raise AssertionError("event stream ended")
+
+
 def sent_to(recipient: str) -> Callable[[wire.HiveEvent], bool]:
     def check(event: wire.HiveEvent) -> bool:
         return isinstance(event, wire.MessageSent) and event.message.to == recipient

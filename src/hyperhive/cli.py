@@ -6,10 +6,12 @@ import argparse
 import datetime
 import logging
 import os
+import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
@@ -17,6 +19,9 @@ import trio
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.errors import HiveError
+
+if TYPE_CHECKING:
+    from hyperhive.core.config import DaemonConfig
 
 DEFAULT_RUN_DIR = "/run/hyperhive"
 DEFAULT_STATE_DIR = "/var/lib/hyperhive"
@@ -27,6 +32,27 @@ def _env_pair(text: str) -> tuple[str, str]:
     if not sep or not key or not key.replace("_", "").isalnum():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _limit(field: str) -> Callable[[str], str]:
+    """An argparse type for one of agent.toml's [limits], validated the same way."""
+
+    def check(text: str) -> str:
+        from hyperhive.protocol.agent_config import Limits
+
+        try:
+            msgspec.convert({field: text}, Limits)
+        except msgspec.ValidationError:
+            raise argparse.ArgumentTypeError(f"not a valid {field}: {text!r}") from None
+        return text
+
+    return check
+
+
+def _container_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,11}", text):
+        raise argparse.ArgumentTypeError(f"not a nixos-container name: {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="pass a variable to every agent's claude (repeatable), e.g. ANTHROPIC_BASE_URL",
     )
     serve.add_argument("--no-manager", action="store_true", help="do not create hm1nd")
+    serve.add_argument(
+        "--admin-group",
+        metavar="GROUP",
+        help="members of GROUP may use host.sock and read the login URL (`hive-c0re url`)",
+    )
+    serve.add_argument(
+        "--agent-memory-max",
+        type=_limit("memory_max"),
+        metavar="SIZE",
+        help="memory limit of agents whose agent.toml sets none, e.g. 4G",
+    )
+    serve.add_argument(
+        "--agent-cpu-quota",
+        type=_limit("cpu_quota"),
+        metavar="PERCENT",
+        help="CPU limit of agents whose agent.toml sets none, e.g. 200%%",
+    )
+    serve.add_argument(
+        "--forge-container",
+        type=_container_name,
+        metavar="NAME",
+        help="the nixos-container running the hive's Forgejo (services.hive-forge)",
+    )
     serve.add_argument(
         "--line-timeout",
         type=float,
@@ -237,15 +286,11 @@ def render(reply: wire.Reply) -> str:
     return msgspec.json.encode(reply).decode()
 
 
-def serve(args: argparse.Namespace) -> int:
+def daemon_config(args: argparse.Namespace, claude: str | None) -> DaemonConfig:
+    """`hive-c0re serve`'s arguments as the daemon's configuration."""
     from hyperhive.core.config import DaemonConfig
-    from hyperhive.core.daemon import serve_until_signalled
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    claude = shutil.which("claude")
-    cfg = DaemonConfig(
+    return DaemonConfig(
         state_dir=Path(args.state_dir),
         run_dir=Path(args.run_dir),
         backend=args.backend,
@@ -259,11 +304,25 @@ def serve(args: argparse.Namespace) -> int:
         claude_env=dict(args.claude_env),
         model=args.model,
         operator_pronouns=args.operator_pronouns,
+        admin_group=args.admin_group,
+        agent_memory_max=args.agent_memory_max,
+        agent_cpu_quota=args.agent_cpu_quota,
+        forge_container=args.forge_container,
         claude_bin=claude or "claude",
         crash_at=os.environ.get("HIVE_CRASH_AT") or None,
         line_timeout=args.line_timeout,
         group_commit=not args.no_group_commit,
     )
+
+
+def serve(args: argparse.Namespace) -> int:
+    from hyperhive.core.daemon import serve_until_signalled
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    claude = shutil.which("claude")
+    cfg = daemon_config(args, claude)
     if claude is None:
         print("hive-c0re: warning: no `claude` on PATH; agents cannot run turns", file=sys.stderr)
     trio.run(serve_until_signalled, cfg)

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import ANY
 
+import pytest
 from mcp import Client
 from mcp.types import TextContent
 
 from hyperhive.agent.mcp_server import build_server
 from hyperhive.agent.settings import HarnessSettings
 from hyperhive.protocol import wire
-from tests.hive import hive_config, open_hive
+from hyperhive.protocol.client import call_once
+from hyperhive.protocol.errors import UnknownCommand
+from tests.conftest import needs_bwrap
+from tests.hive import hive_config, open_hive, subscription, wait_for_event
 
 
 def _text(result: object) -> str:
@@ -86,6 +92,13 @@ async def test_ask_answer_and_remind_tools(hive_root: Path) -> None:
             assert not reminded.is_error and "reminder #1 due" in _text(reminded)
             neither = await a.call_tool("remind", {"message": "when?"})
             assert neither.is_error and "exactly one" in _text(neither)
+            to_file = {"message": "the long plan", "delay_seconds": 3600, "file_path": "plan.md"}
+            filed = await a.call_tool("remind", to_file)
+            assert not filed.is_error and "reminder #2 due" in _text(filed)
+            plan = hive.cfg.agent_root("alice") / "state" / "plan.md"
+            assert plan.read_text() == "the long plan"
+            escape = await a.call_tool("remind", {**to_file, "file_path": "/etc/motd"})
+            assert escape.is_error and "is absolute" in _text(escape)
         inbox = await hive.call(wire.HostRecent(name="alice", limit=5), wire.Inbox)
         assert '"answer":"443"' in inbox.messages[-1].body
 
@@ -102,3 +115,56 @@ async def test_whoami_answers_from_the_socket_not_from_what_the_agent_claims(
             result = await client.call_tool("whoami", {})
             me = json.loads(_text(result))
         assert me["name"] == "alice" and me["role"] == "agent" and me["unread"] == 1
+
+
+@needs_bwrap
+async def test_update_rebuilds_a_running_agent_without_approval(hive_root: Path) -> None:
+    async with open_hive(hive_config(hive_root, start_manager=True)) as hive:
+        await hive.call(wire.Kill(name="hm1nd"))
+        async with subscription(hive.sock) as events:
+            await hive.call(wire.Spawn(name="alice"))
+            first = await wait_for_event(events, _running("alice"))
+            assert isinstance(first, wire.AgentChanged)
+            settings = HarnessSettings(
+                label="hm1nd", role="manager", socket=hive.agent_sock("hm1nd")
+            )
+            async with Client(build_server(settings)) as client:
+                tools = {t.name: t for t in (await client.list_tools()).tools}
+                assert "needs_update" in (tools["update"].description or "")
+                updated = await client.call_tool("update", {"name": "alice"})
+                assert not updated.is_error, _text(updated)
+                # A new container: running again under another pid.
+                again = await wait_for_event(events, _running("alice", not_pid=first.agent.pid))
+                refused = await client.call_tool("update", {"name": "hm1nd"})
+                assert refused.is_error and "cannot target itself" in _text(refused)
+        assert isinstance(again, wire.AgentChanged) and again.agent.pid is not None
+        assert pending_is_empty(await hive.call(wire.Pending(), wire.ApprovalList))
+        inbox = await hive.call(wire.HostRecent(name="alice", limit=10), wire.Inbox)
+        assert inbox.messages[-1].sender == "system"
+        assert inbox.messages[-1].body.startswith("Rebuilt: your configuration was re-applied.")
+        manager = await hive.call(wire.HostRecent(name="manager", limit=50), wire.Inbox)
+        rebuilt = [json.loads(m.body) for m in manager.messages if '"rebuilt"' in m.body]
+        assert rebuilt == [{"event": "rebuilt", "agent": "alice", "ok": True, "note": ANY}]
+        # Idempotent, and the same verb on the raw manager socket; agents do not have it.
+        reply = await call_once(
+            hive.agent_sock("hm1nd"), wire.UpdateAgent(name="alice"), wire.AgentReply
+        )
+        assert reply.agent.name == "alice"
+        with pytest.raises(UnknownCommand):
+            await call_once(hive.agent_sock("alice"), wire.UpdateAgent(name="alice"))
+
+
+def _running(name: str, not_pid: int | None = None) -> Callable[[wire.HiveEvent], bool]:
+    def check(event: wire.HiveEvent) -> bool:
+        return (
+            isinstance(event, wire.AgentChanged)
+            and event.agent.name == name
+            and event.agent.state == "running"
+            and event.agent.pid not in (None, not_pid)
+        )
+
+    return check
+
+
+def pending_is_empty(approvals: wire.ApprovalList) -> bool:
+    return approvals.approvals == []

@@ -13,7 +13,8 @@ from hyperhive.agent.mcp_server import build_server
 from hyperhive.agent.settings import HarnessSettings
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import DEFAULT_TOML, parse
-from hyperhive.protocol.errors import BadParams
+from hyperhive.protocol.client import call_once
+from hyperhive.protocol.errors import BadParams, Forbidden
 from tests.conftest import needs_bwrap
 from tests.hive import hive_config, open_hive, subscription, wait_for_event
 
@@ -119,3 +120,41 @@ async def test_send_is_limited_to_the_allowed_recipients_and_the_manager(hive_ro
                 assert not ok.is_error
         flow = await hive.call(wire.Flow(), wire.Inbox)
         assert [m.to for m in flow.messages if m.sender == "alice"] == ["bob", "manager", "manager"]
+
+
+async def test_the_daemon_enforces_allowed_recipients_on_the_raw_socket(hive_root: Path) -> None:
+    """An agent can skip its MCP server and write to its socket: the daemon checks too."""
+    cfg = hive_config(hive_root)
+    applied = cfg.state_dir / "applied" / "alice"
+    applied.mkdir(parents=True)
+    (applied / "agent.toml").write_text('allowed_recipients = ["bob"]\n')
+    async with open_hive(cfg) as hive:
+        for name in ("alice", "bob", "carol"):
+            await hive.call(wire.Spawn(name=name))
+            await hive.call(wire.Kill(name=name))
+        alice = hive.agent_sock("alice")
+
+        async def send(to: str) -> wire.Sent:
+            return await call_once(alice, wire.Send(to=to, body="hi"), wire.Sent)
+
+        with pytest.raises(Forbidden, match=r"'carol' is not among your allowed recipients"):
+            await send("carol")
+        with pytest.raises(Forbidden, match=r"broadcast \('\*'\).*\(bob, manager\)"):
+            await send("*")
+        for to in ("bob", "manager", "hm1nd"):
+            await send(to)
+        # No list: anyone, a broadcast included.
+        sent = await call_once(hive.agent_sock("carol"), wire.Send(to="*", body="all"), wire.Sent)
+        assert sorted(sent.recipients) == ["alice", "bob"]
+
+        # What counts is the config the container was (re)built with, not a file edited since.
+        (applied / "agent.toml").write_text('allowed_recipients = ["bob", "carol"]\n')
+        with pytest.raises(Forbidden):
+            await send("carol")
+        await hive.call(wire.Rebuild(name="alice"), wire.AgentReply)
+        await send("carol")
+        with pytest.raises(Forbidden):
+            await send("operator")
+        flow = await hive.call(wire.Flow(), wire.Inbox)
+    sent_by_alice = [m.to for m in flow.messages if m.sender == "alice"]
+    assert sent_by_alice == ["bob", "manager", "manager", "carol"]

@@ -22,6 +22,7 @@ from tests.hive import (
     hive_config,
     open_hive,
     subscription,
+    wait_for_all,
     wait_for_event,
 )
 
@@ -74,6 +75,29 @@ async def manager_events(hive: Hive) -> list[dict[str, object]]:
 
 async def tags(applied: Path) -> set[str]:
     return set((await git(applied, "tag")).split())
+
+
+async def meta_log(hive: Hive) -> list[str]:
+    """The meta repo's commit subjects, newest first: the hive's deploy history."""
+    return (await git(hive.cfg.state_dir / "meta", "log", "--format=%s")).splitlines()
+
+
+async def meta_pin(hive: Hive, name: str) -> dict[str, str] | None:
+    """`name`'s pin in the committed agents.lock.json."""
+    text = await git(hive.cfg.state_dir / "meta", "show", "HEAD:agents.lock.json")
+    pins: dict[str, dict[str, str]] = msgspec.json.decode(text)
+    return pins.get(name)
+
+
+def approval_is(aid: int, status: str) -> object:
+    def check(e: wire.HiveEvent) -> bool:
+        return (
+            isinstance(e, wire.ApprovalChanged)
+            and e.approval.id == aid
+            and e.approval.status == status
+        )
+
+    return check
 
 
 @asynccontextmanager
@@ -133,6 +157,12 @@ async def test_approve_deploys_the_commit_and_restarts_alice(hive_root: Path) ->
         assert any(e["event"] == "rebuilt" and e["agent"] == "alice" for e in seen)
         assert isinstance(running, wire.AgentChanged) and running.agent.pid is not None
         assert _harness_env(running.agent.pid)["HIVE_MODEL"] == "sonnet"
+        # The meta repo records the deploy: one commit, alice pinned at the deployed sha.
+        log = await meta_log(hive)
+        assert log[0] == f"deploy alice deployed/1 {sha[:12]}"
+        assert sum(line.startswith("deploy ") for line in log) == 1
+        assert await meta_pin(hive, "alice") == {"rev": sha, "tag": "deployed/1"}
+        assert await git(hive.cfg.state_dir / "meta", "status", "--porcelain") == ""
         # Resolved once: approving again is a conflict, and nothing is pending.
         assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
 
@@ -151,6 +181,10 @@ async def test_a_broken_agent_toml_fails_and_rolls_back(hive_root: Path) -> None
         assert await git(applied, "rev-parse", "main") == before
         assert await git(applied, "status", "--porcelain") == ""
         assert "modle" not in (applied / "agent.toml").read_text()
+        # A failed deploy leaves no trace in the meta repo: no commit, the old pin, a clean tree.
+        assert not any(line.startswith("deploy ") for line in await meta_log(hive))
+        assert await meta_pin(hive, "alice") == {"rev": before, "tag": "deployed/0"}
+        assert await git(hive.cfg.state_dir / "meta", "status", "--porcelain") == ""
         alice = await hive.call(wire.ListAgents(), wire.AgentList)
         (info,) = [a for a in alice.agents if a.name == "alice"]
         assert info.state == "running" and info.pid == pid
@@ -241,9 +275,18 @@ async def test_request_spawn_then_approve_spawns(hive_root: Path) -> None:
         ]
         async with subscription(hive.sock) as events:
             done = await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
-            assert done.approval.status == "deployed"
-            await wait_for_event(events, is_running("bob"))  # type: ignore[arg-type]
+            # Approve answers at once; the container is made in the background.
+            assert done.approval.status == "spawning"
+            listed = await hive.call(wire.ListAgents(), wire.AgentList)
+            assert "bob" in [a.name for a in listed.agents]
+            await wait_for_all(
+                events,
+                is_running("bob"),  # type: ignore[arg-type]
+                approval_is(queued.id, "deployed"),  # type: ignore[arg-type]
+            )
         assert (hive.cfg.state_dir / "applied" / "bob" / ".git").is_dir()
+        bob_main = await git(hive.cfg.state_dir / "applied" / "bob", "rev-parse", "main")
+        assert f"spawn bob deployed/0 {bob_main[:12]}" in await meta_log(hive)
         seen = await manager_events(hive)
         assert {"event": "spawned", "agent": "bob", "ok": True, "note": "spawned"} in seen
         with pytest.raises(Exception, match="already exists"):
@@ -275,3 +318,52 @@ async def test_a_daemon_killed_mid_approve_comes_back_rolled_back(hive_root: Pat
         assert resolved[-1]["status"] == "failed" and resolved[-1]["note"] == "interrupted"
         with pytest.raises(Exception, match="failed, not pending"):
             await hive.call(wire.Approve(id=queued.id))
+
+
+async def test_revive_through_a_spawn_approval_keeps_the_state(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, proposed, applied, _pid):
+        sha = await propose(proposed, 'model = "sonnet"\n')
+        stale = await request_apply(hive, sha)
+        notes = hive.cfg.state_dir / "agents" / "alice" / "state" / "notes.md"
+        await trio.to_thread.run_sync(notes.write_text, "remember the milk\n")
+        await hive.call(wire.Destroy(name="alice"))
+        # Destroying an agent resolves its pending proposals and drops it from the meta repo.
+        assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
+        assert f"failed/{stale.id}" in await tags(applied)
+        assert (await meta_log(hive))[0] == "destroy alice"
+        assert await meta_pin(hive, "alice") is None
+        queued = await call_once(
+            hive.agent_sock("hm1nd"), wire.RequestSpawn(name="alice"), wire.ApprovalQueued
+        )
+        async with subscription(hive.sock) as events:
+            await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+            await wait_for_event(events, approval_is(queued.id, "deployed"))  # type: ignore[arg-type]
+        assert notes.read_text() == "remember the milk\n"
+        assert await tags(applied) >= {"deployed/0", f"failed/{stale.id}"}
+        main = await git(applied, "rev-parse", "main")
+        assert (await meta_log(hive))[0] == f"revive alice deployed/0 {main[:12]}"
+        inbox = await hive.call(wire.HostRecent(name="alice", limit=20), wire.Inbox)
+        assert any("Revived from kept state." in m.body for m in inbox.messages)
+
+
+async def test_a_daemon_killed_before_the_meta_commit_completes_the_deploy(
+    hive_root: Path,
+) -> None:
+    async with hive_with_alice(hive_root) as (hive, proposed, applied, _pid):
+        sha = await propose(proposed, 'model = "sonnet"\n')
+        queued = await request_apply(hive, sha)
+    async with daemon_process(hive_root, env={"HIVE_CRASH_AT": "before_meta_commit:1"}) as doomed:
+        sock = str(hive_root / "run" / "host.sock")
+        with pytest.raises(ConnectionLost):
+            await call_once(sock, wire.Approve(id=queued.id))
+        with trio.fail_after(30):
+            await doomed.wait()
+        assert doomed.returncode == 137
+    # Killed after `deployed/<id>` (the commit point) but before the meta commit.
+    assert f"deployed/{queued.id}" in await tags(applied)
+    async with open_hive(hive_config(hive_root)) as hive:
+        assert await git(applied, "rev-parse", "main") == sha
+        assert (await meta_log(hive))[0] == f"deploy alice deployed/{queued.id} {sha[:12]}"
+        assert await meta_pin(hive, "alice") == {"rev": sha, "tag": f"deployed/{queued.id}"}
+        resolved = [e for e in await manager_events(hive) if e["event"] == "approval_resolved"]
+        assert resolved[-1]["status"] == "deployed"

@@ -98,7 +98,12 @@ async def world(root: Path) -> AsyncIterator[World]:
 
         def sockets(rec: AgentRecord, path: str) -> SocketServer[object]:
             handler = AgentHandler(
-                rec, broker, registry, Questions(store, broker), Reminders(store, broker)
+                rec,
+                broker,
+                registry,
+                Questions(store, broker),
+                Reminders(store, broker, state_dir=lambda inbox: cfg.agent_root(inbox) / "state"),
+                applied_config=supervisor.applied_config,
             )
             return SocketServer(path, AGENT_DECODER, handler)
 

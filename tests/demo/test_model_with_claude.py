@@ -21,7 +21,8 @@ needs_claude = pytest.mark.skipif(
 
 IDENTITY_PROMPT = 'You are {name}, in a hive.\n<hive-identity name="{name}" role="{role}"/>\n'
 
-# A stdio MCP server named `hyperhive` with one tool, `send`, that records its calls.
+# A stdio MCP server named `hyperhive` with two tools, `send` and `request_spawn`, that record
+# their calls (a spawn request as a message to `approvals`).
 MCP_SERVER = textwrap.dedent(
     """
     import json
@@ -34,12 +35,23 @@ MCP_SERVER = textwrap.dedent(
     server = MCPServer("hyperhive")
 
 
+    def record(to: str, body: str) -> None:
+        with open(calls, "a") as out:
+            out.write(json.dumps({"to": to, "body": body}) + "\\n")
+
+
     @server.tool()
     def send(to: str, body: str) -> str:
         \"\"\"Send a message to another member of the hive.\"\"\"
-        with open(calls, "a") as out:
-            out.write(json.dumps({"to": to, "body": body}) + "\\n")
+        record(to, body)
         return f"queued for {to}"
+
+
+    @server.tool()
+    def request_spawn(name: str, description: str = "") -> str:
+        \"\"\"Ask the operator to approve a new agent.\"\"\"
+        record("approvals", name)
+        return f"spawn of {name} queued for the operator as approval #7"
 
 
     anyio.run(server.run_stdio_async, backend="trio")
@@ -116,7 +128,7 @@ async def run_claude(base_url: str, root: Path, prompt: str, *, name: str, role:
         "--mcp-config",
         str(root / "mcp.json"),
         "--allowedTools",
-        "mcp__hyperhive__send",
+        "mcp__hyperhive__send,mcp__hyperhive__request_spawn",
         "--system-prompt",
         IDENTITY_PROMPT.format(name=name, role=role),
     ]
@@ -292,15 +304,21 @@ async def test_claude_echoes_to_the_operator(model_url: str, tmp_path: Path) -> 
 
 
 @needs_claude
-async def test_claude_runs_the_managers_greeting(model_url: str, tmp_path: Path) -> None:
+async def test_claude_runs_the_managers_spawn_request_and_greeting(
+    model_url: str, tmp_path: Path
+) -> None:
     prompt = envelope("The hive has started.", sender="system")
     turn = await run_claude(model_url, tmp_path, prompt, name="mia", role="manager")
+    # The greeting quotes the approval id that only the tool's result carried.
     greeting = (
-        "Hello! I'm mia, the manager of this hive. "
-        "Say hi to your agents with @name in the compose box."
+        "Hello! I'm mia, the manager of this hive. I asked to spawn scout (approval #7): approve"
+        " the spawn of scout in the approvals panel or with `hive-c0re approve 7`, and I will"
+        " ping scout once it is up. Say hi to your agents with @name in the compose box."
     )
-    assert turn.sent == [Sent("operator", greeting), Sent("*", "ping from mia: who is awake?")]
-    assert turn.lines[-1].type == "result" and turn.lines[-1].is_error is False
+    assert turn.sent == [Sent("approvals", "scout"), Sent("operator", greeting)]
+    last = turn.lines[-1]
+    assert last.type == "result" and last.is_error is False, turn.stderr
+    assert last.num_turns == 3
 
 
 @needs_claude

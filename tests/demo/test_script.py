@@ -297,16 +297,95 @@ def test_operator_gets_an_echo() -> None:
         assert decision == Reply((send("operator", "alice here. You said: hi\nthere, ping"),))
 
 
-def test_manager_greets_on_system_wake() -> None:
-    decision = play(request("hive started", sender="system", name="mia", role="manager"))
+SPAWN_TOOLS: list[object] = [
+    {"name": "mcp__hyperhive__send"},
+    {"name": "mcp__hyperhive__request_spawn"},
+]
+
+
+def request_spawn(n: int = 1) -> ToolUse:
+    return ToolUse(
+        id=f"toolu_{n}",
+        name="mcp__hyperhive__request_spawn",
+        input={"name": "scout", "description": "the demo agent: answers the manager's pings"},
+    )
+
+
+def after_tool(call: ToolUse, result: object, *, is_error: bool = False) -> MessagesRequest:
+    """The manager's request once `call` returned `result` (claude's shapes: str or blocks)."""
+    messages: list[object] = [
+        {"role": "user", "content": envelope("The hive is up.", sender="system")},
+        {"role": "assistant", "content": [msgspec.to_builtins(call)]},
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": call.id,
+                    "content": result,
+                    "is_error": is_error,
+                }
+            ],
+        },
+    ]
+    return request(messages=messages, name="mia", role="manager", tools=SPAWN_TOOLS)
+
+
+def test_manager_asks_for_the_demo_agent_on_a_plain_system_wake() -> None:
+    wake = "The hive is up and you are its manager.\n\nYou were just (re)started."
+    decision = play(request(wake, sender="system", name="mia", role="manager", tools=SPAWN_TOOLS))
+    assert decision == Reply((request_spawn(),))
+    assert isinstance(decision, Reply) and decision.stop_reason == "tool_use"
+
+
+def test_manager_greets_with_the_approval_to_decide() -> None:
+    queued = "spawn of scout queued for the operator as approval #7"
     greeting = (
-        "Hello! I'm mia, the manager of this hive. "
-        "Say hi to your agents with @name in the compose box."
+        "Hello! I'm mia, the manager of this hive. I asked to spawn scout (approval #7): approve"
+        " the spawn of scout in the approvals panel or with `hive-c0re approve 7`, and I will"
+        " ping scout once it is up. Say hi to your agents with @name in the compose box."
+    )
+    for result in (queued, [{"type": "text", "text": queued}]):
+        decision = play(after_tool(request_spawn(n=41), result))
+        assert decision == Reply((send("operator", greeting),))
+
+
+def test_a_refused_spawn_request_still_greets_and_pings_everyone() -> None:
+    refused = "Error: agent 'scout' already exists"
+    decision = play(after_tool(request_spawn(n=41), refused, is_error=True))
+    greeting = (
+        "Hello! I'm mia, the manager of this hive. I could not ask to spawn scout"
+        " (Error: agent 'scout' already exists). Say hi to your agents with @name in the"
+        " compose box."
     )
     assert decision == Reply(
         (send("operator", greeting), send("*", "ping from mia: who is awake?", n=2))
     )
-    assert isinstance(decision, Reply) and decision.stop_reason == "tool_use"
+
+
+def test_other_tool_results_end_the_turn() -> None:
+    decision = play(after_tool(send("operator", "hi", n=41), "sent to operator (id 3)"))
+    assert decision == text("Done.")
+    # An agent (not the manager) never follows up, whatever it called.
+    messages = after_tool(request_spawn(n=41), "approval #7").messages
+    assert play(request(messages=messages, tools=SPAWN_TOOLS)) == text("Done.")
+
+
+def test_manager_pings_a_spawned_agent() -> None:
+    spawned = '{"event":"spawned","agent":"scout","ok":true,"note":"spawned"}'
+    decision = play(request(spawned, sender="system", name="mia", role="manager"))
+    assert decision == Reply((send("scout", "ping from mia: who is awake?"),))
+    failed = '{"event":"spawned","agent":"scout","ok":false,"note":"bwrap: no such file"}'
+    decision = play(request(failed, sender="system", name="mia", role="manager"))
+    assert decision == Reply((send("operator", "scout did not start: bwrap: no such file"),))
+
+
+def test_manager_notes_other_hive_events() -> None:
+    for body in (
+        '{"event":"approval_resolved","agent":"scout","id":7,"status":"deployed"}',
+        '{"event":"container_crash","agent":"scout","status":1,"restarts":1}',
+    ):
+        assert play(request(body, sender="system", role="manager")) == text("Noted.")
 
 
 def test_agent_notes_system_messages() -> None:

@@ -124,14 +124,23 @@ def build_server(settings: HarnessSettings) -> MCPServer:
     @server.tool(
         description=(
             "Schedule a message into your own inbox (from `reminder`): give exactly one of "
-            "`delay_seconds` or `at_unix_timestamp`. Survives restarts; at most 50 pending."
+            "`delay_seconds` or `at_unix_timestamp`. Survives restarts; at most 50 pending. "
+            "With `file_path` (relative to /state) the text is written to that file and the "
+            "reminder points to it; a message over 4096 bytes is written to "
+            "/state/reminders/ anyway."
         )
     )
     async def remind(
-        message: str, delay_seconds: float | None = None, at_unix_timestamp: float | None = None
+        message: str,
+        delay_seconds: float | None = None,
+        at_unix_timestamp: float | None = None,
+        file_path: str | None = None,
     ) -> str:
         request = wire.Remind(
-            message=message, delay_seconds=delay_seconds, at_unix_timestamp=at_unix_timestamp
+            message=message,
+            delay_seconds=delay_seconds,
+            at_unix_timestamp=at_unix_timestamp,
+            file_path=file_path,
         )
         reply = await call(request)
         assert isinstance(reply, wire.ReminderQueued)
@@ -187,6 +196,16 @@ def _add_manager_tools(
     @server.tool(description="Restart an agent (its claude session is kept).")
     async def restart(name: str) -> str:
         return await lifecycle(wire.RestartAgent(name=name))
+
+    @server.tool(
+        description=(
+            "rebuild a sub-agent (re-applies the current config and restarts the container). "
+            "No approval required — idempotent. Use when you receive a `needs_update` system "
+            "event."
+        )
+    )
+    async def update(name: str) -> str:
+        return await lifecycle(wire.UpdateAgent(name=name))
 
 
 def run_stdio(settings: HarnessSettings) -> None:

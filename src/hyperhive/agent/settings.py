@@ -26,6 +26,7 @@ MANAGER_TOOLS = (
     "kill",
     "start",
     "restart",
+    "update",
 )
 MCP_SERVER = "hyperhive"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from hyperhive.core.agents import AgentRecord, Registry
@@ -11,7 +12,8 @@ from hyperhive.core.questions import Questions
 from hyperhive.core.reminders import Reminders
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.protocol import wire
-from hyperhive.protocol.errors import BadParams
+from hyperhive.protocol.agent_config import AgentConfig
+from hyperhive.protocol.errors import BadParams, Forbidden, HiveError
 from hyperhive.protocol.names import (
     BROADCAST,
     MANAGER,
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
 MAX_LABEL = 64
 _FORBIDDEN_LABELS = frozenset({SYSTEM, MANAGER, MANAGER_NAME, REMINDER, BROADCAST})
 
+AppliedConfig = Callable[[AgentRecord], Awaitable[AgentConfig]]
+"""The agent.toml in force for an agent's container (`Supervisor.applied_config`)."""
+
 
 class AgentHandler:
     def __init__(
@@ -36,12 +41,15 @@ class AgentHandler:
         registry: Registry,
         questions: Questions,
         reminders: Reminders,
+        *,
+        applied_config: AppliedConfig,
     ) -> None:
         self.rec = rec
         self.broker = broker
         self.registry = registry
         self.questions = questions
         self.reminders = reminders
+        self.applied_config = applied_config
 
     @property
     def principal(self) -> str:
@@ -57,9 +65,31 @@ class AgentHandler:
             raise BadParams(f"wake label {label!r} names another principal; pick your own label")
         return label
 
+    async def _check_recipient(self, to: str) -> None:
+        """agent.toml's `allowed_recipients`, enforced here too: the MCP tool's check is only a
+        courtesy, as an agent can write to its socket directly. The manager is always allowed;
+        an empty list allows anyone; a broadcast would reach everyone, so a list refuses it."""
+        if self.rec.role == "manager" or to == MANAGER:
+            return
+        try:
+            allowed = (await self.applied_config(self.rec)).allowed_recipients
+        except HiveError as err:
+            raise Forbidden(
+                f"your agent.toml cannot be read ({err.message}); only the manager can be reached"
+            ) from None
+        if not allowed or to in {canonical_recipient(a) for a in allowed}:
+            return
+        listed = f"your allowed recipients ({', '.join(allowed)}, manager)"
+        if to == BROADCAST:
+            raise Forbidden(f"a broadcast ('*') would reach agents beyond {listed}")
+        raise Forbidden(
+            f"{to[:40]!r} is not among {listed}; ask the manager if you need to reach someone else"
+        )
+
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
         match request:
             case wire.Send(to=to, body=body):
+                await self._check_recipient(canonical_recipient(to))
                 msgs = await self.broker.send(
                     self.principal, canonical_recipient(to), body, origin=self.rec.name
                 )
@@ -95,9 +125,11 @@ class AgentHandler:
                     qid, answer, answerer=self.rec.name, as_peer=self.principal
                 )
                 return wire.QuestionReply(question=info)
-            case wire.Remind(message=text, delay_seconds=delay, at_unix_timestamp=at):
+            case wire.Remind(
+                message=text, delay_seconds=delay, at_unix_timestamp=at, file_path=path
+            ):
                 rid, due = await self.reminders.schedule(
-                    self.principal, text, delay_seconds=delay, at_unix_timestamp=at
+                    self.principal, text, delay_seconds=delay, at_unix_timestamp=at, file_path=path
                 )
                 return wire.ReminderQueued(id=rid, due_at=due)
         raise BadParams(f"unsupported request {type(request).__name__}")
@@ -118,8 +150,10 @@ class ManagerHandler(AgentHandler):
         questions: Questions,
         reminders: Reminders,
         host: HostHandler,
+        *,
+        applied_config: AppliedConfig,
     ) -> None:
-        super().__init__(rec, broker, registry, questions, reminders)
+        super().__init__(rec, broker, registry, questions, reminders, applied_config=applied_config)
         self.host = host
 
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
@@ -137,4 +171,6 @@ class ManagerHandler(AgentHandler):
                 return wire.AgentReply(agent=await self.host.start(refuse_manager_target(name)))
             case wire.RestartAgent(name=name):
                 return wire.AgentReply(agent=await self.host.restart(refuse_manager_target(name)))
+            case wire.UpdateAgent(name=name):
+                return wire.AgentReply(agent=await self.host.rebuild(refuse_manager_target(name)))
         return await super().handle(request, peer)

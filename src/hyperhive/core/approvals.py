@@ -5,10 +5,12 @@ States of one approval (the tags live in the agent's applied repo):
     pending ──approve──▶ building ──ok──▶ deployed      proposal/ approved/ building/ deployed/
        │                    └──fail──▶ failed          … failed/ (annotated with the error)
        └──deny──▶ denied                               proposal/ denied/ (annotated with the note)
-    pending(spawn) ──approve──▶ spawning ──▶ deployed | failed
+    pending(spawn) ──approve──▶ spawning ──▶ deployed | failed    (in the background)
 
 A transition is written to sqlite before its git steps (with the old `main` for a rollback) and
-after them, so `recover()` can finish or undo whatever a killed daemon left half done.
+after them, so `recover()` can finish or undo whatever a killed daemon left half done. A deploy
+stages the agent's new pin in the meta repo before the rebuild and commits it only after
+`deployed/<id>` is tagged; `deployed/<id>` is the commit point recovery goes by.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
 from hyperhive.core import events
 from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.broker import EventHub
+from hyperhive.core.containers.nixgen import MetaAgent
 from hyperhive.core.faults import Faults
-from hyperhive.core.gitops import GitOps
+from hyperhive.core.gitops import BRANCH, GitOps
+from hyperhive.core.meta import MetaRepo, Pin, deploy_message, spawn_message
 from hyperhive.core.store import Store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import agent_config, wire
@@ -39,7 +44,17 @@ SHA = re.compile(r"[0-9a-f]{7,40}")
 DIFF_CAP = 200 * 1024
 INTERRUPTED = "interrupted"
 
-Spawner = Callable[[str], Awaitable[AgentRecord]]
+
+class SpawnHooks(Protocol):
+    """How an approved spawn makes the agent (the host handler implements it)."""
+
+    async def begin_spawn(self, name: str) -> tuple[AgentRecord, bool]:
+        """Register the agent (state `spawning`); quick. Returns it and whether it was revived."""
+        ...
+
+    async def finish_spawn(self, rec: AgentRecord, revived: bool) -> None:
+        """Create and start the container, then greet the agent; may take minutes."""
+        ...
 
 
 @dataclass
@@ -96,12 +111,17 @@ def _select(conn: sqlite3.Connection, where: str, args: tuple[object, ...]) -> l
 
 
 def _set(
-    conn: sqlite3.Connection, aid: int, status: str, note: str, old_sha: str | None, final: bool
+    conn: sqlite3.Connection,
+    aid: int,
+    status: str,
+    note: str,
+    old_sha: str | None,
+    resolved_at: float | None,
 ) -> None:
     conn.execute(
         "UPDATE approvals SET status = ?, note = ?, old_sha = COALESCE(?, old_sha),"
         " resolved_at = ? WHERE id = ?",
-        (status, note, old_sha, time.time() if final else None, aid),
+        (status, note, old_sha, resolved_at, aid),
     )
 
 
@@ -113,9 +133,13 @@ class Approvals:
         registry: Registry,
         supervisor: Supervisor,
         faults: Faults,
+        hub: EventHub | None = None,
+        meta: MetaRepo | None = None,
     ) -> None:
         self.store = store
+        self.hub = hub
         self.gitops = gitops
+        self.meta = meta or MetaRepo(gitops, gitops.state_dir, None)
         self.registry = registry
         self.supervisor = supervisor
         self.faults = faults
@@ -131,11 +155,18 @@ class Approvals:
     async def _set(
         self, row: Approval, status: wire.ApprovalStatus, note: str = "", old_sha: str | None = None
     ) -> None:
-        final = status in ("deployed", "failed", "denied")
-        await self.store.run(_set, row.id, status, note, old_sha, final)
-        row.status, row.note = status, note
+        resolved_at = time.time() if status in ("deployed", "failed", "denied") else None
+        await self.store.run(_set, row.id, status, note, old_sha, resolved_at)
+        row.status, row.note, row.resolved_at = status, note, resolved_at
         if old_sha is not None:
             row.old_sha = old_sha
+        self._publish(row)
+
+    def _publish(self, row: Approval) -> None:
+        """Tell subscribers (the dashboard) that `row` was queued or changed status."""
+        if self.hub is not None:
+            info = row.info()
+            self.hub.publish(lambda seq: wire.ApprovalChanged(seq=seq, approval=info))
 
     # ------------------------------------------------------------------ requests
 
@@ -155,7 +186,9 @@ class Approvals:
             await self.gitops.pin(rec.name, sha)
             aid = await self.store.run(_insert, rec.name, "apply_commit", ref, sha, "")
             await self.gitops.tag(rec.name, f"proposal/{aid}", sha)
-        return await self._get(aid)
+        row = await self._get(aid)
+        self._publish(row)
+        return row
 
     async def request_spawn(self, name: str, description: str = "") -> Approval:
         check_new_agent_name(name)
@@ -169,7 +202,9 @@ class Approvals:
             if waiting:
                 raise Conflict(f"a spawn of {name!r} is already pending (#{waiting[0].id})")
             aid = await self.store.run(_insert, name, "spawn", "", "", description[:4000])
-        return await self._get(aid)
+        row = await self._get(aid)
+        self._publish(row)
+        return row
 
     async def pending(self) -> list[wire.ApprovalInfo]:
         rows = await self.store.run(_select, "status = 'pending'", ())
@@ -183,13 +218,14 @@ class Approvals:
 
     # ------------------------------------------------------------------ decisions
 
-    async def approve(self, aid: int, spawn: Spawner) -> Approval:
+    async def approve(self, aid: int, hooks: SpawnHooks) -> Approval:
+        """Decide #aid. A deploy is done when this returns; a spawn is then `spawning`."""
         async with self._lock:
             row = await self._get(aid)
             if row.status != "pending":
                 raise Conflict(f"approval #{aid} is {row.status}, not pending")
             if row.kind == "spawn":
-                await self._spawn(row, spawn)
+                await self._spawn(row, hooks)
             else:
                 await self._deploy(row)
             return row
@@ -221,6 +257,7 @@ class Approvals:
         await self.gitops.tag(name, f"approved/{row.id}", sha)
         await self.gitops.tag(name, f"building/{row.id}", sha)
         await self.gitops.move_main(name, sha)
+        await self.meta.prepare(name, sha, f"deployed/{row.id}")
         self.faults.hit("mid_approve")
         rebuilt = False
         text = await self.gitops.show(name, sha, AGENT_TOML)
@@ -235,6 +272,8 @@ class Approvals:
             rebuilt = True
         if ok:
             await self.gitops.tag(name, f"deployed/{row.id}", sha)
+            self.faults.hit("before_meta_commit")
+            await self.meta.finalize(deploy_message(name, f"deployed/{row.id}", sha))
             await self._set(row, "deployed", note)
             await self._resolved(row, f"deployed/{row.id}")
             return
@@ -245,6 +284,7 @@ class Approvals:
     async def _rollback(self, row: Approval, note: str) -> None:
         await self.gitops.tag(row.agent, f"failed/{row.id}", row.sha, note)
         await self.gitops.move_main(row.agent, row.old_sha)
+        await self.meta.abort()
         await self._set(row, "failed", note)
         await self._resolved(row, f"failed/{row.id}")
 
@@ -254,17 +294,92 @@ class Approvals:
         if rec.desired == "running":
             await self.supervisor.launch(rec)
 
-    async def _spawn(self, row: Approval, spawn: Spawner) -> None:
-        await self._set(row, "spawning")
+    async def _spawn(self, row: Approval, hooks: SpawnHooks) -> None:
         try:
-            await spawn(row.agent)
+            rec, revived = await hooks.begin_spawn(row.agent)
         except HiveError as exc:
-            ok, note = False, exc.message
-        else:
-            ok, note = True, "spawned"
-        await self._set(row, "deployed" if ok else "failed", note if not ok else "")
-        await self.supervisor.notify_manager(events.Spawned(agent=row.agent, ok=ok, note=note))
+            # e.g. an operator spawned the name directly while the request waited.
+            await self._spawned(row, None, exc.message)
+            return
+        await self._set(row, "spawning")
+        self.supervisor.nursery.start_soon(self._finish_spawn, row, rec, revived, hooks)
+
+    async def _finish_spawn(
+        self, row: Approval, rec: AgentRecord, revived: bool, hooks: SpawnHooks
+    ) -> None:
+        """The background half of an approved spawn; a failure leaves a tombstone, not a wreck."""
+        try:
+            await hooks.finish_spawn(rec, revived)
+        except Exception as exc:  # whatever broke, the approval must resolve
+            note = exc.message if isinstance(exc, HiveError) else f"{type(exc).__name__}: {exc}"
+            log.error("spawn of %s failed: %s", rec.name, note)
+            with trio.CancelScope(shield=True):
+                await self._tombstone(rec, note)
+                await self._spawned(row, rec, note)
+            return
+        await self._spawned(row, rec, "")
+
+    async def _tombstone(self, rec: AgentRecord, note: str) -> None:
+        await self.supervisor.stop(rec)
+        await self.supervisor.close_socket(rec.name)
+        rec.desired = "stopped"
+        rec.destroyed_at = time.time()
+        self.registry.set_state(rec, "destroyed", last_error=note)
+        await self.registry.save(rec)
+
+    async def _spawned(self, row: Approval, rec: AgentRecord | None, error: str) -> None:
+        ok = not error
+        await self._set(row, "deployed" if ok else "failed", error)
+        await self.supervisor.notify_manager(
+            events.Spawned(agent=row.agent, ok=ok, note=error or "spawned")
+        )
         await self._resolved(row, "")
+
+    # ------------------------------------------------------------------ the meta repo
+
+    async def record_spawn(self, rec: AgentRecord, revived: bool) -> None:
+        """The meta repo learns of a new (or revived) agent, pinned at its applied `main`."""
+        repo = self.gitops.applied(rec.name)
+        sha = await self.gitops.resolve(repo, BRANCH)
+        if sha is None:
+            return
+        tag = "deployed/0"
+        if revived:
+            tags = await self.gitops.out(repo, "tag", "--points-at", BRANCH, "--list", "deployed/*")
+            ids = [int(t.split("/")[1]) for t in tags.split() if t.split("/")[1].isdigit()]
+            tag = f"deployed/{max(ids, default=0)}"
+        message = spawn_message(rec.name, tag, sha)
+        if revived:
+            message = f"revive {rec.name} {tag} {sha[:12]}"
+        await self.meta.record(message, rec.name, Pin(rev=sha, tag=tag), self.meta_agent(rec))
+
+    async def sync_meta(self) -> None:
+        """At start-up: every live agent is in the meta repo (agents from before it existed)."""
+        pins = await self.meta.pins()
+        for rec in self.registry.all():
+            if rec.alive and rec.role == "agent" and rec.name not in pins:
+                await self.gitops.seed(rec.name)
+                await self.record_spawn(rec, revived=False)
+
+    def meta_agent(self, rec: AgentRecord) -> MetaAgent:
+        return MetaAgent(
+            name=rec.name,
+            container=rec.container,
+            role=rec.role,
+            port=rec.port,
+            applied=str(self.gitops.applied(rec.name)),
+        )
+
+    async def record_destroy(self, name: str) -> None:
+        """Drop a destroyed agent from the meta repo, and its pending proposals from the queue."""
+        await self.meta.record(f"destroy {name}", name, None)
+        async with self._lock:
+            for row in await self.store.run(
+                _select, "status = 'pending' AND kind = 'apply_commit' AND agent = ?", (name,)
+            ):
+                await self.gitops.tag(name, f"failed/{row.id}", row.sha, "agent destroyed")
+                await self._set(row, "failed", "agent destroyed")
+                await self._resolved(row, f"failed/{row.id}")
 
     async def _resolved(self, row: Approval, tag: str) -> None:
         await self.supervisor.notify_manager(
@@ -281,22 +396,33 @@ class Approvals:
 
     # ------------------------------------------------------------------ start-up
 
-    async def recover(self) -> list[str]:
-        """Finish or undo transitions a killed daemon left half done; the agents rolled back."""
+    async def recover(self, hooks: SpawnHooks) -> list[str]:
+        """Finish or undo transitions a killed daemon left half done; the agents rolled back.
+
+        An interrupted spawn whose agent was registered is finished (in the background, as
+        `approve` would); one that never got that far failed.
+        """
         rolled_back: list[str] = []
         async with self._lock:
             for row in await self.store.run(_select, "status IN ('building', 'spawning')", ()):
                 if row.kind == "spawn":
                     rec = self.registry.find(row.agent)
-                    ok = rec is not None and rec.alive
-                    await self._set(row, "deployed" if ok else "failed", "" if ok else INTERRUPTED)
-                    await self._resolved(row, "")
+                    if rec is not None and rec.alive:
+                        self.supervisor.nursery.start_soon(
+                            self._finish_spawn, row, rec, False, hooks
+                        )
+                    else:
+                        await self._spawned(row, None, INTERRUPTED)
                 elif await self.gitops.has_ref(
                     self.gitops.applied(row.agent), f"refs/tags/deployed/{row.id}"
                 ):
+                    # Tagged deployed: the deploy happened; finish its records.
                     await self.gitops.move_main(row.agent, row.sha)
+                    tag = f"deployed/{row.id}"
+                    await self.meta.prepare(row.agent, row.sha, tag)
+                    await self.meta.finalize(deploy_message(row.agent, tag, row.sha))
                     await self._set(row, "deployed", "completed after a restart")
-                    await self._resolved(row, f"deployed/{row.id}")
+                    await self._resolved(row, tag)
                 else:
                     log.warning("approval #%d was interrupted mid-deploy: rolling back", row.id)
                     await self._rollback(row, INTERRUPTED)

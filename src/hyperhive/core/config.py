@@ -31,6 +31,15 @@ class DaemonConfig:
     model: str = "haiku"
     operator_pronouns: str = "she/her"
     admin_uids: frozenset[int] = frozenset()
+    admin_group: str | None = None
+    """A group whose members may use host.sock: the run dir becomes 0750 and host.sock 0660 in
+    that group, and the login URL file is readable by it (`hive-c0re url`)."""
+    agent_memory_max: str | None = None
+    """MemoryMax of each agent whose agent.toml [limits] sets none (systemd syntax, e.g. 4G)."""
+    agent_cpu_quota: str | None = None
+    """CPUQuota of each agent whose agent.toml [limits] sets none (e.g. 200% = two cores)."""
+    forge_container: str | None = None
+    """The nixos-container that runs the hive's Forgejo (services.hive-forge), if there is one."""
     harness_python: str = sys.executable
     claude_bin: str = "claude"
     restart_initial: float = 10.0
@@ -43,6 +52,12 @@ class DaemonConfig:
     """Commit concurrent writes together (one fsync per batch); off = one fsync per write."""
     crash_at: str | None = None
     """Fault injection for tests (`label:n`, see core/faults.py); from $HIVE_CRASH_AT."""
+    crash_raises: bool = False
+    """Tests only: a crash point raises `SimulatedCrash` (ending an in-process daemon right
+    there) instead of `os._exit(137)`."""
+    login_check_interval: float = 10.0
+    """Seconds between checks of the sub-agents' credentials (needs_login / logged_in events);
+    a new agent is checked at once."""
     line_timeout: float = 10.0
     """Seconds a client has to complete a line it started, to send its first one, and to take
     a reply it asked for (one knob for "too slow": `busy`, connection closed)."""

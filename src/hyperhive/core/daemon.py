@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import signal
@@ -19,9 +20,12 @@ from hyperhive.core.approvals import Approvals
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.base import Backend
+from hyperhive.core.containers.nixgen import host_system
 from hyperhive.core.faults import Faults
 from hyperhive.core.gitops import GitOps
 from hyperhive.core.host_api import HostHandler
+from hyperhive.core.logins import LoginWatch
+from hyperhive.core.meta import MetaRepo, flake_renderer
 from hyperhive.core.questions import Questions
 from hyperhive.core.reminders import Reminders
 from hyperhive.core.revision import current_revision
@@ -44,8 +48,6 @@ MANAGER_DECODER: RequestDecoder[object] = RequestDecoder(
     wire.ManagerRequests, wire.MANAGER_COMMANDS, "manager"
 )
 
-
-DEMO_AGENT = "scout"
 
 HOST_MAX_CONNECTIONS = 256
 AGENT_MAX_CONNECTIONS = 64
@@ -92,17 +94,29 @@ def make_backend(cfg: DaemonConfig) -> Backend:
 MAX_SOCKET_PATH = 100
 
 
-def _prepare(cfg: DaemonConfig) -> None:
+def _prepare(cfg: DaemonConfig) -> int | None:
+    """Create the daemon's directories; returns the admin group's gid, if there is one."""
     longest = cfg.run_dir / "agents" / ("x" * 9) / "mcp.sock"
     if len(str(longest)) > MAX_SOCKET_PATH:
         raise ValueError(
             f"--run-dir {cfg.run_dir} is too long: unix socket paths under it would exceed"
             f" {MAX_SOCKET_PATH} bytes"
         )
+    admin_gid = None
+    if cfg.admin_group is not None:
+        try:
+            admin_gid = grp.getgrnam(cfg.admin_group).gr_gid
+        except KeyError:
+            raise ValueError(f"--admin-group {cfg.admin_group}: no such group") from None
     for path in (cfg.state_dir, cfg.run_dir, cfg.run_dir / "agents"):
         path.mkdir(parents=True, exist_ok=True)
-    os.chmod(cfg.run_dir, 0o700)
+    # The admin group may enter the run dir (to reach host.sock and the login URL); every
+    # directory and secret in it stays the daemon's alone.
+    if admin_gid is not None:
+        os.chown(cfg.run_dir, -1, admin_gid)
+    os.chmod(cfg.run_dir, 0o700 if admin_gid is None else 0o750)
     os.chmod(cfg.state_dir, 0o700)
+    return admin_gid
 
 
 def sd_notify(state: str) -> None:
@@ -123,7 +137,7 @@ async def run(
     cfg: DaemonConfig, *, task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the daemon until cancelled. started(DaemonInfo) once sockets and dashboard are up."""
-    await trio.to_thread.run_sync(_prepare, cfg)
+    admin_gid = await trio.to_thread.run_sync(_prepare, cfg)
     backend = make_backend(cfg)
     async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
         model_url: str | None = None
@@ -143,7 +157,7 @@ async def run(
         registry = Registry(store, hub, ui_port_base=cfg.ui_port_base, backend=backend.name)
         await registry.load()
         registry.revision = await trio.to_thread.run_sync(current_revision)
-        faults = Faults.parse(cfg.crash_at)
+        faults = Faults.parse(cfg.crash_at, raises=cfg.crash_raises)
         broker = Broker(
             store,
             hub,
@@ -158,8 +172,12 @@ async def run(
         def peer_inbox(to: str) -> str:
             return registry.live(check_name(MANAGER_NAME if to == MANAGER else to)).recipient
 
-        questions = Questions(store, broker, peer_inbox=peer_inbox)
-        reminders = Reminders(store, broker)
+        questions = Questions(store, broker, peer_inbox=peer_inbox, hub=hub)
+
+        def state_dir(inbox: str) -> Path:
+            return cfg.agent_root(MANAGER_NAME if inbox == MANAGER else inbox) / "state"
+
+        reminders = Reminders(store, broker, state_dir=state_dir)
 
         host_limits = SocketLimits(
             max_connections=HOST_MAX_CONNECTIONS,
@@ -176,9 +194,24 @@ async def run(
             handler: AgentHandler
             if rec.role == "manager":
                 decoder = MANAGER_DECODER
-                handler = ManagerHandler(rec, broker, registry, questions, reminders, hosts[0])
+                handler = ManagerHandler(
+                    rec,
+                    broker,
+                    registry,
+                    questions,
+                    reminders,
+                    hosts[0],
+                    applied_config=supervisor.applied_config,
+                )
             else:
-                handler = AgentHandler(rec, broker, registry, questions, reminders)
+                handler = AgentHandler(
+                    rec,
+                    broker,
+                    registry,
+                    questions,
+                    reminders,
+                    applied_config=supervisor.applied_config,
+                )
                 decoder = AGENT_DECODER
             return SocketServer(
                 path,
@@ -203,27 +236,49 @@ async def run(
             log.info("returned %d in-flight messages to their queues", released)
         if adopted:
             log.info("adopting running containers of %s", ", ".join(adopted))
-        approvals = Approvals(store, GitOps(Runner(), cfg.state_dir), registry, supervisor, faults)
+        gitops = GitOps(Runner(), cfg.state_dir)
+        render = None
+        if backend.name != "nixos":  # the nixos backend writes the meta flake itself
+            render = flake_renderer(
+                hyperhive_flake=cfg.hyperhive_flake,
+                system=host_system(),
+                dashboard_port=cfg.dashboard_port,
+                operator_pronouns=cfg.operator_pronouns,
+            )
+        approvals = Approvals(
+            store,
+            gitops,
+            registry,
+            supervisor,
+            faults,
+            hub=hub,
+            meta=MetaRepo(gitops, cfg.state_dir, render),
+        )
         host = HostHandler(cfg, registry, broker, supervisor, hub, approvals, questions)
         hosts.append(host)
         # A deploy a crash interrupted is rolled back before any container starts on it.
-        rolled_back = await approvals.recover()
+        rolled_back = await approvals.recover(host)
+        await approvals.meta.ensure()
+        await approvals.sync_meta()
         # Deadlines that passed (and reminders that fell due) while the daemon was down are
         # handled now, before any socket opens.
         await nursery.start(questions.serve_ttl)
         await nursery.start(reminders.serve)
+        logins = LoginWatch(
+            cfg, registry, hub, supervisor.notify_manager, interval=cfg.login_check_interval
+        )
+        await nursery.start(logins.serve)
         host_server = SocketServer(
             str(cfg.host_socket),
             HOST_DECODER,
             host,
             limits=host_limits,
-            peer_check=require_uid(cfg.allowed_uids()),
+            mode=0o600 if admin_gid is None else 0o660,
+            group=admin_gid,
+            peer_check=require_uid(cfg.allowed_uids(), admin_gid),
             name="host",
         )
         await nursery.start(host_server.serve)
-        if cfg.demo and cfg.start_manager and not any(r.role == "agent" for r in registry.all()):
-            # The demo needs someone for the manager to talk to.
-            await host.spawn(DEMO_AGENT)
         if cfg.start_manager:
             await host.ensure_manager()
         for rec in registry.all():
@@ -262,11 +317,14 @@ async def run(
             )
             dashboard_login = login_url(cfg.bind, dashboard_port, login_tokens.dashboard)
             await nursery.start(
-                serve_login_files,
-                cfg.dashboard_token_path,
-                cfg.dashboard_url_path,
-                login_tokens.dashboard,
-                dashboard_login,
+                partial(
+                    serve_login_files,
+                    cfg.dashboard_token_path,
+                    cfg.dashboard_url_path,
+                    login_tokens.dashboard,
+                    dashboard_login,
+                    group=admin_gid,
+                )
             )
         sd_notify("READY=1")
         log.info("hive-c0re ready: host socket %s, dashboard %s", cfg.host_socket, dashboard_port)

@@ -48,6 +48,14 @@ class NeedsUpdate(HelperEvent, frozen=True, tag="needs_update"):
     note: str = ""
 
 
+class NeedsLogin(HelperEvent, frozen=True, tag="needs_login"):
+    """The agent has no claude credentials: it runs no turns until the operator logs it in."""
+
+
+class LoggedIn(HelperEvent, frozen=True, tag="logged_in"):
+    """Credentials appeared for an agent that needed a login: its turns run again."""
+
+
 class QuestionAsked(HelperEvent, frozen=True, tag="question_asked"):
     """A peer routed a question to you (`agent` is the asker): reply with `answer(id, ...)`."""
 

@@ -12,6 +12,7 @@ from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.approvals import Approvals
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
+from hyperhive.core.logins import needs_login
 from hyperhive.core.questions import Questions
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
@@ -27,15 +28,6 @@ from hyperhive.protocol.names import (
     check_name,
     check_new_agent_name,
 )
-
-LOGIN_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
-
-
-def needs_login(cfg: DaemonConfig, names: list[str]) -> dict[str, bool]:
-    """An agent needs a login when neither the daemon's claude env nor its own creds exist."""
-    if any(cfg.claude_env.get(k) for k in LOGIN_KEYS):
-        return dict.fromkeys(names, False)
-    return {n: not (cfg.agent_root(n) / "claude" / ".credentials.json").is_file() for n in names}
 
 
 class HostHandler:
@@ -79,16 +71,26 @@ class HostHandler:
         )
 
     async def spawn(self, name: str) -> AgentRecord:
+        """The operator's direct spawn (no approval): both halves, in the foreground."""
+        rec, revived = await self.begin_spawn(name)
+        await self.finish_spawn(rec, revived)
+        return rec
+
+    async def begin_spawn(self, name: str) -> tuple[AgentRecord, bool]:
         check_new_agent_name(name)
         revived = self.registry.find(name) is not None
         # The proposed and applied config repos (kept as they are when reviving).
         await self.approvals.gitops.seed(name)
         rec = await self.registry.add(name, "agent")
+        self.registry.set_state(rec, "spawning")
+        return rec, revived
+
+    async def finish_spawn(self, rec: AgentRecord, revived: bool) -> None:
         await self.supervisor.open_socket(rec)
         await self.supervisor.create(rec)
+        await self.approvals.record_spawn(rec, revived)
         await self.supervisor.launch(rec)
         await self.kick(rec, "Revived from kept state." if revived else "Spawned.")
-        return rec
 
     async def kill(self, name: str) -> wire.AgentInfo:
         rec = self.registry.live(check_name(name))
@@ -114,6 +116,15 @@ class HostHandler:
         await self.registry.save(rec)
         await self.supervisor.launch(rec)
         await self.kick(rec, "Restarted.")
+        return self.registry.info(rec)
+
+    async def rebuild(self, name: str) -> wire.AgentInfo:
+        """Re-apply the agent's config and restart it; `conflict` with the error if it fails."""
+        rec = self.registry.live(check_name(name))
+        ok, note = await self.supervisor.rebuild(rec)
+        if not ok:
+            raise Conflict(f"rebuild of {name} failed: {note}")
+        await self.kick(rec, "Rebuilt: your configuration was re-applied.")
         return self.registry.info(rec)
 
     async def ensure_manager(self) -> AgentRecord | None:
@@ -143,7 +154,7 @@ class HostHandler:
             case wire.Pending():
                 return wire.ApprovalList(approvals=await self.approvals.pending())
             case wire.Approve(id=aid):
-                row = await self.approvals.approve(aid, self.spawn)
+                row = await self.approvals.approve(aid, self)
                 if row.kind == "apply_commit" and row.status == "deployed":
                     rec = self.registry.get(row.agent)
                     await self.kick(rec, "Config update applied: your agent.toml changed.")
@@ -154,13 +165,7 @@ class HostHandler:
                 row = await self.approvals.request_spawn(name, description)
                 return wire.ApprovalQueued(id=row.id)
             case wire.Rebuild(name=name):
-                rec = self.registry.live(check_name(name))
-                ok, note = await self.supervisor.rebuild(rec)
-                if ok:
-                    await self.kick(rec, "Rebuilt: your configuration was re-applied.")
-                else:
-                    raise Conflict(f"rebuild of {name} failed: {note}")
-                return wire.AgentReply(agent=self.registry.info(rec))
+                return wire.AgentReply(agent=await self.rebuild(name))
             case wire.Logs(name=name, lines=lines):
                 rec = self.registry.get(check_name(name))
                 return wire.LogLines(name=name, lines=await self.supervisor.logs(rec, lines))
@@ -205,6 +210,7 @@ class HostHandler:
             rec.destroyed_at = time.time()
             self.registry.set_state(rec, "destroyed")
             await self.registry.save(rec)
+            await self.approvals.record_destroy(name)
         if purge:
             await self.supervisor.purge(rec)
             await self.registry.forget(name)

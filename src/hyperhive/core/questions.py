@@ -19,7 +19,7 @@ import msgspec
 import trio
 
 from hyperhive.core import events
-from hyperhive.core.broker import Broker
+from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, HiveError, NotFound
@@ -183,7 +183,8 @@ def _identity(name: str) -> str:
 
 
 class Questions:
-    """The question queue. `peer_inbox` maps a `to` onto a live agent's inbox (or raises)."""
+    """The question queue. `peer_inbox` maps a `to` onto a live agent's inbox (or raises);
+    `hub`, when given, hears of every question asked or resolved (`question_changed`)."""
 
     def __init__(
         self,
@@ -192,9 +193,11 @@ class Questions:
         *,
         peer_inbox: Callable[[str], str] = _identity,
         clock: Callable[[], float] = time.time,
+        hub: EventHub | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
+        self.hub = hub
         self.peer_inbox = peer_inbox
         self.clock = clock
         self._wake = trio.Event()
@@ -227,6 +230,18 @@ class Questions:
         qid = await self.store.run(_insert, asker, target, question, options, multi, now, now + ttl)
         if now + ttl < self._next:
             self._wake.set()
+        self._publish(
+            wire.QuestionInfo(
+                id=qid,
+                asker=asker,
+                target=target,
+                question=question,
+                options=options,
+                multi=multi,
+                asked_at=now,
+                deadline_at=now + ttl,
+            )
+        )
         if target is not None:
             event = events.QuestionAsked(
                 agent=asker, id=qid, question=question, options=options, multi=multi
@@ -253,8 +268,13 @@ class Questions:
         info = await self.store.run(_resolve, qid, answer, answerer, only_target, self.clock())
         if info is None:
             raise Conflict(f"question #{qid} is already resolved")
+        self._publish(info)
         await self._notify(info)
         return info
+
+    def _publish(self, info: wire.QuestionInfo) -> None:
+        if self.hub is not None:
+            self.hub.publish(lambda seq: wire.QuestionChanged(seq=seq, question=info))
 
     async def _notify(self, info: wire.QuestionInfo) -> None:
         assert info.answer is not None and info.answerer is not None
@@ -276,6 +296,7 @@ class Questions:
         """Resolve every question past its deadline as `[expired]`."""
         expired = await self.store.run(_expire_due, self.clock())
         for info in expired:
+            self._publish(info)
             await self._notify(info)
         return expired
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
+import os
+import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
 import trio
@@ -22,9 +29,98 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 50
 """Per agent: a loop that schedules reminders without bound hits this instead of the disk."""
 
+SPILL_BYTES = 4096
+"""A longer message is written to a file in the agent's /state; the reminder points to it."""
+PREVIEW_CHARS = 200
+MAX_FILE_PATH = 1024
+
+StateDirs = Callable[[str], Path]
+"""An inbox -> the host directory its agent sees as /state."""
+
+
+def check_file_path(path: str) -> PurePosixPath:
+    """A `file_path` must name a file below the agent's /state: relative, without `..`."""
+    if not path or len(path) > MAX_FILE_PATH or "\x00" in path:
+        raise BadParams(f"file_path must be 1-{MAX_FILE_PATH} characters without NUL")
+    rel = PurePosixPath(path)
+    if rel.is_absolute():
+        raise BadParams(
+            f"file_path {path[:80]!r} is absolute: give a path relative to /state"
+            " (e.g. notes/reminder.md)"
+        )
+    if ".." in rel.parts:
+        raise BadParams(f"file_path {path[:80]!r} leaves /state ('..' is not allowed)")
+    if not rel.parts or any(len(p.encode("utf-8", "replace")) > 255 for p in rel.parts):
+        raise BadParams(f"file_path {path[:80]!r} does not name a file")
+    return rel
+
+
+def _write_below(root: Path, rel: PurePosixPath, data: bytes) -> None:
+    """Write `root/rel` atomically (temp file + rename), 0600, fsynced, creating missing
+    directories (0700). Every component is opened without following symlinks, relative to
+    its parent's descriptor: a symlink swapped in by the agent cannot redirect the write."""
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(root, dir_flags)
+    try:
+        for part in rel.parts[:-1]:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=fd)
+            try:
+                parent = os.open(part, dir_flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise BadParams(
+                        f"file_path {str(rel)!r}: {part!r} is not a directory"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = parent
+        name = rel.parts[-1]
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                raise BadParams(f"file_path {str(rel)!r} exists and is not a regular file")
+        tmp = f".{name[:200]}.{secrets.token_hex(4)}.tmp"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd)
+        try:
+            with os.fdopen(out, "wb") as fh:
+                os.fchmod(fh.fileno(), 0o600)
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _spill(state: Path, rel: PurePosixPath | None, text: str, now: float, rid: int) -> str:
+    """Write the reminder's text below /state; returns the message that points to it."""
+    rel = rel or PurePosixPath("reminders", f"auto-{int(now)}-{rid}.md")
+    data = text.encode("utf-8")
+    try:
+        _write_below(state, rel, data)
+    except OSError as exc:
+        raise BadParams(f"could not write /state/{rel}: {exc.strerror or exc}") from None
+    more = "…" if len(text) > PREVIEW_CHARS else ""
+    return (
+        f"reminder text is in /state/{rel} ({len(data)} bytes); it begins:\n\n"
+        f"{text[:PREVIEW_CHARS]}{more}"
+    )
+
 
 def _insert(
-    conn: sqlite3.Connection, recipient: str, message: str, now: float, due_at: float, cap: int
+    conn: sqlite3.Connection,
+    recipient: str,
+    message: str,
+    now: float,
+    due_at: float,
+    cap: int,
+    spill: Callable[[int], str] | None,
 ) -> int:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -38,11 +134,17 @@ def _insert(
             "INSERT INTO reminders (recipient, message, created_at, due_at) VALUES (?, ?, ?, ?)",
             (recipient, message, now, due_at),
         )
+        assert cur.lastrowid is not None
+        if spill is not None:
+            # The file is durable before the row commits: a reminder never points at nothing.
+            conn.execute(
+                "UPDATE reminders SET message = ? WHERE id = ?",
+                (spill(cur.lastrowid), cur.lastrowid),
+            )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    assert cur.lastrowid is not None
     return cur.lastrowid
 
 
@@ -69,11 +171,13 @@ class Reminders:
         store: Store,
         broker: Broker,
         *,
+        state_dir: StateDirs,
         clock: Callable[[], float] = time.time,
         max_pending: int = MAX_PENDING,
     ) -> None:
         self.store = store
         self.broker = broker
+        self.state_dir = state_dir
         self.clock = clock
         self.max_pending = max_pending
         self._wake = trio.Event()
@@ -86,15 +190,24 @@ class Reminders:
         *,
         delay_seconds: float | None = None,
         at_unix_timestamp: float | None = None,
+        file_path: str | None = None,
     ) -> tuple[int, float]:
-        """Store a reminder for inbox `recipient`; returns its id and due time."""
+        """Store a reminder for inbox `recipient`; returns its id and due time.
+
+        With `file_path`, or when the message is longer than `SPILL_BYTES`, the text goes to a
+        file in the recipient's /state and the reminder's message points to it.
+        """
         if (delay_seconds is None) == (at_unix_timestamp is None):
             raise BadParams("give exactly one of delay_seconds and at_unix_timestamp")
         if not check_text(message, "message", MAX_BODY).strip():
             raise BadParams("a reminder needs a message")
+        rel = None if file_path is None else check_file_path(file_path)
         now = self.clock()
         due = now + delay_seconds if delay_seconds is not None else float(at_unix_timestamp or 0)
-        rid = await self.store.run(_insert, recipient, message, now, due, self.max_pending)
+        spill = None
+        if rel is not None or len(message.encode("utf-8")) > SPILL_BYTES:
+            spill = partial(_spill, self.state_dir(recipient), rel, message, time.time())
+        rid = await self.store.run(_insert, recipient, message, now, due, self.max_pending, spill)
         if due < self._next:
             self._wake.set()
         return rid, due

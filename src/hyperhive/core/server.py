@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -43,12 +44,33 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
+    """Supplementary groups, as the kernel recorded them at connect (SO_PEERGROUPS)."""
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+"""Linux's value (asm-generic); Python's socket module does not export it."""
+_GID = struct.calcsize("I")
 
 
 def peer_credentials(stream: trio.SocketStream) -> Peer:
-    raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    sock = stream.socket
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid=pid, uid=uid, gid=gid)
+    return Peer(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock))
+
+
+def _peer_groups(sock: trio.socket.SocketType) -> tuple[int, ...]:
+    size = 64 * _GID
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < 65536 * _GID:
+                size *= 16  # the kernel allows NGROUPS_MAX (65536) groups
+                continue
+            return ()  # a kernel without SO_PEERGROUPS (before 4.13): primary group only
+        return tuple(gid for (gid,) in struct.iter_unpack("I", raw))
 
 
 class EventStream:
@@ -77,6 +99,7 @@ class SocketServer(Generic[Req]):
         *,
         limits: SocketLimits | None = None,
         mode: int = 0o600,
+        group: int | None = None,
         peer_check: PeerCheck | None = None,
         name: str = "socket",
     ) -> None:
@@ -85,6 +108,8 @@ class SocketServer(Generic[Req]):
         self.handler = handler
         self.limits = limits or SocketLimits()
         self.mode = mode
+        self.group = group
+        """The socket file's group (its owner is the daemon's uid), if not the daemon's."""
         self.peer_check = peer_check
         self.name = name
         self.connections = 0
@@ -95,6 +120,8 @@ class SocketServer(Generic[Req]):
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await trio.to_thread.run_sync(_unlink_stale, self.path)
         await sock.bind(self.path)
+        if self.group is not None:
+            os.chown(self.path, -1, self.group)
         os.chmod(self.path, self.mode)
         sock.listen(4096)  # the kernel caps it at net.core.somaxconn
         listener = trio.SocketListener(sock)
@@ -203,11 +230,15 @@ def _unlink_stale(path: str) -> None:
         os.unlink(path)
 
 
-def require_uid(allowed: set[int]) -> PeerCheck:
-    """host.sock's check: only root and the daemon's own uid (plus any configured) may speak."""
+def require_uid(allowed: set[int], group: int | None = None) -> PeerCheck:
+    """host.sock's check: only root and the daemon's own uid (plus any configured) may speak,
+    and members of the admin `group` (primary or supplementary) when there is one."""
 
     def check(peer: Peer) -> None:
-        if peer.uid not in allowed:
-            raise Forbidden(f"uid {peer.uid} may not use this socket")
+        if peer.uid in allowed:
+            return
+        if group is not None and (peer.gid == group or group in peer.groups):
+            return
+        raise Forbidden(f"uid {peer.uid} may not use this socket")
 
     return check

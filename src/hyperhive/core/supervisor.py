@@ -32,7 +32,7 @@ from hyperhive.core.containers.base import (
 from hyperhive.core.server import SocketServer
 from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import agent_config
-from hyperhive.protocol.agent_config import AGENT_TOML, AgentConfig
+from hyperhive.protocol.agent_config import AGENT_TOML, AgentConfig, Limits
 from hyperhive.protocol.errors import HiveError, Internal
 from hyperhive.protocol.names import MANAGER, SYSTEM
 
@@ -66,6 +66,16 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def with_default_limits(config: AgentConfig, cfg: DaemonConfig) -> AgentConfig:
+    """agent.toml's [limits], each one it leaves unset taken from the daemon's defaults
+    (`--agent-memory-max`, `--agent-cpu-quota`)."""
+    limits = Limits(
+        memory_max=config.limits.memory_max or cfg.agent_memory_max,
+        cpu_quota=config.limits.cpu_quota or cfg.agent_cpu_quota,
+    )
+    return config if limits == config.limits else msgspec.structs.replace(config, limits=limits)
+
+
 CONFIG_ERROR = -3
 """The exit status reported when the agent's config was refused before anything started."""
 
@@ -89,6 +99,7 @@ class Supervisor:
         self._socket_factory = socket_factory
         self._containers: dict[str, _Task] = {}
         self._sockets: dict[str, _Task] = {}
+        self._configs: dict[str, AgentConfig] = {}
         self._nursery: trio.Nursery | None = None
 
     async def serve(
@@ -120,9 +131,20 @@ class Supervisor:
             return AgentConfig()
         return agent_config.parse(text, source=str(path))
 
+    async def _load(self, rec: AgentRecord) -> AgentConfig:
+        config = await trio.to_thread.run_sync(self.load_config, rec)
+        self._configs[rec.name] = config
+        return config
+
+    async def applied_config(self, rec: AgentRecord) -> AgentConfig:
+        """The agent.toml its container was last created, started or rebuilt with (read now
+        when none was yet); a config refused later keeps the last valid one in force."""
+        config = self._configs.get(rec.name)
+        return config if config is not None else await self._load(rec)
+
     def spec_for(self, rec: AgentRecord, config: AgentConfig | None = None) -> ContainerSpec:
         cfg = self.cfg
-        config = config or AgentConfig()
+        config = with_default_limits(config or AgentConfig(), cfg)
         root = cfg.agent_root(rec.name)
         binds = [
             Bind(cfg.socket_dir(rec.name), "/run/hive"),
@@ -319,7 +341,7 @@ class Supervisor:
         await self.stop(rec)
         self.registry.set_state(rec, "rebuilding")
         try:
-            config = await trio.to_thread.run_sync(self.load_config, rec)
+            config = await self._load(rec)
             await self.backend.rebuild(self.spec_for(rec, config))
         except HiveError as exc:
             ok, note = False, exc.message
@@ -339,7 +361,7 @@ class Supervisor:
         it, visibly (`last_error`, the container log), and a fixed config recovers.
         """
         try:
-            config = await trio.to_thread.run_sync(self.load_config, rec)
+            config = await self._load(rec)
         except HiveError as exc:
             log.error("%s: not created: %s", rec.container, exc.message)
             return
@@ -355,7 +377,7 @@ class Supervisor:
     async def _run_once(self, rec: AgentRecord) -> int:
         self.registry.set_state(rec, "starting")
         try:
-            config = await trio.to_thread.run_sync(self.load_config, rec)
+            config = await self._load(rec)
         except HiveError as exc:
             log.error("%s: %s", rec.container, exc.message)
             await trio.to_thread.run_sync(
@@ -388,6 +410,7 @@ class Supervisor:
 
     async def purge(self, rec: AgentRecord) -> None:
         """Delete the agent's state and sockets. Only ever below the daemon's own dirs."""
+        self._configs.pop(rec.name, None)
         targets = [
             self.cfg.agent_root(rec.name),
             self.cfg.socket_dir(rec.name),

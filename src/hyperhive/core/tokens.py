@@ -71,22 +71,27 @@ def login_url(bind: str, port: int, token: str) -> str:
     return f"http://{host}:{port}/#token={token}"
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` as a 0600 file, atomically (a reader sees old or new, whole)."""
+def _write_private(path: Path, text: str, group: int | None = None) -> None:
+    """Write `text` to `path` as a 0600 file (0640 in `group`), atomically (a reader sees old
+    or new, whole)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as fh:
-        os.fchmod(fh.fileno(), 0o600)
+        if group is not None:
+            os.fchown(fh.fileno(), -1, group)
+        os.fchmod(fh.fileno(), 0o600 if group is None else 0o640)
         fh.write(text)
     os.replace(tmp, path)
 
 
-def write_login_files(token_path: Path, url_path: Path, token: str, url: str) -> None:
-    """Blocking: call it off the event loop."""
-    _write_private(token_path, token + "\n")
-    _write_private(url_path, url + "\n")
+def write_login_files(
+    token_path: Path, url_path: Path, token: str, url: str, group: int | None = None
+) -> None:
+    """Blocking: call it off the event loop. `group` (the admin group) may read them."""
+    _write_private(token_path, token + "\n", group)
+    _write_private(url_path, url + "\n", group)
 
 
 def remove_login_files(*paths: Path) -> None:
@@ -101,10 +106,11 @@ async def serve_login_files(
     token: str,
     url: str,
     *,
+    group: int | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Keep the login files for as long as the dashboard runs; a clean stop removes them."""
-    await trio.to_thread.run_sync(write_login_files, token_path, url_path, token, url)
+    await trio.to_thread.run_sync(write_login_files, token_path, url_path, token, url, group)
     try:
         task_status.started()
         await trio.sleep_forever()

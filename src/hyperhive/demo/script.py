@@ -16,11 +16,27 @@ import msgspec
 # every field has a default so that claude's side requests (titles, quota probes) decode too.
 
 
-class RequestBlock(msgspec.Struct, frozen=True):
-    """One content block of a request message; only its type and text matter here."""
+JsonObject: TypeAlias = dict[str, object]
+
+
+class ResultBlock(msgspec.Struct, frozen=True):
+    """A block of a `tool_result`'s content; only text blocks are read."""
 
     type: str = ""
     text: str | None = None
+
+
+class RequestBlock(msgspec.Struct, frozen=True):
+    """One content block of a request message: text, a tool call the model made, or its result."""
+
+    type: str = ""
+    text: str | None = None
+    id: str = ""
+    name: str = ""
+    input: JsonObject | None = None
+    tool_use_id: str = ""
+    content: str | list[ResultBlock] | None = None
+    is_error: bool = False
 
 
 class RequestMessage(msgspec.Struct, frozen=True):
@@ -52,8 +68,6 @@ request_decoder = msgspec.json.Decoder(MessagesRequest)
 
 # ---------------------------------------------------------------------------------------------
 # The reply: content blocks serialised exactly as the Messages API shows them.
-
-JsonObject: TypeAlias = dict[str, object]
 
 
 class ContentBlock(msgspec.Struct, frozen=True, tag_field="type"):
@@ -197,6 +211,76 @@ def has_tool_result(message: RequestMessage) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class ToolOutcome:
+    """One tool result of the newest turn, with the call (name and input) it answers."""
+
+    name: str
+    input: JsonObject
+    text: str
+    is_error: bool
+
+
+def _result_text(block: RequestBlock) -> str:
+    match block.content:
+        case None:
+            return ""
+        case str(text):
+            return text
+        case parts:
+            return "\n".join(part.text for part in parts if part.type == "text" and part.text)
+
+
+def tool_outcomes(request: MessagesRequest, turn: RequestMessage) -> list[ToolOutcome]:
+    """The results in `turn`, each matched to the `tool_use` block that asked for it."""
+    calls = {
+        block.id: block
+        for message in request.messages
+        if not isinstance(message.content, str)
+        for block in message.content
+        if block.type == "tool_use"
+    }
+    outcomes = []
+    for block in [] if isinstance(turn.content, str) else turn.content:
+        if block.type != "tool_result":
+            continue
+        call = calls.get(block.tool_use_id)
+        outcomes.append(
+            ToolOutcome(
+                name="" if call is None else call.name,
+                input={} if call is None or call.input is None else call.input,
+                text=_result_text(block),
+                is_error=block.is_error,
+            )
+        )
+    return outcomes
+
+
+def short_name(tool: str) -> str:
+    """`send` for `mcp__hyperhive__send`; built-in names are already short."""
+    return tool.rsplit("__", 1)[-1]
+
+
+class HiveNotice(msgspec.Struct, frozen=True):
+    """The fields of a hive event (a JSON message from `system`) the scripted manager reads."""
+
+    event: str
+    agent: str = ""
+    ok: bool = True
+    note: str = ""
+
+
+_notice_decoder = msgspec.json.Decoder(HiveNotice)
+
+
+def parse_notice(body: str) -> HiveNotice | None:
+    """The hive event in `body`, or None for a plain notice such as a start-up kick."""
+    try:
+        return _notice_decoder.decode(body)
+    except msgspec.DecodeError:
+        return None
+
+
 def resolve_tool(short: str, tools: Sequence[ToolSpec]) -> str:
     """The full tool name for `short`: an exact name, else the one ending in `__<short>`.
 
@@ -243,13 +327,16 @@ def decide(request: MessagesRequest, *, new_id: Callable[[], str] = new_tool_use
     turn = newest_turn(request)
     if turn is None or turn.role != "user":
         return _text("ok")
-    if has_tool_result(turn):
-        return _text("Done.")
-    envelope = parse_envelope("\n".join(message_texts(turn)))
     everything = system_texts(request) + [
         text for message in request.messages for text in message_texts(message)
     ]
     identity = find_identity(everything)
+    if has_tool_result(turn):
+        if identity is None:
+            return _text("Done.")
+        context = _Context(identity, "", request.tools, new_id)
+        return _after_tools(context, tool_outcomes(request, turn))
+    envelope = parse_envelope("\n".join(message_texts(turn)))
     if envelope is None or identity is None:
         return _text("ok")
     context = _Context(identity, envelope.sender, request.tools, new_id)
@@ -331,14 +418,64 @@ def _converse(context: _Context, body: str, delay: float) -> Decision:
     if sender == "operator":
         return Reply((context.send("operator", f"{name} here. You said: {body}"),), delay)
     if sender == "system" and manager:
-        greeting = (
-            f"Hello! I'm {name}, the manager of this hive. "
-            "Say hi to your agents with @name in the compose box."
-        )
-        ping = f"ping from {name}: who is awake?"
-        return Reply((context.send("operator", greeting), context.send("*", ping)), delay)
+        return _manager_notice(context, body, delay)
     if lowered.startswith("ping") and sender not in ("operator", "system"):
         return Reply((context.send(sender, f"pong from {name}"),), delay)
     if lowered.startswith("pong") and manager:
         return Reply((context.send("operator", f"{sender} answered me: {body}"),), delay)
     return _text("Noted.", delay)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo manager: it asks the operator for the demo agent, then pings it once it is spawned.
+
+DEMO_AGENT = "scout"
+DEMO_DESCRIPTION = "the demo agent: answers the manager's pings"
+_APPROVAL_ID = re.compile(r"approval #(\d+)")
+
+
+def _ping(name: str) -> str:
+    return f"ping from {name}: who is awake?"
+
+
+def _manager_notice(context: _Context, body: str, delay: float) -> Decision:
+    notice = parse_notice(body)
+    if notice is None:
+        # A plain notice: the start-up kick (or a restart). The greeting follows the result.
+        spawn = context.call("request_spawn", {"name": DEMO_AGENT, "description": DEMO_DESCRIPTION})
+        return Reply((spawn,), delay)
+    if notice.event == "spawned" and notice.agent:
+        if notice.ok:
+            return Reply((context.send(notice.agent, _ping(context.identity.name)),), delay)
+        failed = f"{notice.agent} did not start: {notice.note or 'no reason given'}"
+        return Reply((context.send("operator", failed),), delay)
+    return _text("Noted.", delay)
+
+
+def _after_tools(context: _Context, outcomes: Sequence[ToolOutcome]) -> Decision:
+    """After tool calls the turn ends, except that the manager tells the operator what became
+    of its spawn request: the approval to decide, or (refused) a greeting and a ping to all."""
+    if context.identity.role == "manager":
+        for outcome in outcomes:
+            if short_name(outcome.name) == "request_spawn":
+                return _spawn_requested(context, outcome)
+    return _text("Done.")
+
+
+def _spawn_requested(context: _Context, outcome: ToolOutcome) -> Decision:
+    name = context.identity.name
+    agent = str(outcome.input.get("name") or DEMO_AGENT)
+    hello = f"Hello! I'm {name}, the manager of this hive."
+    say_hi = "Say hi to your agents with @name in the compose box."
+    queued = None if outcome.is_error else _APPROVAL_ID.search(outcome.text)
+    if queued is not None:
+        aid = queued.group(1)
+        greeting = (
+            f"{hello} I asked to spawn {agent} (approval #{aid}): approve the spawn of {agent}"
+            f" in the approvals panel or with `hive-c0re approve {aid}`, and I will ping"
+            f" {agent} once it is up. {say_hi}"
+        )
+        return Reply((context.send("operator", greeting),))
+    why = outcome.text.strip() or "no reason given"
+    greeting = f"{hello} I could not ask to spawn {agent} ({why}). {say_hi}"
+    return Reply((context.send("operator", greeting), context.send("*", _ping(name))))

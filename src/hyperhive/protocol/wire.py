@@ -50,6 +50,17 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
     for `wake` labels, which an agent may put into its own inbox."""
 
 
+ForgeState = Literal["absent", "running", "failed"]
+
+
+class ForgeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The hive-forge container: a failure carries what went wrong and how to fix it."""
+
+    state: ForgeState
+    problem: str | None = None
+    fix: str | None = None
+
+
 class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     role: AgentRole
@@ -271,12 +282,15 @@ class Answer(AgentRequest, frozen=True, tag="answer"):
 class Remind(AgentRequest, frozen=True, tag="remind"):
     """Schedule `message` into the caller's own inbox, from `reminder`, at a later time.
 
-    Exactly one of `delay_seconds` and `at_unix_timestamp` is given.
+    Exactly one of `delay_seconds` and `at_unix_timestamp` is given. With `file_path` (relative
+    to the caller's `/state`) the text is written to that file and the reminder points to it;
+    without, a message over 4,096 bytes is spilled to `/state/reminders/auto-<ts>-<id>.md`.
     """
 
     message: str
     delay_seconds: TtlSeconds | None = None
     at_unix_timestamp: TtlSeconds | None = None
+    file_path: str | None = None
 
 
 class RequestSpawn(AgentRequest, frozen=True, tag="request_spawn"):
@@ -314,6 +328,12 @@ class RestartAgent(AgentRequest, frozen=True, tag="restart"):
     name: str
 
 
+class UpdateAgent(AgentRequest, frozen=True, tag="update"):
+    """Manager only: rebuild an agent (re-apply its config, restart it); idempotent, no approval."""
+
+    name: str
+
+
 # --------------------------------------------------------------------------- replies
 
 
@@ -333,6 +353,8 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
 
 class AgentList(Reply, frozen=True):
     agents: list[AgentInfo]
+    forge: ForgeStatus | None = None
+    """The hive-forge's health when the daemon runs with a forge (`--forge-container`)."""
 
 
 class AgentReply(Reply, frozen=True):
@@ -482,6 +504,18 @@ class AgentRemoved(HiveEvent, frozen=True, tag="agent_removed"):
     name: str
 
 
+class ApprovalChanged(HiveEvent, frozen=True, tag="approval_changed"):
+    """An approval was queued or changed status. `diff` is empty here: `pending` carries it."""
+
+    approval: ApprovalInfo
+
+
+class QuestionChanged(HiveEvent, frozen=True, tag="question_changed"):
+    """A question was asked (for the operator or a peer) or resolved, however it ended."""
+
+    question: QuestionInfo
+
+
 class Dropped(HiveEvent, frozen=True, tag="dropped"):
     """Sent (best effort) just before a subscriber that fell behind is disconnected."""
 
@@ -512,9 +546,20 @@ HostRequests = (
     | CancelQuestion
 )
 AgentRequests = Send | Recv | Ack | Nack | Status | Recent | Wake | Ask | Answer | Remind
-ManagerOnlyRequests = RequestSpawn | RequestApplyCommit | KillAgent | StartAgent | RestartAgent
+ManagerOnlyRequests = (
+    RequestSpawn | RequestApplyCommit | KillAgent | StartAgent | RestartAgent | UpdateAgent
+)
 ManagerRequests = AgentRequests | ManagerOnlyRequests
-HiveEvents = MessageSent | MessageDelivered | MessageLeased | AgentChanged | AgentRemoved | Dropped
+HiveEvents = (
+    MessageSent
+    | MessageDelivered
+    | MessageLeased
+    | AgentChanged
+    | AgentRemoved
+    | ApprovalChanged
+    | QuestionChanged
+    | Dropped
+)
 
 HOST_COMMANDS = frozenset(t.__struct_config__.tag for t in HostRequests.__args__)
 AGENT_COMMANDS = frozenset(t.__struct_config__.tag for t in AgentRequests.__args__)
@@ -551,6 +596,7 @@ REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
     KillAgent: AgentReply,
     StartAgent: AgentReply,
     RestartAgent: AgentReply,
+    UpdateAgent: AgentReply,
     ListQuestions: QuestionList,
     HostAnswer: QuestionReply,
     CancelQuestion: QuestionReply,

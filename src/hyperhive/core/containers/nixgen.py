@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,12 @@ AGENT_SERVICE = "hive-ag3nt"
 MANAGER_SERVICE = "hive-m1nd"
 
 _NIX_ESCAPES = {"\\": "\\\\", '"': '\\"', "$": "\\$", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def host_system() -> str:
+    """The Nix system double of this machine, e.g. `x86_64-linux`."""
+    machine = platform.machine()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine) + "-linux"
 
 
 def nix_string(value: str) -> str:
@@ -285,6 +292,52 @@ def rewrite_conf_text(text: str, host: HostConfig) -> str:
             lines.append(f"{key}={wanted[key]}")
     lines += [f"{key}={value}" for key, value in wanted.items() if key not in done]
     return "\n".join(lines) + "\n"
+
+
+HARNESS_ENV = "harness.env"
+"""The harness's EnvironmentFile, in the agent's socket directory (the container's /run/hive)."""
+
+NIX_OWNED_ENV = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "CLAUDE_CONFIG_DIR",
+        "DISABLE_AUTOUPDATER",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+        "HIVE_LABEL",
+        "HIVE_ROLE",
+        "HIVE_SOCKET",
+        "HIVE_STATE",
+        "HIVE_PORT",
+        "HIVE_DASHBOARD_PORT",
+        "HIVE_OPERATOR_PRONOUNS",
+        "HIVE_CLAUDE",
+        "HIVE_ALLOWED_RECIPIENTS",
+        "HIVE_EXTRA_MCP",
+    }
+)
+"""What the container's own configuration sets (nix/templates, the meta flake, agent.nix)."""
+
+
+def harness_env(spec: ContainerSpec) -> dict[str, str]:
+    """The part of the harness's environment that the container's configuration cannot carry:
+    the UI's login token (never in the world-readable store), the hive's settings (`bind`,
+    allowed hosts, `--claude-env`) and its default model when agent.toml names none.
+
+    systemd reads an EnvironmentFile after Environment=, so this leaves out everything the
+    container's configuration sets, agent.toml's [env] included: agent.nix stays in charge.
+    """
+    owned = NIX_OWNED_ENV | spec.config.env.keys()
+    if spec.config.model is not None:
+        owned |= {"HIVE_MODEL"}
+    return {key: value for key, value in spec.env.items() if key not in owned}
+
+
+def harness_env_text(env: dict[str, str]) -> str:
+    """`env` as systemd's EnvironmentFile= reads it: one `KEY="value"` a line."""
+    header = "# Written by hive-c0re before each start of the container. Do not edit.\n"
+    return header + "".join(f"{key}={env_quote(value)}\n" for key, value in sorted(env.items()))
 
 
 def limits_dropin(limits: Limits) -> str | None:

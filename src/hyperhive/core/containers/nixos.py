@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import re
 import tempfile
 from collections.abc import Iterable
@@ -18,9 +17,13 @@ from hyperhive.core.containers.nixgen import (
     AGENT_FLAKE_MARKER,
     AGENT_FLAKE_NIX,
     DEFAULT_AGENT_NIX,
+    HARNESS_ENV,
     HostConfig,
     MetaAgent,
+    harness_env,
+    harness_env_text,
     host_config,
+    host_system,
     meta_flake_nix,
     rewrite_conf_text,
 )
@@ -38,11 +41,6 @@ DROPIN_NAME = "50-hyperhive-limits.conf"
 _ALIVE = frozenset({"active", "reloading", "refreshing", "activating", "deactivating"})
 """`systemctl is-active` answers while the unit still has (or is about to have) a container."""
 _SAFE_STATE_DIR = re.compile(r"/[A-Za-z0-9._~/+@=,:-]*")
-
-
-def _host_system() -> str:
-    machine = platform.machine()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine) + "-linux"
 
 
 class NixosBackend:
@@ -64,7 +62,9 @@ class NixosBackend:
         operator_pronouns: str = "she/her",
         dashboard_port: int = 7000,
         containers_conf_dir: Path = Path("/etc/nixos-containers"),
-        systemd_dir: Path = Path("/etc/systemd/system"),
+        # On NixOS /etc/systemd/system is a read-only link into the store; system.control is
+        # where `systemctl set-property` keeps its persistent drop-ins.
+        systemd_dir: Path = Path("/etc/systemd/system.control"),
         system: str | None = None,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
@@ -80,7 +80,7 @@ class NixosBackend:
         self.dashboard_port = dashboard_port
         self.containers_conf_dir = containers_conf_dir
         self.systemd_dir = systemd_dir
-        self.system = system or _host_system()
+        self.system = system or host_system()
         self.poll_interval = poll_interval
         self._meta_lock = trio.Lock()
         """Serialises every change to the meta flake and every nix build from it."""
@@ -179,6 +179,7 @@ class NixosBackend:
         unit = self.unit(spec)
         ended = False
         try:
+            await trio.to_thread.run_sync(write_harness_env, spec)
             start = await self.runner.run(["nixos-container", "start", spec.container], check=False)
             if start.returncode != 0:
                 ended = True
@@ -308,8 +309,16 @@ def write_agent_flake(applied: Path) -> None:
         _set_file(applied / "agent.nix", DEFAULT_AGENT_NIX)
 
 
-def _set_file(path: Path, text: str | None) -> bool:
-    """Make path hold text (atomically, 0644), or not exist when text is None; True if changed."""
+def write_harness_env(spec: ContainerSpec) -> None:
+    """The harness's EnvironmentFile (0600) in the directory the container sees as /run/hive."""
+    runtime = next((b.source for b in spec.binds if b.dest == "/run/hive"), None)
+    if runtime is None:
+        return
+    _set_file(runtime / HARNESS_ENV, harness_env_text(harness_env(spec)), mode=0o600)
+
+
+def _set_file(path: Path, text: str | None, *, mode: int = 0o644) -> bool:
+    """Make path hold text (atomically, `mode`), or not exist when text is None; True if changed."""
     try:
         current: str | None = path.read_text("utf-8")
     except FileNotFoundError:
@@ -326,7 +335,7 @@ def _set_file(path: Path, text: str | None) -> bool:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -294,6 +294,7 @@
         systemRow(`event stream dropped (${ev.reason}); reconnecting…`);
         break;
       default:
+        Decisions.onEvent(ev);
         break;
     }
   }
@@ -303,6 +304,7 @@
       Hive.setLink(true);
       refreshState();
       backfill();
+      Decisions.refresh();
     },
     onEvent,
     onDown: () => Hive.setLink(false),

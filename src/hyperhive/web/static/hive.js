@@ -118,6 +118,47 @@ const Hive = (() => {
     return parse(resp);
   }
 
+  class HostError extends Error {
+    constructor(code, message) {
+      super(message);
+      this.code = code;
+    }
+  }
+
+  /**
+   * One host-protocol request over the dashboard's `/ws` bridge, on a connection of its own (a
+   * slow `approve` then holds up nothing else); resolves with the daemon's reply, rejects with a
+   * HostError carrying the daemon's `code`.
+   */
+  function host(request) {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const query = `csrf=${encodeURIComponent(csrf)}&token=${encodeURIComponent(token)}`;
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(`${scheme}//${location.host}/ws?${query}`);
+      let answered = false;
+      ws.onopen = () => ws.send(JSON.stringify(request));
+      ws.onmessage = (ev) => {
+        answered = true;
+        ws.close();
+        let reply;
+        try {
+          reply = JSON.parse(ev.data);
+        } catch (_) {
+          reject(new HostError("parse_error", "the daemon's reply is not JSON"));
+          return;
+        }
+        if (reply.ok) resolve(reply);
+        else reject(new HostError(reply.code || "error", reply.error || "request failed"));
+      };
+      ws.onclose = () => {
+        if (answered) return;
+        // A refused handshake looks like any other drop: a plain request tells (401 logs out).
+        getJSON(PROBE).catch(() => {});
+        reject(new HostError("connection_lost", "no reply from the daemon"));
+      };
+    });
+  }
+
   const pad = (n) => String(n).padStart(2, "0");
 
   function fmtTime(ts) {
@@ -281,7 +322,7 @@ const Hive = (() => {
   }
 
   return {
-    csrf, el, getJSON, post, fmtTime, fmtAge, toast, whoClass, terminal, row, longText, stream,
-    setLink, HttpError,
+    csrf, el, getJSON, post, host, fmtTime, fmtAge, toast, whoClass, terminal, row, longText,
+    stream, setLink, HttpError, HostError,
   };
 })();

@@ -1,0 +1,319 @@
+# services.hive-c0re: the hyperhive host daemon as a systemd service that builds and runs every
+# agent as a nixos-container from this flake's templates. flake.nix applies this file to the
+# flake itself (`self`): the daemon's package and the flake its containers are built from.
+{ self }:
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+let
+  cfg = config.services.hive-c0re;
+  types = lib.types;
+
+  runDir = "/run/hyperhive";
+  stateUnderVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
+  # services.hive-forge comes from its own module, which the operator may not import.
+  forgeEnabled = config.services.hive-forge.enable or false;
+
+  selfRef =
+    "path:${self.outPath}" + lib.optionalString (self ? narHash) "?narHash=${self.narHash}";
+
+  serveArgs = [
+    (lib.getExe' cfg.package "hive-c0re")
+    "--run-dir"
+    runDir
+    "serve"
+    "--backend"
+    "nixos"
+    "--state-dir"
+    cfg.stateDir
+    "--hyperhive-flake"
+    cfg.hyperhiveFlake
+    "--dashboard-port"
+    (toString cfg.dashboardPort)
+    "--bind"
+    cfg.bind
+    "--ui-port-base"
+    (toString cfg.uiPortBase)
+    "--operator-pronouns"
+    cfg.operatorPronouns
+  ]
+  ++ lib.concatMap (host: [
+    "--allowed-host"
+    host
+  ]) cfg.allowedHosts
+  ++ lib.optionals (cfg.agentMemoryMax != null) [
+    "--agent-memory-max"
+    cfg.agentMemoryMax
+  ]
+  ++ lib.optionals (cfg.agentCpuQuota != null) [
+    "--agent-cpu-quota"
+    cfg.agentCpuQuota
+  ]
+  ++ lib.optionals (cfg.adminGroup != null) [
+    "--admin-group"
+    cfg.adminGroup
+  ]
+  ++ lib.optionals forgeEnabled [
+    "--forge-container"
+    "hive-forge"
+  ]
+  ++ lib.optional (!cfg.startManager) "--no-manager"
+  ++ cfg.extraFlags;
+
+  # What nixos-container (and the nix it runs) writes besides the daemon's own directories.
+  containerPaths = [
+    "/etc/nixos-containers" # <container>.conf, rewritten with the agent's bind mounts
+    "/etc/systemd/system.control" # the per-container MemoryMax/CPUQuota drop-ins
+    "/var/lib/nixos-containers" # the containers' root directories
+    "/nix/var/nix/profiles/per-container" # each container's system profile
+    "/nix/var/nix/gcroots/per-container"
+  ];
+in
+{
+  options.services.hive-c0re = {
+    enable = lib.mkEnableOption "hive-c0re, the hyperhive host daemon (a swarm of Claude Code agents, each in its own nixos-container)";
+
+    package = lib.mkOption {
+      type = types.package;
+      default = pkgs.callPackage ../package.nix { };
+      defaultText = lib.literalExpression "hyperhive built with the host's nixpkgs";
+      description = "The hyperhive package that provides `hive-c0re`.";
+    };
+
+    hyperhiveFlake = lib.mkOption {
+      type = types.str;
+      default = selfRef;
+      defaultText = lib.literalExpression ''"path:''${hyperhive}?narHash=…" (this flake)'';
+      example = "github:example/hyperhive/v0.1.0";
+      description = ''
+        The flake reference of hyperhive that every agent container is built from (its
+        `nixosModules.agent-base` and `.manager` templates, and its nixpkgs). The default is the
+        very flake this module came from, so containers follow the host's hyperhive.
+      '';
+    };
+
+    operatorPronouns = lib.mkOption {
+      type = types.str;
+      default = "she/her";
+      example = "they/them";
+      description = ''
+        How the agents refer to the operator: free text, passed into every agent's system
+        prompt. Running containers pick up a change on their next rebuild.
+      '';
+    };
+
+    dashboardPort = lib.mkOption {
+      type = types.port;
+      default = 7000;
+      description = "TCP port of the operator's dashboard.";
+    };
+
+    bind = lib.mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      example = "0.0.0.0";
+      description = ''
+        Address the dashboard and the agents' web UIs listen on. Beyond loopback, list the host
+        names browsers use in `allowedHosts`, and see `openFirewall`.
+      '';
+    };
+
+    allowedHosts = lib.mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "hive.example.org" ];
+      description = "Host names the web UIs answer to besides loopback and `bind`.";
+    };
+
+    uiPortBase = lib.mkOption {
+      type = types.port;
+      default = 8000;
+      description = ''
+        The manager's web UI port; each agent's UI gets a port between `uiPortBase + 100` and
+        `uiPortBase + 999`.
+      '';
+    };
+
+    stateDir = lib.mkOption {
+      type = types.path;
+      default = "/var/lib/hyperhive";
+      description = ''
+        The daemon's state: the broker database, every agent's config repos, credentials and
+        notes, and the meta flake the containers are built from.
+      '';
+    };
+
+    agentMemoryMax = lib.mkOption {
+      type = types.nullOr (types.strMatching "[1-9][0-9]*[KMGT]?");
+      default = "4G";
+      example = "8G";
+      description = ''
+        Memory limit (systemd `MemoryMax=`) of each agent container whose `agent.toml` sets
+        none under `[limits]`; `null` for no limit.
+      '';
+    };
+
+    agentCpuQuota = lib.mkOption {
+      type = types.nullOr (types.strMatching "[1-9][0-9]*%");
+      default = "200%";
+      example = "100%";
+      description = ''
+        CPU limit (systemd `CPUQuota=`, 100% = one core) of each agent container whose
+        `agent.toml` sets none under `[limits]`; `null` for no limit.
+      '';
+    };
+
+    openFirewall = lib.mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the dashboard port and the agents' web UI ports (`uiPortBase` to
+        `uiPortBase + 999`) in the firewall. Only useful with `bind` beyond loopback.
+      '';
+    };
+
+    adminGroup = lib.mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "hive-admin";
+      description = ''
+        A group whose members may use the daemon's admin socket (`/run/hyperhive/host.sock`),
+        and so the `hive-c0re` command line and `hive-c0re url`, without root. The group is
+        created if it does not exist; add users to it with `users.users.<name>.extraGroups`.
+      '';
+    };
+
+    startManager = lib.mkOption {
+      type = types.bool;
+      default = true;
+      description = "Create and run the manager agent (`hm1nd`) at start-up.";
+    };
+
+    extraFlags = lib.mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "--model"
+        "sonnet"
+      ];
+      description = ''
+        More arguments for `hive-c0re serve` (see `hive-c0re serve --help`). They end up in the
+        Nix store: pass no secrets here.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    environment.systemPackages = [ cfg.package ];
+
+    users.groups = lib.mkIf (cfg.adminGroup != null) { ${cfg.adminGroup} = { }; };
+
+    networking.firewall = lib.mkIf cfg.openFirewall {
+      allowedTCPPorts = [ cfg.dashboardPort ];
+      allowedTCPPortRanges = [
+        {
+          from = cfg.uiPortBase;
+          to = cfg.uiPortBase + 999;
+        }
+      ];
+    };
+
+    # ProtectSystem=strict needs every writable path to exist when the service starts.
+    systemd.tmpfiles.rules = [
+      "d /etc/nixos-containers 0755 root root -"
+      "d /etc/systemd/system.control 0755 root root -"
+      "d /var/lib/nixos-containers 0700 root root -"
+      "d /nix/var/nix/profiles/per-container 0755 root root -"
+      "d /nix/var/nix/gcroots/per-container 0755 root root -"
+    ]
+    ++ lib.optional (!stateUnderVarLib) "d ${cfg.stateDir} 0700 root root -";
+
+    systemd.services.hive-c0re = {
+      description = "hyperhive host daemon (hive-c0re)";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [
+        "network-online.target"
+        "nix-daemon.socket"
+      ];
+      # nixos-container calls nix, nix-env, systemctl, machinectl, nsenter, mountpoint and chattr.
+      path = [
+        pkgs.git
+        pkgs.nixos-container
+        config.nix.package
+        config.systemd.package
+        pkgs.util-linux
+        pkgs.e2fsprogs
+      ];
+      environment = {
+        # Builds go through nix-daemon: the store is read-only in this service's namespace.
+        NIX_REMOTE = "daemon";
+        # nix's evaluation and fetcher caches (HOME is read-only here).
+        XDG_CACHE_HOME = "/var/cache/hyperhive";
+      };
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = utils.escapeSystemdExecArgs serveArgs;
+        Restart = "on-failure";
+        RestartSec = 5;
+        # SIGTERM to the daemon alone: it stops every container itself (nixos-container stop),
+        # which a SIGTERM to the whole cgroup would cut short.
+        KillMode = "mixed";
+        TimeoutStopSec = 180;
+        # nixos-container create --flake leaves its build link in the working directory.
+        WorkingDirectory = cfg.stateDir;
+        RuntimeDirectory = "hyperhive";
+        RuntimeDirectoryMode = if cfg.adminGroup != null then "0750" else "0700";
+        # The containers bind-mount their socket directories from /run/hyperhive: it must
+        # outlive a restart of the daemon, or running containers would lose their sockets.
+        RuntimeDirectoryPreserve = "yes";
+        StateDirectory = lib.mkIf stateUnderVarLib (lib.removePrefix "/var/lib/" cfg.stateDir);
+        StateDirectoryMode = "0700";
+        CacheDirectory = "hyperhive";
+        UMask = "0077";
+
+        # Hardening, within what managing nixos-containers allows.
+        ProtectSystem = "strict";
+        # Relaxed: nixos-container writes container configs, roots, profiles and systemd
+        # drop-ins outside the daemon's own directories, and takes its lock in /run/lock.
+        ReadWritePaths =
+          containerPaths ++ [ "/run/lock" ] ++ lib.optional (!stateUnderVarLib) cfg.stateDir;
+        ProtectHome = "read-only";
+        PrivateTmp = true;
+        PrivateDevices = true;
+        NoNewPrivileges = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        SystemCallArchitectures = "native";
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+          "AF_NETLINK"
+        ];
+        # Not set, on purpose:
+        # - User=/DynamicUser=/PrivateUsers=: creating, updating and destroying containers
+        #   (nixos-container, nix-env on their profiles, systemctl) takes the real root.
+        # - CapabilityBoundingSet=, RestrictNamespaces=, SystemCallFilter=:
+        #   `nixos-container run` enters a container with nsenter (setns, CAP_SYS_ADMIN), and
+        #   what runs there inherits this bounding set; destroy unmounts and removes the
+        #   container's root (CAP_SYS_ADMIN, chattr).
+        # - PrivateNetwork=/IPAddressDeny=: the dashboard serves on `bind`, and nix fetches flake
+        #   inputs for container builds.
+        # - MemoryDenyWriteExecute=: libffi closures (cffi) need writable and executable memory.
+      };
+    };
+  };
+}

@@ -1,0 +1,171 @@
+# What every hyperhive container shares: the `hyperhive.*` options an agent's agent.nix sets
+# (read from its agent.toml), claude-code, and the harness service (hive-ag3nt, or hive-m1nd for
+# the manager). The meta flake adds who the agent is: HIVE_LABEL, HIVE_PORT,
+# HIVE_DASHBOARD_PORT, HIVE_OPERATOR_PRONOUNS and the git identity.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.hyperhive;
+  types = lib.types;
+  service = if cfg.role == "manager" then "hive-m1nd" else "hive-ag3nt";
+  label = config.systemd.services.${service}.environment.HIVE_LABEL or config.networking.hostName;
+
+  mcpServer = lib.types.submodule {
+    options = {
+      command = lib.mkOption {
+        type = types.str;
+        example = "/run/current-system/sw/bin/mcp-search";
+        description = "The server's executable; claude starts it over stdio.";
+      };
+      args = lib.mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = "Its arguments.";
+      };
+      env = lib.mkOption {
+        type = types.attrsOf types.str;
+        default = { };
+        description = "Its environment.";
+      };
+      allowedTools = lib.mkOption {
+        type = types.listOf types.str;
+        default = [ "*" ];
+        example = [ "query" ];
+        description = ''The tools claude may call (without the `mcp__<name>__` prefix); `[ "*" ]` allows all.'';
+      };
+    };
+  };
+
+  # The harness reads its extra servers as agent.toml spells them (`allowed_tools`, empty = all).
+  harnessServer = _: server: {
+    inherit (server) command args env;
+    allowed_tools = if server.allowedTools == [ "*" ] then [ ] else server.allowedTools;
+  };
+in
+{
+  options.hyperhive = {
+    role = lib.mkOption {
+      type = types.enum [
+        "agent"
+        "manager"
+      ];
+      internal = true;
+      description = "Which harness runs: set by the agent-base or manager template.";
+    };
+
+    package = lib.mkOption {
+      type = types.package;
+      default = pkgs.callPackage ../package.nix { };
+      defaultText = lib.literalExpression "hyperhive built with the container's nixpkgs";
+      description = "The hyperhive package that provides the harness.";
+    };
+
+    model = lib.mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "sonnet";
+      description = "The claude model of this agent's turns (agent.toml `model`); null: the hive's default.";
+    };
+
+    allowedRecipients = lib.mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "alice"
+        "manager"
+      ];
+      description = "Whom `send` may reach besides the manager (agent.toml `allowed_recipients`); empty: anyone.";
+    };
+
+    extraMcpServers = lib.mkOption {
+      type = types.attrsOf mcpServer;
+      default = { };
+      description = "Extra stdio MCP servers claude starts next to `hyperhive` (agent.toml `[extra_mcp_servers.<name>]`).";
+    };
+
+    env = lib.mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      example = {
+        EDITOR = "vi";
+      };
+      description = "Extra environment of the agent's harness and claude (agent.toml `[env]`); `HIVE_*` and `PATH` are the hive's.";
+    };
+
+    privateNetwork = lib.mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Whether the container has no network of its own (agent.toml `private_network`). The host
+        applies it: hive-c0re writes it into the container's .conf from agent.toml.
+      '';
+    };
+  };
+
+  config = {
+    boot.isContainer = true;
+    # The host's network (unless private): the firewall, DHCP and resolver are the host's.
+    networking.firewall.enable = lib.mkDefault false;
+    networking.useDHCP = false;
+    system.stateVersion = lib.mkDefault "25.05";
+
+    # claude-code is unfree. The container evaluates its own nixpkgs, where the operator's
+    # allowUnfree does not reach: allow exactly this one package here.
+    nixpkgs.config.allowUnfreePredicate = pkg: builtins.elem (lib.getName pkg) [ "claude-code" ];
+
+    environment.systemPackages = [
+      cfg.package
+      pkgs.claude-code
+      pkgs.git
+      pkgs.procps
+    ];
+
+    programs.git = {
+      enable = true;
+      config.user = {
+        name = lib.mkDefault label;
+        email = lib.mkDefault "${label}@hyperhive";
+      };
+    };
+
+    systemd.services.${service} = {
+      description = "hyperhive harness (${service})";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ];
+      path = [
+        pkgs.claude-code
+        pkgs.git
+        pkgs.bash
+        pkgs.procps
+      ];
+      environment = {
+        HIVE_ROLE = cfg.role;
+        HIVE_SOCKET = "/run/hive/mcp.sock";
+        HIVE_STATE = "/state";
+        HIVE_CLAUDE = lib.getExe pkgs.claude-code;
+        HIVE_ALLOWED_RECIPIENTS = lib.concatStringsSep "," cfg.allowedRecipients;
+        HIVE_EXTRA_MCP = builtins.toJSON (lib.mapAttrs harnessServer cfg.extraMcpServers);
+        HOME = "/root";
+        LANG = "C.UTF-8";
+        CLAUDE_CONFIG_DIR = "/root/.claude";
+        DISABLE_AUTOUPDATER = "1";
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1";
+      }
+      // lib.optionalAttrs (cfg.model != null) { HIVE_MODEL = cfg.model; }
+      // lib.filterAttrs (name: _: !(lib.hasPrefix "HIVE_" name || name == "PATH")) cfg.env;
+      serviceConfig = {
+        ExecStart = "${lib.getExe' cfg.package service} serve";
+        # Written by hive-c0re into the socket directory before each start: what cannot be in
+        # the world-readable store (the UI's login token, the hive's claude environment).
+        EnvironmentFile = "-/run/hive/harness.env";
+        WorkingDirectory = "/state";
+        Restart = "always";
+        RestartSec = 5;
+      };
+    };
+  };
+}

@@ -1,0 +1,240 @@
+"""hive-forge provisioning without NixOS: the exact commands the daemon runs inside the forge
+container (answered by a fake host that keeps Forgejo's users and tokens the way `forgejo admin`
+does), the token files it writes, and the database-version failure recognised from Forgejo's own
+log lines."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from hyperhive.core.forge import (
+    AGENT_SCOPES,
+    CORE_SCOPES,
+    NEWER_DB_FIX,
+    Forge,
+    diagnose_log,
+)
+from hyperhive.core.runner import Completed, Runner
+
+PREFIX = (
+    "nixos-container",
+    "run",
+    "hive-forge",
+    "--",
+    "runuser",
+    "-u",
+    "forgejo",
+    "--",
+    "forgejo",
+    "--work-path",
+    "/var/lib/forgejo",
+)
+
+# Forgejo's own fatal lines (journalctl -o cat), from a state dir that a newer release migrated:
+# the Forgejo-specific migrations, and the legacy (Gitea) migration table.
+NEWER_DB_LINES = [
+    "2025/05/17 09:12:44 models/forgejo_migrations/migrate.go:196:Migrate() [F] Migration Error:"
+    " Your Forgejo database (migration version: 41) is for a newer version of Forgejo, you cannot"
+    " use the newer database for this old Forgejo release (35).",
+    "2025/05/17 09:12:44 models/gitea_migrations/migrations.go:494:Migrate() [F] Migration Error:"
+    " Your database (migration version: 305) is for a newer Forgejo, you can not use the newer"
+    " database for this old Forgejo release (304).",
+]
+
+
+@dataclass
+class FakeForgeHost:
+    """`nixos-container list|run`, `systemctl -M`, `journalctl -M` as a NixOS host with a forge."""
+
+    present: bool = True
+    users: dict[str, bool] = field(default_factory=dict)
+    """Forgejo users and whether each is a site admin."""
+    tokens: list[tuple[str, str, str]] = field(default_factory=list)
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+    fail_tokens_for: set[str] = field(default_factory=set)
+    active: str = "active"
+    journal: list[str] = field(default_factory=list)
+
+    async def __call__(
+        self,
+        argv: Sequence[str],
+        stdin: bytes | None,
+        cwd: Path | None,
+        env: Mapping[str, str] | None,
+    ) -> Completed:
+        argv = tuple(argv)
+        self.calls.append(argv)
+        if argv == ("nixos-container", "list"):
+            return Completed(argv, 0, "hm1nd\nh-alice\nhive-forge\n" if self.present else "", "")
+        if argv[:3] == ("systemctl", "-M", "hive-forge"):
+            return Completed(argv, 0 if self.active == "active" else 3, self.active + "\n", "")
+        if argv[:3] == ("journalctl", "-M", "hive-forge"):
+            return Completed(argv, 0, "".join(line + "\n" for line in self.journal), "")
+        assert argv[: len(PREFIX)] == PREFIX, argv
+        return self.forgejo(argv, list(argv[len(PREFIX) :]))
+
+    def forgejo(self, argv: tuple[str, ...], args: list[str]) -> Completed:
+        def opt(name: str) -> str:
+            return args[args.index(name) + 1]
+
+        if args[:3] == ["admin", "user", "create"]:
+            name = opt("--username")
+            if name in self.users:
+                return Completed(
+                    argv, 1, "", f"Command error: user already exists [name: {name}]\n"
+                )
+            self.users[name] = "--admin" in args
+            return Completed(argv, 0, f"New user '{name}' has been successfully created!\n", "")
+        if args[:3] == ["admin", "user", "generate-access-token"]:
+            name = opt("--username")
+            if name not in self.users or name in self.fail_tokens_for:
+                return Completed(argv, 1, "", "Command error: user does not exist\n")
+            token = f"{len(self.tokens):040x}"
+            self.tokens.append((name, opt("--scopes"), token))
+            return Completed(argv, 0, token + "\n", "")
+        raise AssertionError(f"unexpected forgejo command {args}")
+
+
+def make_forge(tmp_path: Path, host: FakeForgeHost) -> Forge:
+    return Forge(
+        Runner(executor=host),
+        tmp_path / "state",
+        lambda name: tmp_path / "state" / "agents" / name,
+        clock=lambda: 1_700_000_000.0,
+    )
+
+
+async def test_a_new_agent_gets_a_user_and_a_token_by_these_commands(tmp_path: Path) -> None:
+    host = FakeForgeHost()
+    forge = make_forge(tmp_path, host)
+    await forge.ensure_user_for("alice")
+    assert host.calls == [
+        ("nixos-container", "list"),
+        (
+            *PREFIX,
+            "admin",
+            "user",
+            "create",
+            "--username",
+            "alice",
+            "--email",
+            "alice@hyperhive.local",
+            "--random-password",
+            "--must-change-password=false",
+        ),
+        (
+            *PREFIX,
+            "admin",
+            "user",
+            "generate-access-token",
+            "--username",
+            "alice",
+            "--token-name",
+            "hive-1700000000",
+            "--scopes",
+            AGENT_SCOPES,
+            "--raw",
+        ),
+    ]
+    token_file = tmp_path / "state" / "agents" / "alice" / "state" / "forge-token"
+    assert token_file.read_text() == host.tokens[0][2] + "\n"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert host.users == {"alice": False}
+    assert "admin" not in AGENT_SCOPES
+
+
+async def test_core_is_a_site_admin_whose_token_stays_on_the_host(tmp_path: Path) -> None:
+    host = FakeForgeHost()
+    forge = make_forge(tmp_path, host)
+    await forge.ensure_all(["hm1nd", "alice"])
+    assert host.users == {"core": True, "hm1nd": False, "alice": False}
+    core_token = tmp_path / "state" / "forge-core-token"
+    assert stat.S_IMODE(core_token.stat().st_mode) == 0o600
+    assert [(name, scopes) for name, scopes, _ in host.tokens] == [
+        ("core", CORE_SCOPES),
+        ("hm1nd", AGENT_SCOPES),
+        ("alice", AGENT_SCOPES),
+    ]
+    # The core token is nowhere under an agent's state (which containers see).
+    core_value = core_token.read_text()
+    for path in (tmp_path / "state" / "agents").rglob("*"):
+        if path.is_file():
+            assert path.read_text() != core_value
+
+
+async def test_provisioning_twice_keeps_users_and_tokens(tmp_path: Path) -> None:
+    host = FakeForgeHost()
+    forge = make_forge(tmp_path, host)
+    await forge.ensure_all(["alice"])
+    token_file = tmp_path / "state" / "agents" / "alice" / "state" / "forge-token"
+    first = token_file.read_text()
+    minted = len(host.tokens)
+    await forge.ensure_all(["alice"])
+    assert token_file.read_text() == first
+    assert len(host.tokens) == minted  # no second token: the file was kept
+    # The user existed: forgejo said so, and that counts as success.
+    creates = [c for c in host.calls if "create" in c]
+    assert len(creates) == 4
+
+
+async def test_without_a_forge_nothing_runs_in_a_container(tmp_path: Path) -> None:
+    host = FakeForgeHost(present=False)
+    forge = make_forge(tmp_path, host)
+    await forge.ensure_all(["alice"])
+    await forge.ensure_user_for("bob")
+    assert set(host.calls) == {("nixos-container", "list")}
+    assert (await forge.status()).state == "absent"
+
+
+async def test_a_failure_only_warns_and_writes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = FakeForgeHost(fail_tokens_for={"alice"})
+    forge = make_forge(tmp_path, host)
+    await forge.ensure_all(["alice", "bob"])
+    assert "could not provision alice" in caplog.text
+    assert not (tmp_path / "state" / "agents" / "alice" / "state" / "forge-token").exists()
+    # The next agent is still provisioned.
+    assert (tmp_path / "state" / "agents" / "bob" / "state" / "forge-token").is_file()
+
+
+async def test_a_token_file_symlink_is_not_followed(tmp_path: Path) -> None:
+    host = FakeForgeHost()
+    forge = make_forge(tmp_path, host)
+    state = tmp_path / "state" / "agents" / "alice" / "state"
+    state.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    (state / "forge-token").symlink_to(victim)  # dangling: counts as no token
+    await forge.ensure_user_for("alice")
+    assert not victim.exists()
+    assert not (state / "forge-token").is_symlink()
+
+
+@pytest.mark.parametrize("line", NEWER_DB_LINES)
+def test_the_database_version_error_is_recognised(line: str) -> None:
+    found = diagnose_log(["2025/05/17 09:12:43 cmd/web.go:242:runWeb() [I] Starting Forgejo", line])
+    assert found is not None and found.state == "failed"
+    assert found.problem is not None and "database newer than binary" in found.problem
+    assert found.fix == NEWER_DB_FIX
+    assert "pkgs.forgejo" in found.fix and "pkgs.forgejo-lts" in found.fix
+
+
+def test_other_log_lines_are_not_mistaken_for_it() -> None:
+    assert diagnose_log(["[F] Failed to initialize ORM engine: database is locked"]) is None
+    assert diagnose_log([]) is None
+
+
+async def test_status_reports_the_failure_with_its_fix(tmp_path: Path) -> None:
+    host = FakeForgeHost(active="failed", journal=["starting", NEWER_DB_LINES[0]])
+    status = await make_forge(tmp_path, host).status()
+    assert status.state == "failed" and status.fix == NEWER_DB_FIX
+    assert status.problem is not None and "migration 41" in status.problem
+    host = FakeForgeHost(active="failed", journal=["something else"])
+    status = await make_forge(tmp_path, host).status()
+    assert status.state == "failed" and status.problem == "forgejo.service is failed"
+    assert (await make_forge(tmp_path, FakeForgeHost()).status()).state == "running"
