@@ -371,16 +371,17 @@ class ApprovalsMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def approve_pending(self, data: st.DataObject) -> None:
         aid = data.draw(st.sampled_from(self.model.ids("pending")), label="id")
-        if self.model.approvals[aid].kind == "spawn":
+        exp = self.model.approvals[aid]
+        if exp.kind == "spawn":
             trio.from_thread.run(self._approve_spawn, aid)
         else:
             trio.from_thread.run(self._approve, aid)
+        event(f"approved {exp.kind}: {exp.status}")
 
     async def _approve(self, aid: int) -> None:
         reply = await self.daemon.host(wire.Approve(id=aid), wire.ApprovalReply)
         self.model.deploy(aid)
         assert reply.approval.status == self.model.approvals[aid].status, reply.approval
-        event(f"approved: {reply.approval.status}")
 
     async def _approve_spawn(self, aid: int) -> None:
         async with subscription(str(self.daemon.cfg.host_socket)) as watch:
@@ -397,7 +398,6 @@ class ApprovalsMachine(RuleBasedStateMachine):
         self.model.approvals[aid].status = "deployed"
         self.model.bob = bob
         self.model.meta.append(f"spawn {BOB} deployed/0 {bob[:12]}")
-        event("approved: spawned")
 
     @precondition(lambda self: self.model.ids("pending"))
     @rule(data=st.data(), note=NOTES)
@@ -456,6 +456,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
     def crash_mid_approve(self, data: st.DataObject, point: CrashPoint) -> None:
         aid = data.draw(st.sampled_from(self.model.ids("pending", kind="apply_commit")))
         trio.from_thread.run(self._crash, aid, point)
+        event(f"crash at {point}: {self.model.approvals[aid].status}")
 
     async def _crash(self, aid: int, point: CrashPoint) -> None:
         exp = self.model.approvals[aid]
@@ -469,7 +470,6 @@ class ApprovalsMachine(RuleBasedStateMachine):
             await self.daemon.host(wire.Approve(id=aid), wire.ApprovalReply)
             raise AssertionError(f"approve #{aid} returned past the crash point {point}")
         await self.daemon.wait_crashed()
-        event(f"crashed at {point}")
         await self._check_half_done(aid, point)
         await self.daemon.start()
         if point == "mid_approve":

@@ -5,6 +5,7 @@ log lines."""
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from hyperhive.core.forge import (
     diagnose_log,
 )
 from hyperhive.core.runner import Completed, Runner
+from hyperhive.protocol import wire
+from tests.conftest import needs_bwrap
+from tests.hive import hive_config, open_hive
 
 PREFIX = (
     "nixos-container",
@@ -238,3 +242,61 @@ async def test_status_reports_the_failure_with_its_fix(tmp_path: Path) -> None:
     status = await make_forge(tmp_path, host).status()
     assert status.state == "failed" and status.problem == "forgejo.service is failed"
     assert (await make_forge(tmp_path, FakeForgeHost()).status()).state == "running"
+
+
+FAKE_NIXOS_CONTAINER = """#!/bin/sh
+# nixos-container on a host whose hive-forge has users created on demand.
+case "$1" in
+  list) echo hm1nd; echo hive-forge ;;
+  run)
+    shift
+    echo "$*" >> "$FAKE_FORGE_LOG"
+    case "$*" in
+      *generate-access-token*) echo 0123456789abcdef0123456789abcdef01234567 ;;
+      *) echo "New user has been successfully created!" ;;
+    esac ;;
+  *) exit 2 ;;
+esac
+"""
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo failed
+exit 3
+"""
+
+
+@needs_bwrap
+async def test_the_daemon_provisions_agents_and_reports_a_broken_forge(
+    hive_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring, on a fake NixOS host (PATH): provisioning at start and after a spawn, and a
+    forge that refuses its database shows up in `list` with the fix."""
+    bin_dir = hive_root / "bin"
+    bin_dir.mkdir()
+    scripts = {
+        "nixos-container": FAKE_NIXOS_CONTAINER,
+        "systemctl": FAKE_SYSTEMCTL,
+        "journalctl": "#!/bin/sh\necho '" + NEWER_DB_LINES[0] + "'\n",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = hive_root / "forge.log"
+    monkeypatch.setenv("FAKE_FORGE_LOG", str(log))
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg = hive_config(hive_root / "hive", forge_container="hive-forge")
+    async with open_hive(cfg) as hive:
+        listed = await hive.call(wire.ListAgents(), wire.AgentList)
+        assert listed.forge is not None and listed.forge.state == "failed"
+        assert listed.forge.fix == NEWER_DB_FIX
+        await hive.call(wire.Spawn(name="alice"))
+        token = cfg.agent_root("alice") / "state" / "forge-token"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    lines = log.read_text().splitlines()
+    assert all(
+        line.startswith("hive-forge -- runuser -u forgejo -- forgejo --work-path /var/lib/forgejo")
+        for line in lines
+    )
+    assert any("admin user create --username core" in x and x.endswith("--admin") for x in lines)
+    assert any("admin user create --username alice" in line for line in lines)
+    assert (cfg.state_dir / "forge-core-token").is_file()

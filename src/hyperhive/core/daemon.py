@@ -22,6 +22,7 @@ from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.base import Backend
 from hyperhive.core.containers.nixgen import host_system
 from hyperhive.core.faults import Faults
+from hyperhive.core.forge import Forge
 from hyperhive.core.gitops import GitOps
 from hyperhive.core.host_api import HostHandler
 from hyperhive.core.logins import LoginWatch
@@ -256,6 +257,10 @@ async def run(
         )
         host = HostHandler(cfg, registry, broker, supervisor, hub, approvals, questions)
         hosts.append(host)
+        if cfg.forge_container:
+            host.forge = Forge(
+                Runner(), cfg.state_dir, cfg.agent_root, container=cfg.forge_container
+            )
         # A deploy a crash interrupted is rolled back before any container starts on it.
         rolled_back = await approvals.recover(host)
         await approvals.meta.ensure()
@@ -325,6 +330,11 @@ async def run(
                     dashboard_login,
                     group=admin_gid,
                 )
+            )
+        if host.forge is not None:
+            # Every agent's Forgejo user and token, then the forge's health for `list`.
+            await nursery.start(
+                host.forge.serve, lambda: [r.name for r in registry.all() if r.alive]
             )
         sd_notify("READY=1")
         log.info("hive-c0re ready: host socket %s, dashboard %s", cfg.host_socket, dashboard_port)

@@ -116,6 +116,8 @@ class Forge:
         self.container = container
         self.clock = clock
         self._lock = trio.Lock()
+        self.last: wire.ForgeStatus | None = None
+        """The latest `status()` (what host `list` reports), None before the first check."""
 
     def forgejo(self, *args: str) -> list[str]:
         """The argv running `forgejo <args>` inside the forge container as its service user."""
@@ -140,8 +142,32 @@ class Forge:
         return self.agent_root(name) / "state" / TOKEN_FILE
 
     async def present(self) -> bool:
-        done = await self.runner.run(["nixos-container", "list"], check=False)
+        try:
+            done = await self.runner.run(["nixos-container", "list"], check=False)
+        except OSError as exc:  # no nixos-container on this host at all
+            log.debug("forge: %s", exc)
+            return False
         return done.returncode == 0 and self.container in done.stdout.split()
+
+    async def serve(
+        self,
+        names: Callable[[], Iterable[str]],
+        *,
+        interval: float = 30.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep `last` current (checked before `started`), and provision everyone once."""
+        await self._check()
+        task_status.started()
+        await self.ensure_all(names())
+        while True:
+            await trio.sleep(interval)
+            await self._check()
+
+    async def _check(self) -> None:
+        self.last = await self.status()
+        if self.last.state == "failed":
+            log.warning("forge: %s; %s", self.last.problem, self.last.fix)
 
     async def ensure_all(self, names: Iterable[str]) -> None:
         """`core` and every agent; a no-op (and silent) when there is no forge container."""

@@ -12,6 +12,7 @@ from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.approvals import Approvals
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
+from hyperhive.core.forge import Forge
 from hyperhive.core.logins import needs_login
 from hyperhive.core.questions import Questions
 from hyperhive.core.server import EventStream, Peer
@@ -48,6 +49,8 @@ class HostHandler:
         self.broker = broker
         self.supervisor = supervisor
         self.hub = hub
+        self.forge: Forge | None = None
+        """The hive-forge, when the daemon runs with one (provisioning and health)."""
 
     async def agent_infos(self) -> list[wire.AgentInfo]:
         recs = self.registry.all()
@@ -89,6 +92,9 @@ class HostHandler:
         await self.supervisor.open_socket(rec)
         await self.supervisor.create(rec)
         await self.approvals.record_spawn(rec, revived)
+        if self.forge is not None:
+            # Its Forgejo user and /state/forge-token (best-effort: failures only warn).
+            await self.forge.ensure_user_for(rec.name)
         await self.supervisor.launch(rec)
         await self.kick(rec, "Revived from kept state." if revived else "Spawned.")
 
@@ -141,7 +147,8 @@ class HostHandler:
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
         match request:
             case wire.ListAgents():
-                return wire.AgentList(agents=await self.agent_infos())
+                forge = self.forge.last if self.forge is not None else None
+                return wire.AgentList(agents=await self.agent_infos(), forge=forge)
             case wire.Spawn(name=name):
                 rec = await self.spawn(name)
                 return wire.AgentReply(agent=self.registry.info(rec))

@@ -25,7 +25,15 @@ let
 
   # ------------------------------------------------------------------ loading
 
-  allArgs = specialArgs // { inherit lib config options; } // (config._module.args or { });
+  # Fixed arguments first: looking into config._module.args before a module is loaded would
+  # evaluate the very modules that are being loaded.
+  fixedArgs = specialArgs // {
+    inherit lib config options;
+  };
+  argument =
+    key: name:
+    fixedArgs.${name} or config._module.args.${name}
+      or (throw "module ${key} wants the argument `${name}'");
 
   load =
     key: m:
@@ -35,9 +43,7 @@ let
       called =
         if b.isFunction value then
           value (
-            b.mapAttrs (
-              name: _: allArgs.${name} or (throw "module ${key} wants the argument `${name}'")
-            ) (b.functionArgs value)
+            b.mapAttrs (name: _: argument key name) (b.functionArgs value)
           )
         else
           value;
