@@ -238,6 +238,7 @@ async def test_the_daemon_serves_its_own_dashboard(hive_root: Path) -> None:
                     "manager_name": "hm1nd",
                     "manager_recipient": "manager",
                     "operator": "operator",
+                    "forge": None,
                 }
             async with open_http(port, "/", host=f"evil.example:{port}") as resp:
                 assert resp.status == 421

@@ -39,6 +39,7 @@ class AgentView(wire.AgentInfo, frozen=True, kw_only=True):
 class DashboardState(msgspec.Struct, frozen=True, kw_only=True):
     agents: list[AgentView]
     inbox: list[wire.Message]
+    forge: wire.ForgeStatus | None = None
     manager_name: str = MANAGER_NAME
     manager_recipient: str = MANAGER
     operator: str = OPERATOR
@@ -120,7 +121,9 @@ def create_dashboard_app(
             )
             for a in agents.agents
         ]
-        return json_response(DashboardState(agents=views, inbox=inbox.messages))
+        return json_response(
+            DashboardState(agents=views, inbox=inbox.messages, forge=agents.forge)
+        )
 
     @app.get("/dashboard/history")
     async def history() -> Response:

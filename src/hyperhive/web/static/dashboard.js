@@ -249,9 +249,18 @@
       for (const a of state.agents) agents.set(a.name, a);
       renderAgents();
       renderInbox(state.inbox);
+      renderForge(state.forge);
     } catch (err) {
       toast(`state: ${err.message}`, "error");
     }
+  }
+  /** A failed hive-forge: what is wrong and the fix (text only; the daemon wrote it). */
+  function renderForge(forge) {
+    const box = document.getElementById("forge-alert");
+    const failed = Boolean(forge && forge.state === "failed");
+    box.hidden = !failed;
+    document.getElementById("forge-problem").textContent = failed ? forge.problem || "" : "";
+    document.getElementById("forge-fix").textContent = failed ? forge.fix || "" : "";
   }
   function refreshSoon() {
     clearTimeout(refreshTimer);
