@@ -38,7 +38,7 @@ python3Packages.buildPythonApplication {
   # pyproject.toml pins exact versions for the venv; nixpkgs brings its own.
   pythonRelaxDeps = true;
 
-  # The test suite needs bubblewrap, Chromium and the claude CLI: it runs in the VM test and CI.
+  # The test suite needs bubblewrap, Chromium and the claude CLI: scripts/test runs it.
   doCheck = false;
   pythonImportsCheck = [
     "hyperhive.cli"

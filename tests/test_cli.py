@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import msgspec
+import pytest
 import trio
 
+from hyperhive.cli import build_parser, daemon_config
+from hyperhive.core.config import DaemonConfig
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from tests.hive import hive_config, open_hive
@@ -80,3 +83,51 @@ async def test_cli_questions_answer_and_cancel(hive_root: Path) -> None:
         assert again.returncode == 1 and msgspec.json.decode(again.stdout)["code"] == "conflict"
         empty = await _cli(cfg.run_dir, "questions")
         assert empty.stdout.decode().strip() == "no pending questions"
+
+
+def _serve_config(*flags: str) -> DaemonConfig:
+    return daemon_config(build_parser().parse_args(["serve", *flags]), None)
+
+
+def test_serve_flags_for_the_nixos_module() -> None:
+    cfg = _serve_config(
+        "--backend",
+        "nixos",
+        "--admin-group",
+        "hive-admin",
+        "--agent-memory-max",
+        "4G",
+        "--agent-cpu-quota",
+        "200%",
+        "--forge-container",
+        "hive-forge",
+    )
+    assert cfg.backend == "nixos"
+    assert cfg.admin_group == "hive-admin"
+    assert (cfg.agent_memory_max, cfg.agent_cpu_quota) == ("4G", "200%")
+    assert cfg.forge_container == "hive-forge"
+    default = _serve_config()
+    assert (default.admin_group, default.agent_memory_max, default.agent_cpu_quota) == (
+        None,
+        None,
+        None,
+    )
+    assert default.forge_container is None
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--agent-memory-max", "lots"),
+        ("--agent-memory-max", "0G"),
+        ("--agent-cpu-quota", "2"),
+        ("--forge-container", "hive forge"),
+        ("--forge-container", "a-very-long-name"),
+    ],
+)
+def test_serve_refuses_limits_and_names_systemd_would_not_take(
+    flags: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        _serve_config(*flags)
+    assert flags[1] in capsys.readouterr().err

@@ -37,6 +37,8 @@ in
         { config, ... }:
         {
           system.stateVersion = hostStateVersion;
+          # The host's network: the firewall is the host's (and nspawn would not let it in).
+          networking.firewall.enable = lib.mkDefault false;
 
           services.forgejo = {
             enable = true;

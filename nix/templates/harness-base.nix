@@ -110,7 +110,7 @@ in
     boot.isContainer = true;
     # The host's network (unless private): the firewall, DHCP and resolver are the host's.
     networking.firewall.enable = lib.mkDefault false;
-    networking.useDHCP = false;
+    networking.useDHCP = lib.mkDefault false;
     system.stateVersion = lib.mkDefault "25.05";
 
     # claude-code is unfree. The container evaluates its own nixpkgs, where the operator's

@@ -130,6 +130,10 @@ async def test_spawn_seeds_both_repos(hive_root: Path) -> None:
     async with hive_with_alice(hive_root) as (_hive, proposed, applied, _pid):
         assert await git(applied, "rev-parse", "main") == await git(proposed, "rev-parse", "HEAD")
         assert await tags(applied) == {"deployed/0"}
+        # The whole config is tracked from the start (a git+file flake input sees only that).
+        tracked = (await git(applied, "ls-files")).split()
+        assert tracked == ["agent.nix", "agent.toml", "flake.nix"]
+        assert await git(applied, "status", "--porcelain") == ""
         assert await git(proposed, "remote", "get-url", "applied") == "/applied/alice"
         author = await git(applied, "log", "-1", "--format=%an <%ae>")
         assert author == "hive-c0re <hive-c0re@hyperhive>"
@@ -197,14 +201,15 @@ async def test_deny_tags_the_note(hive_root: Path) -> None:
         before = await git(applied, "rev-parse", "main")
         sha = await propose(proposed, 'model = "opus"\n')
         queued = await request_apply(hive, sha)
-        done = await hive.call(wire.Deny(id=queued.id, note="too pricey"), wire.ApprovalReply)
+        note = "#1 too pricey\n# opus costs 5x"
+        done = await hive.call(wire.Deny(id=queued.id, note=note), wire.ApprovalReply)
         assert done.approval.status == "denied"
         message = await git(applied, "tag", "-l", "--format=%(contents)", f"denied/{queued.id}")
-        assert message == "too pricey"
+        assert message == note  # kept verbatim: git would drop lines starting with `#`
         assert await git(applied, "rev-parse", f"denied/{queued.id}^{{commit}}") == sha
         assert await git(applied, "rev-parse", "main") == before
         resolved = [e for e in await manager_events(hive) if e["event"] == "approval_resolved"]
-        assert resolved[-1]["status"] == "denied" and resolved[-1]["note"] == "too pricey"
+        assert resolved[-1]["status"] == "denied" and resolved[-1]["note"] == note
         with pytest.raises(Exception, match="not pending"):
             await hive.call(wire.Approve(id=queued.id))
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -34,7 +35,7 @@ from typing import Literal, TypeVar
 import msgspec
 import pytest
 import trio
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -64,8 +65,8 @@ LOST = (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError, OSEr
 """What a client may see when the daemon dies under its request."""
 
 SETTINGS = settings(
-    max_examples=6,
-    stateful_step_count=15,
+    max_examples=15,
+    stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
@@ -94,8 +95,8 @@ BROKEN = st.sampled_from(
 )
 """A refused agent.toml (None: the file deleted) and what the failure's note must say."""
 
-NOTES = st.text(st.sampled_from("abcxyz ABC 019.,!?'-"), max_size=30)
-# '#' is left out: git's default message cleanup drops a note line that starts with it.
+NOTES = st.text(st.sampled_from("abcxyz ABC 019.,!?'-#\n"), max_size=30)
+"""Deny notes: `#` and newlines included, since tags keep notes verbatim."""
 
 
 @dataclass
@@ -123,6 +124,10 @@ class Model:
     """Meta commits since the start, oldest first."""
     bob: str | None = None
     """bob's applied `main` once he is spawned."""
+    chain: list[str] = field(default_factory=list)
+    """The proposed repo's history, oldest first: all it still has (the rest was pruned)."""
+    errors: dict[str, str] = field(default_factory=dict)
+    """Every commit made in the proposed repo, oldest first -> what refuses it ("": valid)."""
 
     def ids(self, *statuses: Status, kind: str | None = None) -> list[int]:
         return [
@@ -135,13 +140,14 @@ class Model:
     def next_id(self) -> int:
         return max(self.approvals, default=0) + 1
 
-    def deploy(self, aid: int, note: str | None = None) -> None:
+    def deploy(self, aid: int) -> None:
         """#aid approved (or completed by recovery): deployed, or failed on its agent.toml."""
         exp = self.approvals[aid]
+        exp.note = None
         if exp.error:
-            exp.status, exp.note = "failed", None
+            exp.status = "failed"
             return
-        exp.status, exp.note = "deployed", note
+        exp.status = "deployed"
         self.deployed = (exp.sha, f"deployed/{aid}")
         self.meta.append(f"deploy {ALICE} deployed/{aid} {exp.sha[:12]}")
 
@@ -158,7 +164,7 @@ class Model:
                 "denied": ["proposal"],
             }[exp.status]
             tags.update({f"{step}/{aid}": (exp.sha, None) for step in steps})
-            # git keeps a message without its trailing whitespace.
+            # Compared without trailing whitespace (read_tags strips it too).
             if exp.status == "failed":
                 tags[f"failed/{aid}"] = (exp.sha, notes[aid].rstrip())
             elif exp.status == "denied":
@@ -278,7 +284,8 @@ class Daemon:
 
 
 async def make_template(root: Path) -> Path:
-    """A state dir with hm1nd killed and alice spawned and stopped: each example starts here."""
+    """A state dir with hm1nd killed and alice spawned and stopped: each example starts from a
+    copy (the meta repo's agents.json keeps the template's paths; nothing here builds it)."""
     async with open_hive(hive_config(root, start_manager=True)) as hive:
         await hive.call(wire.Kill(name="hm1nd"))
         await hive.call(wire.Spawn(name=ALICE))
@@ -286,7 +293,7 @@ async def make_template(root: Path) -> Path:
     return root / "state"
 
 
-def resolved_sent(aid: int) -> object:
+def resolved_sent(aid: int) -> Callable[[wire.HiveEvent], bool]:
     def check(e: wire.HiveEvent) -> bool:
         if not (isinstance(e, wire.MessageSent) and e.message.sender == "system"):
             return False
@@ -313,9 +320,12 @@ class ApprovalsMachine(RuleBasedStateMachine):
 
     async def _begin(self) -> tuple[Model, list[str]]:
         initial = await git(self.applied, "rev-parse", "main")
+        assert await git(self.proposed, "rev-parse", "HEAD") == initial
         meta_before = (await git(self.meta_dir, "log", "--format=%s")).splitlines()
         await self.daemon.start()
-        return Model(initial=initial, deployed=(initial, "deployed/0")), meta_before
+        model = Model(initial, deployed=(initial, "deployed/0"), chain=[initial])
+        model.errors[initial] = ""
+        return model, meta_before
 
     def teardown(self) -> None:
         if self.daemon.running:
@@ -340,30 +350,48 @@ class ApprovalsMachine(RuleBasedStateMachine):
 
     async def _propose(self, toml: str | None, error: str, ref_len: int, upper: bool) -> None:
         sha = await commit(self.proposed, self._content(toml), f"proposal {self.proposals}")
-        ref = sha[:ref_len].upper() if upper else sha[:ref_len]
+        if error == "agent.toml is missing from":
+            error = f"{error} {sha[:12]}"
+        self.model.chain.append(sha)
+        self.model.errors[sha] = error
+        await self._request(sha, sha[:ref_len].upper() if upper else sha[:ref_len])
+
+    async def _request(self, sha: str, ref: str) -> None:
         queued = await self.daemon.manager(
             wire.RequestApplyCommit(agent=ALICE, commit_ref=ref), wire.ApprovalQueued
         )
         assert (queued.id, queued.sha) == (self.model.next_id, sha)
-        if error == "agent.toml is missing from":
-            error = f"{error} {sha[:12]}"
-        self.model.approvals[queued.id] = Expected("apply_commit", ALICE, sha, error)
+        self.model.approvals[queued.id] = Expected(
+            "apply_commit", ALICE, sha, self.model.errors[sha]
+        )
 
-    @precondition(lambda self: self.proposals > 0)
+    @rule(data=st.data(), ref_len=st.integers(7, 40))
+    def propose_again(self, data: st.DataObject, ref_len: int) -> None:
+        """Any earlier commit (a rollback is one): `not_found` once pruned from the repo."""
+        sha = data.draw(st.sampled_from(list(self.model.errors)), label="sha")
+        if sha in self.model.chain:
+            trio.from_thread.run(self._request, sha, sha[:ref_len])
+        else:
+            with pytest.raises(NotFound, match="proposed repo"):
+                trio.from_thread.run(self._request, sha, sha[:ref_len])
+
     @rule(toml=VALID, drop=st.booleans())
     def rewrite_proposed_history(self, toml: str, drop: bool) -> None:
-        """Amend, or drop the last commit and commit anew (a force-push); then prune."""
+        """Amend the last commit, or drop it and commit anew (a force-push); then prune."""
         trio.from_thread.run(self._rewrite, toml, drop)
 
     async def _rewrite(self, toml: str, drop: bool) -> None:
-        repo = self.proposed
-        dropped = drop and await git(repo, "rev-list", "--count", "HEAD") != "1"
+        repo, chain = self.proposed, self.model.chain
+        dropped = drop and len(chain) > 1
+        chain.pop()
         if dropped:
             await git(repo, "reset", "-q", "--hard", "HEAD~1")
-        await commit(repo, self._content(toml), "rewritten", amend=not dropped)
+        sha = await commit(repo, self._content(toml), "rewritten", amend=not dropped)
         await git(repo, "reflog", "expire", "--expire=now", "--all")
         await git(repo, "gc", "-q", "--prune=now")
-        # The model does not change: what was proposed stays pinned in the applied repo.
+        chain.append(sha)
+        self.model.errors[sha] = ""
+        # Nothing else changes: what was proposed stays pinned in the applied repo.
 
     # ------------------------------------------------------------------ decisions
 
@@ -376,7 +404,6 @@ class ApprovalsMachine(RuleBasedStateMachine):
             trio.from_thread.run(self._approve_spawn, aid)
         else:
             trio.from_thread.run(self._approve, aid)
-        event(f"approved {exp.kind}: {exp.status}")
 
     async def _approve(self, aid: int) -> None:
         reply = await self.daemon.host(wire.Approve(id=aid), wire.ApprovalReply)
@@ -390,7 +417,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
             await wait_for_all(
                 watch,
                 approval_is(aid, "deployed"),  # type: ignore[arg-type]
-                resolved_sent(aid),  # type: ignore[arg-type]
+                resolved_sent(aid),
             )
         # Its container started; stop it, so that restarts start nothing.
         await self.daemon.host(wire.Kill(name=BOB), wire.AgentReply)
@@ -456,7 +483,6 @@ class ApprovalsMachine(RuleBasedStateMachine):
     def crash_mid_approve(self, data: st.DataObject, point: CrashPoint) -> None:
         aid = data.draw(st.sampled_from(self.model.ids("pending", kind="apply_commit")))
         trio.from_thread.run(self._crash, aid, point)
-        event(f"crash at {point}: {self.model.approvals[aid].status}")
 
     async def _crash(self, aid: int, point: CrashPoint) -> None:
         exp = self.model.approvals[aid]
@@ -500,7 +526,8 @@ class ApprovalsMachine(RuleBasedStateMachine):
     async def _check(self) -> None:
         model = self.model
         rows, resolved = await trio.to_thread.run_sync(read_db, self.daemon.cfg.db_path)
-        # sqlite: every approval as the model says (never `building`/`spawning` between steps).
+        # sqlite: every approval as the model says; nothing half done survives a (re)start.
+        assert not [aid for aid, row in rows.items() if row.status in ("building", "spawning")]
         assert rows.keys() == model.approvals.keys()
         for aid, exp in model.approvals.items():
             row = rows[aid]
@@ -549,8 +576,9 @@ async def test_approvals_follow_the_model_across_restarts_and_crashes(hive_root:
     template = await make_template(hive_root)
     async with trio.open_nursery() as nursery:
 
-        def machine() -> ApprovalsMachine:
-            return ApprovalsMachine(template, nursery)
+        class Machine(ApprovalsMachine):
+            def __init__(self) -> None:
+                super().__init__(template, nursery)
 
-        await trio.to_thread.run_sync(lambda: run_state_machine_as_test(machine, settings=SETTINGS))
+        await trio.to_thread.run_sync(lambda: run_state_machine_as_test(Machine, settings=SETTINGS))
         nursery.cancel_scope.cancel()

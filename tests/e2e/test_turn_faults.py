@@ -106,7 +106,10 @@ async def test_harness_killed_mid_turn_gets_the_message_again_once(hive_root: Pa
 
     assert _attempts(cfg.db_path, mid) == ("delivered", 2)
     starts = _turn_starts(cfg.agent_root("alice") / "state" / "hyperhive-events.sqlite", mid)
-    assert [(s["attempt"], s["redelivery"]) for s in starts] == [(1, False), (2, True)]
+    seen = [(s["attempt"], s["redelivery"]) for s in starts]
+    # The kill follows the lease, so it may land before the harness recorded the first turn's
+    # start; the second turn is always recorded, and knows it is a redelivery.
+    assert seen in ([(1, False), (2, True)], [(2, True)])
 
 
 POISON = '!tool Bash {"command": "pkill -KILL -f \'hyperhive[.]agent serve\'"}'

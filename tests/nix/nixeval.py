@@ -53,3 +53,9 @@ async def nix_eval(expr: str, cwd: Path | None = None) -> object:
     """`expr`, with the PRELUDE's bindings in scope, evaluated strictly to JSON."""
     text = f"let {PRELUDE} in {expr}"
     return json.loads(await nix("--eval", "--strict", "--json", "-E", text, cwd=cwd))
+
+
+def strings(value: object) -> list[str]:
+    """An evaluated list of strings, checked."""
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), value
+    return value

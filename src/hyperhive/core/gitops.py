@@ -6,12 +6,17 @@ on the command line: nothing depends on the host's global git config.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import trio
 
+from hyperhive.core.containers.nixgen import AGENT_FLAKE_NIX, DEFAULT_AGENT_NIX
 from hyperhive.core.runner import Completed, Runner
 from hyperhive.protocol.agent_config import AGENT_TOML, DEFAULT_TOML
+
+AGENT_NIX = "agent.nix"
+FLAKE_NIX = "flake.nix"
 
 IDENTITY = ("-c", "user.name=hive-c0re", "-c", "user.email=hive-c0re@hyperhive")
 BRANCH = "main"
@@ -20,12 +25,18 @@ CONTAINER_APPLIED = "/applied"
 """Where the manager's container sees the applied repos (the `applied` remote points there)."""
 
 
-def _initial_content(applied: Path) -> str:
-    """A pre-git applied dir keeps its agent.toml; a new agent starts from the template."""
-    try:
-        return (applied / AGENT_TOML).read_text("utf-8")
-    except FileNotFoundError:
-        return DEFAULT_TOML
+def _initial_content(applied: Path) -> dict[str, str]:
+    """The first commit's files: a pre-git applied dir keeps its own, the rest are templates.
+
+    agent.toml holds what every backend reads; agent.nix (the agent's NixOS module) and the
+    module-only flake.nix are what the nixos backend builds from. All three are tracked from the
+    start, so a `git+file` flake input sees them and the manager can propose changes to any.
+    """
+    files = {AGENT_TOML: DEFAULT_TOML, AGENT_NIX: DEFAULT_AGENT_NIX, FLAKE_NIX: AGENT_FLAKE_NIX}
+    for name in files:
+        with contextlib.suppress(FileNotFoundError):
+            files[name] = (applied / name).read_text("utf-8")
+    return files
 
 
 def _write(path: Path, text: str) -> None:
@@ -82,8 +93,9 @@ class GitOps:
     async def seed(self, name: str) -> None:
         """Make both repos exist (idempotent; a pre-git applied dir is turned into a repo in place).
 
-        The proposed repo's first commit is the agent's starting agent.toml; the applied repo
-        fetches it as `main` and tags it `deployed/0`, so every proposal descends from it.
+        The proposed repo's first commit is the agent's starting config (agent.toml, agent.nix,
+        flake.nix); the applied repo fetches it as `main` and tags it `deployed/0`, so every
+        proposal descends from it.
         """
         proposed, applied = self.proposed(name), self.applied(name)
         if not await self.is_repo(applied):
@@ -103,11 +115,12 @@ class GitOps:
         else:
             await self.git(proposed, "remote", "add", APPLIED_REMOTE, url)
 
-    async def _init_fresh(self, repo: Path, content: str) -> None:
-        await trio.to_thread.run_sync(_write, repo / AGENT_TOML, content)
+    async def _init_fresh(self, repo: Path, files: dict[str, str]) -> None:
+        for name, text in files.items():
+            await trio.to_thread.run_sync(_write, repo / name, text)
         await self.git(repo, "init", "--quiet")
-        await self.git(repo, "add", AGENT_TOML)
-        await self.git(repo, "commit", "--quiet", "-m", "initial agent.toml")
+        await self.git(repo, "add", "--", *files)
+        await self.git(repo, "commit", "--quiet", "-m", "initial config")
 
     async def _init_from(self, repo: Path, source: Path) -> None:
         await trio.to_thread.run_sync(lambda: repo.mkdir(parents=True, exist_ok=True))
@@ -141,7 +154,8 @@ class GitOps:
     async def tag(self, name: str, tag: str, target: str, message: str | None = None) -> None:
         args = ["tag", "-f"]
         if message is not None:
-            args += ["-a", "-m", message or "(no note)"]
+            # verbatim: a note is kept as written (git would drop `#` lines and blank edges).
+            args += ["-a", "--cleanup=verbatim", "-m", message or "(no note)"]
         await self.git(self.applied(name), *args, tag, target)
 
     async def move_main(self, name: str, sha: str) -> None:

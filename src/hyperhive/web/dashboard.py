@@ -121,9 +121,7 @@ def create_dashboard_app(
             )
             for a in agents.agents
         ]
-        return json_response(
-            DashboardState(agents=views, inbox=inbox.messages, forge=agents.forge)
-        )
+        return json_response(DashboardState(agents=views, inbox=inbox.messages, forge=agents.forge))
 
     @app.get("/dashboard/history")
     async def history() -> Response:

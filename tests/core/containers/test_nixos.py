@@ -471,11 +471,17 @@ async def test_a_clean_stop_of_its_own_is_still_a_failure(
     assert await host.backend.run(host.spec(), grace=GRACE, on_started=lambda pid: None) == 1
 
 
+def no_runtime_dir(host: Host) -> ContainerSpec:
+    """A spec without /run/hive: run() writes no harness.env, so no thread runs before the
+    start (the autojump clock would jump to the test's deadline while one does)."""
+    return host.spec(binds=())
+
+
 async def test_cancelling_run_stops_the_container(
     host: Host, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.move_on_after(35):
-        await host.backend.run(host.spec(), grace=GRACE, on_started=lambda pid: None)
+        await host.backend.run(no_runtime_dir(host), grace=GRACE, on_started=lambda pid: None)
 
     assert host.fake.calls == [START, MAIN_PID, IS_ACTIVE, IS_ACTIVE, IS_ACTIVE, STOP]
     assert host.fake.times[-1] == pytest.approx(host.fake.times[0] + 35)
@@ -487,7 +493,7 @@ async def test_a_container_that_ignores_stop_is_killed_after_grace(
 ) -> None:
     host.fake.stop_hangs = True
     with trio.move_on_after(15):
-        await host.backend.run(host.spec(), grace=GRACE, on_started=lambda pid: None)
+        await host.backend.run(no_runtime_dir(host), grace=GRACE, on_started=lambda pid: None)
 
     kill = ("systemctl", "kill", "--signal=SIGKILL", UNIT)
     assert host.fake.calls == [START, MAIN_PID, IS_ACTIVE, STOP, kill]
@@ -525,6 +531,57 @@ async def test_a_container_gone_right_after_start_is_never_reported_running(
     assert await host.backend.run(host.spec(), grace=GRACE, on_started=pids.append) == 1
     assert host.fake.calls == [START, MAIN_PID, EXIT_STATUS]
     assert pids == []
+
+
+async def test_run_writes_the_harness_env_before_the_start(host: Host) -> None:
+    """What the container's Nix configuration cannot carry reaches the harness through
+    /run/hive/harness.env (0600): the UI token, the hive's bind and claude env, and the hive's
+    default model. What the configuration sets itself is left out, so it stays in charge."""
+    env = {
+        "PATH": "/usr/bin",
+        "HOME": "/root",
+        "HIVE_LABEL": "alice",
+        "HIVE_PORT": "8123",
+        "HIVE_EXTRA_MCP": "{}",
+        "HIVE_MODEL": "haiku",
+        "HIVE_BIND": "0.0.0.0",
+        "HIVE_ALLOWED_HOSTS": "hive.example.org",
+        "ANTHROPIC_BASE_URL": 'https://gw.example/"$x`',
+        "GREETING": "from agent.toml",
+        "HIVE_UI_TOKEN": "secret-token",
+    }
+    config = AgentConfig(env={"GREETING": "from agent.toml"})
+    spec = dataclasses.replace(host.spec(config=config), env=env)
+    seen: list[str] = []
+    answer = host.fake.answer
+
+    def start_sees_the_file(argv: tuple[str, ...]) -> tuple[str, int, str]:
+        if argv[:2] == ("nixos-container", "start"):
+            seen.append(path.read_text())
+        return answer(argv)
+
+    host.fake.answer = start_sees_the_file  # type: ignore[method-assign]
+    host.fake.states = ["inactive"]
+    path = host.root / "run" / "agents" / "alice" / "harness.env"
+    await host.backend.run(spec, grace=GRACE, on_started=lambda pid: None)
+
+    assert seen == [path.read_text()]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert {line.partition("=")[0]: systemd_env_value(line) for line in lines} == {
+        "HIVE_MODEL": "haiku",
+        "HIVE_BIND": "0.0.0.0",
+        "HIVE_ALLOWED_HOSTS": "hive.example.org",
+        "ANTHROPIC_BASE_URL": 'https://gw.example/"$x`',
+        "HIVE_UI_TOKEN": "secret-token",
+    }
+
+    # agent.toml names a model: agent.nix sets HIVE_MODEL, the file must not shadow it.
+    spec = dataclasses.replace(host.spec(config=AgentConfig(model="sonnet")), env=env)
+    host.fake.states = ["inactive"]
+    await host.backend.run(spec, grace=GRACE, on_started=lambda pid: None)
+    assert "HIVE_MODEL" not in path.read_text()
+    assert "HIVE_UI_TOKEN=" in path.read_text()
 
 
 # ---------------------------------------------------------------------- logs

@@ -218,12 +218,17 @@ let
       v;
   isNode = v: b.isAttrs v && typeOf v == null && !(v ? outPath);
 
+  # Like attrsOf in nixpkgs, a name whose every definition is switched off (mkIf false) is
+  # not there at all.
   evalFree =
     path: defs:
-    if defs != [ ] && b.all (d: isNode (peel d.value)) defs then
-      b.mapAttrs (n: evalFree (path ++ [ n ])) (zipDefs defs)
+    if freeNode defs then
+      b.mapAttrs (n: evalFree (path ++ [ n ])) (lib.filterAttrs (_: freeDefined) (zipDefs defs))
     else
       mergeFree path (highest (dischargeDefs defs));
+
+  freeNode = defs: defs != [ ] && b.all (d: isNode (peel d.value)) defs;
+  freeDefined = defs: dischargeDefs defs != [ ];
 
   mergeFree =
     path: defs:

@@ -7,6 +7,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -179,7 +180,12 @@ class NixosBackend:
         unit = self.unit(spec)
         ended = False
         try:
-            await trio.to_thread.run_sync(write_harness_env, spec)
+            runtime = harness_env_dir(spec)
+            if runtime is not None:
+                text = harness_env_text(harness_env(spec))
+                await trio.to_thread.run_sync(
+                    partial(_set_file, mode=0o600), runtime / HARNESS_ENV, text
+                )
             start = await self.runner.run(["nixos-container", "start", spec.container], check=False)
             if start.returncode != 0:
                 ended = True
@@ -309,12 +315,9 @@ def write_agent_flake(applied: Path) -> None:
         _set_file(applied / "agent.nix", DEFAULT_AGENT_NIX)
 
 
-def write_harness_env(spec: ContainerSpec) -> None:
-    """The harness's EnvironmentFile (0600) in the directory the container sees as /run/hive."""
-    runtime = next((b.source for b in spec.binds if b.dest == "/run/hive"), None)
-    if runtime is None:
-        return
-    _set_file(runtime / HARNESS_ENV, harness_env_text(harness_env(spec)), mode=0o600)
+def harness_env_dir(spec: ContainerSpec) -> Path | None:
+    """Where the harness's EnvironmentFile goes: the directory the container sees as /run/hive."""
+    return next((b.source for b in spec.binds if b.dest == "/run/hive"), None)
 
 
 def _set_file(path: Path, text: str | None, *, mode: int = 0o644) -> bool:
