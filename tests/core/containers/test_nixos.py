@@ -738,3 +738,33 @@ def test_dropin_sets_only_what_agent_toml_sets() -> None:
 def test_dropin_refuses_values_that_skipped_validation() -> None:
     with pytest.raises(BadParams):
         limits_dropin(Limits(memory_max="4G\nExecStartPre=/bin/evil"))
+
+
+async def test_meta_files_are_staged_in_the_meta_repo(host: Host) -> None:
+    """nix reads a flake in a git repo from tracked files only: once the daemon's meta repo
+    exists, every meta file the backend writes (and the lock nix writes) is `git add`ed."""
+    meta = host.state / "meta"
+    meta.mkdir(parents=True)
+    (meta / ".git").mkdir()  # the meta repo (core/meta.py) exists
+    (meta / "flake.lock").write_text("{}\n")  # as `nix flake lock` would leave it
+    git_add = ("git", "-C", str(meta), "add", "--")
+    await host.backend.create(host.spec())
+    assert (*git_add, "flake.nix", "agents.json") in host.fake.calls
+    assert (*git_add, "flake.lock") in host.fake.calls
+    host.fake.calls.clear()
+    await host.backend.rebuild(host.spec())
+    lock = next(
+        i
+        for i, c in enumerate(host.fake.calls)
+        if c[:4] == ("nix", "--extra-experimental-features", "nix-command flakes", "flake")
+    )
+    assert host.fake.calls[lock + 1] == (*git_add, "flake.lock")
+    update = next(
+        i for i, c in enumerate(host.fake.calls) if c[:2] == ("nixos-container", "update")
+    )
+    assert update > lock + 1  # staged before nixos-container builds from it
+
+
+async def test_without_a_meta_repo_nothing_is_staged(host: Host) -> None:
+    await host.backend.create(host.spec())
+    assert not any(c[0] == "git" for c in host.fake.calls)

@@ -37,6 +37,7 @@ POLL_INTERVAL = 10.0
 """How often `run` asks systemd whether the container is still up (upstream's crash_watch)."""
 MAX_LOG_LINES = 5000
 NIX_FEATURES = "nix-command flakes"
+FLAKE_LOCK = "flake.lock"
 DROPIN_NAME = "50-hyperhive-limits.conf"
 
 _ALIVE = frozenset({"active", "reloading", "refreshing", "activating", "deactivating"})
@@ -130,6 +131,7 @@ class NixosBackend:
                     ["nixos-container", "create", spec.container, "--flake", self.flake_ref(spec)],
                     env=_nix_env(),
                 )
+                await self._stage_meta(FLAKE_LOCK)  # the lock `create` wrote
         await self._apply_host_config(spec, host)
 
     async def rebuild(self, spec: ContainerSpec) -> None:
@@ -149,6 +151,7 @@ class NixosBackend:
                     str(self.meta_dir),
                 ]
             )
+            await self._stage_meta(FLAKE_LOCK)
             await self.runner.run(
                 ["nixos-container", "update", spec.container, "--flake", self.flake_ref(spec)],
                 env=_nix_env(),
@@ -230,7 +233,24 @@ class NixosBackend:
                 agents.pop(remove, None)
             return self._write_meta(list(agents.values()))
 
-        return await trio.to_thread.run_sync(update)
+        changed = await trio.to_thread.run_sync(update)
+        await self._stage_meta("flake.nix", "agents.json")
+        return changed
+
+    async def _stage_meta(self, *names: str) -> None:
+        """`git add` meta files: the meta dir is a git repo (the deploy log, core/meta.py), and
+        nix evaluates a flake in a git repo from tracked files only. The daemon's meta repo
+        commits them with the spawn, deploy or destroy they belong to."""
+        meta = self.meta_dir
+
+        def present() -> list[str]:
+            if not (meta / ".git").is_dir():
+                return []
+            return [n for n in names if (meta / n).exists()]
+
+        found = await trio.to_thread.run_sync(present)
+        if found:
+            await self.runner.run(["git", "-C", str(meta), "add", "--", *found])
 
     def _agents_file(self) -> Path:
         return self.meta_dir / "agents.json"
