@@ -353,6 +353,14 @@ class Approvals:
             message = f"revive {rec.name} {tag} {sha[:12]}"
         await self.meta.record(message, rec.name, Pin(rev=sha, tag=tag), self.meta_agent(rec))
 
+    async def record_rebuild(self, name: str) -> None:
+        """A rebuild outside approvals may relock the agent's input (nixos): commit that alone.
+
+        Under the approvals lock, so a deploy's staged pin is never swept into this commit.
+        """
+        async with self._lock:
+            await self.meta.finalize(f"rebuild {name}")
+
     async def sync_meta(self) -> None:
         """At start-up: every live agent is in the meta repo (agents from before it existed)."""
         pins = await self.meta.pins()

@@ -130,6 +130,7 @@ class HostHandler:
         ok, note = await self.supervisor.rebuild(rec)
         if not ok:
             raise Conflict(f"rebuild of {name} failed: {note}")
+        await self.approvals.record_rebuild(rec.name)
         await self.kick(rec, "Rebuilt: your configuration was re-applied.")
         return self.registry.info(rec)
 
