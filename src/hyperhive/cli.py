@@ -238,9 +238,12 @@ def _question(q: wire.QuestionInfo) -> str:
 
 def render(reply: wire.Reply) -> str:
     match reply:
-        case wire.AgentList(agents=agents):
+        case wire.AgentList(agents=agents, forge=forge):
+            forge_line = ""
+            if forge is not None and forge.state == "failed":
+                forge_line = f"\nforge: FAILED: {forge.problem}\n  fix: {forge.fix}"
             if not agents:
-                return "no agents"
+                return "no agents" + forge_line
             rows = [("NAME", "ROLE", "STATE", "PORT", "UNREAD", "NOTE")]
             for a in agents:
                 notes = [
@@ -253,10 +256,11 @@ def render(reply: wire.Reply) -> str:
                 note = "; ".join(n for n in notes if n)
                 rows.append((a.name, a.role, a.state, str(a.port), str(a.unread), note[:60]))
             widths = [max(len(r[i]) for r in rows) for i in range(5)]
-            return "\n".join(
+            table = "\n".join(
                 "  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
                 for r in rows
             ).rstrip()
+            return table + forge_line
         case wire.AgentReply(agent=a):
             return f"{a.name}: {a.state}"
         case wire.Sent(ids=ids, recipients=recipients):

@@ -300,3 +300,16 @@ async def test_the_daemon_provisions_agents_and_reports_a_broken_forge(
     assert any("admin user create --username core" in x and x.endswith("--admin") for x in lines)
     assert any("admin user create --username alice" in line for line in lines)
     assert (cfg.state_dir / "forge-core-token").is_file()
+
+
+def test_the_cli_shows_a_failed_forge_with_its_fix() -> None:
+    from hyperhive.cli import render
+
+    status = diagnose_log(NEWER_DB_LINES[:1])
+    assert status is not None
+    text = render(wire.AgentList(agents=[], forge=status))
+    assert text.startswith("no agents\nforge: FAILED: database newer than binary")
+    assert NEWER_DB_FIX in text
+    assert render(wire.AgentList(agents=[], forge=wire.ForgeStatus(state="running"))) == (
+        "no agents"
+    )
