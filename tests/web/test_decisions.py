@@ -159,6 +159,18 @@ def drive(port: int, tokens: LoginTokens, steps: Steps) -> tuple[list[str], dict
             expect(carol.locator(".pill.status")).to_have_text("denied", timeout=15_000)
             expect(carol.locator(".problem")).to_be_hidden()
 
+            # A tombstone comes back through a spawn approval: R3V1V3 queues it.
+            trio.from_thread.run(partial(steps.hive.call, wire.Destroy(name="bob")))
+            expect(bob).to_have_class(re.compile(r"\bst-destroyed\b"), timeout=15_000)
+            bob.get_by_role("button", name="R3V1V3").click()
+            revive = page.locator("#approvals li", has_text="revive from its kept state")
+            expect(revive).to_be_visible(timeout=15_000)
+            expect(revive.locator(".name")).to_have_text("bob")
+            ids["revive"] = int(revive.get_attribute("data-id") or "0")
+            revive.get_by_role("button", name="✓ APPR0VE").click()
+            expect(revive.locator(".pill.status")).to_have_text("deployed", timeout=60_000)
+            expect(bob).not_to_have_class(re.compile(r"\bst-destroyed\b"), timeout=15_000)
+
             # An operator question: its options are buttons; one click answers.
             ids["colour"] = trio.from_thread.run(
                 steps.ask, f"Which colour? {HOSTILE}", ["red", "green", "blue"]
@@ -255,6 +267,10 @@ async def test_operator_decides_in_the_dashboard(
     assert (resolved[ids["carol"]].status, resolved[ids["carol"]].note) == ("denied", "")
     spawned = resolved[ids["spawn"]]
     assert (spawned.agent, spawned.status) == ("bob", "deployed")
+    revived = resolved[ids["revive"]]
+    assert (revived.agent, revived.status) == ("bob", "deployed")
+    meta = await git(hive.cfg.state_dir / "meta", "log", "--format=%s")
+    assert meta.splitlines()[0].startswith("revive bob deployed/0 ")
     listed = await hive.call(wire.ListAgents(), wire.AgentList)
     assert "bob" in [a.name for a in listed.agents]
     answers = {

@@ -109,6 +109,16 @@
         actionButton("↻ restart", `restart ${name}`, "btn-warn", lifecycle("restart", name)),
       );
     }
+    if (agent.role !== "manager" && agent.state === "destroyed") {
+      // A tombstone comes back only through a spawn approval, with its kept state.
+      actions.appendChild(actionButton("R3V1V3", `queue a spawn approval reviving ${name}`,
+        "", async () => {
+          const reply = await Hive.host({
+            cmd: "request_spawn", name, description: "revive from its kept state",
+          });
+          toast(`revive ${name}: approval #${reply.id} queued`, "ok");
+        }));
+    }
     if (agent.role !== "manager") {
       if (agent.state !== "destroyed") {
         actions.appendChild(actionButton("DESTR0Y", `destroy ${name}, keep its state`,
