@@ -50,7 +50,10 @@ def matches(expected: Any, actual: Any) -> bool:
 async def test_example_session_replays_against_a_live_daemon(session: str, hive_root: Path) -> None:
     steps = SESSIONS[session]
     assert steps
-    async with open_hive(hive_config(hive_root)) as hive:
+    # A session that speaks on the manager's socket needs the manager (its container is
+    # stopped by the session's first step).
+    manager = any(step["socket"] == "agent:hm1nd" for step in steps)
+    async with open_hive(hive_config(hive_root, start_manager=manager)) as hive:
         for n, step in enumerate(steps, 1):
             target = step["socket"]
             path = hive.sock if target == "host" else hive.agent_sock(target.split(":", 1)[1])
