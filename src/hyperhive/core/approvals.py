@@ -31,6 +31,7 @@ from hyperhive.core.containers.nixgen import MetaAgent
 from hyperhive.core.faults import Faults
 from hyperhive.core.gitops import BRANCH, GitOps
 from hyperhive.core.meta import MetaRepo, Pin, deploy_message, spawn_message
+from hyperhive.core.questions import check_text
 from hyperhive.core.store import Store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import agent_config, wire
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SHA = re.compile(r"[0-9a-f]{7,40}")
 DIFF_CAP = 200 * 1024
+MAX_TEXT = 4000
+"""Bytes of a spawn's description or a denial's note."""
 INTERRUPTED = "interrupted"
 
 
@@ -192,6 +195,7 @@ class Approvals:
 
     async def request_spawn(self, name: str, description: str = "") -> Approval:
         check_new_agent_name(name)
+        check_text(description, "description", MAX_TEXT)
         rec = self.registry.find(name)
         if rec is not None and rec.alive:
             raise Conflict(f"agent {name!r} already exists")
@@ -201,7 +205,7 @@ class Approvals:
             )
             if waiting:
                 raise Conflict(f"a spawn of {name!r} is already pending (#{waiting[0].id})")
-            aid = await self.store.run(_insert, name, "spawn", "", "", description[:4000])
+            aid = await self.store.run(_insert, name, "spawn", "", "", description)
         row = await self._get(aid)
         self._publish(row)
         return row
@@ -231,6 +235,7 @@ class Approvals:
             return row
 
     async def deny(self, aid: int, note: str = "") -> Approval:
+        check_text(note, "note", MAX_TEXT)  # it becomes a git tag's annotation
         async with self._lock:
             row = await self._get(aid)
             if row.status != "pending":
