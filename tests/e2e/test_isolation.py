@@ -37,7 +37,8 @@ async def test_an_agent_sees_neither_other_agents_nor_the_daemons_files(var_root
         probe = (
             f"ls -A {cfg.state_dir}; echo ---; cat {bob_creds}; echo ---; ls -A {cfg.run_dir};"
             " echo ---; ls -A /run/hive; echo ---; ls -A /home; echo ---; ls -A /root;"
-            " echo ---; hostname"
+            " echo ---; hostname; echo ---;"
+            " grep -E '^(CapPrm|CapEff|NoNewPrivs):' /proc/self/status"
         )
         command = f"({probe}) > /state/probe.txt 2>&1"
         body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
@@ -47,7 +48,7 @@ async def test_an_agent_sees_neither_other_agents_nor_the_daemons_files(var_root
         )
 
     seen = (cfg.agent_root("alice") / "state" / "probe.txt").read_text()
-    state_listing, creds, run_listing, hive_dir, home, root, hostname = seen.split("---\n")
+    state_listing, creds, run_listing, hive_dir, home, root, hostname, caps = seen.split("---\n")
     assert state_listing.strip() == ""  # the daemon's state dir is an empty tmpfs inside
     assert SECRET not in seen and "No such file" in creds
     assert run_listing.strip() == ""  # no host.sock, no login tokens
@@ -62,3 +63,13 @@ async def test_an_agent_sees_neither_other_agents_nor_the_daemons_files(var_root
     # /root: a tmpfs with alice's own credentials dir, claude's cache, the python runtime.
     assert ".claude" in root.split() and set(root.split()) <= {".claude", ".pyenv", ".cache"}
     assert hostname.strip() == "h-alice"
+    # No capabilities, even though the daemon (and so bwrap) may run as root, and none to be
+    # had again: with no_new_privs, exec never grants a uid-0 process its caps back.
+    assert caps.split() == [
+        "CapPrm:",
+        "0000000000000000",
+        "CapEff:",
+        "0000000000000000",
+        "NoNewPrivs:",
+        "1",
+    ]

@@ -54,6 +54,9 @@ report = {{
     "ro_bind": open("/ro/seen").read(),
     "host": sorted(os.listdir(host)),
     "hidden": sorted(os.listdir(host + "/daemon")),
+    "status": dict(
+        line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines()
+    ),
 }}
 try:
     open("/ro/written", "w")
@@ -273,6 +276,10 @@ async def test_container_sees_its_binds_env_and_identity(
     assert report["hostname"] == spec.container
     assert report["pid"] == 2
     assert report["uid"] == 0
+    # Root inside, but without a single capability, and none to regain by exec.
+    status = report["status"]
+    assert (status["CapPrm"], status["CapEff"], status["CapBnd"]) == ("0" * 16,) * 3
+    assert status["NoNewPrivs"] == "1"
     assert report["ro_bind"] == "from the host"
     assert report["ro_write_errno"] == errno.EROFS
     assert not (hive_root / "ro:only" / "written").exists()

@@ -68,6 +68,11 @@ class BwrapBackend:
             # No --die-with-parent: its PDEATHSIG fires when the *thread* that forked bwrap
             # exits, and trio forks from short-lived worker threads. Containers are stopped by
             # process group instead (see base.run_process_group).
+            # bwrap started by root hands the sandbox every capability unless told otherwise: an
+            # agent needs none, and with none it cannot remount, load modules or chown its way
+            # out of the read-only binds.
+            "--cap-drop",
+            "ALL",
             "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",

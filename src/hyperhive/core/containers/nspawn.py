@@ -57,6 +57,39 @@ def runtime_paths() -> list[str]:
     return sorted(p for p in found if not any(p != q and _under(p, q) for q in found))
 
 
+NSPAWN_DEFAULT_CAPS = (
+    "CAP_AUDIT_CONTROL",
+    "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_IPC_OWNER",
+    "CAP_KILL",
+    "CAP_LEASE",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_MKNOD",
+    "CAP_NET_ADMIN",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_RAW",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TTY_CONFIG",
+)
+"""Every capability systemd-nspawn(1) keeps for its payload by default (CAP_NET_ADMIN with
+--private-network): all of them are dropped."""
+
+
 def _escape(path: str) -> str:
     """nspawn splits --bind=SRC:DEST at colons; it reads backslash escapes in both halves."""
     return path.replace("\\", "\\\\").replace(":", "\\:")
@@ -133,6 +166,10 @@ class NspawnBackend:
             "--as-pid2",
             "--console=pipe",
             f"--machine={spec.container}",
+            # nspawn grants its payload CAP_SYS_ADMIN, CAP_DAC_OVERRIDE and more by default; without
+            # a user namespace those are the host's. An agent needs none of them.
+            f"--drop-capability={','.join(NSPAWN_DEFAULT_CAPS)}",
+            "--no-new-privileges=yes",
         ]
         if spec.private_network:
             args.append("--private-network")
