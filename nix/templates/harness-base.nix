@@ -165,6 +165,10 @@ in
         WorkingDirectory = "/state";
         Restart = "always";
         RestartSec = 5;
+        # Root in the container is the host's root (no user namespace): the harness, claude and
+        # every tool it runs get no capabilities, and no exec gives any back.
+        CapabilityBoundingSet = "";
+        NoNewPrivileges = true;
       };
     };
   };

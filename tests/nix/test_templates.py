@@ -202,6 +202,7 @@ async def test_the_agent_service_runs_the_harness(tmp_path: Path) -> None:
     assert service["ExecStart"] == (f"{STORE}-hyperhive-0.1.0/bin/hive-ag3nt serve")
     assert service["EnvironmentFile"] == "-/run/hive/harness.env"
     assert service["Restart"] == "always"
+    assert service["CapabilityBoundingSet"] == "" and service["NoNewPrivileges"] is True
     assert view["wantedBy"] == ["multi-user.target"]
     assert {"claude-code", "git"} <= set(strings(view["path"]))
     assert {"hyperhive", "claude-code", "git"} <= set(strings(view["packages"]))
