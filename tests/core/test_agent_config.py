@@ -143,6 +143,11 @@ async def test_the_daemon_enforces_allowed_recipients_on_the_raw_socket(hive_roo
             await send("*")
         for to in ("bob", "manager", "hm1nd"):
             await send(to)
+        # A question to a peer is held to the same list; the operator can always be asked.
+        with pytest.raises(Forbidden, match=r"'carol' is not among"):
+            await call_once(alice, wire.Ask(question="ok?", to="carol"), wire.QuestionQueued)
+        await call_once(alice, wire.Ask(question="ok?", to="bob"), wire.QuestionQueued)
+        await call_once(alice, wire.Ask(question="ok?"), wire.QuestionQueued)
         # No list: anyone, a broadcast included.
         sent = await call_once(hive.agent_sock("carol"), wire.Send(to="*", body="all"), wire.Sent)
         assert sorted(sent.recipients) == ["alice", "bob"]

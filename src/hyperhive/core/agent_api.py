@@ -116,6 +116,9 @@ class AgentHandler:
                 )
                 return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
             case wire.Ask(question=q, options=options, multi=multi, ttl_seconds=ttl, to=to):
+                if to:
+                    # A question to a peer is a message to it; the operator is always askable.
+                    await self._check_recipient(canonical_recipient(to))
                 qid = await self.questions.ask(
                     self.principal, q, options=options, multi=multi, ttl_seconds=ttl, to=to
                 )
