@@ -22,6 +22,7 @@ from hyperhive.core.containers.nixgen import (
     nix_string,
 )
 from hyperhive.protocol.agent_config import DEFAULT_TOML, parse
+from tests.nix.test_templates import harness_view
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nix-instantiate") is None,
@@ -236,22 +237,9 @@ async def eval_agent_nix(tmp_path: Path, toml: str | None) -> object:
 
 
 async def test_agent_nix_reads_agent_toml_into_hyperhive_options(tmp_path: Path) -> None:
-    config = parse(FULL_TOML)
-    assert await eval_agent_nix(tmp_path, FULL_TOML) == {
-        "model": config.model,
-        "allowedRecipients": config.allowed_recipients,
-        "env": config.env,
-        "privateNetwork": config.private_network,
-        "extraMcpServers": {
-            name: {
-                "command": server.command,
-                "args": server.args,
-                "env": server.env,
-                "allowedTools": server.allowed_tools or ["*"],
-            }
-            for name, server in config.extra_mcp_servers.items()
-        },
-    }
+    expected = harness_view(parse(FULL_TOML))
+    del expected["role"]  # set by the agent-base/manager template, not by agent.nix
+    assert await eval_agent_nix(tmp_path, FULL_TOML) == expected
 
 
 @pytest.mark.parametrize("toml", [DEFAULT_TOML, None], ids=["default-toml", "no-toml"])
