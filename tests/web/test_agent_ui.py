@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -13,10 +15,12 @@ import trio
 from quart_trio import QuartTrio
 
 from hyperhive.agent.bus import LiveBus, Note, TurnStart, open_history
+from hyperhive.agent.login import LOGIN_ARGS, LoginSession, LoginState
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.agent_ui import AgentControls, create_agent_app, serve_agent_ui
+from tests.conftest import needs_claude
 from tests.hive import Hive
 from tests.web.pages import LoggedInClient, csrf_token, json_of, open_http, post_headers
 
@@ -32,6 +36,7 @@ class Controls:
     new_sessions: int = 0
     cancels: list[bool] = field(default_factory=list)
     thinking: bool = False
+    login: LoginSession | None = None
 
     @property
     def model(self) -> str:
@@ -281,6 +286,73 @@ async def test_controls(ui: AgentUi) -> None:
         resp = await ui.client.post("/api/model", json={"model": bad}, headers=headers)
         assert resp.status_code == 400, bad
     assert ui.controls.model == "sonnet"
+
+
+async def login_state(ui: AgentUi) -> dict[str, object]:
+    resp = await ui.client.get("/api/login")
+    assert resp.status_code == 200
+    state = json_of(await resp.get_data(as_text=False))
+    assert isinstance(state, dict) and isinstance(state["login"], dict)
+    return state["login"]
+
+
+async def wait_for_login(session: LoginSession, done: Callable[[LoginState], bool]) -> None:
+    with trio.fail_after(60):
+        while not done(session.state):
+            await session.changed.wait()
+
+
+@needs_claude
+async def test_web_login_drives_the_real_claude_auth_login(
+    ui: AgentUi, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The operator's login from the agent UI, against the real CLI: the sign-in URL it prints
+    is shown, a pasted code goes to its stdin, and cancel ends it. (Completing the OAuth needs
+    Anthropic's servers, which this machine cannot reach.)"""
+    headers = post_headers(await ui.token())
+    resp = await ui.client.post("/api/login/start", headers=headers)
+    assert resp.status_code == 409  # this harness offers no web login yet
+    claude = shutil.which("claude")
+    assert claude is not None
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "NO_COLOR": "1"}
+    env["CLAUDE_CONFIG_DIR"] = str(tmp_path / ".claude")
+    session = LoginSession(nursery, [claude, *LOGIN_ARGS], env, cwd=str(tmp_path))
+    ui.controls.login = session
+
+    assert (await login_state(ui))["running"] is False
+    resp = await ui.client.post("/api/login/code", json={"code": "abc#def"}, headers=headers)
+    assert resp.status_code == 409  # nothing to paste into
+
+    resp = await ui.client.post("/api/login/start", headers=headers)
+    assert resp.status_code == 200
+    await wait_for_login(session, lambda s: s.url is not None and "Paste code" in s.output)
+    shown = await login_state(ui)
+    assert shown["running"] is True
+    assert str(shown["url"]).startswith("https://claude.com/cai/oauth/authorize?")
+    resp = await ui.client.post("/api/login/start", headers=headers)
+    assert resp.status_code == 409  # one at a time
+
+    for bad in ("", "two words", "x" * 2000):
+        resp = await ui.client.post("/api/login/code", json={"code": bad}, headers=headers)
+        assert resp.status_code == 400, bad
+    resp = await ui.client.post("/api/login/cancel", headers=headers)
+    assert json_of(await resp.get_data(as_text=False))["cancelled"] is True
+    await wait_for_login(session, lambda s: s.finished)
+    ended = await login_state(ui)
+    assert ended["running"] is False and ended["exit_note"] == "cancelled"
+
+    # Again, and this time a code: claude takes it and goes to exchange it with Anthropic,
+    # which this machine cannot reach (it fails, or we cancel it while it tries).
+    resp = await ui.client.post("/api/login/start", headers=headers)
+    await wait_for_login(session, lambda s: s.url is not None and "Paste code" in s.output)
+    resp = await ui.client.post("/api/login/code", json={"code": "abc#def"}, headers=headers)
+    assert resp.status_code == 200
+    assert json_of(await resp.get_data(as_text=False))["login"]["code_sent"] is True
+    await ui.client.post("/api/login/cancel", headers=headers)
+    await wait_for_login(session, lambda s: s.finished)
+    note = session.state.exit_note
+    assert note == "cancelled" or note.startswith("claude auth login exited ("), note
+    assert not (tmp_path / ".claude" / ".credentials.json").exists()
 
 
 async def test_agent_ui_guard(ui: AgentUi) -> None:

@@ -10,7 +10,8 @@ from functools import partial
 import trio
 
 from hyperhive.agent.bus import LiveBus, Note, TurnEnd, TurnStart, open_history
-from hyperhive.agent.claude import TurnResult, run_turn
+from hyperhive.agent.claude import CLAUDE_DEFAULTS, TurnResult, run_turn
+from hyperhive.agent.login import LOGIN_ARGS, LoginSession
 from hyperhive.agent.settings import HarnessSettings, write_claude_files
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, open_client
@@ -63,6 +64,8 @@ class Controls:
     _turn_scope: trio.CancelScope | None = None
     _login: str = "ok"
     turns: int = field(default=0)
+    login: LoginSession | None = None
+    """`claude auth login` for the agent UI (set once the harness's nursery exists)."""
 
     def __post_init__(self) -> None:
         self._model = self._read_model() or self.settings.model
@@ -235,6 +238,12 @@ async def serve(settings: HarnessSettings) -> None:
         controls = Controls(settings)
         harness = Harness(settings, bus, controls)
         async with trio.open_nursery() as nursery:
+            controls.login = LoginSession(
+                nursery,
+                [settings.claude, *LOGIN_ARGS],
+                {**CLAUDE_DEFAULTS, **settings.env, "HOME": settings.env.get("HOME", "/root")},
+                cwd=str(settings.state_dir) if settings.state_dir.is_dir() else None,
+            )
             if settings.port:
                 # Started, not start_soon: the UI is up before the first turn is taken.
                 await nursery.start(_serve_ui, settings, bus, controls)

@@ -11,9 +11,10 @@ from quart import Response, render_template
 from quart_trio import QuartTrio
 
 from hyperhive.agent.bus import LiveBus
+from hyperhive.agent.login import LoginSession, LoginState
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once, open_client
-from hyperhive.protocol.errors import BadParams, HiveError
+from hyperhive.protocol.errors import BadParams, Conflict, HiveError
 from hyperhive.protocol.names import OPERATOR
 from hyperhive.web import security
 from hyperhive.web.edge import install_error_handlers, json_response, read_input, require_text
@@ -39,6 +40,11 @@ class AgentControls(Protocol):
     @property
     def login_state(self) -> str:
         """`"ok"` or `"needs_login"`."""
+        ...
+
+    @property
+    def login(self) -> LoginSession | None:
+        """The web login (`claude auth login`), when the harness offers one."""
         ...
 
 
@@ -67,6 +73,14 @@ class SendInput(msgspec.Struct, frozen=True):
 
 class ModelInput(msgspec.Struct, frozen=True):
     model: str
+
+
+class CodeInput(msgspec.Struct, frozen=True):
+    code: str
+
+
+class LoginReply(wire.Reply, frozen=True, kw_only=True):
+    login: LoginState
 
 
 class Cancelled(wire.Reply, frozen=True, kw_only=True):
@@ -184,6 +198,28 @@ def create_agent_app(
     async def new_session() -> Response:
         controls.request_new_session()
         return json_response(wire.Done())
+
+    def login_session() -> LoginSession:
+        if controls.login is None:
+            raise Conflict("this harness offers no web login")
+        return controls.login
+
+    @app.get("/api/login")
+    async def login_state() -> Response:
+        return json_response(LoginReply(login=login_session().state))
+
+    @app.post("/api/login/start")
+    async def login_start() -> Response:
+        return json_response(LoginReply(login=await login_session().start()))
+
+    @app.post("/api/login/code")
+    async def login_code() -> Response:
+        form = await read_input(CodeInput)
+        return json_response(LoginReply(login=await login_session().submit(form.code)))
+
+    @app.post("/api/login/cancel")
+    async def login_cancel() -> Response:
+        return json_response(Cancelled(cancelled=login_session().cancel()))
 
     @app.post("/api/model")
     async def set_model() -> Response:

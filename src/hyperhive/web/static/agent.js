@@ -61,6 +61,7 @@
         ? "needs_login" : s.turn_state;
       setState(state, s.turn_state_since);
       modelChip.textContent = `model · ${s.model}`;
+      showLogin(s.login_state === "needs_login");
       if (s.unread !== null) setUnread(s.unread);
       renderInbox(s.inbox);
       if (s.socket_error) toast(`agent socket: ${s.socket_error}`, "error");
@@ -68,6 +69,79 @@
       toast(`state: ${err.message}`, "error");
     }
   }
+
+  // ------------------------------------------------------------------ claude login
+  // `claude auth login` runs in the container; we show its sign-in URL and pass the code on.
+  const loginPanel = document.getElementById("claude-login");
+  const loginStart = document.getElementById("login-start");
+  const loginCancel = document.getElementById("login-cancel");
+  const loginUrlRow = document.getElementById("login-url-row");
+  const loginUrl = document.getElementById("login-url");
+  const loginForm = document.getElementById("login-code-form");
+  const loginCode = document.getElementById("login-code");
+  const loginOutput = document.getElementById("login-output");
+  const loginNote = document.getElementById("login-note");
+  let loginTimer = null;
+
+  function showLogin(needed) {
+    loginPanel.hidden = !needed;
+    if (needed && loginTimer === null) pollLogin();
+  }
+
+  function renderLogin(login) {
+    loginStart.hidden = login.running;
+    loginCancel.hidden = !login.running;
+    const url = login.url && login.url.startsWith("https://") ? login.url : null;
+    loginUrlRow.hidden = !(login.running && url);
+    if (url) loginUrl.href = url;
+    loginForm.hidden = !(login.running && url);
+    loginOutput.hidden = !login.output;
+    loginOutput.textContent = login.output;
+    loginNote.textContent = login.code_sent && login.running
+      ? "code sent; waiting for claude to finish signing in…"
+      : login.exit_note;
+  }
+
+  async function pollLogin() {
+    clearTimeout(loginTimer);
+    loginTimer = null;
+    try {
+      const { login } = await getJSON("/api/login");
+      renderLogin(login);
+      if (login.running && !loginPanel.hidden) loginTimer = setTimeout(pollLogin, 1000);
+    } catch (err) {
+      loginNote.textContent = err.message;
+    }
+  }
+
+  loginStart.addEventListener("click", async () => {
+    loginStart.disabled = true;
+    try {
+      renderLogin((await post("/api/login/start")).login);
+      pollLogin();
+    } catch (err) {
+      toast(`login: ${err.message}`, "error");
+    } finally {
+      loginStart.disabled = false;
+    }
+  });
+  loginCancel.addEventListener("click", async () => {
+    try {
+      await post("/api/login/cancel");
+      pollLogin();
+    } catch (err) {
+      toast(`login: ${err.message}`, "error");
+    }
+  });
+  loginForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      renderLogin((await post("/api/login/code", { code: loginCode.value })).login);
+      loginCode.value = "";
+    } catch (err) {
+      toast(`login: ${err.message}`, "error");
+    }
+  });
 
   // ------------------------------------------------------------------ inbox
   function renderInbox(messages) {
@@ -211,6 +285,7 @@
       }
       case "state":
         setState(ev.state, ev.since);
+        if (ev.state !== "offline") showLogin(ev.state === "needs_login");
         if (ev.state === "needs_login" || ev.state === "offline") {
           add(ts, "!", "k-state", text(`state → ${ev.state}`));
         }
