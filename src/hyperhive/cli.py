@@ -244,7 +244,7 @@ def render(reply: wire.Reply) -> str:
                 forge_line = f"\nforge: FAILED: {forge.problem}\n  fix: {forge.fix}"
             if not agents:
                 return "no agents" + forge_line
-            rows = [("NAME", "ROLE", "STATE", "PORT", "UNREAD", "NOTE")]
+            rows = [("NAME", "ROLE", "STATE", "PORT", "UNREAD", "DEPLOYED", "NOTE")]
             for a in agents:
                 notes = [
                     "needs login" if a.needs_login else "",
@@ -254,12 +254,17 @@ def render(reply: wire.Reply) -> str:
                     a.limits_note or "",
                 ]
                 note = "; ".join(n for n in notes if n)
-                rows.append((a.name, a.role, a.state, str(a.port), str(a.unread), note[:60]))
-            widths = [max(len(r[i]) for r in rows) for i in range(5)]
+                deployed = a.deployed or "-"
+                rows.append(
+                    (a.name, a.role, a.state, str(a.port), str(a.unread), deployed, note[:60])
+                )
+            widths = [max(len(r[i]) for r in rows) for i in range(6)]
             table = "\n".join(
-                "  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
+                (
+                    "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]
+                ).rstrip()
                 for r in rows
-            ).rstrip()
+            )
             return table + forge_line
         case wire.AgentReply(agent=a):
             return f"{a.name}: {a.state}"

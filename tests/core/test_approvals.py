@@ -134,6 +134,10 @@ async def test_spawn_seeds_both_repos(hive_root: Path) -> None:
         tracked = (await git(applied, "ls-files")).split()
         assert tracked == ["agent.nix", "agent.toml", "flake.nix"]
         assert await git(applied, "status", "--porcelain") == ""
+        listed = await _hive.call(wire.ListAgents(), wire.AgentList)
+        deployed = {a.name: a.deployed for a in listed.agents}
+        main = await git(applied, "rev-parse", "main")
+        assert deployed == {"hm1nd": None, "alice": f"deployed/0 {main[:12]}"}
         assert await git(proposed, "remote", "get-url", "applied") == "/applied/alice"
         author = await git(applied, "log", "-1", "--format=%an <%ae>")
         assert author == "hive-c0re <hive-c0re@hyperhive>"
@@ -167,6 +171,9 @@ async def test_approve_deploys_the_commit_and_restarts_alice(hive_root: Path) ->
         assert sum(line.startswith("deploy ") for line in log) == 1
         assert await meta_pin(hive, "alice") == {"rev": sha, "tag": "deployed/1"}
         assert await git(hive.cfg.state_dir / "meta", "status", "--porcelain") == ""
+        listed = await hive.call(wire.ListAgents(), wire.AgentList)
+        (info,) = [a for a in listed.agents if a.name == "alice"]
+        assert info.deployed == f"deployed/1 {sha[:12]}"
         # Resolved once: approving again is a conflict, and nothing is pending.
         assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
 

@@ -137,6 +137,9 @@ def drive(port: int, tokens: LoginTokens, steps: Steps) -> tuple[list[str], dict
             expect(spawn.locator(".pill.status")).to_have_text("deployed", timeout=60_000)
             bob = page.locator('#agents li[data-name="bob"]')
             expect(bob).to_be_visible(timeout=15_000)
+            # The card says which deploy bob runs: the meta repo's pin.
+            chip = bob.locator(".chip.deployed")
+            expect(chip).to_have_text(re.compile(r"^⎇ deployed/0 · [0-9a-f]{8}$"), timeout=15_000)
             expect(spawn).to_have_count(0, timeout=15_000)
             expect(page.locator("#approvals-empty")).to_be_visible()
             seen = page.evaluate("window.seenStatuses")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hyperhive.core.broker import EventHub
 from hyperhive.core.store import Store
@@ -17,6 +19,9 @@ from hyperhive.protocol.names import (
     OPERATOR,
     canonical_recipient,
 )
+
+if TYPE_CHECKING:
+    from hyperhive.core.meta import Pin
 
 PORT_SPAN = 900
 
@@ -99,6 +104,8 @@ class Registry:
         self._backend = backend
         self._agents: dict[str, AgentRecord] = {}
         self.login_check: dict[str, bool] = {}
+        self.deployed: dict[str, str] = {}
+        """Each agent's pin in the meta repo (`tag sha12`), kept current by `set_deployed`."""
         self.revision: str | None = None
         """The hyperhive revision new containers start from (see core/revision.py)."""
 
@@ -192,10 +199,21 @@ class Registry:
             last_error=rec.last_error,
             limits_note=rec.limits_note,
             port_conflict=rec.port_conflict,
+            deployed=self.deployed.get(rec.name),
             needs_update=rec.state == "running"
             and self.revision is not None
             and rec.built_rev != self.revision,
         )
+
+    def set_deployed(self, pins: Mapping[str, Pin]) -> None:
+        """The meta repo's committed pins changed: agents whose pin moved are `changed`."""
+        now = {name: f"{pin.tag} {pin.rev[:12]}" for name, pin in pins.items()}
+        moved = {n for n in now.keys() | self.deployed.keys() if now.get(n) != self.deployed.get(n)}
+        self.deployed = now
+        for name in sorted(moved):
+            rec = self._agents.get(name)
+            if rec is not None:
+                self.changed(rec)
 
     def changed(self, rec: AgentRecord) -> None:
         info = self.info(rec)

@@ -253,7 +253,7 @@ async def run(
             supervisor,
             faults,
             hub=hub,
-            meta=MetaRepo(gitops, cfg.state_dir, render),
+            meta=MetaRepo(gitops, cfg.state_dir, render, on_pins=registry.set_deployed),
         )
         host = HostHandler(cfg, registry, broker, supervisor, hub, approvals, questions)
         hosts.append(host)

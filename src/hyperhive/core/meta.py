@@ -69,11 +69,19 @@ FlakeRenderer = Callable[[list[MetaAgent]], str]
 
 
 class MetaRepo:
-    def __init__(self, gitops: GitOps, state_dir: Path, render: FlakeRenderer | None) -> None:
-        """`render` writes flake.nix from agents.json; None when the backend owns those files."""
+    def __init__(
+        self,
+        gitops: GitOps,
+        state_dir: Path,
+        render: FlakeRenderer | None,
+        on_pins: Callable[[Lock], None] | None = None,
+    ) -> None:
+        """`render` writes flake.nix from agents.json; None when the backend owns those files.
+        `on_pins` hears the committed pins at start-up and after every commit."""
         self.gitops = gitops
         self.dir = state_dir / "meta"
         self.render = render
+        self.on_pins = on_pins
         self._lock = trio.Lock()
 
     # ------------------------------------------------------------------ reading
@@ -100,6 +108,11 @@ class MetaRepo:
         """Create the repo with an empty lock (idempotent)."""
         async with self._lock:
             await self._ensure_locked()
+        await self._announce()
+
+    async def _announce(self) -> None:
+        if self.on_pins is not None:
+            self.on_pins(await self.pins())
 
     async def _ensure_locked(self) -> None:
         if await self.gitops.is_repo(self.dir):
@@ -203,6 +216,7 @@ class MetaRepo:
         if staged.returncode == 0:
             return
         await self.gitops.git(self.dir, "commit", "--quiet", "-m", message, *args)
+        await self._announce()
 
 
 def deploy_message(name: str, tag: str, sha: str) -> str:

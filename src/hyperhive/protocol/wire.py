@@ -79,6 +79,8 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Set when a configured limit cannot be enforced by the backend (never pretend)."""
     port_conflict: bool = False
     """The agent's web UI port is held by a process outside the hive (it is not moved)."""
+    deployed: str | None = None
+    """What it runs, from the meta repo's pin: tag and commit, e.g. `deployed/7 1a2b3c4d5e6f`."""
 
 
 # --------------------------------------------------------------------------- requests

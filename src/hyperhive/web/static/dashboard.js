@@ -90,6 +90,13 @@
     if (agent.needs_login) top.appendChild(el("span", "badge login", "⚠ needs login"));
     if (agent.unread > 0) top.appendChild(el("span", "badge unread", `✉ ${agent.unread} unread`));
     if (agent.port) top.appendChild(el("span", "port", `:${agent.port}`));
+    if (agent.deployed) {
+      // The meta repo's pin: which deploy this agent runs ("deployed/7 1a2b3c4d5e6f").
+      const [tag, sha] = agent.deployed.split(" ");
+      const chip = el("span", "chip deployed", `⎇ ${tag} · ${(sha || "").slice(0, 8)}`);
+      chip.title = `runs ${agent.deployed} (the meta repo's pin)`;
+      top.appendChild(chip);
+    }
     li.appendChild(top);
 
     const bottom = el("div", "line");
