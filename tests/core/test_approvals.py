@@ -379,3 +379,37 @@ async def test_a_daemon_killed_before_the_meta_commit_completes_the_deploy(
         assert await meta_pin(hive, "alice") == {"rev": sha, "tag": f"deployed/{queued.id}"}
         resolved = [e for e in await manager_events(hive) if e["event"] == "approval_resolved"]
         assert resolved[-1]["status"] == "deployed"
+
+
+async def test_a_spawn_that_fails_leaves_a_tombstone_and_says_why(hive_root: Path) -> None:
+    async with hive_with_alice(hive_root) as (hive, _proposed, _applied, _pid):
+        queued = await call_once(
+            hive.agent_sock("hm1nd"), wire.RequestSpawn(name="bob"), wire.ApprovalQueued
+        )
+        # Something in bob's way on the host: his /state cannot be made a directory.
+        blocker = hive.cfg.state_dir / "agents" / "bob" / "state"
+        blocker.parent.mkdir(parents=True)
+        blocker.write_text("not a directory")
+        async with subscription(hive.sock) as events:
+            done = await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+            assert done.approval.status == "spawning"
+            failed = await wait_for_event(events, approval_is(queued.id, "failed"))  # type: ignore[arg-type]
+        assert isinstance(failed, wire.ApprovalChanged) and "state" in failed.approval.note
+        listed = await hive.call(wire.ListAgents(), wire.AgentList)
+        (bob,) = [a for a in listed.agents if a.name == "bob"]
+        assert bob.state == "destroyed" and bob.last_error == failed.approval.note
+        seen = await manager_events(hive)
+        assert {"event": "spawned", "agent": "bob", "ok": False, "note": bob.last_error} in seen
+        assert not any(line.startswith("spawn bob") for line in await meta_log(hive))
+        # Once the obstacle is gone, asking again revives the tombstone.
+        blocker.unlink()
+        again = await call_once(
+            hive.agent_sock("hm1nd"), wire.RequestSpawn(name="bob"), wire.ApprovalQueued
+        )
+        async with subscription(hive.sock) as events:
+            await hive.call(wire.Approve(id=again.id), wire.ApprovalReply)
+            await wait_for_all(
+                events,
+                is_running("bob"),  # type: ignore[arg-type]
+                approval_is(again.id, "deployed"),  # type: ignore[arg-type]
+            )

@@ -302,9 +302,10 @@ class Approvals:
     async def _spawn(self, row: Approval, hooks: SpawnHooks) -> None:
         try:
             rec, revived = await hooks.begin_spawn(row.agent)
-        except HiveError as exc:
+        except Exception as exc:  # the approval must resolve, whatever broke
             # e.g. an operator spawned the name directly while the request waited.
-            await self._spawned(row, None, exc.message)
+            note = exc.message if isinstance(exc, HiveError) else f"{type(exc).__name__}: {exc}"
+            await self._spawned(row, None, note)
             return
         await self._set(row, "spawning")
         self.supervisor.nursery.start_soon(self._finish_spawn, row, rec, revived, hooks)
@@ -331,6 +332,8 @@ class Approvals:
         rec.destroyed_at = time.time()
         self.registry.set_state(rec, "destroyed", last_error=note)
         await self.registry.save(rec)
+        # If it got as far as the meta repo, it leaves it again (a no-op otherwise).
+        await self.meta.record(f"destroy {rec.name}", rec.name, None)
 
     async def _spawned(self, row: Approval, rec: AgentRecord | None, error: str) -> None:
         ok = not error
