@@ -436,7 +436,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
         reply = await self.daemon.host(wire.Deny(id=aid, note=note), wire.ApprovalReply)
         assert reply.approval.status == "denied"
         exp = self.model.approvals[aid]
-        exp.status, exp.note = "denied", note
+        exp.status, exp.note = "denied", note.strip()
 
     @precondition(lambda self: self.model.ids("deployed", "failed", "denied"))
     @rule(data=st.data(), deny=st.booleans())

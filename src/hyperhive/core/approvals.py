@@ -235,7 +235,9 @@ class Approvals:
             return row
 
     async def deny(self, aid: int, note: str = "") -> Approval:
-        check_text(note, "note", MAX_TEXT)  # it becomes a git tag's annotation
+        # It becomes a git tag's annotation: kept verbatim inside, trimmed at the edges (git
+        # would hide leading blank lines from every reader of the tag).
+        note = check_text(note, "note", MAX_TEXT).strip()
         async with self._lock:
             row = await self._get(aid)
             if row.status != "pending":
