@@ -85,7 +85,7 @@ def claude_argv(settings: HarnessSettings, *, model: str, resume: bool) -> list[
     return argv
 
 
-def _killpg(pid: int, sig: int) -> None:
+def killpg(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
 
@@ -217,13 +217,13 @@ async def _reap(proc: trio.Process, grace: float) -> None:
     """Make sure nothing of the turn survives it: SIGINT, then SIGTERM, then SIGKILL the group."""
     if proc.returncode is None:
         for sig, wait in ((signal.SIGINT, 2.0), (signal.SIGTERM, grace)):
-            _killpg(proc.pid, sig)
+            killpg(proc.pid, sig)
             with trio.move_on_after(wait):
                 await proc.wait()
             if proc.returncode is not None:
                 break
         else:
-            _killpg(proc.pid, signal.SIGKILL)
+            killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
     # Grandchildren that outlived claude (e.g. a stray MCP server) share its process group.
-    _killpg(proc.pid, signal.SIGKILL)
+    killpg(proc.pid, signal.SIGKILL)

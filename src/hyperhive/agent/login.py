@@ -9,8 +9,6 @@ harness's login poll then sees them and starts taking turns.
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 import signal
 import subprocess
@@ -19,9 +17,8 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import trio
 
+from hyperhive.agent.claude import killpg
 from hyperhive.protocol.errors import BadParams, Conflict
-
-log = logging.getLogger(__name__)
 
 LOGIN_ARGS = ("auth", "login")
 MAX_OUTPUT = 32 * 1024
@@ -117,7 +114,7 @@ class LoginSession:
             finally:
                 with trio.CancelScope(shield=True):
                     if proc.returncode is None:
-                        _killpg(proc.pid)
+                        killpg(proc.pid, signal.SIGKILL)
                         await proc.wait()
                     await proc.stdin.aclose()
                     await proc.stdout.aclose()
@@ -151,12 +148,3 @@ class LoginSession:
             return False
         self._scope.cancel()
         return True
-
-
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        log.warning("could not kill the login command's group %d", pid)

@@ -16,7 +16,6 @@ daemon's own site-admin `core` token in `<state>/forge-core-token`; all files ar
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from pathlib import Path
 import trio
 
 from hyperhive.core.runner import Runner
+from hyperhive.core.tokens import write_private
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import HiveError
 
@@ -79,16 +79,8 @@ def diagnose_log(lines: Iterable[str]) -> wire.ForgeStatus | None:
 
 
 def _write_secret(path: Path, token: str) -> None:
-    """Atomically create `path` (0600) with `token`; never follows or replaces a symlink."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, (token + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(path, token + "\n")
 
 
 def _has_token(path: Path) -> bool:

@@ -48,7 +48,7 @@ class LoginTokens:
         except (FileNotFoundError, ValueError):
             pass
         tokens = cls.generate()
-        _write_private(path, tokens.secret.hex() + "\n")
+        write_private(path, tokens.secret.hex() + "\n")
         return tokens
 
     def derive(self, scope: bytes) -> str:
@@ -71,9 +71,9 @@ def login_url(bind: str, port: int, token: str) -> str:
     return f"http://{host}:{port}/#token={token}"
 
 
-def _write_private(path: Path, text: str, group: int | None = None) -> None:
+def write_private(path: Path, text: str, group: int | None = None) -> None:
     """Write `text` to `path` as a 0600 file (0640 in `group`), atomically (a reader sees old
-    or new, whole)."""
+    or new, whole) and durably; a symlink at `path` is replaced, never followed. Blocking."""
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -83,6 +83,8 @@ def _write_private(path: Path, text: str, group: int | None = None) -> None:
             os.fchown(fh.fileno(), -1, group)
         os.fchmod(fh.fileno(), 0o600 if group is None else 0o640)
         fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -90,8 +92,8 @@ def write_login_files(
     token_path: Path, url_path: Path, token: str, url: str, group: int | None = None
 ) -> None:
     """Blocking: call it off the event loop. `group` (the admin group) may read them."""
-    _write_private(token_path, token + "\n", group)
-    _write_private(url_path, url + "\n", group)
+    write_private(token_path, token + "\n", group)
+    write_private(url_path, url + "\n", group)
 
 
 def remove_login_files(*paths: Path) -> None:

@@ -22,7 +22,7 @@ from hyperhive.core.containers.nixgen import (
     nix_string,
 )
 from hyperhive.protocol.agent_config import DEFAULT_TOML, parse
-from tests.nix.test_templates import harness_view
+from tests.nix.test_templates import FULL_TOML, harness_view
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nix-instantiate") is None,
@@ -32,28 +32,6 @@ pytestmark = pytest.mark.skipif(
 STUB = Path(__file__).parent / "nixstub"
 NIX = ["nix-instantiate", "--store", "dummy://"]
 """A dummy store: evaluation needs none, and it works without root."""
-
-FULL_TOML = """\
-model = "claude-sonnet-4.5"
-allowed_recipients = ["bob", "carol"]
-private_network = true
-
-[limits]
-memory_max = "4G"
-
-[env]
-GREETING = "hello ${USER} \\"quoted\\" \\\\ back"
-
-[extra_mcp_servers.search]
-command = "/run/current-system/sw/bin/mcp-search"
-args = ["--index", "/state/index"]
-env = { TOKEN_FILE = "/state/token" }
-allowed_tools = ["query", "fetch"]
-
-[extra_mcp_servers.notes]
-command = "/bin/notes"
-"""
-
 
 PORTS = {"hm1nd": 8000, "alice": 8101, "bob": 8102, "0day": 8103, "b-o-b": 8104}
 
