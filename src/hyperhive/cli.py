@@ -236,14 +236,27 @@ def _question(q: wire.QuestionInfo) -> str:
     return "\n".join(lines)
 
 
+def _dashboard_line(dashboard: wire.ListenerStatus | None) -> str:
+    """Said only when the dashboard does not serve: why, and when it is tried again."""
+    if dashboard is None or dashboard.state == "serving":
+        return ""
+    what = "WAITING for port" if dashboard.state == "waiting_for_port" else "FAILED on port"
+    line = f"\ndashboard: {what} {dashboard.port}: {dashboard.error}"
+    if dashboard.since is not None:
+        line += f"\n  since {_when(dashboard.since)}, {dashboard.failed_attempts} failed attempts"
+    if dashboard.retry_at is not None:
+        line += f"; next at {_when(dashboard.retry_at)}"
+    return line
+
+
 def render(reply: wire.Reply) -> str:
     match reply:
-        case wire.AgentList(agents=agents, forge=forge):
-            forge_line = ""
+        case wire.AgentList(agents=agents, forge=forge, dashboard=dashboard):
+            footer = _dashboard_line(dashboard)
             if forge is not None and forge.state == "failed":
-                forge_line = f"\nforge: FAILED: {forge.problem}\n  fix: {forge.fix}"
+                footer += f"\nforge: FAILED: {forge.problem}\n  fix: {forge.fix}"
             if not agents:
-                return "no agents" + forge_line
+                return "no agents" + footer
             rows = [("NAME", "ROLE", "STATE", "PORT", "UNREAD", "DEPLOYED", "NOTE")]
             for a in agents:
                 notes = [
@@ -265,7 +278,7 @@ def render(reply: wire.Reply) -> str:
                 ).rstrip()
                 for r in rows
             )
-            return table + forge_line
+            return table + footer
         case wire.AgentReply(agent=a):
             return f"{a.name}: {a.state}"
         case wire.Sent(ids=ids, recipients=recipients):

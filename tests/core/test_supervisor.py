@@ -104,6 +104,7 @@ async def world(root: Path) -> AsyncIterator[World]:
                 Questions(store, broker),
                 Reminders(store, broker, state_dir=lambda inbox: cfg.agent_root(inbox) / "state"),
                 applied_config=supervisor.applied_config,
+                ui_token="not-a-real-token",
             )
             return SocketServer(path, AGENT_DECODER, handler)
 

@@ -177,7 +177,7 @@ async def test_the_harness_reads_back_what_agent_toml_says(tmp_path: Path) -> No
     view = await summary(tmp_path, ["alice"], "alice")
     environment = view["environment"]
     assert isinstance(environment, dict)
-    settings = HarnessSettings.from_env("agent", {**environment, "HIVE_UI_TOKEN": "t"})
+    settings = HarnessSettings.from_env("agent", {**environment})
     config = parse(FULL_TOML)
     assert settings.label == "alice"
     assert settings.port == 8123

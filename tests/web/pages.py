@@ -10,7 +10,11 @@ from typing import Any
 import msgspec
 import trio
 from quart import Quart, Response
-from quart.typing import TestHTTPConnectionProtocol, TestWebsocketConnectionProtocol
+from quart.typing import (
+    TestClientProtocol,
+    TestHTTPConnectionProtocol,
+    TestWebsocketConnectionProtocol,
+)
 from quart_trio.testing import TrioClient
 from werkzeug.datastructures import Headers
 
@@ -121,21 +125,70 @@ class HttpReader:
 
 @asynccontextmanager
 async def open_http(
-    port: int, path: str, *, host: str | None = None, headers: dict[str, str] | None = None
+    port: int,
+    path: str,
+    *,
+    host: str | None = None,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: bytes | None = None,
 ) -> AsyncIterator[HttpReader]:
-    """GET `path` from a served app over real TCP; the response head is already read."""
+    """GET (or `method`) `path` from a served app over real TCP; the response head is read."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         lines = [
-            f"GET {path} HTTP/1.0",
+            f"{method} {path} HTTP/1.0",
             f"Host: {host or f'127.0.0.1:{port}'}",
             "Connection: close",
         ]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
         reader = HttpReader(stream)
         await reader.read_head()
         yield reader
+
+
+@asynccontextmanager
+async def open_post(
+    port: int, path: str, data: object, *, headers: dict[str, str] | None = None
+) -> AsyncIterator[HttpReader]:
+    """POST `data` as JSON the way the page does: same Origin, the page's CSRF token."""
+    csrf = await page_token(port)
+    sent = {
+        "Content-Type": "application/json",
+        **post_headers(csrf, f"http://127.0.0.1:{port}"),
+        **(headers or {}),
+    }
+    async with open_http(
+        port, path, method="POST", body=msgspec.json.encode(data), headers=sent
+    ) as reader:
+        yield reader
+
+
+async def take_ticket(port: int, token: str, path: str) -> str:
+    """What the page does before it opens an event stream or a websocket at `path`."""
+    async with open_post(port, "/api/ticket", {"path": path}, headers=login(token)) as resp:
+        body = await resp.read_body()
+        assert resp.status == 200, body
+        ticket = json_of(body)["ticket"]
+    assert isinstance(ticket, str)
+    return ticket
+
+
+async def client_ticket(client: TestClientProtocol, token: str, path: str) -> str:
+    """`take_ticket` through Quart's test client (whose requests come from `localhost`)."""
+    csrf = csrf_token(await (await client.get("/")).get_data(as_text=True))
+    resp = await client.post(
+        "/api/ticket",
+        json={"path": path},
+        headers={**post_headers(csrf), "Authorization": f"Bearer {token}"},
+    )
+    assert resp.status_code == 200, await resp.get_data(as_text=True)
+    ticket = json_of(await resp.get_data(as_text=False))["ticket"]
+    assert isinstance(ticket, str)
+    return ticket
 
 
 async def page_token(port: int) -> str:

@@ -22,7 +22,14 @@ from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.agent_ui import AgentControls, create_agent_app, serve_agent_ui
 from tests.conftest import needs_claude
 from tests.hive import Hive
-from tests.web.pages import LoggedInClient, csrf_token, json_of, open_http, post_headers
+from tests.web.pages import (
+    LoggedInClient,
+    csrf_token,
+    json_of,
+    open_http,
+    post_headers,
+    take_ticket,
+)
 
 LOGIN = "the-agent-ui-login-token-of-this-test-0123"
 
@@ -220,7 +227,8 @@ async def test_stream_delivers_bus_events(hive: Hive, nursery: trio.Nursery) -> 
         )
     )
     with trio.fail_after(10):
-        async with open_http(port, f"/events/stream?token={LOGIN}") as stream:
+        ticket = await take_ticket(port, LOGIN, "/events/stream")
+        async with open_http(port, f"/events/stream?ticket={ticket}") as stream:
             assert stream.headers["content-type"] == "text/event-stream"
             assert await stream.frame() == b": connected"
             await bus.emit(TurnStart(sender="operator", body="wake up", unread=1))

@@ -13,7 +13,7 @@ from hyperhive.protocol import wire
 from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.dashboard import serve_dashboard
 from tests.hive import Hive
-from tests.web.pages import json_of, page_token
+from tests.web.pages import json_of, login, open_post, page_token, take_ticket
 
 
 @pytest.fixture
@@ -35,10 +35,9 @@ def login_token(tokens: LoginTokens) -> str:
     return tokens.dashboard
 
 
-def ws_url(port: int, csrf: str, token: str | None) -> str:
-    """A WebSocket cannot send headers from a page: the login token rides in the query."""
-    url = f"ws://127.0.0.1:{port}/ws?csrf={csrf}"
-    return url if token is None else f"{url}&token={token}"
+async def ws_url(port: int, csrf: str, token: str) -> str:
+    """A WebSocket cannot send headers from a page: it takes a ticket with its token first."""
+    return f"ws://127.0.0.1:{port}/ws?csrf={csrf}&ticket={await take_ticket(port, token, '/ws')}"
 
 
 def origin(port: int) -> list[tuple[bytes, bytes]]:
@@ -54,7 +53,7 @@ async def ask(ws: WebSocketConnection, line: str) -> dict[str, object]:
 
 async def test_requests_round_trip(port: int, login_token: str) -> None:
     token = await page_token(port)
-    url = ws_url(port, token, login_token)
+    url = await ws_url(port, token, login_token)
     with trio.fail_after(10):
         async with open_websocket_url(url, extra_headers=origin(port)) as ws:
             listed = await ask(ws, '{"cmd":"list"}')
@@ -83,7 +82,7 @@ async def test_subscribe_streams_events_until_closed(
     hive: Hive, port: int, login_token: str
 ) -> None:
     token = await page_token(port)
-    url = ws_url(port, token, login_token)
+    url = await ws_url(port, token, login_token)
     with trio.fail_after(10):
         async with open_websocket_url(url, extra_headers=origin(port)) as ws:
             assert await ask(ws, '{"cmd":"subscribe"}') == {"ok": True, "subscribed": True}
@@ -116,13 +115,14 @@ async def test_cross_origin_handshake_is_refused(
     if callable(origin_of):
         headers.append((b"Origin", str(origin_of(port)).encode()))
     with trio.fail_after(10), pytest.raises(ConnectionRejected) as info:
-        async with open_websocket_url(ws_url(port, token, login_token), extra_headers=headers):
+        url = await ws_url(port, token, login_token)
+        async with open_websocket_url(url, extra_headers=headers):
             pass
     assert info.value.status_code == 403
 
 
 async def test_handshake_needs_the_csrf_token(port: int, login_token: str) -> None:
-    url = ws_url(port, "guess", login_token)
+    url = await ws_url(port, "guess", login_token)
     with trio.fail_after(10), pytest.raises(ConnectionRejected) as info:
         async with open_websocket_url(url, extra_headers=origin(port)):
             pass
@@ -130,24 +130,28 @@ async def test_handshake_needs_the_csrf_token(port: int, login_token: str) -> No
 
 
 @pytest.mark.parametrize(
-    "token_of",
+    "query_of",
     [
-        lambda tokens: None,
-        lambda tokens: "",
-        lambda tokens: "guess",
-        lambda tokens: tokens.dashboard[:-1],
-        lambda tokens: tokens.agent(MANAGER_NAME),  # an agent's token opens its own UI only
+        lambda port, tokens: succeed(""),
+        lambda port, tokens: succeed("&ticket="),
+        lambda port, tokens: succeed("&ticket=guess"),
+        # The token itself is never taken in a URL, not even the right one.
+        lambda port, tokens: succeed(f"&token={tokens.dashboard}"),
+        # A ticket opens the path it was taken for, and only once.
+        lambda port, tokens: ticket_query(port, tokens.dashboard, "/dashboard/stream"),
+        lambda port, tokens: spent_ticket_query(port, tokens.dashboard),
     ],
 )
-async def test_handshake_needs_the_login_token(
-    hive: Hive, port: int, tokens: LoginTokens, token_of: object
+async def test_handshake_needs_a_ticket(
+    hive: Hive, port: int, tokens: LoginTokens, query_of: object
 ) -> None:
     # Everything a page could get without logging in: the shell, its CSRF token, the origin.
     csrf = await page_token(port)
-    assert callable(token_of)
+    assert callable(query_of)
+    query = await query_of(port, tokens)
     with trio.fail_after(10), pytest.raises(ConnectionRejected) as info:
         async with open_websocket_url(
-            ws_url(port, csrf, token_of(tokens)), extra_headers=origin(port)
+            f"ws://127.0.0.1:{port}/ws?csrf={csrf}{query}", extra_headers=origin(port)
         ) as ws:
             await ws.send_message('{"cmd":"send","to":"hm1nd","body":"let me in"}')
             await ws.get_message()
@@ -156,3 +160,43 @@ async def test_handshake_needs_the_login_token(
     flow = await hive.call(wire.Flow(limit=10))
     assert isinstance(flow, wire.Inbox)
     assert [m for m in flow.messages if m.sender == "operator"] == []
+
+
+@pytest.mark.parametrize(
+    "token_of",
+    [
+        lambda tokens: "",
+        lambda tokens: "guess",
+        lambda tokens: tokens.dashboard[:-1],
+        lambda tokens: tokens.agent(MANAGER_NAME),  # an agent's token opens its own UI only
+    ],
+)
+async def test_no_ticket_without_the_login_token(
+    port: int, tokens: LoginTokens, token_of: object
+) -> None:
+    assert callable(token_of)
+    with trio.fail_after(10):
+        async with open_post(
+            port, "/api/ticket", {"path": "/ws"}, headers=login(token_of(tokens))
+        ) as resp:
+            assert resp.status == 401
+        async with open_post(port, "/api/ticket", {"path": "/ws"}) as resp:
+            assert resp.status == 401
+
+
+async def succeed(query: str) -> str:
+    return query
+
+
+async def ticket_query(port: int, token: str, path: str) -> str:
+    return f"&ticket={await take_ticket(port, token, path)}"
+
+
+async def spent_ticket_query(port: int, token: str) -> str:
+    query = await ticket_query(port, token, "/ws")
+    csrf = await page_token(port)
+    url = f"ws://127.0.0.1:{port}/ws?csrf={csrf}{query}"
+    with trio.fail_after(10):
+        async with open_websocket_url(url, extra_headers=origin(port)) as ws:
+            assert (await ask(ws, '{"cmd":"list"}'))["ok"] is True
+    return query

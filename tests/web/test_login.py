@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,7 +24,7 @@ from hyperhive.core.tokens import LoginTokens, login_url
 from hyperhive.protocol import wire
 from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.agent_ui import create_agent_app
-from hyperhive.web.dashboard import create_dashboard_app
+from hyperhive.web.dashboard import create_dashboard_app, serve_dashboard
 from hyperhive.web.security import LOGIN_HINT, PUBLIC_ENDPOINTS
 from tests.conftest import needs_bwrap, needs_claude
 from tests.hive import (
@@ -35,7 +36,17 @@ from tests.hive import (
     ui_port_base,
     wait_for_event,
 )
-from tests.web.pages import LoggedInClient, csrf_token, json_of, login, open_http, post_headers
+from tests.web.pages import (
+    LoggedInClient,
+    client_ticket,
+    csrf_token,
+    json_of,
+    login,
+    open_http,
+    open_post,
+    post_headers,
+    take_ticket,
+)
 from tests.web.test_agent_ui import Controls
 
 OWN = "http://localhost"
@@ -157,10 +168,11 @@ async def test_agent_ui_routes_need_that_agents_token(hive: Hive, tokens: LoginT
     assert resp.status_code == 200
 
 
-async def test_the_query_token_is_for_streams_only(hive: Hive, tokens: LoginTokens) -> None:
+async def test_the_token_is_never_taken_from_a_url(hive: Hive, tokens: LoginTokens) -> None:
     client = dashboard_app(hive, tokens).test_client()
-    resp = await client.get("/api/state", query_string={"token": tokens.dashboard})
-    assert resp.status_code == 401
+    for path in ("/api/state", "/dashboard/stream", "/dashboard/history"):
+        resp = await client.get(path, query_string={"token": tokens.dashboard})
+        assert resp.status_code == 401, path
     csrf = csrf_token(await (await client.get("/")).get_data(as_text=True))
     resp = await client.post(
         "/op-send",
@@ -170,6 +182,46 @@ async def test_the_query_token_is_for_streams_only(hive: Hive, tokens: LoginToke
     )
     assert resp.status_code == 401
     assert await operator_messages(hive) == []
+
+
+async def test_a_ticket_opens_its_stream_once(
+    hive: Hive, tokens: LoginTokens, nursery: trio.Nursery
+) -> None:
+    port = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
+    stream = "/dashboard/stream"
+    with trio.fail_after(10):
+        # Only on the path it was taken for: not on a plain route, not on another stream.
+        ticket = await take_ticket(port, tokens.dashboard, stream)
+        async with open_http(port, f"/api/state?ticket={ticket}") as resp:
+            assert resp.status == 401
+        for_ws = await take_ticket(port, tokens.dashboard, "/ws")
+        async with open_http(port, f"{stream}?ticket={for_ws}") as resp:
+            assert resp.status == 401
+        # Taken for the stream, it opens the stream once.
+        async with open_http(port, f"{stream}?ticket={ticket}") as resp:
+            assert resp.status == 200
+            assert resp.headers["content-type"] == "text/event-stream"
+        async with open_http(port, f"{stream}?ticket={ticket}") as resp:
+            assert resp.status == 401
+        # Tickets are for streams and websockets only, and never without the token.
+        async with open_post(
+            port, "/api/ticket", {"path": "/api/state"}, headers=login(tokens.dashboard)
+        ) as resp:
+            assert resp.status == 400
+        async with open_post(port, "/api/ticket", {"path": stream}) as resp:
+            assert resp.status == 401
+        async with open_post(
+            port, "/api/ticket", {"path": stream}, headers=login(tokens.agent(MANAGER_NAME))
+        ) as resp:
+            assert resp.status == 401
 
 
 async def test_the_shell_is_public_and_carries_no_token(hive: Hive, tokens: LoginTokens) -> None:
@@ -187,17 +239,21 @@ async def test_the_shell_is_public_and_carries_no_token(hive: Hive, tokens: Logi
         assert (await client.get("/nope")).status_code == 401
 
 
-async def test_ws_handshake_without_the_token_is_refused(hive: Hive, tokens: LoginTokens) -> None:
+async def test_ws_handshake_without_a_ticket_is_refused(hive: Hive, tokens: LoginTokens) -> None:
     app = dashboard_app(hive, tokens)
     client = app.test_client()
     csrf = csrf_token(await (await client.get("/")).get_data(as_text=True))
     origin = {"Origin": OWN}
     for token in (None, "", "guess", tokens.dashboard[:-1], tokens.agent(MANAGER_NAME)):
-        query = {"csrf": csrf} if token is None else {"csrf": csrf, "token": token}
+        query = {"csrf": csrf} if token is None else {"csrf": csrf, "ticket": token}
         assert await ws_status(client, "/ws", origin, query) == 401, token
-    # With the token (in the query, as a page would send it) the bridge answers.
+    # The token itself is not taken in a URL, not even the right one.
+    query = {"csrf": csrf, "token": tokens.dashboard}
+    assert await ws_status(client, "/ws", origin, query) == 401
+    # With a ticket (taken with the token, as a page does) the bridge answers.
+    ticket = await client_ticket(client, tokens.dashboard, "/ws")
     async with client.websocket(
-        "/ws", headers=origin, query_string={"csrf": csrf, "token": tokens.dashboard}
+        "/ws", headers=origin, query_string={"csrf": csrf, "ticket": ticket}
     ) as ws:
         await ws.send('{"cmd":"list"}')
         reply = json_of(await ws.receive())
@@ -223,16 +279,11 @@ def test_tokens_are_scoped_and_keep_their_secret() -> None:
         LoginTokens(b"short")
 
 
-def test_the_harness_keeps_its_token_from_claude() -> None:
+def test_the_harness_reads_its_allowed_hosts() -> None:
     settings = HarnessSettings.from_env(
-        "agent",
-        {"HIVE_UI_TOKEN": "tok", "HIVE_ALLOWED_HOSTS": "hive.lan, ,box", "HIVE_LABEL": "bob"},
+        "agent", {"HIVE_ALLOWED_HOSTS": "hive.lan, ,box", "HIVE_LABEL": "bob"}
     )
-    assert settings.ui_token == "tok"
     assert settings.allowed_hosts == ("hive.lan", "box")
-    # settings.env is what claude (and its tools) run with.
-    assert "HIVE_UI_TOKEN" not in settings.env
-    assert "tok" not in repr(settings)
 
 
 async def hive_c0re(run_dir: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -333,11 +384,36 @@ async def test_no_dashboard_no_login_file(hive: Hive) -> None:
     assert not await trio.Path(hive.cfg.dashboard_token_path).exists()
 
 
-def container_env(pid: int) -> dict[str, str]:
-    """The environment the daemon gave a container (bubblewrap's own, which its child keeps)."""
-    with open(f"/proc/{pid}/environ", "rb") as fh:
-        pairs = [item.partition(b"=") for item in fh.read().split(b"\0") if item]
-    return {k.decode(): v.decode() for k, _, v in pairs}
+def process_tree(root: int) -> list[int]:
+    """`root` and every process under it (a container: bwrap, the harness, its children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def environments(root: int) -> dict[int, bytes]:
+    """The environment block of each process of the tree under `root`, as /proc shows it."""
+    found = {}
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                found[pid] = fh.read()
+        except OSError:
+            continue  # gone meanwhile
+    return found
 
 
 @needs_bwrap
@@ -362,8 +438,6 @@ async def test_a_real_agent_ui_takes_only_its_own_token(hive_root: Path) -> None
         assert isinstance(listed, wire.AgentList)
         alice = next(a for a in listed.agents if a.name == "alice")
         assert alice.pid is not None and alice.port > 0
-        env = await trio.to_thread.run_sync(container_env, alice.pid)
-        own = env["HIVE_UI_TOKEN"]
 
         # The operator logs in to the dashboard and follows its link to alice.
         dashboard = (await trio.Path(cfg.dashboard_token_path).read_text()).strip()
@@ -374,9 +448,18 @@ async def test_a_real_agent_ui_takes_only_its_own_token(hive_root: Path) -> None
             ) as resp:
                 assert resp.status == 200
                 links = {a["name"]: a["url"] for a in json_of(await resp.read_body())["agents"]}
-        assert links["alice"] == f"http://127.0.0.1:{alice.port}/#token={own}"
+        assert links["alice"].startswith(f"http://127.0.0.1:{alice.port}/#token=")
+        own = links["alice"].partition("#token=")[2]
         bob = links["bob"].partition("#token=")[2]
-        assert bob and bob != own
+        assert own and bob and bob != own
+
+        # No process of alice's container has her token in its environment (where any of
+        # them could read it from /proc/<pid>/environ): her harness asked over its socket.
+        environ = await trio.to_thread.run_sync(environments, alice.pid)
+        assert len(environ) >= 2  # bwrap and the harness at least
+        for pid, block in environ.items():
+            assert b"HIVE_UI_TOKEN" not in block, pid
+            assert own.encode() not in block and dashboard.encode() not in block, pid
 
         # The container's token opens alice's UI; the dashboard's and bob's do not.
         with trio.fail_after(10):
@@ -390,8 +473,12 @@ async def test_a_real_agent_ui_takes_only_its_own_token(hive_root: Path) -> None
                     assert resp.status == 401, wrong
                 async with open_http(alice.port, "/events/history", headers=wrong) as resp:
                     assert resp.status == 401, wrong
-            async with open_http(alice.port, f"/events/stream?token={dashboard}") as resp:
+            # Her token opens nothing from a URL; a ticket taken with it opens her stream.
+            async with open_http(alice.port, f"/events/stream?token={own}") as resp:
                 assert resp.status == 401
+            ticket = await take_ticket(alice.port, own, "/events/stream")
+            async with open_http(alice.port, f"/events/stream?ticket={ticket}") as resp:
+                assert resp.status == 200
             async with open_http(alice.port, "/") as resp:
                 assert resp.status == 200
                 assert own not in (await resp.read_body()).decode()

@@ -194,10 +194,10 @@ def test_bearer_token(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
 
 
-def test_a_guard_without_a_login_token_lets_nobody_in() -> None:
+async def test_a_guard_without_a_login_token_lets_nobody_in() -> None:
     guard = Guard.create(login_token="")
-    assert not guard.logged_in("") and not guard.logged_in(None)
-    assert Guard.create(login_token="t").logged_in("t")
+    assert not await guard.logged_in("") and not await guard.logged_in(None)
+    assert await Guard.create(login_token="t").logged_in("t")
     assert "secret-ish" not in repr(Guard.create(login_token="secret-ish"))
 
 

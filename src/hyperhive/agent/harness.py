@@ -13,6 +13,7 @@ from hyperhive.agent.bus import LiveBus, Note, TurnEnd, TurnStart, open_history
 from hyperhive.agent.claude import CLAUDE_DEFAULTS, TurnResult, run_turn
 from hyperhive.agent.login import LOGIN_ARGS, LoginSession
 from hyperhive.agent.settings import HarnessSettings, write_claude_files
+from hyperhive.agent.ui_login import UiLogin
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, open_client
 from hyperhive.protocol.errors import ConnectionLost
@@ -258,18 +259,19 @@ async def _serve_ui(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The web UI is a window on the harness; if it cannot bind, turns go on without it."""
-    if not settings.ui_token:
-        # Without its login token nobody could use the UI: better not to serve it at all.
-        await bus.emit(Note(text="web UI not started: no HIVE_UI_TOKEN", level="error"))
-        task_status.started()
-        return
+    """The web UI is a window on the harness; if it cannot bind, turns go on without it.
+
+    Its login token comes from the daemon over the agent socket (never the environment), and
+    is renewed whenever the daemon comes back: see `UiLogin`.
+    """
     up = False
     try:
         from hyperhive.web.agent_ui import serve_agent_ui
 
         dashboard = f"http://{settings.bind}:{settings.dashboard_port}/"
+        login = UiLogin(settings.socket)
         async with trio.open_nursery() as nursery:
+            await nursery.start(login.serve)
             await nursery.start(
                 partial(
                     serve_agent_ui,
@@ -278,7 +280,7 @@ async def _serve_ui(
                     bus=bus,
                     socket_path=settings.socket,
                     controls=controls,
-                    login_token=settings.ui_token,
+                    login_token=login,
                     dashboard_url=dashboard if settings.dashboard_port > 0 else None,
                     bind=settings.bind,
                     port=settings.port,

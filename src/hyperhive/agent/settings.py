@@ -41,8 +41,6 @@ class HarnessSettings:
     port: int = 0
     bind: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()
-    ui_token: str = field(default="", repr=False)
-    """The web UI's login token (`HIVE_UI_TOKEN`); kept out of `env`, so claude never gets it."""
     dashboard_port: int = 7000
     model: str = "haiku"
     operator_pronouns: str = "she/her"
@@ -61,7 +59,6 @@ class HarnessSettings:
     @classmethod
     def from_env(cls, role: str, env: dict[str, str] | None = None) -> HarnessSettings:
         env = dict(os.environ if env is None else env)
-        ui_token = env.pop("HIVE_UI_TOKEN", "")
         return cls(
             label=env.get("HIVE_LABEL", "hm1nd" if role == "manager" else "agent"),
             role=role,
@@ -77,7 +74,6 @@ class HarnessSettings:
             allowed_hosts=tuple(
                 h.strip() for h in env.get("HIVE_ALLOWED_HOSTS", "").split(",") if h.strip()
             ),
-            ui_token=ui_token,
             dashboard_port=int(env.get("HIVE_DASHBOARD_PORT", "7000")),
             model=env.get("HIVE_MODEL", "haiku"),
             operator_pronouns=env.get("HIVE_OPERATOR_PRONOUNS", "she/her"),

@@ -43,6 +43,7 @@ class AgentHandler:
         reminders: Reminders,
         *,
         applied_config: AppliedConfig,
+        ui_token: str,
     ) -> None:
         self.rec = rec
         self.broker = broker
@@ -50,6 +51,8 @@ class AgentHandler:
         self.questions = questions
         self.reminders = reminders
         self.applied_config = applied_config
+        # This agent's web UI token: its harness asks for it here, never in its environment.
+        self.ui_token = ui_token
 
     @property
     def principal(self) -> str:
@@ -135,6 +138,8 @@ class AgentHandler:
                     self.principal, text, delay_seconds=delay, at_unix_timestamp=at, file_path=path
                 )
                 return wire.ReminderQueued(id=rid, due_at=due)
+            case wire.FetchUiToken():
+                return wire.UiToken(token=self.ui_token)
         raise BadParams(f"unsupported request {type(request).__name__}")
 
 
@@ -155,8 +160,17 @@ class ManagerHandler(AgentHandler):
         host: HostHandler,
         *,
         applied_config: AppliedConfig,
+        ui_token: str,
     ) -> None:
-        super().__init__(rec, broker, registry, questions, reminders, applied_config=applied_config)
+        super().__init__(
+            rec,
+            broker,
+            registry,
+            questions,
+            reminders,
+            applied_config=applied_config,
+            ui_token=ui_token,
+        )
         self.host = host
 
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:

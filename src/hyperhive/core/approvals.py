@@ -36,7 +36,14 @@ from hyperhive.core.store import Store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import agent_config, wire
 from hyperhive.protocol.agent_config import AGENT_TOML
-from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, HiveError, NotFound
+from hyperhive.protocol.errors import (
+    BadParams,
+    Conflict,
+    Forbidden,
+    HiveError,
+    NotFound,
+    StorageFull,
+)
 from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name, check_new_agent_name
 
 log = logging.getLogger(__name__)
@@ -56,7 +63,10 @@ class SpawnHooks(Protocol):
         ...
 
     async def finish_spawn(self, rec: AgentRecord, revived: bool) -> None:
-        """Create and start the container, then greet the agent; may take minutes."""
+        """Create and start the container, then greet the agent; may take minutes.
+
+        Either half raises `StorageFull` having undone the spawn itself (see `HostHandler`).
+        """
         ...
 
 
@@ -181,7 +191,7 @@ class Approvals:
         if not SHA.fullmatch(ref):
             raise BadParams(f"commit_ref {commit_ref[:60]!r} is not a 7-40 digit hex sha")
         await self.gitops.seed(rec.name)
-        sha = await self.gitops.resolve(self.gitops.proposed(rec.name), ref)
+        sha = await self.gitops.resolve_proposed(rec.name, ref)
         if sha is None:
             raise NotFound(f"no commit {ref} in {rec.name}'s proposed repo")
         async with self._lock:
@@ -302,6 +312,9 @@ class Approvals:
             await self.supervisor.launch(rec)
 
     async def _spawn(self, row: Approval, hooks: SpawnHooks) -> None:
+        # `spawning` is stored first: if even that does not fit on the disk, nothing was made
+        # and the approval stays pending (`recover` resolves a spawning row without an agent).
+        await self._set(row, "spawning")
         try:
             rec, revived = await hooks.begin_spawn(row.agent)
         except Exception as exc:  # the approval must resolve, whatever broke
@@ -309,7 +322,6 @@ class Approvals:
             note = exc.message if isinstance(exc, HiveError) else f"{type(exc).__name__}: {exc}"
             await self._spawned(row, None, note)
             return
-        await self._set(row, "spawning")
         self.supervisor.nursery.start_soon(self._finish_spawn, row, rec, revived, hooks)
 
     async def _finish_spawn(
@@ -322,8 +334,14 @@ class Approvals:
             note = exc.message if isinstance(exc, HiveError) else f"{type(exc).__name__}: {exc}"
             log.error("spawn of %s failed: %s", rec.name, note)
             with trio.CancelScope(shield=True):
-                await self._tombstone(rec, note)
-                await self._spawned(row, rec, note)
+                if not isinstance(exc, StorageFull):  # that one was undone already
+                    await self._tombstone(rec, note)
+                try:
+                    await self._spawned(row, rec, note)
+                except StorageFull as full:
+                    # A background task must not end the daemon: the row stays `spawning`
+                    # and the next start's `recover` resolves it.
+                    log.error("approval #%d could not be resolved: %s", row.id, full.message)
             return
         await self._spawned(row, rec, "")
 

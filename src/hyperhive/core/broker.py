@@ -24,7 +24,7 @@ from hyperhive.core import messages as m
 from hyperhive.core.faults import Faults
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
-from hyperhive.protocol.errors import BadParams, Internal, NotFound
+from hyperhive.protocol.errors import BadParams, HiveError, Internal, NotFound, StorageFull
 from hyperhive.protocol.names import BROADCAST, MANAGER, OPERATOR, SYSTEM
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,15 @@ def _leased_event(msg: wire.Message, seq: int) -> wire.HiveEvent:
 
 
 # ----------------------------------------------------------------------------- broker
+
+
+def _failure(what: str, error: BaseException) -> HiveError:
+    """What a caller whose operation failed is told: a full disk as itself (each caller gets its
+    own exception object: one batch's failure is raised in many tasks), the rest as internal."""
+    if isinstance(error, StorageFull):
+        return StorageFull(error.message)
+    return Internal(f"{what}: {error}")
+
 
 Resolver = Callable[[str, str], list[str]]
 """(to, sender) -> the inboxes a message goes to; raises NotFound for an unknown recipient."""
@@ -203,7 +212,7 @@ class Broker:
             # failed (or a lease left dangling) because its caller went away mid-commit.
             await pending.done.wait()
         if pending.error is not None:
-            raise Internal(f"the broker could not store that: {pending.error}")
+            raise _failure("the broker could not store that", pending.error)
         return pending
 
     def _plan(self, batch: list[_Pending]) -> list[m.Op]:
@@ -393,7 +402,7 @@ class Broker:
                 with trio.CancelScope(shield=True):
                     await reader.done.wait()
             if reader.error is not None:
-                raise Internal(f"the broker could not read the inbox: {reader.error}")
+                raise _failure("the broker could not read the inbox", reader.error)
             return reader.message
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
@@ -475,7 +484,7 @@ class Broker:
                     log.debug("checkpoint blocked by a reader: %d/%d pages", moved, wal)
                 if report is not None:
                     await report.send(f"checkpoint {busy}")
-            except (Internal, sqlite3.Error) as exc:
+            except (HiveError, sqlite3.Error) as exc:
                 log.error("broker maintenance failed: %s", exc)
 
     async def _report_dead(self, dead: list[wire.Message]) -> None:
@@ -499,8 +508,8 @@ class Broker:
                 await self.send(SYSTEM, OPERATOR, note, origin=SYSTEM)
                 if msg.to != MANAGER:
                     await self.send(SYSTEM, MANAGER, event, origin=SYSTEM)
-            except (Internal, NotFound) as exc:
-                log.error("could not report dead letter #%d: %s", msg.id, exc)
+            except HiveError as exc:
+                log.error("could not report dead letter #%d: %s", msg.id, exc.message)
 
     # ------------------------------------------------------------------ reads
 

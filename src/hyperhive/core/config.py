@@ -58,6 +58,8 @@ class DaemonConfig:
     login_check_interval: float = 10.0
     """Seconds between checks of the sub-agents' credentials (needs_login / logged_in events);
     a new agent is checked at once."""
+    agent_uid_base: int = 300000
+    """First uid of the hive's range on bwrap/nspawn: the manager's; agents get + 100-999."""
     line_timeout: float = 10.0
     """Seconds a client has to complete a line it started, to send its first one, and to take
     a reply it asked for (one knob for "too slow": `busy`, connection closed)."""
@@ -85,6 +87,11 @@ class DaemonConfig:
         if name == MANAGER_NAME:
             return self.run_dir / "manager"
         return self.run_dir / "agents" / check_name(name)
+
+    @property
+    def proposed_dir(self) -> Path:
+        """The proposed config repos, `<name>/config` each: the manager's `/agents` (rw)."""
+        return self.state_dir / "proposed"
 
     def agent_root(self, name: str) -> Path:
         return self.state_dir / "agents" / check_name(name)

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -61,9 +62,14 @@ class DaemonInfo:
 
     host_socket: str
     dashboard_port: int | None
+    """The port the dashboard serves on; None when there is none, and also while its port is
+    held by another process: the daemon is ready without it and keeps trying (`dashboard`)."""
     model_url: str | None
     login_url: str | None = field(default=None, repr=False)
-    """The dashboard's login URL (it carries the token: print it only to the operator)."""
+    """The dashboard's login URL (it carries the token: print it only to the operator); None
+    while the dashboard waits for its port (`hive-c0re url` has it once it serves)."""
+    dashboard: wire.ListenerStatus | None = None
+    """The dashboard's port as the daemon became ready (what `list` reports, kept current)."""
 
 
 BACKENDS = ("bwrap", "nspawn", "nixos")
@@ -188,6 +194,10 @@ async def run(
         )
         agent_limits = replace(host_limits, max_connections=AGENT_MAX_CONNECTIONS)
 
+        # A secret per start, never kept: a crash logs every browser out, and adopted harnesses
+        # fetch their new UI token over their socket. (An older daemon kept `login.secret`.)
+        login_tokens = LoginTokens.generate()
+        await trio.to_thread.run_sync(remove_login_files, cfg.run_dir / "login.secret")
         # Filled in once the host handler exists; no agent socket is opened before that.
         hosts: list[HostHandler] = []
 
@@ -203,6 +213,7 @@ async def run(
                     reminders,
                     hosts[0],
                     applied_config=supervisor.applied_config,
+                    ui_token=login_tokens.agent(rec.name),
                 )
             else:
                 handler = AgentHandler(
@@ -212,6 +223,7 @@ async def run(
                     questions,
                     reminders,
                     applied_config=supervisor.applied_config,
+                    ui_token=login_tokens.agent(rec.name),
                 )
                 decoder = AGENT_DECODER
             return SocketServer(
@@ -222,10 +234,6 @@ async def run(
                 name=f"{rec.name} agent",
             )
 
-        # One secret per boot (kept across a crash for adopted containers, see tokens.py).
-        secret_path = cfg.run_dir / "login.secret"
-        login_tokens = await trio.to_thread.run_sync(LoginTokens.load_or_generate, secret_path)
-        nursery.start_soon(_forget_on_clean_exit, secret_path)
         supervisor = Supervisor(
             cfg, registry, broker, backend, socket_factory, login_tokens=login_tokens
         )
@@ -237,7 +245,10 @@ async def run(
             log.info("returned %d in-flight messages to their queues", released)
         if adopted:
             log.info("adopting running containers of %s", ", ".join(adopted))
-        gitops = GitOps(Runner(), cfg.state_dir)
+        manager_uid = (
+            cfg.agent_uid_base if getattr(backend, "agent_uids", False) else None
+        )  # the manager's port is the UI base: its uid is the range's first
+        gitops = GitOps(Runner(), cfg.state_dir, proposed_uid=manager_uid)
         render = None
         if backend.name != "nixos":  # the nixos backend writes the meta flake itself
             render = flake_renderer(
@@ -286,9 +297,38 @@ async def run(
         await nursery.start(host_server.serve)
         if cfg.start_manager:
             await host.ensure_manager()
+        # Up to here a failure ends the daemon before any container is watched, so containers
+        # that outlived the previous daemon keep running for the next one to adopt. From here
+        # on, what fails is reported and retried: adopted containers are never stopped
+        # because the daemon could not have something else (only a clean stop stops them).
+        dashboard_port: int | None = None
+        dashboard_login: str | None = None
+        if cfg.dashboard_port >= 0:
+
+            def dashboard_changed(status: wire.ListenerStatus) -> None:
+                host.dashboard = status
+
+            dashboard_port = await nursery.start(
+                partial(_serve_dashboard, cfg, login_tokens, admin_gid, dashboard_changed)
+            )
+            if dashboard_port is not None:
+                dashboard_login = login_url(cfg.bind, dashboard_port, login_tokens.dashboard)
+        if host.forge is not None:
+            # Every agent's Forgejo user and token, then the forge's health for `list`.
+            forge_serve = partial(
+                host.forge.serve, lambda: [r.name for r in registry.all() if r.alive]
+            )
+            await nursery.start(_keep_serving, "the forge", forge_serve)
         for rec in registry.all():
             if rec.alive:
-                await supervisor.open_socket(rec)
+                try:
+                    await supervisor.open_socket(rec)
+                except Exception as exc:
+                    # E.g. its socket dir is its container's /run/hive, the agent's to mess up:
+                    # one agent that cannot start must not cost the others their containers.
+                    log.error("%s: cannot open its socket: %s; not started", rec.name, exc)
+                    registry.set_state(rec, rec.state, last_error=f"socket: {exc}")
+                    continue
                 if rec.desired == "running":
                     await supervisor.launch(rec)
         # auto-update: adopted containers from before an upgrade are rebuilt, one at a time.
@@ -298,57 +338,112 @@ async def run(
             if r.recipient in adopted and r.built_rev != registry.revision
         ]
         if stale:
-            nursery.start_soon(supervisor.update_stale, stale)
+            nursery.start_soon(_logged, "auto-update", supervisor.update_stale, stale)
         for name in rolled_back:
             back = registry.find(name)
             if back is not None and back.alive and back.recipient in adopted:
                 # Adopted containers may run the config that was rolled back.
-                nursery.start_soon(supervisor.rebuild, back)
-        dashboard_port: int | None = None
-        dashboard_login: str | None = None
-        if cfg.dashboard_port >= 0:
-            from hyperhive.web.dashboard import serve_dashboard
+                nursery.start_soon(_logged, f"rebuild of {name}", supervisor.rebuild, back)
+        sd_notify("READY=1")
+        log.info("hive-c0re ready: host socket %s, dashboard %s", cfg.host_socket, dashboard_port)
+        task_status.started(
+            DaemonInfo(
+                str(cfg.host_socket), dashboard_port, model_url, dashboard_login, host.dashboard
+            )
+        )
 
-            dashboard_port = await nursery.start(
+
+RETRY_INITIAL = 1.0
+RETRY_MAX = 60.0
+"""How the dashboard's port and the forge are retried: 1 s, doubling, at most a minute."""
+
+
+async def _serve_dashboard(
+    cfg: DaemonConfig,
+    login_tokens: LoginTokens,
+    admin_gid: int | None,
+    on_state: Callable[[wire.ListenerStatus], None],
+    *,
+    task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The dashboard on its port, waited for while held; started(port), or None if waiting."""
+    from hyperhive.web.dashboard import serve_dashboard
+    from hyperhive.web.serving import Backoff, serve_with_retry
+
+    token = login_tokens.dashboard
+
+    async def serve_on(sock: socket.socket, *, task_status: trio.TaskStatus[int]) -> None:
+        async with trio.open_nursery() as nursery:
+            port: int = await nursery.start(
                 partial(
                     serve_dashboard,
                     host_socket=str(cfg.host_socket),
                     bind=cfg.bind,
                     port=cfg.dashboard_port,
                     allowed_hosts=cfg.allowed_hosts,
-                    login_token=login_tokens.dashboard,
+                    login_token=token,
                     agent_token=login_tokens.agent,
+                    sock=sock,
                 )
             )
-            dashboard_login = login_url(cfg.bind, dashboard_port, login_tokens.dashboard)
+            # The login files appear once the URL in them leads to the dashboard.
+            url = login_url(cfg.bind, port, token)
             await nursery.start(
                 partial(
                     serve_login_files,
                     cfg.dashboard_token_path,
                     cfg.dashboard_url_path,
-                    login_tokens.dashboard,
-                    dashboard_login,
+                    token,
+                    url,
                     group=admin_gid,
                 )
             )
-        if host.forge is not None:
-            # Every agent's Forgejo user and token, then the forge's health for `list`.
-            await nursery.start(
-                host.forge.serve, lambda: [r.name for r in registry.all() if r.alive]
-            )
-        sd_notify("READY=1")
-        log.info("hive-c0re ready: host socket %s, dashboard %s", cfg.host_socket, dashboard_port)
-        task_status.started(
-            DaemonInfo(str(cfg.host_socket), dashboard_port, model_url, dashboard_login)
-        )
+            task_status.started(port)
+
+    await serve_with_retry(
+        serve_on,
+        bind=cfg.bind,
+        port=cfg.dashboard_port,
+        name="dashboard",
+        on_state=on_state,
+        backoff=Backoff(RETRY_INITIAL, RETRY_MAX),
+        task_status=task_status,
+    )
 
 
-async def _forget_on_clean_exit(path: Path) -> None:
+async def _keep_serving(
+    what: str,
+    serve: Callable[..., Awaitable[object]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A service the hive can do without: started once its first attempt is over, whatever
+    its outcome; when it fails it is logged and started again after a backoff."""
+    delay = RETRY_INITIAL
+    ready = False
+    while True:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve)
+                if not ready:
+                    ready = True
+                    task_status.started()
+            return
+        except Exception as exc:
+            log.error("%s failed: %s; starting it again in %gs", what, exc, delay, exc_info=exc)
+        if not ready:
+            ready = True
+            task_status.started()
+        await trio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX)
+
+
+async def _logged(what: str, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    """A background step whose failure is logged, not the daemon's end."""
     try:
-        await trio.sleep_forever()
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(remove_login_files, path)
+        await fn(*args)
+    except Exception as exc:
+        log.error("%s failed: %s", what, exc, exc_info=exc)
 
 
 async def serve_until_signalled(cfg: DaemonConfig) -> None:
@@ -365,6 +460,13 @@ async def serve_until_signalled(cfg: DaemonConfig) -> None:
                 else:
                     address = info.login_url.partition("#")[0]
                     print(f"hive-c0re: dashboard {address} (log in: hive-c0re url)", flush=True)
+            elif info.dashboard is not None:
+                # Held by another process: the hive runs without it until the port is free.
+                print(
+                    f"hive-c0re: dashboard waiting for port {info.dashboard.port}"
+                    f" ({info.dashboard.error}); retrying with backoff, see `hive-c0re list`",
+                    flush=True,
+                )
             async for signum in signals:
                 log.info("received %s; stopping", signal.Signals(signum).name)
                 sd_notify("STOPPING=1")

@@ -2,18 +2,30 @@
 
 Every git command goes through the `Runner`, with the daemon's identity and default branch passed
 on the command line: nothing depends on the host's global git config.
+
+A proposed repo is the manager's: it may hold any config, hook, symlink or `.git` file. The daemon
+never runs git *in* it (git reads a repo's own config, and some of it runs commands); it only
+fetches *from* it, and git's upload-pack is made to serve untrusted repositories. That upload-pack
+runs as the manager's uid, so whatever the repo points at, it reads no more than the manager can.
+A new proposed repo is built in a private staging dir and moved into place relative to directory
+descriptors, never through a path the manager could have swapped for a symlink.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
+import shutil
 from pathlib import Path
 
 import trio
 
+from hyperhive.core.containers import rootfs
 from hyperhive.core.containers.nixgen import AGENT_FLAKE_NIX, DEFAULT_AGENT_NIX
 from hyperhive.core.runner import Completed, Runner
 from hyperhive.protocol.agent_config import AGENT_TOML, DEFAULT_TOML
+from hyperhive.protocol.errors import Conflict
 
 AGENT_NIX = "agent.nix"
 FLAKE_NIX = "flake.nix"
@@ -39,18 +51,73 @@ def _initial_content(applied: Path) -> dict[str, str]:
     return files
 
 
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, "utf-8")
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+PROPOSED_REFS = "refs/hive/proposed"
+"""Where a proposed repo's branches land in the applied repo while a sha is looked up."""
+
+
+def _place(staged: Path, proposed_dir: Path, name: str, uid: int | None) -> bool:
+    """Move the staged repo to `proposed_dir/name/config`, through directory descriptors.
+    False if a repo (or anything) is there already: the manager's, kept as it is. Blocking."""
+    if uid is not None:
+        rootfs.own_tree(staged, uid)
+    top = os.open(proposed_dir, _DIR_FLAGS)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=top)
+        try:
+            agent = os.open(name, _DIR_FLAGS, dir_fd=top)
+        except OSError as exc:
+            raise Conflict(
+                f"{proposed_dir / name} is not a directory (a symlink or file was planted there)"
+            ) from exc
+        try:
+            if uid is not None:
+                os.fchown(agent, uid, uid)
+            try:
+                os.stat("config", dir_fd=agent, follow_symlinks=False)
+                return False
+            except FileNotFoundError:
+                pass
+            os.rename(staged, "config", dst_dir_fd=agent)
+            return True
+        finally:
+            os.close(agent)
+    finally:
+        os.close(top)
+
+
 class GitOps:
-    def __init__(self, runner: Runner, state_dir: Path) -> None:
+    def __init__(self, runner: Runner, state_dir: Path, *, proposed_uid: int | None = None) -> None:
         self.runner = runner
         self.state_dir = state_dir
+        self.proposed_uid = proposed_uid
+        """The manager's uid: owner of the proposed repos, and who reads them for the daemon."""
+
+    @property
+    def proposed_dir(self) -> Path:
+        return self.state_dir / "proposed"
 
     def proposed(self, name: str) -> Path:
-        return self.state_dir / "agents" / name / "config"
+        return self.proposed_dir / name / "config"
+
+    def _upload_pack(self) -> str:
+        """The upload-pack that serves a proposed repo: any commit may be asked for (a proposal
+        names a sha), and it runs as the manager's uid when there is one."""
+        pack = "git -c uploadpack.allowAnySHA1InWant=true upload-pack"
+        if self.proposed_uid is None:
+            return pack
+        uid = self.proposed_uid
+        return f"setpriv --reuid={uid} --regid={uid} --clear-groups {pack}"
 
     def applied(self, name: str) -> Path:
         return self.state_dir / "applied" / name
@@ -97,23 +164,96 @@ class GitOps:
         flake.nix); the applied repo fetches it as `main` and tags it `deployed/0`, so every
         proposal descends from it.
         """
-        proposed, applied = self.proposed(name), self.applied(name)
+        await trio.to_thread.run_sync(self._migrate, name)
+        applied = self.applied(name)
         if not await self.is_repo(applied):
-            if not await self.is_repo(proposed):
-                await self._init_fresh(
-                    proposed, await trio.to_thread.run_sync(_initial_content, applied)
-                )
-            await self._init_from(applied, proposed)
+            # A new agent's config starts from the templates, never from whatever the manager
+            # may have put at its proposed path beforehand.
+            staged = await self._stage()
+            try:
+                files = await trio.to_thread.run_sync(_initial_content, applied)
+                await self._init_fresh(staged, files)
+                await self._init_from(applied, staged)
+            finally:
+                await trio.to_thread.run_sync(_rmtree, staged)
         if not await self.has_ref(applied, "refs/tags/deployed/0"):
             await self.git(applied, "tag", "deployed/0", BRANCH)
-        if not await self.is_repo(proposed):
-            await self._init_from(proposed, applied)
-        remotes = (await self.out(proposed, "remote")).split()
-        url = f"{CONTAINER_APPLIED}/{name}"
-        if APPLIED_REMOTE in remotes:
-            await self.git(proposed, "remote", "set-url", APPLIED_REMOTE, url)
+        if not await trio.to_thread.run_sync(self._has_proposed, name):
+            staged = await self._stage()
+            try:
+                await self._init_from(staged, applied)
+                url = f"{CONTAINER_APPLIED}/{name}"
+                await self.git(staged, "remote", "add", APPLIED_REMOTE, url)
+                await trio.to_thread.run_sync(
+                    _place, staged, self.proposed_dir, name, self.proposed_uid
+                )
+            finally:
+                await trio.to_thread.run_sync(_rmtree, staged)
+
+    def _has_proposed(self, name: str) -> bool:
+        """Whether anything is at the proposed repo's path (the manager's from then on)."""
+        self.proposed_dir.mkdir(mode=0o755, exist_ok=True)
+        return os.path.lexists(self.proposed(name))
+
+    def _migrate(self, name: str) -> None:
+        """A hive from before the proposed/ layout kept the repo in the agent's state root."""
+        old = self.state_dir / "agents" / name / "config"
+        if (
+            os.path.isdir(old)
+            and not os.path.islink(old)
+            and not os.path.lexists(self.proposed(name))
+        ):
+            self.proposed_dir.mkdir(mode=0o755, exist_ok=True)
+            (self.proposed_dir / name).mkdir(mode=0o755, exist_ok=True)
+            os.rename(old, self.proposed(name))
+            if self.proposed_uid is not None:
+                rootfs.own_tree(self.proposed_dir / name, self.proposed_uid)
+
+    async def _stage(self) -> Path:
+        staging = self.state_dir / "staging"
+        path = staging / secrets.token_hex(8)
+
+        def make() -> None:
+            staging.mkdir(mode=0o700, exist_ok=True)
+            path.mkdir(mode=0o755)
+
+        await trio.to_thread.run_sync(make)
+        return path
+
+    async def resolve_proposed(self, name: str, ref: str) -> str | None:
+        """The full sha of commit `ref` (7-40 hex digits) of the agent's proposed repo, looked
+        up by fetching from it into the applied repo (never by running git inside it)."""
+        applied = self.applied(name)
+        if not await trio.to_thread.run_sync(os.path.lexists, self.proposed(name)):
+            return None
+        source = str(self.proposed(name))
+        pack = f"--upload-pack={self._upload_pack()}"
+        if len(ref) == 40:
+            done = await self.git(
+                applied, "fetch", "--quiet", "--no-tags", pack, source, ref, check=False
+            )
         else:
-            await self.git(proposed, "remote", "add", APPLIED_REMOTE, url)
+            spec = f"+refs/heads/*:{PROPOSED_REFS}/*"
+            done = await self.git(
+                applied, "fetch", "--quiet", "--no-tags", pack, source, spec, check=False
+            )
+        if done.returncode != 0:
+            return None
+        sha = await self.resolve(applied, ref)
+        if sha is not None and len(ref) < 40:
+            # Only a commit that is on one of the proposed repo's branches counts.
+            on_branch = await self.git(
+                applied,
+                "for-each-ref",
+                "--contains",
+                sha,
+                "--format=%(refname)",
+                PROPOSED_REFS,
+                check=False,
+            )
+            if not on_branch.stdout.strip():
+                sha = None
+        return sha
 
     async def _init_fresh(self, repo: Path, files: dict[str, str]) -> None:
         for name, text in files.items():
@@ -140,13 +280,12 @@ class GitOps:
 
     async def pin(self, name: str, sha: str) -> None:
         """Copy one commit's objects from the proposed repo into the applied repo."""
-        upload = "git -c uploadpack.allowAnySHA1InWant=true upload-pack"
         await self.git(
             self.applied(name),
             "fetch",
             "--quiet",
             "--no-tags",
-            f"--upload-pack={upload}",
+            f"--upload-pack={self._upload_pack()}",
             str(self.proposed(name)),
             sha,
         )

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -16,6 +23,7 @@ from hyperhive.core.forge import Forge
 from hyperhive.core.logins import needs_login
 from hyperhive.core.questions import Questions
 from hyperhive.core.server import EventStream, Peer
+from hyperhive.core.storage import storage_full
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import encode_line
@@ -29,6 +37,17 @@ from hyperhive.protocol.names import (
     check_name,
     check_new_agent_name,
 )
+
+log = logging.getLogger(__name__)
+
+
+def _remove(repo: Path) -> None:
+    """Remove a config repo and its agent's directory around it, if that is left empty.
+    `rmtree` neither follows nor removes a symlink planted in its place."""
+    if os.path.lexists(repo) and not os.path.islink(repo):
+        shutil.rmtree(repo)
+    with contextlib.suppress(OSError):
+        repo.parent.rmdir()
 
 
 class HostHandler:
@@ -51,6 +70,8 @@ class HostHandler:
         self.hub = hub
         self.forge: Forge | None = None
         """The hive-forge, when the daemon runs with one (provisioning and health)."""
+        self.dashboard: wire.ListenerStatus | None = None
+        """The dashboard's port, as its server reports it (None without a dashboard)."""
 
     async def agent_infos(self) -> list[wire.AgentInfo]:
         recs = self.registry.all()
@@ -82,21 +103,79 @@ class HostHandler:
     async def begin_spawn(self, name: str) -> tuple[AgentRecord, bool]:
         check_new_agent_name(name)
         revived = self.registry.find(name) is not None
-        # The proposed and applied config repos (kept as they are when reviving).
-        await self.approvals.gitops.seed(name)
-        rec = await self.registry.add(name, "agent")
+        async with self._undone_if_full(name, revived):
+            # The proposed and applied config repos (kept as they are when reviving).
+            await self.approvals.gitops.seed(name)
+            rec = await self.registry.add(name, "agent")
         self.registry.set_state(rec, "spawning")
         return rec, revived
 
     async def finish_spawn(self, rec: AgentRecord, revived: bool) -> None:
-        await self.supervisor.open_socket(rec)
-        await self.supervisor.create(rec)
-        await self.approvals.record_spawn(rec, revived)
-        if self.forge is not None:
-            # Its Forgejo user and /state/forge-token (best-effort: failures only warn).
-            await self.forge.ensure_user_for(rec.name)
-        await self.supervisor.launch(rec)
-        await self.kick(rec, "Revived from kept state." if revived else "Spawned.")
+        async with self._undone_if_full(rec.name, revived):
+            await self.supervisor.open_socket(rec)
+            await self.supervisor.create(rec)
+            await self.approvals.record_spawn(rec, revived)
+            if self.forge is not None:
+                # Its Forgejo user and /state/forge-token (best-effort: failures only warn).
+                await self.forge.ensure_user_for(rec.name)
+            await self.supervisor.launch(rec)
+            await self.kick(rec, "Revived from kept state." if revived else "Spawned.")
+
+    @asynccontextmanager
+    async def _undone_if_full(self, name: str, revived: bool) -> AsyncIterator[None]:
+        """A spawn step that runs out of disk undoes the spawn and raises `StorageFull`.
+
+        A new agent leaves nothing behind (no directory, no registry row, no meta repo entry);
+        a revived one keeps its state and is a tombstone again, as before the spawn.
+        """
+        try:
+            yield
+        except Exception as exc:
+            full = storage_full(exc)
+            if full is None:
+                raise
+            log.error("spawn of %s ran out of disk; undoing it: %s", name, exc)
+            with trio.CancelScope(shield=True):
+                await self._undo_spawn(name, revived, full.message)
+            raise full from exc
+
+    async def _undo_spawn(self, name: str, revived: bool, note: str) -> None:
+        """Each step on its own: one that fails (still no space) must not stop the others.
+        Deleting comes first, so that what follows has the space it frees."""
+        rec = self.registry.find(name)
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        if rec is not None:
+            steps.append(("stop", partial(self.supervisor.stop, rec)))
+        steps.append(("close socket", partial(self.supervisor.close_socket, name)))
+        if not revived:
+            if rec is not None:
+                steps.append(("destroy container", partial(self.supervisor.destroy, rec)))
+            proposed = self.approvals.gitops.proposed(name)
+            steps.append(("remove config", partial(trio.to_thread.run_sync, _remove, proposed)))
+            # The registry may not have it (its row was what did not fit): purge goes by name.
+            gone = rec or AgentRecord(name=name, role="agent", port=0, created_at=time.time())
+            steps.append(("remove state", partial(self.supervisor.purge, gone)))
+        steps.append(("leave meta repo", partial(self._leave_meta, name)))
+        if rec is not None and revived and rec.alive:
+            steps.append(("tombstone", partial(self._retombstone, rec, note)))
+        elif rec is not None:
+            steps.append(("forget", partial(self.registry.forget, name)))
+        for what, step in steps:
+            try:
+                await step()
+            except Exception as exc:
+                log.error("undoing the spawn of %s: %s failed: %s", name, what, exc)
+
+    async def _leave_meta(self, name: str) -> None:
+        meta = self.approvals.meta
+        if name in await meta.pins() or name in await meta.pins(committed=False):
+            await meta.record(f"destroy {name}", name, None)
+
+    async def _retombstone(self, rec: AgentRecord, note: str) -> None:
+        rec.desired = "stopped"
+        rec.destroyed_at = time.time()
+        self.registry.set_state(rec, "destroyed", last_error=note)
+        await self.registry.save(rec)
 
     async def kill(self, name: str) -> wire.AgentInfo:
         rec = self.registry.live(check_name(name))
@@ -149,7 +228,9 @@ class HostHandler:
         match request:
             case wire.ListAgents():
                 forge = self.forge.last if self.forge is not None else None
-                return wire.AgentList(agents=await self.agent_infos(), forge=forge)
+                return wire.AgentList(
+                    agents=await self.agent_infos(), forge=forge, dashboard=self.dashboard
+                )
             case wire.Spawn(name=name):
                 rec = await self.spawn(name)
                 return wire.AgentReply(agent=self.registry.info(rec))

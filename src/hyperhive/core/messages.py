@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hyperhive.core.storage import storage_full
+from hyperhive.core.store import transaction
 from hyperhive.protocol import wire
 from hyperhive.protocol.names import OPERATOR
 
@@ -123,8 +125,7 @@ def execute(conn: sqlite3.Connection, ops: list[Op]) -> None:
     Each op records its own result. Raises, having rolled back, on failure.
     """
     now = time.time()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for op in ops:
             # Each op in its own savepoint: one that fails is rolled back and reported alone,
             # never taking the rest of the batch (other clients' sends) with it.
@@ -132,13 +133,12 @@ def execute(conn: sqlite3.Connection, ops: list[Op]) -> None:
             try:
                 _step(conn, op, now)
             except sqlite3.Error as exc:
+                if storage_full(exc) is not None or not conn.in_transaction:
+                    # A full disk fails the whole batch (and may have rolled it back already).
+                    raise
                 conn.execute("ROLLBACK TO op")
                 op.failed = str(exc)
             conn.execute("RELEASE op")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _insert(conn: sqlite3.Connection, op: Insert, now: float) -> None:

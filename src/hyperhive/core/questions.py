@@ -8,6 +8,7 @@ asker its `question_answered` event.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sqlite3
@@ -20,9 +21,16 @@ import trio
 
 from hyperhive.core import events
 from hyperhive.core.broker import Broker, EventHub
-from hyperhive.core.store import Store
+from hyperhive.core.store import Store, transaction
 from hyperhive.protocol import wire
-from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, HiveError, NotFound
+from hyperhive.protocol.errors import (
+    BadParams,
+    Conflict,
+    Forbidden,
+    HiveError,
+    NotFound,
+    StorageFull,
+)
 from hyperhive.protocol.names import OPERATOR, SYSTEM
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,8 @@ MAX_ANSWER = 16 * 1024
 CANCELLED = "[cancelled]"
 EXPIRED = "[expired]"
 WATCHDOG = "ttl-watchdog"
+FULL_RETRY = 30.0
+"""Seconds before the watchdog tries again when the disk was full."""
 
 _COLUMNS = (
     "id, asker, target, question, options_json, multi, asked_at, deadline_at, answered_at,"
@@ -110,8 +120,7 @@ def _resolve(
     now: float,
 ) -> wire.QuestionInfo | None:
     """Resolve one question in one transaction; None when something else already did."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         row = conn.execute(f"SELECT {_COLUMNS} FROM questions WHERE id = ?", (qid,)).fetchone()
         if row is None:
             raise NotFound(f"no question #{qid}")
@@ -123,18 +132,13 @@ def _resolve(
             " WHERE id = ? AND answered_at IS NULL",
             (now, answer, answerer, qid),
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     if cur.rowcount == 0:
         return None
     return msgspec.structs.replace(info, answered_at=now, answer=answer, answerer=answerer)
 
 
 def _expire_due(conn: sqlite3.Connection, now: float) -> list[wire.QuestionInfo]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM questions WHERE answered_at IS NULL AND deadline_at <= ?"
             " ORDER BY id",
@@ -145,10 +149,6 @@ def _expire_due(conn: sqlite3.Connection, now: float) -> list[wire.QuestionInfo]
             " WHERE id = ? AND answered_at IS NULL",
             [(now, EXPIRED, WATCHDOG, r[0]) for r in rows],
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return [
         msgspec.structs.replace(_row(r), answered_at=now, answer=EXPIRED, answerer=WATCHDOG)
         for r in rows
@@ -161,6 +161,10 @@ def _unnotified(conn: sqlite3.Connection) -> list[wire.QuestionInfo]:
         " ORDER BY id"
     ).fetchall()
     return [_row(r) for r in rows]
+
+
+def _delete(conn: sqlite3.Connection, qid: int) -> None:
+    conn.execute("DELETE FROM questions WHERE id = ?", (qid,))
 
 
 def _mark_notified(conn: sqlite3.Connection, qid: int) -> None:
@@ -202,6 +206,8 @@ class Questions:
         self.clock = clock
         self._wake = trio.Event()
         self._next: float = math.inf
+        self._owed = False
+        """Some resolution's asker was not told yet (a full disk): the watchdog retries."""
 
     async def ask(
         self,
@@ -228,6 +234,18 @@ class Questions:
         ttl = MAX_TTL if ttl_seconds <= 0 else min(float(ttl_seconds), MAX_TTL)
         now = self.clock()
         qid = await self.store.run(_insert, asker, target, question, options, multi, now, now + ttl)
+        if target is not None:
+            event = events.QuestionAsked(
+                agent=asker, id=qid, question=question, options=options, multi=multi
+            )
+            try:
+                await self.broker.send(SYSTEM, target, events.encode(event), origin=SYSTEM)
+            except StorageFull:
+                # The asker is told it failed: the question must not linger half-asked (if
+                # even this cannot be written, its deadline resolves it).
+                with contextlib.suppress(StorageFull):
+                    await self.store.run(_delete, qid)
+                raise
         if now + ttl < self._next:
             self._wake.set()
         self._publish(
@@ -242,11 +260,6 @@ class Questions:
                 deadline_at=now + ttl,
             )
         )
-        if target is not None:
-            event = events.QuestionAsked(
-                agent=asker, id=qid, question=question, options=options, multi=multi
-            )
-            await self.broker.send(SYSTEM, target, events.encode(event), origin=SYSTEM)
         return qid
 
     async def pending(self) -> list[wire.QuestionInfo]:
@@ -269,8 +282,17 @@ class Questions:
         if info is None:
             raise Conflict(f"question #{qid} is already resolved")
         self._publish(info)
-        await self._notify(info)
+        try:
+            await self._notify(info)
+        except StorageFull as err:
+            # The answer is stored: telling the asker is owed, and retried by the watchdog.
+            log.error("question #%d: cannot tell %s yet: %s", info.id, info.asker, err.message)
+            self._owe()
         return info
+
+    def _owe(self) -> None:
+        self._owed = True
+        self._wake.set()
 
     def _publish(self, info: wire.QuestionInfo) -> None:
         if self.hub is not None:
@@ -287,6 +309,8 @@ class Questions:
         )
         try:
             await self.broker.send(SYSTEM, info.asker, events.encode(event), origin=SYSTEM)
+        except StorageFull:
+            raise  # not told: it stays owed (`notified` = 0)
         except HiveError as err:
             # The asker was destroyed meanwhile: nobody is left to tell.
             log.warning("question #%d: cannot tell %s: %s", info.id, info.asker, err.message)
@@ -308,14 +332,23 @@ class Questions:
         Its first pass runs before `started()`, so deadlines that passed while the daemon was
         down resolve at start, and resolutions whose event a crash lost are sent again.
         """
-        # Resolved but never told (the daemon died in between): tell the asker now.
-        for info in await self.store.run(_unnotified):
-            await self._notify(info)
+        # Resolved but never told (the daemon died in between, or the disk was full): tell the
+        # asker now.
+        self._owed = True
         started = False
         while True:
             self._wake = trio.Event()
-            await self.expire_due()
-            deadline = await self.store.run(_next_deadline)
+            try:
+                if self._owed:
+                    self._owed = False
+                    for info in await self.store.run(_unnotified):
+                        await self._notify(info)
+                await self.expire_due()
+                deadline = await self.store.run(_next_deadline)
+            except StorageFull as err:
+                log.error("questions: %s; trying again in %gs", err.message, FULL_RETRY)
+                self._owed = True
+                deadline = self.clock() + FULL_RETRY
             self._next = math.inf if deadline is None else deadline
             if not started:
                 task_status.started()

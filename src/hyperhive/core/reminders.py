@@ -20,8 +20,9 @@ import trio
 
 from hyperhive.core.broker import MAX_BODY, Broker
 from hyperhive.core.questions import check_text
-from hyperhive.core.store import Store
-from hyperhive.protocol.errors import BadParams, Conflict, HiveError
+from hyperhive.core.storage import storage_full
+from hyperhive.core.store import Store, transaction
+from hyperhive.protocol.errors import BadParams, Conflict, HiveError, StorageFull
 from hyperhive.protocol.names import REMINDER
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ MAX_PENDING = 50
 SPILL_BYTES = 4096
 """A longer message is written to a file in the agent's /state; the reminder points to it."""
 PREVIEW_CHARS = 200
+FULL_RETRY = 30.0
+"""Seconds before due reminders are tried again when the disk was full."""
 MAX_FILE_PATH = 1024
 
 StateDirs = Callable[[str], Path]
@@ -62,10 +65,13 @@ def _write_below(root: Path, rel: PurePosixPath, data: bytes) -> None:
     dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(root, dir_flags)
+    # What the daemon creates in the agent's /state is the agent's (its uid owns /state).
+    owner = os.fstat(fd)
     try:
         for part in rel.parts[:-1]:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(part, 0o700, dir_fd=fd)
+                os.chown(part, owner.st_uid, owner.st_gid, dir_fd=fd, follow_symlinks=False)
             try:
                 parent = os.open(part, dir_flags, dir_fd=fd)
             except OSError as exc:
@@ -85,6 +91,7 @@ def _write_below(root: Path, rel: PurePosixPath, data: bytes) -> None:
         try:
             with os.fdopen(out, "wb") as fh:
                 os.fchmod(fh.fileno(), 0o600)
+                os.fchown(fh.fileno(), owner.st_uid, owner.st_gid)
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -105,6 +112,9 @@ def _spill(state: Path, rel: PurePosixPath | None, text: str, now: float, rid: i
     try:
         _write_below(state, rel, data)
     except OSError as exc:
+        full = storage_full(exc)
+        if full is not None:
+            raise full from None
         raise BadParams(f"could not write /state/{rel}: {exc.strerror or exc}") from None
     more = "…" if len(text) > PREVIEW_CHARS else ""
     return (
@@ -122,8 +132,7 @@ def _insert(
     cap: int,
     spill: Callable[[int], str] | None,
 ) -> int:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         (pending,) = conn.execute(
             "SELECT COUNT(*) FROM reminders WHERE recipient = ? AND delivered_at IS NULL",
             (recipient,),
@@ -141,10 +150,6 @@ def _insert(
                 "UPDATE reminders SET message = ? WHERE id = ?",
                 (spill(cur.lastrowid), cur.lastrowid),
             )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return cur.lastrowid
 
 
@@ -182,6 +187,7 @@ class Reminders:
         self.max_pending = max_pending
         self._wake = trio.Event()
         self._next: float = math.inf
+        self._sent: set[int] = set()
 
     async def schedule(
         self,
@@ -213,15 +219,24 @@ class Reminders:
         return rid, due
 
     async def deliver_due(self) -> int:
-        """Send every due reminder; each is marked delivered once the broker stored it."""
+        """Send every due reminder; each is marked delivered once the broker stored it.
+
+        A full disk stops the round (`StorageFull`): the reminders stay due for the next one.
+        """
         due = await self.store.run(_due, self.clock())
         for rid, recipient, message in due:
-            try:
-                await self.broker.send(REMINDER, recipient, message, origin=REMINDER)
-            except HiveError as err:
-                # Its agent was destroyed meanwhile: the reminder has nowhere to go.
-                log.warning("reminder #%d for %s dropped: %s", rid, recipient, err.message)
+            if rid not in self._sent:
+                try:
+                    await self.broker.send(REMINDER, recipient, message, origin=REMINDER)
+                except StorageFull:
+                    raise
+                except HiveError as err:
+                    # Its agent was destroyed meanwhile: the reminder has nowhere to go.
+                    log.warning("reminder #%d for %s dropped: %s", rid, recipient, err.message)
+            # Sent but not yet marked: a full disk failing the mark must not send it twice.
+            self._sent.add(rid)
             await self.store.run(_mark, rid, self.clock())
+            self._sent.discard(rid)
         return len(due)
 
     async def serve(
@@ -235,8 +250,12 @@ class Reminders:
         started = False
         while True:
             self._wake = trio.Event()
-            await self.deliver_due()
-            due = await self.store.run(_next_due)
+            try:
+                await self.deliver_due()
+                due = await self.store.run(_next_due)
+            except StorageFull as err:
+                log.error("reminders: %s; trying again in %gs", err.message, FULL_RETRY)
+                due = self.clock() + FULL_RETRY
             self._next = math.inf if due is None else due
             if not started:
                 task_status.started()

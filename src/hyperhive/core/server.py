@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import socket
+import sqlite3
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Generic, NoReturn, Protocol, TypeVar
 import msgspec
 import trio
 
+from hyperhive.core.storage import storage_full
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import MAX_LINE, LineStream, RequestDecoder, encode_line, error_line
 from hyperhive.protocol.errors import Busy, Forbidden, HiveError, Internal, LineTooLong
@@ -185,8 +187,10 @@ class SocketServer(Generic[Req]):
                 result = await self.handler.handle(request, peer)
             except LineTooLong:
                 raise
-            except (HiveError, msgspec.ValidationError) as err:
-                herr = err if isinstance(err, HiveError) else Internal(str(err))
+            except (HiveError, msgspec.ValidationError, OSError, sqlite3.Error) as err:
+                herr = _reply_error(err)
+                if herr is None:
+                    raise
                 await self._send(lines, error_line(herr))
                 continue
             if isinstance(result, EventStream):
@@ -222,6 +226,21 @@ class SocketServer(Generic[Req]):
                     with trio.CancelScope(shield=True):
                         await aclose()
             nursery.cancel_scope.cancel()
+
+
+def _reply_error(err: Exception) -> HiveError | None:
+    """The error a failed request is answered with; None ends the connection (unexpected).
+
+    A full disk is `storage_full` whichever layer noticed it (sqlite, a file write, git).
+    """
+    full = storage_full(err)
+    if full is not None:
+        return full
+    if isinstance(err, HiveError):
+        return err
+    if isinstance(err, msgspec.ValidationError):
+        return Internal(str(err))
+    return None
 
 
 def _unlink_stale(path: str) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import ParamSpec, TypeVar
 
 import trio
+
+from hyperhive.core.storage import storage_full
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -81,6 +86,36 @@ CREATE INDEX IF NOT EXISTS questions_pending ON questions (answered_at, deadline
 """
 
 
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back if anything in the block (or the commit) fails.
+
+    A failed COMMIT may already have rolled back by itself (sqlite does for SQLITE_FULL): a second
+    ROLLBACK would then replace the real cause with "cannot rollback - no transaction is active".
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _unit(conn: sqlite3.Connection, fn: Callable[..., T], args: tuple[object, ...]) -> T:
+    try:
+        return fn(conn, *args)
+    except BaseException:
+        # Whatever `fn` left open ends here: the connection is never handed on mid-transaction.
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.error("rollback after a failed unit failed too: %s", exc)
+        raise
+
+
 class Store:
     """Runs blocking sqlite work on a worker thread, one call at a time, each its own unit."""
 
@@ -89,8 +124,18 @@ class Store:
         self._limiter = trio.CapacityLimiter(1)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn(conn, *args)` on the worker thread. `fn` owns its transaction."""
-        return await trio.to_thread.run_sync(fn, self._conn, *args, limiter=self._limiter)
+        """Run `fn(conn, *args)` on the worker thread. `fn` owns its transaction.
+
+        A full disk (SQLITE_FULL, ENOSPC, EDQUOT) raises `StorageFull`; the connection is left
+        outside any transaction, so the next unit works once there is space again.
+        """
+        try:
+            return await trio.to_thread.run_sync(_unit, self._conn, fn, args, limiter=self._limiter)
+        except (sqlite3.Error, OSError) as exc:
+            full = storage_full(exc)
+            if full is None:
+                raise
+            raise full from exc
 
     async def close(self) -> None:
         await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)

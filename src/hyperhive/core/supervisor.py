@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import msgspec
 import trio
@@ -19,6 +20,7 @@ from hyperhive.core import events
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.broker import Broker
 from hyperhive.core.config import DaemonConfig
+from hyperhive.core.containers import rootfs
 from hyperhive.core.containers.base import (
     ADOPTED_EXIT,
     Backend,
@@ -29,6 +31,7 @@ from hyperhive.core.containers.base import (
     reap_stale,
     tail_lines,
 )
+from hyperhive.core.containers.netns import ANTHROPIC_HOSTS, Egress
 from hyperhive.core.server import SocketServer
 from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import agent_config
@@ -40,7 +43,18 @@ log = logging.getLogger(__name__)
 
 SocketFactory = Callable[[AgentRecord, str], SocketServer[object]]
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CONTAINER_SOCKET = "/run/hive/mcp.sock"
+HARNESS_RUNTIME = "/run/harness"
+"""The harness's scratch dir for claude's config files (the socket dir is read-only)."""
+
+
+def _prepare_shared(paths: list[Path]) -> None:
+    """Dirs the manager reads: the daemon's, 0755 (the manager's uid reads, never writes)."""
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+        rootfs.check_bind_source(path)
+        os.chmod(path, 0o755, follow_symlinks=False)
 
 
 @dataclass
@@ -49,10 +63,21 @@ class _Task:
     done: trio.Event = field(default_factory=trio.Event)
 
 
-def _prepare_dirs(paths: list[Path]) -> None:
-    for path in paths:
+def _prepare_dirs(daemon_dirs: list[Path], agent_dirs: list[Path], uid: int | None) -> None:
+    """Make an agent's directories: the daemon's own (0700; the socket dir 0750 in the agent's
+    group, so the agent reaches its socket but cannot plant anything next to it) and the bind
+    sources the agent writes (0700, owned by its uid). Never through a symlink."""
+    for path in daemon_dirs:
         path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
+        rootfs.check_bind_source(path)
+        os.chown(path, os.getuid(), -1 if uid is None else uid, follow_symlinks=False)
+        os.chmod(path, 0o700 if uid is None else 0o750, follow_symlinks=False)
+    for path in agent_dirs:
+        path.mkdir(parents=True, exist_ok=True)
+        rootfs.check_bind_source(path, uid=uid)
+        if uid is not None:
+            rootfs.own_tree(path, uid)
+        os.chmod(path, 0o700, follow_symlinks=False)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -142,18 +167,58 @@ class Supervisor:
         config = self._configs.get(rec.name)
         return config if config is not None else await self._load(rec)
 
+    def uid_for(self, rec: AgentRecord) -> int | None:
+        """The agent's own uid on backends that run agents unprivileged (bwrap, nspawn)."""
+        if not getattr(self.backend, "agent_uids", False):
+            return None
+        return rootfs.agent_uid(rec.port, self.cfg.ui_port_base, self.cfg.agent_uid_base)
+
+    def egress_for(self, config: AgentConfig) -> Egress | None:
+        """What the agent's network namespace may reach (None: `host`, the host's network)."""
+        mode = config.network_mode
+        if mode == "host":
+            return None
+        host_ports: list[int] = []
+        allow: list[tuple[str, int]] = []
+        base_url = {**self.cfg.claude_env, **config.env}.get("ANTHROPIC_BASE_URL")
+        entries = list(config.network.allow)
+        if base_url:
+            # The model endpoint is always reachable (a local one, such as the demo model, as
+            # a forwarded host port).
+            parts = urlsplit(base_url)
+            if parts.hostname:
+                default = 443 if parts.scheme == "https" else 80
+                entries.append(f"{parts.hostname}:{parts.port or default}")
+        if mode == "anthropic":
+            entries += list(ANTHROPIC_HOSTS)
+        for entry in entries:
+            host, _, port = entry.rpartition(":")
+            host = host.strip("[]")
+            if host in LOOPBACK:
+                host_ports.append(int(port))
+            elif mode == "anthropic":
+                allow.append((host, int(port)))
+        return Egress(
+            mode=mode, host_ports=tuple(sorted(set(host_ports))), allow=tuple(dict.fromkeys(allow))
+        )
+
     def spec_for(self, rec: AgentRecord, config: AgentConfig | None = None) -> ContainerSpec:
         cfg = self.cfg
         config = with_default_limits(config or AgentConfig(), cfg)
         root = cfg.agent_root(rec.name)
+        uid = self.uid_for(rec)
+        egress = self.egress_for(config) if uid is not None else None
         binds = [
-            Bind(cfg.socket_dir(rec.name), "/run/hive"),
+            # The socket dir read-only: the agent reaches its socket, cannot swap it.
+            Bind(cfg.socket_dir(rec.name), "/run/hive", read_only=uid is not None),
             Bind(root / "state", "/state"),
             Bind(root / "claude", "/root/.claude"),
         ]
         if rec.role == "manager":
+            # Configs, not agents: the proposed repos rw, the applied repos and the meta repo
+            # read-only; no agent's state, credentials, log or pid file.
             binds += [
-                Bind(cfg.state_dir / "agents", "/agents"),
+                Bind(cfg.proposed_dir, "/agents"),
                 Bind(cfg.state_dir / "applied", "/applied", read_only=True),
                 Bind(cfg.state_dir / "meta", "/meta", read_only=True),
             ]
@@ -168,9 +233,14 @@ class Supervisor:
             "HIVE_ROLE": rec.role,
             "HIVE_SOCKET": CONTAINER_SOCKET,
             "HIVE_STATE": "/state",
+            **({"HIVE_RUNTIME": HARNESS_RUNTIME} if uid is not None else {}),
             "HIVE_PORT": str(rec.port),
-            "HIVE_BIND": cfg.bind,
-            "HIVE_ALLOWED_HOSTS": ",".join(cfg.allowed_hosts),
+            # In its own namespace the harness serves on its loopback; the daemon forwards the
+            # host's bind:port to it (and the browser's Host header names the host's address).
+            "HIVE_BIND": cfg.bind if egress is None else "127.0.0.1",
+            "HIVE_ALLOWED_HOSTS": ",".join(
+                [*cfg.allowed_hosts, *([] if egress is None else [cfg.bind])]
+            ),
             "HIVE_DASHBOARD_PORT": str(cfg.dashboard_port),
             "HIVE_MODEL": config.model or cfg.model,
             "HIVE_OPERATOR_PRONOUNS": cfg.operator_pronouns,
@@ -180,8 +250,8 @@ class Supervisor:
             **cfg.claude_env,
             # The agent's own variables never replace the hive's.
             **{k: v for k, v in config.env.items() if not k.startswith("HIVE_")},
-            # After claude_env, so that it cannot be overridden; the harness keeps it from claude.
-            "HIVE_UI_TOKEN": self._login_tokens.agent(rec.name),
+            # No UI token here: any process in the container could read it from the harness's
+            # /proc/<pid>/environ. The harness asks for it over its socket (`ui_token`).
         }
         command = (cfg.harness_python, "-m", "hyperhive.agent", "serve", "--role", rec.role)
         return ContainerSpec(
@@ -193,17 +263,26 @@ class Supervisor:
             command=command,
             log_path=root / "container.log",
             port=rec.port,
+            bind=cfg.bind,
+            egress=egress,
             config=config,
             config_dir=self.applied_dir(rec),
             hidden=(cfg.state_dir, cfg.run_dir),
+            uid=uid,
+            etc_dir=None if uid is None else root / "etc",
         )
 
-    def _dirs(self, rec: AgentRecord) -> list[Path]:
-        root = self.cfg.agent_root(rec.name)
-        dirs = [self.cfg.socket_dir(rec.name), root / "state", root / "claude"]
+    async def prepare_dirs(self, rec: AgentRecord) -> None:
+        """The agent's directories, owned and moded as SPEC §4.1b says (idempotent)."""
+        cfg, root, uid = self.cfg, self.cfg.agent_root(rec.name), self.uid_for(rec)
+        daemon_dirs = [cfg.socket_dir(rec.name)]
+        agent_dirs = [root / "state", root / "claude"]
         if rec.role == "manager":
-            dirs += [self.cfg.state_dir / d for d in ("agents", "applied", "meta")]
-        return dirs
+            agent_dirs.append(cfg.proposed_dir)
+        await trio.to_thread.run_sync(_prepare_dirs, daemon_dirs, agent_dirs, uid)
+        if rec.role == "manager":
+            shared = [cfg.state_dir / "applied", cfg.state_dir / "meta"]
+            await trio.to_thread.run_sync(_prepare_shared, shared)
 
     # ------------------------------------------------------------------ sockets
 
@@ -211,9 +290,13 @@ class Supervisor:
         """Serve the agent's socket (idempotent: a second call keeps the first)."""
         if rec.name in self._sockets:
             return
-        await trio.to_thread.run_sync(_prepare_dirs, self._dirs(rec))
+        await self.prepare_dirs(rec)
         path = str(self.cfg.socket_dir(rec.name) / "mcp.sock")
         server = self._socket_factory(rec, path)
+        uid = self.uid_for(rec)
+        if uid is not None:
+            # In a dir the agent cannot write: the chmod/chown after bind cannot be raced.
+            server.mode, server.group = 0o660, uid
         task = _Task()
         self._sockets[rec.name] = task
         await self.nursery.start(self._run_socket, server, task)
@@ -415,19 +498,25 @@ class Supervisor:
             self.cfg.agent_root(rec.name),
             self.cfg.socket_dir(rec.name),
             self.cfg.state_dir / "applied" / rec.name,
+            self.cfg.proposed_dir / rec.name,
         ]
         bases = [
             (self.cfg.state_dir / "agents").resolve(),
             self.cfg.run_dir.resolve(),
             (self.cfg.state_dir / "applied").resolve(),
+            self.cfg.proposed_dir.resolve(),
         ]
 
         def remove() -> None:
             for target in targets:
-                real = target.resolve()
-                if not any(real.is_relative_to(b) and real != b for b in bases):
-                    raise Internal(f"refusing to delete {real}: outside the hive's directories")
-                if real.is_dir() and not real.is_symlink():
-                    shutil.rmtree(real)
+                # The parent is the daemon's; the target itself may be the manager's symlink
+                # (proposed/<name>), which is removed, never followed.
+                parent = target.parent.resolve()
+                if parent not in bases:
+                    raise Internal(f"refusing to delete {target}: outside the hive's directories")
+                if os.path.islink(target):
+                    os.unlink(target)
+                elif os.path.isdir(target):
+                    shutil.rmtree(target)  # fd-based: never follows a symlink inside
 
         await trio.to_thread.run_sync(remove)

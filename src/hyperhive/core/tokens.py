@@ -1,4 +1,4 @@
-"""The operator's web login: a secret per boot, the per-UI tokens derived from it, its files."""
+"""The operator's web login: a secret per daemon start, the UI tokens derived from it, its files."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class LoginTokens:
     """Each web UI's token is `urlsafe_b64(HMAC-SHA256(secret, scope))`, unpadded.
 
     The dashboard's scope is `dashboard`, an agent UI's `agent:<name>`. Only the daemon holds
-    the secret: a container gets its own UI's token and cannot derive anyone else's.
+    the secret, in memory: it is drawn again at every start, so a crash logs every browser out
+    and a token someone caught while the daemon was away opens nothing. A harness asks for its
+    own UI's token over its socket (`ui_token`) and cannot derive anyone else's.
     """
 
     secret: bytes = field(repr=False)
@@ -34,22 +36,8 @@ class LoginTokens:
 
     @classmethod
     def generate(cls) -> LoginTokens:
+        """The secret of this start; never written anywhere."""
         return cls(secrets.token_bytes(SECRET_BYTES))
-
-    @classmethod
-    def load_or_generate(cls, path: Path) -> LoginTokens:
-        """The secret of this boot, kept (0600, in the root-only run dir) across a daemon
-        crash: containers adopted after it still hold tokens derived from it. A clean stop
-        removes the file, so the next start logs every browser out. Blocking."""
-        try:
-            secret = bytes.fromhex(path.read_text("ascii").strip())
-            if len(secret) >= SECRET_BYTES:
-                return cls(secret)
-        except (FileNotFoundError, ValueError):
-            pass
-        tokens = cls.generate()
-        write_private(path, tokens.secret.hex() + "\n")
-        return tokens
 
     def derive(self, scope: bytes) -> str:
         digest = hmac.new(self.secret, scope, hashlib.sha256).digest()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -37,6 +37,21 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     """e.g. "200%" = two cores; systemd CPUQuota syntax."""
 
 
+NetworkMode = Literal["open", "anthropic", "none", "host"]
+_DESTINATION = r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}$"
+
+
+class Network(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The agent's network (bwrap and nspawn; SPEC §4.1b). `open`: the outside network, none of
+    the host's loopback services but those in `allow`; `anthropic`: only the model API and
+    `allow`; `none`: loopback only; `host`: the host's own network (no isolation at all)."""
+
+    mode: NetworkMode = "open"
+    allow: list[Annotated[str, msgspec.Meta(pattern=_DESTINATION)]] = []
+    """`host:port` entries: a loopback host (127.0.0.1, localhost) names a host service made
+    reachable inside as 127.0.0.1:port; in `anthropic` mode other hosts are allowed out."""
+
+
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,100}$")] | None = None
     allowed_recipients: list[Annotated[str, msgspec.Meta(min_length=1, max_length=16)]] = []
@@ -45,6 +60,12 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     env: dict[EnvKey, Annotated[str, msgspec.Meta(max_length=65536)]] = {}
     limits: Limits = Limits()
     private_network: bool = False
+    """Kept for old configs: true is `[network] mode = "none"`."""
+    network: Network = Network()
+
+    @property
+    def network_mode(self) -> NetworkMode:
+        return "none" if self.private_network else self.network.mode
 
 
 DEFAULT_TOML = """\
@@ -53,7 +74,10 @@ DEFAULT_TOML = """\
 
 # model = "sonnet"              # claude model for this agent's turns
 # allowed_recipients = []       # whom `send` may reach besides the manager (empty: anyone)
-# private_network = false       # true: no network at all inside the container
+
+[network]
+# mode = "open"                 # open | anthropic | none | host (see SPEC §4.1b)
+# allow = ["127.0.0.1:3000"]    # host loopback services to reach; in anthropic mode, hosts too
 
 [limits]
 # memory_max = "4G"             # systemd MemoryMax syntax

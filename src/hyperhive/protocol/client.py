@@ -80,6 +80,16 @@ class Client:
                 return
             yield _event_decoder.decode(line)
 
+    async def wait_closed(self) -> None:
+        """Return once the daemon hangs up: for a caller that holds an idle connection to notice
+        the daemon going away (a stray line meanwhile is read and ignored)."""
+        async with self._lock:
+            try:
+                while await self._lines.receive_line() is not None:
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, HiveError):
+                return
+
     async def aclose(self) -> None:
         await self._lines.aclose()
 

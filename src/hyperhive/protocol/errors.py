@@ -63,6 +63,12 @@ class ConnectionLost(HiveError):
     code = "connection_lost"
 
 
+class StorageFull(HiveError):
+    """The disk (or the filesystem quota) under the hive's state is full: nothing was stored."""
+
+    code = "storage_full"
+
+
 _BY_CODE: dict[str, type[HiveError]] = {
     cls.code: cls
     for cls in (
@@ -78,6 +84,7 @@ _BY_CODE: dict[str, type[HiveError]] = {
         Timeout,
         Internal,
         ConnectionLost,
+        StorageFull,
     )
 }
 

@@ -61,6 +61,33 @@ class ForgeStatus(msgspec.Struct, frozen=True, kw_only=True):
     fix: str | None = None
 
 
+ListenerState = Literal["serving", "waiting_for_port", "failed"]
+
+
+class ListenerStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A TCP port the daemon serves a web UI on (the dashboard), and why it does not, if not.
+
+    `waiting_for_port`: the bind failed (the port is held, the address not yet there); the
+    daemon retries with backoff. `failed`: it was bound but the server stopped with an error;
+    restarted with the same backoff.
+    """
+
+    port: int
+    """The port asked for; once serving, the one bound (they differ only when 0 was asked)."""
+    state: ListenerState
+    error: str | None = None
+    """Why the latest attempt failed; kept once serving, to say what was waited for."""
+    retry_at: float | None = None
+    """Unix time of the next attempt, while not serving."""
+    failed_attempts: int = 0
+    """Failed attempts in a row: so far while not serving, before it came up once serving
+    (0: it served at the first attempt)."""
+    since: float | None = None
+    """Unix time this state began (while waiting: the first of the failed attempts)."""
+    waited: float = 0.0
+    """Once serving: the seconds it waited before it came up."""
+
+
 class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     role: AgentRole
@@ -295,6 +322,14 @@ class Remind(AgentRequest, frozen=True, tag="remind"):
     file_path: str | None = None
 
 
+class FetchUiToken(AgentRequest, frozen=True, tag="ui_token"):
+    """The login token of the caller's own web UI, derived from this daemon start's secret.
+
+    The harness asks at start and again whenever its connection to the daemon was lost: a
+    restarted daemon has a new secret, so the token changes and the old one opens nothing.
+    """
+
+
 class RequestSpawn(AgentRequest, frozen=True, tag="request_spawn"):
     """Manager only: ask the operator to approve a new agent."""
 
@@ -357,6 +392,8 @@ class AgentList(Reply, frozen=True):
     agents: list[AgentInfo]
     forge: ForgeStatus | None = None
     """The hive-forge's health when the daemon runs with a forge (`--forge-container`)."""
+    dashboard: ListenerStatus | None = None
+    """The dashboard's port, when the daemon runs a dashboard: serving, or waiting for it."""
 
 
 class AgentReply(Reply, frozen=True):
@@ -464,6 +501,11 @@ class ReminderQueued(Reply, frozen=True):
     due_at: float
 
 
+class UiToken(Reply, frozen=True):
+    token: str
+    """The UI's token (`Authorization: Bearer` on its pages); the agent's own, no one else's."""
+
+
 class ReplyEnvelope(msgspec.Struct, frozen=True):
     """What every reply has in common; decoded first by clients."""
 
@@ -547,7 +589,9 @@ HostRequests = (
     | HostAnswer
     | CancelQuestion
 )
-AgentRequests = Send | Recv | Ack | Nack | Status | Recent | Wake | Ask | Answer | Remind
+AgentRequests = (
+    Send | Recv | Ack | Nack | Status | Recent | Wake | Ask | Answer | Remind | FetchUiToken
+)
 ManagerOnlyRequests = (
     RequestSpawn | RequestApplyCommit | KillAgent | StartAgent | RestartAgent | UpdateAgent
 )
@@ -605,5 +649,6 @@ REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
     Ask: QuestionQueued,
     Answer: QuestionReply,
     Remind: ReminderQueued,
+    FetchUiToken: UiToken,
 }
 """The reply type of each request: what a client decodes and what the schema documents."""

@@ -116,14 +116,15 @@ def create_agent_app(
     bus: LiveBus,
     socket_path: str,
     controls: AgentControls,
-    login_token: str,
+    login_token: str | security.TokenSource,
     dashboard_url: str | None = None,
     allowed_hosts: Sequence[str] = (),
 ) -> QuartTrio:
     """The agent UI app: live state from `bus` and `controls`, inbox via `socket_path`.
 
-    `login_token` is this agent's own (from the daemon, via `HIVE_UI_TOKEN`): the dashboard's
-    and other agents' tokens do not open it.
+    `login_token` is this agent's own (the harness asks the daemon for it over `socket_path`
+    and renews it when the daemon restarts): the dashboard's and other agents' tokens do not
+    open it.
     """
     if dashboard_url is not None and not dashboard_url.startswith(("http://", "https://")):
         raise ValueError(f"dashboard_url must be an http(s) URL, not {dashboard_url!r}")
@@ -241,7 +242,7 @@ async def serve_agent_ui(
     bus: LiveBus,
     socket_path: str,
     controls: AgentControls,
-    login_token: str,
+    login_token: str | security.TokenSource,
     port: int,
     bind: str = "127.0.0.1",
     dashboard_url: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -40,6 +41,8 @@ class DashboardState(msgspec.Struct, frozen=True, kw_only=True):
     agents: list[AgentView]
     inbox: list[wire.Message]
     forge: wire.ForgeStatus | None = None
+    dashboard: wire.ListenerStatus | None = None
+    """This page's own port: the page shows a banner when it came up after waiting for it."""
     manager_name: str = MANAGER_NAME
     manager_recipient: str = MANAGER
     operator: str = OPERATOR
@@ -121,7 +124,11 @@ def create_dashboard_app(
             )
             for a in agents.agents
         ]
-        return json_response(DashboardState(agents=views, inbox=inbox.messages, forge=agents.forge))
+        return json_response(
+            DashboardState(
+                agents=views, inbox=inbox.messages, forge=agents.forge, dashboard=agents.dashboard
+            )
+        )
 
     @app.get("/dashboard/history")
     async def history() -> Response:
@@ -181,13 +188,17 @@ async def serve_dashboard(
     allowed_hosts: Sequence[str] = (),
     login_token: str,
     agent_token: AgentToken,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve the dashboard until cancelled; `task_status.started(port)` gives the bound port."""
+    """Serve the dashboard until cancelled; `task_status.started(port)` gives the bound port.
+
+    With `sock` (bound by the caller, see `serving.serve_with_retry`) it serves on that socket.
+    """
     app = create_dashboard_app(
         host_socket=host_socket,
         login_token=login_token,
         agent_token=agent_token,
         allowed_hosts=(*allowed_hosts, bind),
     )
-    await serve_app(app, bind=bind, port=port, name="dashboard", task_status=task_status)
+    await serve_app(app, bind=bind, port=port, name="dashboard", sock=sock, task_status=task_status)

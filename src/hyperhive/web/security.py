@@ -1,17 +1,25 @@
-"""The guard both web apps share: login token, Host allow-list, Origin + CSRF checks, headers."""
+"""The guard both web apps share: login token, server proof, stream tickets, Host allow-list,
+Origin + CSRF checks, headers."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
+import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
+import msgspec
 from quart import Quart, Response, request, websocket
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from hyperhive.web.edge import MAX_REQUEST_BYTES, error_response
+from hyperhive.protocol import wire
+from hyperhive.protocol.errors import BadParams
+from hyperhive.web.edge import MAX_REQUEST_BYTES, error_response, json_response, read_input
+from hyperhive.web.tickets import TICKET_SECONDS, Tickets
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 """Host names a loopback-bound UI always answers to; anything else smells of DNS rebinding."""
@@ -20,10 +28,20 @@ CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf"
 
 TOKEN_PARAM = "token"
-"""The query parameter that carries the login token where a header cannot (EventSource, ws)."""
+"""The name of the login token in a login URL's fragment (`#token=…`), which no server sees."""
+TICKET_PARAM = "ticket"
+"""The query parameter of a stream ticket, where a header cannot be sent (EventSource, ws)."""
 LOGIN_HINT = "log in: open the URL printed by `hive-c0re url`"
-PUBLIC_ENDPOINTS = frozenset({"index", "static"})
-"""What a browser may GET before it has logged in: the static shell page and its assets."""
+HELLO_ENDPOINT = "hello"
+TICKET_ENDPOINT = "ticket"
+PUBLIC_ENDPOINTS = frozenset({"index", "static", HELLO_ENDPOINT})
+"""What a browser may use before it has logged in: the static shell page, its assets, and the
+server's proof that it knows the token (which the page checks before it sends the token)."""
+PROOF_CONTEXT = "hyperhive-proof:"
+"""Prefixes what a proof signs, so that it can never be mistaken for any other use of a token."""
+CHALLENGE_CHARS = frozenset(string.ascii_letters + string.digits + "-_")
+MIN_CHALLENGE = 32
+MAX_CHALLENGE = 128
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'; "
@@ -80,34 +98,116 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None
 
 
+class TokenSource(Protocol):
+    """Where a UI's login token comes from: fixed for the dashboard (the daemon derives it), the
+    daemon's latest word for an agent's UI (its harness asks over the agent socket)."""
+
+    async def current_token(self) -> str:
+        """The token in force now; empty while there is none (then nobody gets in)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FixedToken:
+    token: str = field(repr=False)
+
+    async def current_token(self) -> str:
+        return self.token
+
+
+def proof(token: str, challenge: str, nonce: str) -> str:
+    """What a server that knows `token` answers to `challenge`: hex HMAC-SHA256 keyed with the
+    token over `hyperhive-proof:<challenge>:<nonce>`, `nonce` being the server's, per start."""
+    message = f"{PROOF_CONTEXT}{challenge}:{nonce}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def check_challenge(challenge: str) -> str:
+    if not MIN_CHALLENGE <= len(challenge) <= MAX_CHALLENGE or not set(challenge).issubset(
+        CHALLENGE_CHARS
+    ):
+        raise BadParams(
+            f"challenge must be {MIN_CHALLENGE}-{MAX_CHALLENGE} characters of [A-Za-z0-9_-]"
+        )
+    return challenge
+
+
+class HelloInput(msgspec.Struct, frozen=True):
+    challenge: str
+
+
+class Hello(wire.Reply, frozen=True):
+    """The server's proof that it knows the page's token (see `proof`)."""
+
+    nonce: str
+    proof: str
+
+
+class TicketInput(msgspec.Struct, frozen=True):
+    path: str
+
+
+class Ticket(wire.Reply, frozen=True):
+    ticket: str
+    expires_in: float
+
+
 @dataclass(frozen=True)
 class Guard:
-    """The checks of one app instance; the CSRF token lives as long as the process.
+    """The checks of one app instance; the CSRF token and the nonce live as long as the process.
 
     The login token is the operator's: whoever can reach the port (any local process, and so
     any agent, whose containers share the host's network) gets nothing without it.
     """
 
     csrf_token: str
-    login_token: str = field(repr=False)
+    login: TokenSource = field(repr=False)
     allowed_hosts: frozenset[str]
+    nonce: str
+    """Mixed into every proof this server gives: a per-start value of the server's own."""
+    tickets: Tickets = field(repr=False)
 
     @classmethod
-    def create(cls, *, login_token: str, allowed_hosts: Iterable[str] = ()) -> Guard:
+    def create(
+        cls,
+        *,
+        login_token: str | TokenSource,
+        allowed_hosts: Iterable[str] = (),
+        tickets: Tickets | None = None,
+    ) -> Guard:
         hosts = {*LOCAL_HOSTS, *(normalise_host_name(h) for h in allowed_hosts if h.strip())}
         return cls(
             csrf_token=secrets.token_urlsafe(32),
-            login_token=login_token,
+            login=FixedToken(login_token) if isinstance(login_token, str) else login_token,
             allowed_hosts=frozenset(hosts),
+            nonce=secrets.token_urlsafe(16),
+            tickets=Tickets() if tickets is None else tickets,
         )
 
-    def logged_in(self, token: str | None) -> bool:
+    async def logged_in(self, token: str | None) -> bool:
         """Is `token` this UI's login token? A guard without one lets nobody in."""
-        return (
-            bool(self.login_token)
-            and token is not None
-            and hmac.compare_digest(token.encode("utf-8", "replace"), self.login_token.encode())
+        if not token:
+            return False
+        current = await self.login.current_token()
+        return bool(current) and hmac.compare_digest(
+            token.encode("utf-8", "replace"), current.encode()
         )
+
+    async def admitted(self, authorization: str | None, ticket: str | None, path: str) -> bool:
+        """Logged in by `Authorization: Bearer`, or by a ticket for `path` (used up here)."""
+        token = bearer_token(authorization)
+        if token is not None:
+            return await self.logged_in(token)
+        if ticket is None:
+            return False
+        return await self.logged_in(self.tickets.redeem(ticket, path))
+
+    async def hello(self, challenge: str) -> Hello | None:
+        """The proof for `challenge`, or None while this UI has no token."""
+        token = await self.login.current_token()
+        if not token:
+            return None
+        return Hello(nonce=self.nonce, proof=proof(token, check_challenge(challenge), self.nonce))
 
     def host_allowed(self, host: str) -> bool:
         name, port = split_host(host)
@@ -147,21 +247,51 @@ def not_logged_in() -> Response:
 def install(
     app: Quart,
     *,
-    login_token: str,
+    login_token: str | TokenSource,
     stream_endpoints: Iterable[str] = (),
     allowed_hosts: Sequence[str] = (),
+    tickets: Tickets | None = None,
 ) -> Guard:
     """Guard every route of `app`; returns the guard so the page can embed its CSRF token.
 
-    Everything but the shell page and its static files needs `login_token`, as an
-    `Authorization: Bearer` header, or as `?token=` on `stream_endpoints` (EventSource cannot
-    send headers) and on websocket handshakes.
+    Everything but the shell page, its static files and `POST /api/hello` needs the login
+    token as an `Authorization: Bearer` header; `stream_endpoints` (EventSource cannot send
+    headers) and websocket handshakes take a ticket from `POST /api/ticket` as `?ticket=`
+    instead. The token is never accepted in a URL.
     """
-    if not login_token:
+    if isinstance(login_token, str) and not login_token:
         raise ValueError("a web UI needs a login token")
-    guard = Guard.create(login_token=login_token, allowed_hosts=allowed_hosts)
+    guard = Guard.create(login_token=login_token, allowed_hosts=allowed_hosts, tickets=tickets)
     streams = frozenset(stream_endpoints)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+
+    def ticket_paths() -> frozenset[str]:
+        return frozenset(
+            rule.rule
+            for rule in app.url_map.iter_rules()
+            if rule.endpoint in streams or rule.websocket
+        )
+
+    @app.post("/api/hello", endpoint=HELLO_ENDPOINT)
+    async def hello() -> Response:
+        """Unauthenticated: the page asks before it sends its token anywhere."""
+        form = await read_input(HelloInput)
+        answer = await guard.hello(form.challenge)
+        if answer is None:
+            return error_response(503, "unavailable", "this UI has no login token yet")
+        return json_response(answer)
+
+    @app.post("/api/ticket", endpoint=TICKET_ENDPOINT)
+    async def ticket() -> Response:
+        form = await read_input(TicketInput)
+        if form.path not in ticket_paths():
+            raise BadParams(f"no stream at {form.path[:100]!r}")
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:  # check_request let it in: only a header can have done that
+            return not_logged_in()
+        return json_response(
+            Ticket(ticket=guard.tickets.issue(form.path, token), expires_in=TICKET_SECONDS)
+        )
 
     def fetch_site_ok(value: str | None) -> bool:
         return value is None or value in ("same-origin", "none")
@@ -172,11 +302,11 @@ def install(
             return error_response(421, "misdirected", "this host name is not served here")
         safe = request.method in _SAFE_METHODS
         # The endpoint is the matched route (None for a 404 or 405), never a path prefix.
-        if not (safe and request.endpoint in PUBLIC_ENDPOINTS):
-            token = bearer_token(request.headers.get("Authorization"))
-            if token is None and safe and request.endpoint in streams:
-                token = request.args.get(TOKEN_PARAM)
-            if not guard.logged_in(token):
+        if request.endpoint not in PUBLIC_ENDPOINTS:
+            ticket = request.args.get(TICKET_PARAM) if request.endpoint in streams else None
+            if not await guard.admitted(
+                request.headers.get("Authorization"), ticket if safe else None, request.path
+            ):
                 return not_logged_in()
         if safe:
             return None
@@ -201,10 +331,9 @@ def install(
     async def check_websocket() -> Response | None:
         if not guard.host_allowed(websocket.host):
             return error_response(421, "misdirected", "this host name is not served here")
-        token = websocket.args.get(TOKEN_PARAM) or bearer_token(
-            websocket.headers.get("Authorization")
-        )
-        if not guard.logged_in(token):
+        if not await guard.admitted(
+            websocket.headers.get("Authorization"), websocket.args.get(TICKET_PARAM), websocket.path
+        ):
             return not_logged_in()
         origin = websocket.headers.get("Origin")
         if not guard.same_origin(origin, websocket.scheme, websocket.host):

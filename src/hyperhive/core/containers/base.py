@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import logging
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,6 +18,7 @@ from typing import BinaryIO, Protocol
 
 import trio
 
+from hyperhive.core.containers import cgroups, netns
 from hyperhive.protocol.agent_config import AgentConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,8 @@ class ContainerSpec:
     workdir: str = "/state"
     port: int = 0
     """The agent's web UI port."""
+    bind: str = "127.0.0.1"
+    """The host address its UI is served on (forwarded into its namespace, if it has one)."""
     config: AgentConfig = field(default_factory=AgentConfig)
     """The applied agent.toml (limits, private network, env, ...)."""
     config_dir: Path | None = None
@@ -48,10 +54,18 @@ class ContainerSpec:
     hidden: tuple[Path, ...] = ()
     """Host paths the container must not see even though they lie under what it is given
     (the daemon's state and run dirs: every agent's credentials, the login tokens)."""
+    uid: int | None = None
+    """The agent's own unprivileged uid (and gid) the payload runs as; None: the backend's
+    own user handling (nixos)."""
+    etc_dir: Path | None = None
+    """The container's generated /etc (passwd with the agent's user, hosts, resolv.conf)."""
+
+    egress: netns.Egress | None = None
+    """The container's own network namespace and what it may reach; None: the host's."""
 
     @property
     def private_network(self) -> bool:
-        return self.config.private_network
+        return self.egress is not None
 
 
 OnStarted = Callable[[int], None]
@@ -98,6 +112,7 @@ async def run_process_group(
     log_path: Path,
     grace: float,
     on_started: OnStarted,
+    pass_fds: tuple[int, ...] = (),
 ) -> int:
     """Run argv in its own process group with output appended to log_path.
 
@@ -110,7 +125,7 @@ async def run_process_group(
     adopted = await trio.to_thread.run_sync(read_live_pidfile, pidfile)
     if adopted is not None:
         return await _watch_adopted(adopted, pidfile, grace=grace, on_started=on_started)
-    logfile = await trio.to_thread.run_sync(open, log_path, "ab")
+    logfile = await trio.to_thread.run_sync(open_log, log_path)
     try:
         await trio.to_thread.run_sync(_log_line, logfile, f"starting: {' '.join(argv[:1])}")
         proc = await trio.lowlevel.open_process(
@@ -120,6 +135,7 @@ async def run_process_group(
             stdout=logfile,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
     finally:
         logfile.close()
@@ -137,6 +153,74 @@ async def run_process_group(
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_remove, pidfile)
             await trio.to_thread.run_sync(append_log_line, log_path, f"exited: {proc.returncode}")
+
+
+@functools.cache
+def cgroup_host() -> cgroups.CgroupHost | cgroups.Unavailable:
+    """This host's cgroups, looked up once per daemon (a read of /proc/self/mountinfo)."""
+    return cgroups.detect()
+
+
+async def run_limited(
+    argv: list[str],
+    spec: ContainerSpec,
+    *,
+    grace: float,
+    on_started: OnStarted,
+    pass_fds: tuple[int, ...] = (),
+) -> int:
+    """`run_process_group` inside the agent's cgroup with its limits (memory, CPU, pids), on
+    hosts where the daemon manages cgroups; the cgroup goes (with anything left in it) after."""
+    host = await trio.to_thread.run_sync(cgroup_host)
+    group = None
+    if isinstance(host, cgroups.CgroupHost):
+        pidfile = spec.log_path.parent / "container.pid"
+        if await trio.to_thread.run_sync(read_live_pidfile, pidfile) is None:
+            limits = cgroups.parse_limits(spec.config.limits)
+            group = await trio.to_thread.run_sync(host.prepare, spec.container, limits)
+            argv = group.join_argv(argv)  # outermost: the container manager joins, then execs
+        else:
+            group = host.agent(spec.container)  # adopted: it is in its cgroup already
+    try:
+        async with trio.open_nursery() as nursery:
+
+            def started(pid: int) -> None:
+                on_started(pid)
+                if spec.egress is not None:
+                    nursery.start_soon(_serve_network, pid, spec)
+
+            try:
+                return await run_process_group(
+                    argv,
+                    env=spec.env,
+                    log_path=spec.log_path,
+                    grace=grace,
+                    on_started=started,
+                    pass_fds=pass_fds,
+                )
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if group is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(group.remove)
+
+
+async def _serve_network(pid: int, spec: ContainerSpec) -> None:
+    """The container's network wiring; a failure is logged in its log, never fatal."""
+    assert spec.egress is not None
+    try:
+        await netns.serve_network(pid, spec.egress, bind=spec.bind, ui_port=spec.port)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log.error("%s: network: %s", spec.container, exc)
+        await trio.to_thread.run_sync(
+            append_log_line, spec.log_path, f"network set-up failed: {exc}"
+        )
+
+
+def limits_note(spec: ContainerSpec) -> str | None:
+    """What of the agent's limits this host cannot enforce through cgroups, and why."""
+    return cgroups.unenforceable_note(spec.config.limits, cgroup_host())
 
 
 ADOPTED_EXIT = -2
@@ -196,9 +280,21 @@ def _log_line(fh: BinaryIO, text: str) -> None:
     fh.flush()
 
 
+def open_log(path: Path) -> BinaryIO:
+    """A container log opened for appending, 0600, never through a symlink, and only if it is
+    a regular file (a FIFO planted there would block the daemon). Blocking."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file: refused")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab")
+
+
 def append_log_line(path: Path, text: str) -> None:
     """Add a line of the daemon's own to a container log (blocking; errors ignored)."""
-    with contextlib.suppress(OSError), open(path, "ab") as fh:
+    with contextlib.suppress(OSError), open_log(path) as fh:
         _log_line(fh, text)
 
 
@@ -208,7 +304,10 @@ def _remove(path: Path) -> None:
 
 
 def _write_pidfile(path: Path, pid: int) -> None:
-    path.write_text(f"{pid} {_start_time(pid) or ''}\n", "ascii")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(f"{pid} {_start_time(pid) or ''}\n")
 
 
 def read_live_pidfile(path: Path) -> int | None:

@@ -265,7 +265,7 @@ def host_config(spec: ContainerSpec) -> HostConfig:
     """The spec's host-side settings, validated (BadParams for what cannot be expressed)."""
     return HostConfig(
         flags=nspawn_flags(spec.binds),
-        private_network=spec.private_network,
+        private_network=spec.config.network_mode == "none",
         dropin=limits_dropin(spec.config.limits),
     )
 

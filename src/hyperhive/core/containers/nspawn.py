@@ -6,26 +6,44 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import trio
 
-import hyperhive
+from hyperhive.core.containers import rootfs
 from hyperhive.core.containers.base import (
     ContainerSpec,
     OnStarted,
     _write_pidfile,
+    limits_note,
     read_live_pidfile,
     reap_stale,
-    run_process_group,
+    run_limited,
     tail_lines,
 )
 
 log = logging.getLogger(__name__)
 
-HOST_DIRS = ("/etc",)
-"""Host directories bound read-only besides /usr: certificates, resolv.conf, passwd."""
+HARNESS_RUNTIME = "/run/harness"
+SYSCALL_DENY = (
+    "@keyring",
+    "@module",
+    "@mount",
+    "@debug",
+    "@swap",
+    "@reboot",
+    "@clock",
+    "@raw-io",
+    "@obsolete",
+    "userfaultfd",
+    "bpf",
+    "unshare",
+    "setns",
+    "open_by_handle_at",
+    "kcmp",
+    "pidfd_getfd",
+)
+
 INIT_PIDFILE = "container-init.pid"
 """Next to container.pid: the container's pid 1, which outlives a SIGKILLed nspawn."""
 INIT_POLL = 0.02
@@ -42,19 +60,7 @@ def runtime_paths() -> list[str]:
 
     With `--volatile=yes` only /usr comes from the host; everything else must be bound.
     """
-    candidates = {sys.prefix, sys.base_prefix, str(Path(hyperhive.__file__).parent.parent)}
-    for tool in ("claude", "node"):
-        found_tool = shutil.which(tool)
-        if found_tool:
-            candidates.add(os.path.dirname(found_tool))
-            candidates.add(os.path.dirname(os.path.realpath(found_tool)))
-    found: set[str] = set(HOST_DIRS)
-    for path in candidates:
-        for p in (path, os.path.realpath(path)):
-            if p != "/" and not _under(p, "/usr") and os.path.exists(p):
-                found.add(p)
-    # A path inside another one is covered by it.
-    return sorted(p for p in found if not any(p != q and _under(p, q) for q in found))
+    return rootfs.runtime_paths()
 
 
 NSPAWN_DEFAULT_CAPS = (
@@ -138,10 +144,12 @@ class NspawnBackend:
     """
 
     name = "nspawn"
+    agent_uids = True
 
     def __init__(self, nspawn: str = "systemd-nspawn", keep_paths: list[str] | None = None) -> None:
         self.nspawn = nspawn
         self.keep_paths = runtime_paths() if keep_paths is None else keep_paths
+        self.etc_bound: list[str] = []
 
     def argv(self, spec: ContainerSpec) -> list[str]:
         """The command line. It names the environment variables but never carries their values.
@@ -170,9 +178,21 @@ class NspawnBackend:
             # a user namespace those are the host's. An agent needs none of them.
             f"--drop-capability={','.join(NSPAWN_DEFAULT_CAPS)}",
             "--no-new-privileges=yes",
+            # On top of nspawn's own filter: what bwrap's filter refuses too (see seccomp.py).
+            f"--system-call-filter=~{' '.join(SYSCALL_DENY)}",
         ]
         if spec.private_network:
             args.append("--private-network")
+        if spec.uid is not None:
+            # The payload runs as the agent's user from its generated /etc; HOME (/root) and the
+            # harness's scratch dir are tmpfs it owns.
+            args.append(f"--user={rootfs.user_name(spec.name)}")
+            own = f"uid={spec.uid},gid={spec.uid}"
+            args.append(f"--tmpfs=/root:mode=0700,{own}")
+            args.append(f"--tmpfs={HARNESS_RUNTIME}:mode=0700,{own}")
+        if spec.etc_dir is not None:
+            args.append(f"--bind-ro={_escape(str(spec.etc_dir))}:/etc")
+            args += [f"--bind-ro={_escape(p)}:{_escape(p)}" for p in self.etc_bound]
         for path in self.keep_paths:
             args.append(f"--bind-ro={_escape(path)}:{_escape(path)}")
         for bind in spec.binds:
@@ -195,14 +215,9 @@ class NspawnBackend:
         return sorted(p for p in hidden if any(_under(p, top) for top in shown))
 
     def limits_note(self, spec: ContainerSpec) -> str | None:
-        limits = spec.config.limits
-        if limits.memory_max or limits.cpu_quota:
-            return (
-                "systemd-nspawn cannot enforce memory_max/cpu_quota here: without systemd as"
-                " PID 1 it runs with --keep-unit --register=no, so there is no scope unit and"
-                " --property= has no effect"
-            )
-        return None
+        # Without systemd as PID 1 nspawn's --property= has no scope to act on: the daemon
+        # puts nspawn into the agent's cgroup itself (base.run_limited).
+        return limits_note(spec)
 
     async def create(self, spec: ContainerSpec) -> None:
         """Nothing to build: the root is a fresh tmpfs over the host's /usr on every start."""
@@ -225,6 +240,8 @@ class NspawnBackend:
         a SIGKILL of nspawn's process group alone would leave it, and the agent, running. So
         its pid is recorded, and killed once nspawn is gone.
         """
+        if spec.etc_dir is not None and spec.uid is not None:
+            self.etc_bound = await trio.to_thread.run_sync(rootfs.generate_etc, spec)
         init_pidfile = spec.log_path.parent / INIT_PIDFILE
         adoptable = await trio.to_thread.run_sync(
             read_live_pidfile, spec.log_path.parent / "container.pid"
@@ -241,13 +258,7 @@ class NspawnBackend:
 
                 try:
                     # nspawn's environment is spec.env: `--setenv=NAME` hands it on (see argv).
-                    return await run_process_group(
-                        self.argv(spec),
-                        env=spec.env,
-                        log_path=spec.log_path,
-                        grace=grace,
-                        on_started=started,
-                    )
+                    return await run_limited(self.argv(spec), spec, grace=grace, on_started=started)
                 finally:
                     nursery.cancel_scope.cancel()
         finally:

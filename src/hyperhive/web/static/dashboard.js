@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const { el, post, getJSON, toast, whoClass, fmtTime } = Hive;
+  const { el, post, getJSON, toast, whoClass, fmtTime, fmtAge } = Hive;
 
   const MANAGER = "manager";
   const MANAGER_NAME = "hm1nd";
@@ -267,6 +267,7 @@
       renderAgents();
       renderInbox(state.inbox);
       renderForge(state.forge);
+      renderPort(state.dashboard);
     } catch (err) {
       toast(`state: ${err.message}`, "error");
     }
@@ -278,6 +279,16 @@
     box.hidden = !failed;
     document.getElementById("forge-problem").textContent = failed ? forge.problem || "" : "";
     document.getElementById("forge-fix").textContent = failed ? forge.fix || "" : "";
+  }
+  /** This page came up only after waiting for its port: say when, how long, and why. */
+  function renderPort(port) {
+    const box = document.getElementById("port-alert");
+    const waited = Boolean(port && port.state === "serving" && port.failed_attempts > 0);
+    box.hidden = !waited;
+    document.getElementById("port-note").textContent = waited
+      ? `The dashboard came up at ${fmtTime(port.since)} after waiting ${fmtAge(port.waited)}`
+        + ` for port ${port.port}: ${port.error || ""}`
+      : "";
   }
   function refreshSoon() {
     clearTimeout(refreshTimer);
