@@ -14,6 +14,7 @@ descriptors, never through a path the manager could have swapped for a symlink.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -59,6 +60,8 @@ def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, "utf-8")
 
+
+log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 PROPOSED_REFS = "refs/hive/proposed"
@@ -112,12 +115,26 @@ class GitOps:
 
     def _upload_pack(self) -> str:
         """The upload-pack that serves a proposed repo: any commit may be asked for (a proposal
-        names a sha), and it runs as the manager's uid when there is one."""
+        names a sha), and it runs as the manager's uid when there is one. The daemon's state
+        dir is root's alone, so root enters the repo and the manager's uid serves it from there
+        (git appends the repo's path, which becomes $1)."""
         pack = "git -c uploadpack.allowAnySHA1InWant=true upload-pack"
         if self.proposed_uid is None:
             return pack
         uid = self.proposed_uid
-        return f"setpriv --reuid={uid} --regid={uid} --clear-groups {pack}"
+        # HOME elsewhere: the daemon's (root's) git config is none of that uid's business.
+        drop = (
+            f"setpriv --reuid={uid} --regid={uid} --clear-groups"
+            " env HOME=/nonexistent XDG_CONFIG_HOME=/nonexistent"
+        )
+        return f"sh -c 'cd -P -- \"$1\" && exec {drop} {pack} .' hive-upload-pack"
+
+    def _check_proposed(self, name: str) -> None:
+        """The proposed repo's path must be real directories, not symlinks the manager planted
+        to make the daemon serve another repo of the host. Blocking."""
+        for path in (self.proposed_dir / name, self.proposed(name)):
+            if os.path.islink(path) or not os.path.isdir(path):
+                raise Conflict(f"{path} is not a directory (a symlink or file was planted there)")
 
     def applied(self, name: str) -> Path:
         return self.state_dir / "applied" / name
@@ -226,6 +243,7 @@ class GitOps:
         applied = self.applied(name)
         if not await trio.to_thread.run_sync(os.path.lexists, self.proposed(name)):
             return None
+        await trio.to_thread.run_sync(self._check_proposed, name)
         source = str(self.proposed(name))
         pack = f"--upload-pack={self._upload_pack()}"
         if len(ref) == 40:
@@ -238,6 +256,7 @@ class GitOps:
                 applied, "fetch", "--quiet", "--no-tags", pack, source, spec, check=False
             )
         if done.returncode != 0:
+            log.warning("%s: fetching %s from the proposed repo: %s", name, ref, done.stderr[-500:])
             return None
         sha = await self.resolve(applied, ref)
         if sha is not None and len(ref) < 40:
@@ -280,6 +299,7 @@ class GitOps:
 
     async def pin(self, name: str, sha: str) -> None:
         """Copy one commit's objects from the proposed repo into the applied repo."""
+        await trio.to_thread.run_sync(self._check_proposed, name)
         await self.git(
             self.applied(name),
             "fetch",

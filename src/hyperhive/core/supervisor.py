@@ -467,6 +467,15 @@ class Supervisor:
                 append_log_line, self.cfg.agent_root(rec.name) / "container.log", exc.message
             )
             return CONFIG_ERROR
+        try:
+            # Checked again on every start: a bind source must still be the real directory.
+            await self.prepare_dirs(rec)
+        except (rootfs.UnsafePath, OSError) as exc:
+            log.error("%s: %s", rec.container, exc)
+            await trio.to_thread.run_sync(
+                append_log_line, self.cfg.agent_root(rec.name) / "container.log", str(exc)
+            )
+            return CONFIG_ERROR
         spec = self.spec_for(rec, config)
         rec.limits_note = self.backend.limits_note(spec)
         pidfile = self.cfg.agent_root(rec.name) / "container.pid"

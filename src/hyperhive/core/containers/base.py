@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import logging
 import os
 import signal
@@ -161,6 +162,13 @@ def cgroup_host() -> cgroups.CgroupHost | cgroups.Unavailable:
     return cgroups.detect()
 
 
+def cgroup_name(spec: ContainerSpec) -> str:
+    """The container's cgroup: its name plus a digest of its agent dir, so that two hives on
+    one host (or a test's) never share, or empty, each other's cgroups."""
+    digest = hashlib.sha256(str(spec.log_path.parent).encode()).hexdigest()[:10]
+    return f"{spec.container}.{digest}"
+
+
 async def run_limited(
     argv: list[str],
     spec: ContainerSpec,
@@ -174,13 +182,14 @@ async def run_limited(
     host = await trio.to_thread.run_sync(cgroup_host)
     group = None
     if isinstance(host, cgroups.CgroupHost):
+        name = cgroup_name(spec)
         pidfile = spec.log_path.parent / "container.pid"
         if await trio.to_thread.run_sync(read_live_pidfile, pidfile) is None:
             limits = cgroups.parse_limits(spec.config.limits)
-            group = await trio.to_thread.run_sync(host.prepare, spec.container, limits)
+            group = await trio.to_thread.run_sync(host.prepare, name, limits)
             argv = group.join_argv(argv)  # outermost: the container manager joins, then execs
         else:
-            group = host.agent(spec.container)  # adopted: it is in its cgroup already
+            group = host.agent(name)  # adopted: it is in its cgroup already
     try:
         async with trio.open_nursery() as nursery:
 

@@ -1,0 +1,311 @@
+"""Escapes tried from inside real agent containers (bwrap and nspawn), through the real claude CLI.
+
+Each probe is a Bash tool call the scripted model makes an agent run; the test reads what the
+agent saw from its /state and checks the host afterwards. Every check here failed before the
+containment work of issue 10 (agents as root with the host's root visible, a writable
+/proc/sys on bwrap, the manager binding every agent's state, agents on the host's loopback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from hyperhive.core.containers.base import open_log
+from hyperhive.core.containers.nspawn import nspawn_available
+from hyperhive.core.containers.rootfs import UID_BASE, runtime_paths
+from hyperhive.core.gitops import GitOps
+from hyperhive.core.runner import Runner
+from hyperhive.protocol import wire
+from hyperhive.protocol.names import MANAGER_NAME
+from tests.conftest import needs_bwrap, needs_claude
+from tests.hive import Hive, hive_config, open_hive, subscription, wait_for_event
+
+pytestmark = [needs_bwrap, needs_claude, pytest.mark.container]
+
+BACKENDS = [
+    "bwrap",
+    pytest.param(
+        "nspawn",
+        marks=pytest.mark.skipif(not nspawn_available(), reason="systemd-nspawn not installed"),
+    ),
+]
+
+# Everything an agent sees, as JSON, written to /state/probe.json by the agent itself.
+PROBE = r"""
+import ctypes, errno, json, os, socket, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+r = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
+def attempt(name, fn):
+    try:
+        fn(); r[name] = "ok"
+    except OSError as exc:
+        r[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+def write(path, text):
+    with open(path, "w") as fh: fh.write(text)
+attempt("core_pattern", lambda: write("/proc/sys/kernel/core_pattern", "|/state/pwn"))
+attempt("sysrq", lambda: write("/proc/sysrq-trigger", "h"))
+attempt("shadow", lambda: open("/etc/shadow").read())
+attempt("secret", lambda: open(sys.argv[1]).read())
+def sys_call(nr, *args):
+    if libc.syscall(nr, *args) != 0:
+        raise OSError(ctypes.get_errno(), "")
+attempt("keyctl", lambda: sys_call(250, 0, 0, 0, 0, 0))  # keyctl(GET_KEYRING_ID)
+attempt("userfaultfd", lambda: sys_call(323, 0))
+attempt("unshare_user", lambda: sys_call(272, 0x10000000))
+attempt("mount", lambda: sys_call(165, b"none", b"/tmp", b"tmpfs", 0, 0))
+attempt("ptrace", lambda: sys_call(101, 16, 1, 0, 0))  # PTRACE_ATTACH to pid 1
+def connect(port):
+    s = socket.socket(); s.settimeout(3); s.connect(("127.0.0.1", port)); s.close()
+attempt("host_listener", lambda: connect(int(sys.argv[2])))
+def bind(port):
+    s = socket.socket(); s.bind(("127.0.0.1", port)); s.listen(1); r["bound_fd"] = s.fileno()
+    globals()["held"] = s
+attempt("bind_host_port", lambda: bind(int(sys.argv[3])))
+r["top"] = sorted(os.listdir("/"))
+seen = []
+for top in r["top"]:
+    if top in ("proc", "sys", "dev"):
+        continue
+    for root, dirs, files in os.walk("/" + top):
+        seen.append(root)
+        if len(seen) > 200000:
+            break
+r["dirs"] = seen
+r["var"] = sorted(os.listdir("/var")) if os.path.isdir("/var") else []
+r["etc"] = sorted(os.listdir("/etc"))
+r["state_owner"] = os.stat("/state").st_uid
+r["home_write"] = "ok"
+try:
+    write("/root/probe-home", "x")
+except OSError as exc:
+    r["home_write"] = errno.errorcode[exc.errno]
+r["agents"] = sorted(os.listdir("/agents")) if os.path.isdir("/agents") else None
+r["agents_entries"] = (
+    {a: sorted(os.listdir("/agents/" + a)) for a in r["agents"]} if r["agents"] else None
+)
+status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines())
+r["caps"] = [status[k].strip() for k in ("CapPrm", "CapEff", "CapBnd")]
+r["nnp"] = status["NoNewPrivs"].strip()
+r["seccomp"] = status["Seccomp"].strip()
+json.dump(r, open("/state/probe.json", "w"))
+"""
+
+
+@asynccontextmanager
+async def host_listener() -> AsyncIterator[int]:
+    """A TCP service on the host's loopback that no agent may reach; yields its port."""
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+def read_core_pattern() -> str:
+    with open("/proc/sys/kernel/core_pattern") as fh:
+        return fh.read()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def run_probe(hive: Hive, name: str, *args: str) -> dict[str, Any]:
+    """Make agent `name` run PROBE through claude's Bash tool; returns what it reported."""
+    script = hive.cfg.agent_root(name) / "state" / "probe.py"
+    script.write_text(PROBE)
+    command = "python3 /state/probe.py " + " ".join(args) + " > /state/probe.out 2>&1"
+    body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
+    async with subscription(hive.sock) as events:
+        sent = await hive.call(wire.OperatorSend(to=name, body=body), wire.Sent)
+        await wait_for_event(
+            events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
+        )
+    out = hive.cfg.agent_root(name) / "state" / "probe.json"
+    assert out.exists(), (hive.cfg.agent_root(name) / "state" / "probe.out").read_text()
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
+@pytest.fixture
+def secret_file() -> Iterator[Path]:
+    """A root-only file in a directory every container shows (/usr): visible, not readable."""
+    path = Path("/usr/local/share") / f"hh-secret-{secrets.token_hex(4)}"
+    path.write_text("root only")
+    os.chmod(path, 0o600)
+    yield path
+    path.unlink()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_an_agent_cannot_escape_its_container(
+    hive_root: Path, backend: str, secret_file: Path
+) -> None:
+    cfg = hive_config(hive_root, demo=True, backend=backend)
+    core_pattern = read_core_pattern()
+    dashboard_like = free_port()
+    async with open_hive(cfg) as hive, host_listener() as listener:
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Spawn(name="bob"))
+        (cfg.agent_root("bob") / "claude" / ".credentials.json").write_text("bobs-secret")
+        seen = await run_probe(hive, "alice", str(secret_file), str(listener), str(dashboard_like))
+        # The agent bound "the dashboard's port" inside its own namespace: the host's is free.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", dashboard_like))
+        alice = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+    assert read_core_pattern() == core_pattern
+    port = next(a.port for a in alice if a.name == "alice")
+    uid = UID_BASE + port - cfg.ui_port_base
+    assert seen["uid"] == uid and seen["gid"] == uid and seen["groups"] in ([], [uid])
+    assert seen["core_pattern"] in ("EROFS", "EACCES"), seen
+    assert seen["sysrq"] in ("EROFS", "EACCES", "ENOENT"), seen
+    assert seen["shadow"] == "ENOENT"  # a generated /etc: no shadow at all
+    assert seen["secret"] == "EACCES"  # visible under /usr, but root's
+    for call in ("keyctl", "userfaultfd", "unshare_user", "mount", "ptrace"):
+        assert seen[call] in ("EPERM", "ENOSYS", "EACCES"), (call, seen[call])
+    assert seen["host_listener"] in ("ECONNREFUSED", "ENETUNREACH", "ETIMEDOUT"), seen
+    assert seen["bind_host_port"] == "ok"
+    assert seen["caps"] == ["0000000000000000"] * 3 and seen["nnp"] == "1"
+    assert seen["seccomp"] == "2"
+    assert seen["state_owner"] == uid and seen["home_write"] == "ok"
+    # The minimal root: nothing from /var, /srv, /opt, /mnt, /media, /home or users' trees.
+    top = set(seen["top"])
+    assert not top & {"srv", "opt", "mnt", "media", "home", "boot", "old_root", "farm"}, top
+    assert set(seen["var"]) <= {"tmp"}, seen["var"]
+    dirs: list[str] = seen["dirs"]
+    allowed = ("/usr", "/etc", "/tmp", "/var/tmp", "/run", "/root", "/state", "/nix", "/bin")
+    allowed += ("/sbin", "/lib", "/lib64", "/var")
+    runtime = {d for d in dirs if not d.startswith(allowed) and d != "/"}
+    # What else is there is the harness's runtime (venv, python, hyperhive), read-only.
+    kept = runtime_paths()
+    assert all(
+        any(d == k or d.startswith(k + "/") or k.startswith(d + "/") for k in kept) for d in runtime
+    ), sorted(runtime)[:20]
+    assert str(cfg.state_dir) not in dirs or all(
+        not d.startswith(str(cfg.state_dir) + "/") for d in dirs
+    )
+    assert set(seen["etc"]) <= {
+        "passwd",
+        "group",
+        "hostname",
+        "hosts",
+        "resolv.conf",
+        "nsswitch.conf",
+        "ssl",
+        "ca-certificates",
+        "alternatives",
+        "pki",
+        "ld.so.cache",
+        "ld.so.conf",
+        "ld.so.conf.d",
+        "localtime",
+        "os-release",
+        "protocols",
+        "services",
+        "host.conf",
+        "gai.conf",
+        "mime.types",
+        "debian_version",
+        "shells",
+    }, seen["etc"]
+    # bob's state and credentials are nowhere in alice's view.
+    assert not [d for d in dirs if d.startswith((str(hive_root), "/agents"))]
+
+
+async def test_the_manager_sees_configs_not_agents(hive_root: Path) -> None:
+    cfg = hive_config(hive_root, demo=True, start_manager=True)
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="bob"))
+        (cfg.agent_root("bob") / "claude" / ".credentials.json").write_text("bobs-secret")
+        seen = await run_probe(hive, MANAGER_NAME, "/nonexistent", "1", str(free_port()))
+    assert seen["agents"] == ["bob"]
+    assert seen["agents_entries"] == {"bob": ["config"]}
+    dirs: list[str] = seen["dirs"]
+    assert "/agents/bob/config/.git" in dirs
+    assert not any(d.startswith(("/agents/bob/claude", "/agents/bob/state")) for d in dirs)
+    manager_uid = UID_BASE
+    assert seen["uid"] == manager_uid
+    # The manager owns the proposed repos; the applied ones are the daemon's (read-only).
+    assert (cfg.proposed_dir / "bob" / "config").stat().st_uid == manager_uid
+    assert (cfg.state_dir / "applied" / "bob").stat().st_uid == os.getuid()
+
+
+async def test_the_daemon_never_runs_git_inside_a_proposed_repo(hive_root: Path) -> None:
+    """The manager controls the proposed repo's .git/config: fsmonitor, hooks, pagers, aliases
+    all run commands when git runs *in* that repo. The daemon only fetches from it."""
+    cfg = hive_config(hive_root)
+    marker = hive_root / "pwned"
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="bob"))
+        repo = cfg.proposed_dir / "bob" / "config"
+        git = ["git", "-C", str(repo), "-c", "user.name=m", "-c", "user.email=m@h"]
+        git += ["-c", "safe.directory=*"]  # the test acts as the manager (its uid owns it)
+        (repo / "agent.toml").write_text('model = "sonnet"\n')
+        await trio.run_process([*git, "commit", "-qam", "change"])
+        done = await trio.run_process([*git, "rev-parse", "HEAD"], capture_stdout=True)
+        sha = done.stdout.decode().strip()
+        evil = f"touch {marker}"
+        for key in ("core.fsmonitor", "core.pager", "core.sshCommand", "core.hooksPath"):
+            await trio.run_process([*git, "config", key, evil])
+        hook = repo / ".git" / "hooks" / "post-checkout"
+        hook.write_text(f"#!/bin/sh\n{evil}\n")
+        hook.chmod(0o755)
+        ops = GitOps(Runner(), cfg.state_dir, proposed_uid=cfg.agent_uid_base)
+        assert await ops.resolve_proposed("bob", sha[:10]) == sha
+        assert await ops.resolve_proposed("bob", sha) == sha
+        await ops.pin("bob", sha)
+    assert not marker.exists()
+
+
+async def test_planted_symlinks_and_fifos_are_refused(hive_root: Path) -> None:
+    cfg = hive_config(hive_root)
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="bob"))
+        await hive.call(wire.Kill(name="bob"))
+        # bob's credentials dir swapped for a symlink to a host directory (the escape the
+        # manager could do through its old /agents view): the start is refused, loudly.
+        target = hive_root / "host-dir"
+        target.mkdir()
+        claude = cfg.agent_root("bob") / "claude"
+        os.rename(claude, hive_root / "kept")
+        claude.symlink_to(target)
+        async with subscription(hive.sock) as events:
+            await hive.call(wire.Start(name="bob"))
+            refused = await wait_for_event(
+                events,
+                lambda e: (
+                    isinstance(e, wire.AgentChanged)
+                    and e.agent.name == "bob"
+                    and "symlink" in (e.agent.last_error or "")
+                ),
+            )
+        assert isinstance(refused, wire.AgentChanged) and refused.agent.state == "crashed"
+        assert list(target.iterdir()) == []
+        # A FIFO as the container log would block the daemon's open: refused instead.
+        fifo = hive_root / "fifo.log"
+        os.mkfifo(fifo)
+        with pytest.raises(OSError):  # ENXIO (no reader) or "not a regular file": never blocks
+            open_log(fifo)
+        link = hive_root / "link.log"
+        link.symlink_to(hive_root / "victim")
+        with pytest.raises(OSError):
+            open_log(link)
+        assert not (hive_root / "victim").exists()
+        # A new agent's proposed path pre-planted by the manager as a symlink: refused.
+        (cfg.proposed_dir / "carol").symlink_to(target)
+        with pytest.raises(Exception, match="not a directory"):
+            await hive.call(wire.Spawn(name="carol"))
+        assert list(target.iterdir()) == []
