@@ -142,3 +142,42 @@ async def test_a_spawn_on_a_full_disk_leaves_nothing_behind(
         spawned = await hive.call(wire.Spawn(name="bob"), wire.AgentReply)
         assert spawned.agent.name == "bob"
         await hive.call(wire.Kill(name="bob"), wire.AgentReply)
+
+
+@needs_bwrap
+async def test_every_write_on_a_full_disk_says_so_and_works_again_after(
+    small_disk: Path, hive_root: Path
+) -> None:
+    filler = small_disk / "filler"
+    async with open_hive(hive_config(hive_root)) as hive:
+        # An agent whose socket is served but whose container is stopped: nobody reads it.
+        await hive.call(wire.Spawn(name="a"), wire.AgentReply)
+        await hive.call(wire.Kill(name="a"), wire.AgentReply)
+        await hive.call(wire.OperatorSend(to="a", body="for recv"), wire.Sent)  # a recv takes it
+        host: list[dict[str, object]] = [{"cmd": "request_spawn", "name": "b"}]
+        agent: list[dict[str, object]] = [
+            {"cmd": "remind", "message": "short", "delay_seconds": 3600},
+            {"cmd": "remind", "message": "long " + "l" * BODY, "delay_seconds": 3600},
+            {"cmd": "ask", "question": "well?"},
+            {"cmd": "wake", "from": "webhook", "body": "w" * BODY},
+            {"cmd": "send", "to": "operator", "body": "o" * BODY},
+            {"cmd": "recv", "lease": True},
+        ]
+
+        async def each(sock: str, requests: list[dict[str, object]]) -> list[dict[str, object]]:
+            async with open_client(sock) as client:
+                return [
+                    _raw_reply.decode(await client.raw(msgspec.json.encode(r))) for r in requests
+                ]
+
+        await trio.to_thread.run_sync(_fill, filler)
+        refused = [*await each(hive.sock, host), *await each(hive.agent_sock("a"), agent)]
+        assert all(_is_full(r) for r in refused), refused
+        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        assert pending.approvals == []
+
+        await trio.to_thread.run_sync(filler.unlink)
+        done = [*await each(hive.sock, host), *await each(hive.agent_sock("a"), agent)]
+        assert all(r["ok"] is True for r in done), done
+        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        assert [(p.kind, p.agent) for p in pending.approvals] == [("spawn", "b")]
