@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from hyperhive.agent.bus import LiveBus
 from hyperhive.agent.settings import HarnessSettings
 from hyperhive.core.tokens import LoginTokens, login_url
 from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.agent_ui import create_agent_app
 from hyperhive.web.dashboard import create_dashboard_app, serve_dashboard
@@ -377,6 +379,45 @@ async def test_serve_prints_no_token_where_a_log_would_keep_it(hive_root: Path) 
     assert token not in text and "#token=" not in text
     assert proc.returncode == 0, text
     assert not await trio.Path(token_path).exists()  # stopped: logged out
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def test_a_restart_voids_every_token(hive_root: Path) -> None:
+    """The secret is drawn at every start and kept nowhere: the tokens of the last start (which
+    anyone might have caught while the daemon was away) open nothing after a restart."""
+    cfg = hive_config(hive_root, dashboard_port=free_port(), start_manager=True)
+    port = cfg.dashboard_port
+    manager = str(cfg.socket_dir(MANAGER_NAME) / "mcp.sock")
+    starts: list[tuple[str, str]] = []
+    for _ in range(2):
+        async with open_hive(cfg) as hive:
+            if not starts:
+                await hive.call(wire.Kill(name=MANAGER_NAME))  # no claude in this test
+            assert hive.info.login_url is not None
+            done = await hive_c0re(cfg.run_dir, "url")
+            assert done.stdout.decode().strip() == hive.info.login_url  # rewritten on start
+            dashboard = hive.info.login_url.partition("#token=")[2]
+            ui = (await call_once(manager, wire.FetchUiToken(), wire.UiToken)).token
+            with trio.fail_after(10):
+                async with open_http(port, "/api/state", headers=login(dashboard)) as resp:
+                    assert resp.status == 200
+                for old_dashboard, _ in starts:
+                    async with open_http(port, "/api/state", headers=login(old_dashboard)) as resp:
+                        assert resp.status == 401
+                    async with open_post(
+                        port, "/api/ticket", {"path": "/ws"}, headers=login(old_dashboard)
+                    ) as resp:
+                        assert resp.status == 401
+            starts.append((dashboard, ui))
+    (first_dashboard, first_ui), (second_dashboard, second_ui) = starts
+    assert first_dashboard != second_dashboard and first_ui != second_ui
+    assert not (cfg.run_dir / "login.secret").exists()  # the secret never touches the disk
 
 
 async def test_no_dashboard_no_login_file(hive: Hive) -> None:
