@@ -74,7 +74,13 @@ async def test_spoofed_sender_fields_are_ignored(hive_root: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "label", ["bob", " bob ", "system", "manager", "hm1nd", "reminder", "*", "", "x\ny"]
+    "label",
+    [
+        *["bob", " bob ", "system", "manager", "hm1nd", "reminder", "*", "", "x\ny"],
+        # Look-alikes: case, a Cyrillic a, zero-width and bidi characters, fullwidth letters.
+        *["Bob", "m\u0430nager", "man\u200bager", "Operator", "\u202ebob", "\uff42\uff4f\uff42"],
+    ],
+    ids=ascii,
 )
 async def test_wake_cannot_borrow_a_principal(hive_root: Path, label: str) -> None:
     async with open_hive(hive_config(hive_root)) as hive:
@@ -102,6 +108,16 @@ async def test_wake_with_an_own_label_only_reaches_the_own_inbox(hive_root: Path
             ("a", "a"),
         ]
         assert await _inbox(hive, "bob") == bob_before
+
+
+async def test_a_wake_label_is_stored_in_its_canonical_form(hive_root: Path) -> None:
+    async with open_hive(hive_config(hive_root)) as hive:
+        await _stopped_agents(hive, "a")
+        async with open_client(hive.agent_sock("a")) as a:
+            reply = await _raw(a, {"cmd": "wake", "from": " GitHub  CI ", "body": "push"})
+        assert reply["ok"] is True, reply
+        woken = [m for m in await _inbox(hive, "a") if m.body == "push"]
+        assert [(m.sender, m.origin) for m in woken] == [("github ci", "a")]
 
 
 HOST_ONLY: list[dict[str, object]] = [

@@ -9,7 +9,7 @@ import trio.testing
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import LineStream, RequestDecoder
 from hyperhive.protocol.errors import BadParams, HiveError, LineTooLong
-from hyperhive.protocol.names import check_name, check_new_agent_name
+from hyperhive.protocol.names import canonical_label, check_name, check_new_agent_name
 
 
 @pytest.mark.parametrize("name", ["a", "alice", "abc-123", "x1", "123456789"])
@@ -30,6 +30,65 @@ def test_bad_names_are_refused_with_a_reason(name: str) -> None:
 def test_reserved_names_cannot_be_spawned(name: str) -> None:
     with pytest.raises(BadParams, match="reserved"):
         check_new_agent_name(name)
+
+
+LOOKALIKES = {
+    "Bob": "an agent's name, capitalised",
+    "BOB": "an agent's name, upper-case",
+    "\uff42\uff4f\uff42": "an agent's name in fullwidth letters (NFKC folds them)",
+    "m\u0430nager": "manager with a Cyrillic a",
+    "\u0455ystem": "system with a Cyrillic dze",
+    "man\u200bager": "a zero-width space",
+    "man\u200cager": "a zero-width non-joiner",
+    "man\u200dager": "a zero-width joiner",
+    "sys\u2060tem": "a word joiner",
+    "\ufeffsystem": "a byte-order mark",
+    "\u202ebob": "a bidi override",
+    "bob\u2066": "a bidi isolate",
+    "Operator": "operator, capitalised",
+    "OPERATOR": "operator, upper-case",
+    "operator\u200b": "operator with a zero-width space",
+    "0perat0r": "operator with zeros",
+    "rnanager": "manager with rn for m",
+    "hmlnd": "hm1nd with an l",
+    "Hm1nd": "hm1nd, capitalised",
+    "man.ager": "manager with a dot",
+    "Re-Minder": "reminder, dashed and capitalised",
+    "*": "the broadcast address",
+    "x\ny": "a newline",
+    "": "nothing",
+    "   ": "only spaces",
+    "w" * 65: "too long",
+}
+
+
+@pytest.mark.parametrize("label", sorted(LOOKALIKES), ids=lambda x: ascii(x)[:20])
+def test_wake_labels_that_look_like_a_principal_are_refused(label: str) -> None:
+    with pytest.raises(BadParams, match="wake label") as err:
+        canonical_label(label, agents=["a", "bob"], own="a")
+    assert err.value.message.isascii(), "the refusal shows look-alikes escaped"
+
+
+@pytest.mark.parametrize(
+    ("label", "canonical"),
+    [
+        ("webhook", "webhook"),
+        ("GitHub  CI", "github ci"),
+        ("\uff57\uff45\uff42\uff48\uff4f\uff4f\uff4b", "webhook"),
+        ("\ufb01le-watcher", "file-watcher"),
+        (" cron.daily ", "cron.daily"),
+        ("operator", "operator"),
+        ("A", "a"),
+    ],
+)
+def test_wake_labels_are_stored_in_their_canonical_form(label: str, canonical: str) -> None:
+    assert canonical_label(label, agents=["a", "bob"], own="a") == canonical
+
+
+def test_only_a_sub_agent_may_label_with_its_own_name() -> None:
+    assert canonical_label("bob", agents=["a", "bob"], own="bob") == "bob"
+    with pytest.raises(BadParams):
+        canonical_label("hm1nd", agents=["hm1nd"], own=None)
 
 
 DECODER: RequestDecoder[object] = RequestDecoder(wire.HostRequests, wire.HOST_COMMANDS, "host")

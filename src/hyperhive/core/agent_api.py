@@ -14,20 +14,10 @@ from hyperhive.core.server import EventStream, Peer
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import AgentConfig
 from hyperhive.protocol.errors import BadParams, Forbidden, HiveError
-from hyperhive.protocol.names import (
-    BROADCAST,
-    MANAGER,
-    MANAGER_NAME,
-    REMINDER,
-    SYSTEM,
-    canonical_recipient,
-)
+from hyperhive.protocol.names import BROADCAST, MANAGER, canonical_label, canonical_recipient
 
 if TYPE_CHECKING:
     from hyperhive.core.host_api import HostHandler
-
-MAX_LABEL = 64
-_FORBIDDEN_LABELS = frozenset({SYSTEM, MANAGER, MANAGER_NAME, REMINDER, BROADCAST})
 
 AppliedConfig = Callable[[AgentRecord], Awaitable[AgentConfig]]
 """The agent.toml in force for an agent's container (`Supervisor.applied_config`)."""
@@ -59,14 +49,10 @@ class AgentHandler:
         return self.rec.recipient
 
     def _check_label(self, label: str) -> str:
-        label = label.strip()
-        if not label or len(label) > MAX_LABEL or any(c in label for c in "\r\n\x00"):
-            raise BadParams(f"wake label must be 1-{MAX_LABEL} characters on one line")
-        if label in _FORBIDDEN_LABELS or (
-            self.registry.find(label) is not None and label != self.rec.name
-        ):
-            raise BadParams(f"wake label {label!r} names another principal; pick your own label")
-        return label
+        """The label's canonical form (names.canonical_label); the manager has no name of its
+        own to label with (`hm1nd` is a principal), a sub-agent may use its own."""
+        own = self.rec.name if self.rec.role == "agent" else None
+        return canonical_label(label, agents=[r.name for r in self.registry.all()], own=own)
 
     async def _check_recipient(self, to: str) -> None:
         """agent.toml's `allowed_recipients`, enforced here too: the MCP tool's check is only a
