@@ -11,7 +11,7 @@ want_test=0
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-packages=(bubblewrap socat git python3 python3-venv ca-certificates procps)
+packages=(bubblewrap slirp4netns nftables util-linux libseccomp2 socat git python3 python3-venv ca-certificates procps)
 [ "$want_test" -eq 1 ] && packages+=(chromium systemd-container nix-bin)
 command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 

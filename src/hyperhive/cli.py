@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU limit of agents whose agent.toml sets none, e.g. 200%%",
     )
     serve.add_argument(
+        "--agent-uid-base",
+        type=int,
+        default=300000,
+        metavar="UID",
+        help="first of the 1000 uids agents run as on bwrap/nspawn (the manager's; default"
+        " 300000); none of them may belong to a host user",
+    )
+    serve.add_argument(
         "--forge-container",
         type=_container_name,
         metavar="NAME",
@@ -329,6 +337,7 @@ def daemon_config(args: argparse.Namespace, claude: str | None) -> DaemonConfig:
         admin_group=args.admin_group,
         agent_memory_max=args.agent_memory_max,
         agent_cpu_quota=args.agent_cpu_quota,
+        agent_uid_base=args.agent_uid_base,
         forge_container=args.forge_container,
         claude_bin=claude or "claude",
         crash_at=os.environ.get("HIVE_CRASH_AT") or None,

@@ -78,7 +78,19 @@ async def test_applied_agent_toml_reaches_the_container(hive_root: Path) -> None
         assert env["HIVE_MODEL"] == "sonnet" and env["PROJECT"] == "moon"
         assert env["HIVE_LABEL"] == "alice"  # an agent's env cannot rename it
         assert env["HIVE_ALLOWED_RECIPIENTS"] == "bob"
-        assert running.agent.limits_note and "cannot enforce" in running.agent.limits_note
+        # Enforced: the container runs in its own memory cgroup with the limit.
+        assert running.agent.limits_note is None
+        assert cgroup_value(running.agent.pid, "memory", "memory.limit_in_bytes") == 1 << 30
+
+
+def cgroup_value(pid: int, controller: str, name: str) -> int:
+    """A cgroup v1 file of the cgroup `pid` is in (this host kind: cgroup v1, root)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            root = Path("/sys/fs/cgroup") / controllers
+            return int((root / path.lstrip("/") / name).read_text())
+    raise AssertionError(f"{pid} is in no {controller} cgroup")
 
 
 @needs_bwrap

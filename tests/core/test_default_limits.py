@@ -10,6 +10,7 @@ from hyperhive.core.supervisor import with_default_limits
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import AgentConfig, Limits
 from tests.conftest import needs_bwrap
+from tests.core.test_agent_config import cgroup_value
 from tests.hive import hive_config, open_hive, subscription, wait_for_event
 
 DEFAULTS = DaemonConfig(agent_memory_max="4G", agent_cpu_quota="200%")
@@ -35,7 +36,7 @@ def test_without_defaults_nothing_changes() -> None:
 
 @needs_bwrap
 async def test_the_defaults_reach_the_backend(hive_root: Path) -> None:
-    """bubblewrap cannot enforce limits and says so: with defaults, every agent has some."""
+    """With defaults, every agent has limits, enforced through its cgroup."""
     cfg = hive_config(hive_root, agent_memory_max="2G")
     async with open_hive(cfg) as hive, subscription(hive.sock) as events:
         await hive.call(wire.Spawn(name="alice"))
@@ -43,4 +44,6 @@ async def test_the_defaults_reach_the_backend(hive_root: Path) -> None:
             events, lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "running"
         )
         assert isinstance(running, wire.AgentChanged)
-        assert running.agent.limits_note and "cannot enforce" in running.agent.limits_note
+        assert running.agent.limits_note is None and running.agent.pid is not None
+        limit = cgroup_value(running.agent.pid, "memory", "memory.limit_in_bytes")
+        assert limit == 2 << 30

@@ -21,6 +21,7 @@ import msgspec
 import pytest
 import trio
 
+from hyperhive.core.containers import netns
 from hyperhive.core.containers.base import open_log
 from hyperhive.core.containers.nspawn import nspawn_available
 from hyperhive.core.containers.rootfs import UID_BASE, runtime_paths
@@ -95,6 +96,15 @@ r["agents_entries"] = (
     {a: sorted(os.listdir("/agents/" + a)) for a in r["agents"]} if r["agents"] else None
 )
 status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines())
+harness = [p for p in os.listdir("/proc") if p.isdigit()
+           and b"hyperhive.agent" in open(f"/proc/{p}/cmdline", "rb").read()
+           and b"serve" in open(f"/proc/{p}/cmdline", "rb").read()]
+r["harness_found"] = bool(harness)
+def peek(path):
+    return os.listdir(path) if path.endswith("/fd") else open(path, "rb").read(1)
+for what in ("environ", "mem", "fd"):
+    attempt("harness_" + what, lambda: peek(f"/proc/{harness[0]}/{what}"))
+r["harness_cmdline"] = open(f"/proc/{harness[0]}/cmdline", "rb").read().decode(errors="replace")
 r["caps"] = [status[k].strip() for k in ("CapPrm", "CapEff", "CapBnd")]
 r["nnp"] = status["NoNewPrivs"].strip()
 r["seccomp"] = status["Seccomp"].strip()
@@ -180,14 +190,19 @@ async def test_an_agent_cannot_escape_its_container(
     assert seen["bind_host_port"] == "ok"
     assert seen["caps"] == ["0000000000000000"] * 3 and seen["nnp"] == "1"
     assert seen["seccomp"] == "2"
+    # The harness (which holds the UI token) is not readable by the agent's own tools.
+    assert seen["harness_found"]
+    for what in ("environ", "mem", "fd"):
+        assert seen["harness_" + what] in ("EACCES", "EPERM"), (what, seen["harness_" + what])
+    assert "TOKEN" not in seen["harness_cmdline"].upper()
     assert seen["state_owner"] == uid and seen["home_write"] == "ok"
     # The minimal root: nothing from /var, /srv, /opt, /mnt, /media, /home or users' trees.
     top = set(seen["top"])
     assert not top & {"srv", "opt", "mnt", "media", "home", "boot", "old_root", "farm"}, top
     assert set(seen["var"]) <= {"tmp"}, seen["var"]
     dirs: list[str] = seen["dirs"]
-    allowed = ("/usr", "/etc", "/tmp", "/var/tmp", "/run", "/root", "/state", "/nix", "/bin")
-    allowed += ("/sbin", "/lib", "/lib64", "/var")
+    allowed: tuple[str, ...] = ("/usr", "/etc", "/tmp", "/var/tmp", "/run", "/root", "/state")
+    allowed += ("/nix", "/bin", "/sbin", "/lib", "/lib64", "/var")
     runtime = {d for d in dirs if not d.startswith(allowed) and d != "/"}
     # What else is there is the harness's runtime (venv, python, hyperhive), read-only.
     kept = runtime_paths()
@@ -309,3 +324,82 @@ async def test_planted_symlinks_and_fifos_are_refused(hive_root: Path) -> None:
         with pytest.raises(Exception, match="not a directory"):
             await hive.call(wire.Spawn(name="carol"))
         assert list(target.iterdir()) == []
+
+
+NET_PROBE = r"""
+import json, socket, sys
+r = {"ifaces": sorted(n for _, n in socket.if_nameindex())}
+s = socket.socket(); s.settimeout(3)
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1]))); r["allowed"] = "ok"
+except OSError as exc:
+    r["allowed"] = str(exc)
+json.dump(r, open("/state/net.json", "w"))
+"""
+
+
+async def net_probe(hive: Hive, name: str, port: int) -> dict[str, Any]:
+    (hive.cfg.agent_root(name) / "state" / "net.py").write_text(NET_PROBE)
+    command = f"python3 /state/net.py {port} > /state/net.out 2>&1"
+    body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
+    async with subscription(hive.sock) as events:
+        sent = await hive.call(wire.OperatorSend(to=name, body=body), wire.Sent)
+        await wait_for_event(
+            events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
+        )
+    report: dict[str, Any] = json.loads(
+        (hive.cfg.agent_root(name) / "state" / "net.json").read_text()
+    )
+    return report
+
+
+async def test_network_modes_are_enforced_per_agent(hive_root: Path) -> None:
+    cfg = hive_config(hive_root, demo=True)
+    async with open_hive(cfg) as hive, host_listener() as port:
+        modes = {"nonet": "none", "walled": "anthropic", "opened": "open"}
+        for name, mode in modes.items():
+            applied = cfg.state_dir / "applied" / name
+            applied.mkdir(parents=True)
+            (applied / "agent.toml").write_text(
+                f'[network]\nmode = "{mode}"\nallow = ["127.0.0.1:{port}"]\n'
+            )
+            await hive.call(wire.Spawn(name=name))
+        seen = {name: await net_probe(hive, name, port) for name in modes}
+        listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+        walled = next(a for a in listed if a.name == "walled")
+        assert walled.pid is not None
+        inside = await netns.find_namespace_pid(walled.pid)
+        rules = await trio.run_process(
+            ["nsenter", "-t", str(inside), "--net", "nft", "list", "ruleset"], capture_stdout=True
+        )
+    assert seen["nonet"]["ifaces"] == ["lo"]
+    assert seen["opened"]["ifaces"] == ["lo", "tap0"] == seen["walled"]["ifaces"]
+    # The allowed host service answers inside as 127.0.0.1:<port>, in every mode.
+    assert {s["allowed"] for s in seen.values()} == {"ok"}, seen
+    ruleset = rules.stdout.decode()
+    assert "policy drop" in ruleset and "dport 53 accept" in ruleset
+
+
+async def test_memory_limit_is_enforced_inside_the_container(hive_root: Path) -> None:
+    """agent.toml's memory_max holds on bwrap: an allocation beyond it is OOM-killed (its
+    process alone: the harness and claude keep running and report it)."""
+    cfg = hive_config(hive_root, demo=True)
+    applied = cfg.state_dir / "applied" / "alice"
+    applied.mkdir(parents=True)
+    (applied / "agent.toml").write_text('[limits]\nmemory_max = "640M"\n')
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        command = (
+            "python3 -c 'b = bytearray(1500 << 20); b[::4096] = b\"x\" * len(b[::4096])';"
+            " echo $? > /state/oom.txt"
+        )
+        body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
+        async with subscription(hive.sock) as events:
+            sent = await hive.call(wire.OperatorSend(to="alice", body=body), wire.Sent)
+            await wait_for_event(
+                events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
+            )
+        listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+    assert (cfg.agent_root("alice") / "state" / "oom.txt").read_text().strip() == "137"
+    alice = next(a for a in listed if a.name == "alice")
+    assert alice.limits_note is None and alice.state == "running"

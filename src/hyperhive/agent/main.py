@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import sys
 from collections.abc import Sequence
@@ -49,11 +50,23 @@ def main(
         return 0
     from hyperhive.agent.harness import serve
 
+    # The harness holds the UI token in memory. Not dumpable: the agent's own tools (same uid)
+    # cannot read its /proc/<pid>/mem, environ or fds, nor attach to it.
+    _not_dumpable()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     trio.run(serve, settings)
     return 0
+
+
+PR_SET_DUMPABLE = 4
+
+
+def _not_dumpable() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        logging.getLogger(__name__).warning("prctl(PR_SET_DUMPABLE, 0) failed")
 
 
 def main_agent() -> int:

@@ -22,6 +22,7 @@ from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.base import Backend
 from hyperhive.core.containers.nixgen import host_system
+from hyperhive.core.containers.rootfs import check_uid_range
 from hyperhive.core.faults import Faults
 from hyperhive.core.forge import Forge
 from hyperhive.core.gitops import GitOps
@@ -146,6 +147,8 @@ async def run(
     """Run the daemon until cancelled. started(DaemonInfo) once sockets and dashboard are up."""
     admin_gid = await trio.to_thread.run_sync(_prepare, cfg)
     backend = make_backend(cfg)
+    if getattr(backend, "agent_uids", False):
+        await trio.to_thread.run_sync(check_uid_range, cfg.agent_uid_base)
     async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
         model_url: str | None = None
         if cfg.demo:

@@ -53,6 +53,24 @@ def agent_uid(port: int, ui_port_base: int, uid_base: int = UID_BASE) -> int:
     return uid_base + offset
 
 
+def check_uid_range(uid_base: int) -> None:
+    """Refuse a uid range that overlaps a host user's or group's ids: agents would own their
+    files and processes. Blocking (reads the host's passwd/group)."""
+    import grp
+    import pwd
+
+    if not 1000 <= uid_base <= (1 << 31) - UID_SPAN:
+        raise ValueError(f"--agent-uid-base {uid_base}: choose a base from 1000 to 2^31-1000")
+    span = range(uid_base, uid_base + UID_SPAN)
+    users = [u.pw_name for u in pwd.getpwall() if u.pw_uid in span]
+    groups = [g.gr_name for g in grp.getgrall() if g.gr_gid in span]
+    if users or groups:
+        raise ValueError(
+            f"--agent-uid-base {uid_base}: uids/gids {span.start}-{span.stop - 1} are the hive's,"
+            f" but host users {users} / groups {groups} have ids in that range; pick another base"
+        )
+
+
 def user_name(name: str) -> str:
     """The agent's user in its own /etc/passwd (agent names are valid user names)."""
     return name
