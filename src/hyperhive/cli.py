@@ -27,6 +27,17 @@ DEFAULT_RUN_DIR = "/run/hyperhive"
 DEFAULT_STATE_DIR = "/var/lib/hyperhive"
 
 
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _byte_size(text: str) -> int:
+    """An argparse type for a size in bytes: 67108864, 64M, 64MiB, 1G (0 = no bound)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64M, 1G, 0 for no bound)")
+    return int(match[1]) * _UNITS[match[2].upper()]
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key or not key.replace("_", "").isalnum():
@@ -114,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU limit of agents whose agent.toml sets none, e.g. 200%%",
     )
     serve.add_argument(
+        "--agent-state-max",
+        type=_limit("state_max"),
+        metavar="SIZE",
+        help="/state size of agents whose agent.toml sets none, e.g. 10G (bwrap/nspawn: the"
+        " agent's /state becomes a volume of that size)",
+    )
+    serve.add_argument(
         "--agent-uid-base",
         type=int,
         default=300000,
@@ -133,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="how long a socket client may take over a line or a reply (default %(default)s)",
+    )
+    serve.add_argument(
+        "--inbox-quota",
+        type=_byte_size,
+        default=64 * 1024**2,
+        metavar="SIZE",
+        help="most bytes of undelivered messages one inbox may hold (default 64M; 0 = no bound)",
+    )
+    serve.add_argument(
+        "--sender-quota",
+        type=_byte_size,
+        default=64 * 1024**2,
+        metavar="SIZE",
+        help="most bytes of undelivered messages one agent may have waiting in all inboxes"
+        " (default 64M; 0 = no bound)",
     )
     serve.add_argument(
         "--no-group-commit",
@@ -338,11 +371,14 @@ def daemon_config(args: argparse.Namespace, claude: str | None) -> DaemonConfig:
         agent_memory_max=args.agent_memory_max,
         agent_cpu_quota=args.agent_cpu_quota,
         agent_uid_base=args.agent_uid_base,
+        agent_state_max=args.agent_state_max,
         forge_container=args.forge_container,
         claude_bin=claude or "claude",
         crash_at=os.environ.get("HIVE_CRASH_AT") or None,
         line_timeout=args.line_timeout,
         group_commit=not args.no_group_commit,
+        inbox_quota=args.inbox_quota,
+        sender_quota=args.sender_quota,
     )
 
 

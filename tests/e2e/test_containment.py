@@ -121,6 +121,10 @@ async def host_listener() -> AsyncIterator[int]:
         yield sock.getsockname()[1]
 
 
+def is_mount(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
 def read_core_pattern() -> str:
     with open("/proc/sys/kernel/core_pattern") as fh:
         return fh.read()
@@ -403,3 +407,41 @@ async def test_memory_limit_is_enforced_inside_the_container(hive_root: Path) ->
     assert (cfg.agent_root("alice") / "state" / "oom.txt").read_text().strip() == "137"
     alice = next(a for a in listed if a.name == "alice")
     assert alice.limits_note is None and alice.state == "running"
+
+
+async def test_state_quota_is_a_volume_of_its_own(hive_root: Path) -> None:
+    """[limits] state_max: /state is an ext4 volume of that size; filling it answers ENOSPC
+    to the agent and the host's disk never sees more. Files from before are carried over."""
+    cfg = hive_config(hive_root, demo=True)
+    applied = cfg.state_dir / "applied" / "alice"
+    applied.mkdir(parents=True)
+    (applied / "agent.toml").write_text('[limits]\nstate_max = "32M"\n')
+    kept = cfg.agent_root("alice") / "state" / "notes.md"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("from before the quota")
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        command = (
+            "dd if=/dev/zero of=/state/big bs=1M count=64 2>/state/dd.err; echo $? > /state/dd.rc;"
+            " rm -f /state/big; cat /state/notes.md > /state/seen.txt"
+        )
+        body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
+        async with subscription(hive.sock) as events:
+            sent = await hive.call(wire.OperatorSend(to="alice", body=body), wire.Sent)
+            await wait_for_event(
+                events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
+            )
+        state = cfg.agent_root("alice") / "state"
+        assert is_mount(state)
+        assert (state / "dd.rc").read_text().strip() != "0"
+        assert "No space left on device" in (state / "dd.err").read_text()
+        assert (state / "seen.txt").read_text() == "from before the quota"
+        assert os.statvfs(state).f_blocks * os.statvfs(state).f_frsize <= 32 << 20
+        assert (
+            os.stat(state).st_uid
+            == UID_BASE
+            + next(a.port for a in (await hive.call(wire.ListAgents(), wire.AgentList)).agents)
+            - cfg.ui_port_base
+        )
+        await hive.call(wire.Destroy(name="alice", purge=True))
+    assert not is_mount(state) and not state.exists()

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperhive.core.quotas import DEFAULT_INBOX_QUOTA, DEFAULT_SENDER_QUOTA
 from hyperhive.protocol.names import MANAGER_NAME, check_name
 
 
@@ -38,6 +39,8 @@ class DaemonConfig:
     """MemoryMax of each agent whose agent.toml [limits] sets none (systemd syntax, e.g. 4G)."""
     agent_cpu_quota: str | None = None
     """CPUQuota of each agent whose agent.toml [limits] sets none (e.g. 200% = two cores)."""
+    agent_state_max: str | None = None
+    """The /state volume size of each agent whose agent.toml sets none (bwrap, nspawn)."""
     forge_container: str | None = None
     """The nixos-container that runs the hive's Forgejo (services.hive-forge), if there is one."""
     harness_python: str = sys.executable
@@ -50,6 +53,10 @@ class DaemonConfig:
     """Deliveries of one message before it is dead-lettered."""
     group_commit: bool = True
     """Commit concurrent writes together (one fsync per batch); off = one fsync per write."""
+    inbox_quota: int = DEFAULT_INBOX_QUOTA
+    """Most bytes of undelivered (queued or leased) messages one inbox may hold; 0 = no bound."""
+    sender_quota: int = DEFAULT_SENDER_QUOTA
+    """Most bytes of undelivered messages one agent may have waiting in all inboxes together."""
     crash_at: str | None = None
     """Fault injection for tests (`label:n`, see core/faults.py); from $HIVE_CRASH_AT."""
     crash_raises: bool = False

@@ -20,7 +20,7 @@ from hyperhive.core import events
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.broker import Broker
 from hyperhive.core.config import DaemonConfig
-from hyperhive.core.containers import rootfs
+from hyperhive.core.containers import quota, rootfs
 from hyperhive.core.containers.base import (
     ADOPTED_EXIT,
     Backend,
@@ -97,6 +97,7 @@ def with_default_limits(config: AgentConfig, cfg: DaemonConfig) -> AgentConfig:
     limits = Limits(
         memory_max=config.limits.memory_max or cfg.agent_memory_max,
         cpu_quota=config.limits.cpu_quota or cfg.agent_cpu_quota,
+        state_max=config.limits.state_max or cfg.agent_state_max,
     )
     return config if limits == config.limits else msgspec.structs.replace(config, limits=limits)
 
@@ -478,6 +479,20 @@ class Supervisor:
             return CONFIG_ERROR
         spec = self.spec_for(rec, config)
         rec.limits_note = self.backend.limits_note(spec)
+        state_max = spec.config.limits.state_max
+        if state_max is not None and spec.uid is not None:
+            try:
+                note = await quota.ensure_state_volume(
+                    self.cfg.agent_root(rec.name), quota.parse_state_max(state_max), spec.uid
+                )
+            except HiveError as exc:
+                log.error("%s: %s", rec.container, exc.message)
+                await trio.to_thread.run_sync(
+                    append_log_line, self.cfg.agent_root(rec.name) / "container.log", exc.message
+                )
+                return CONFIG_ERROR
+            if note is not None:
+                rec.limits_note = "; ".join(n for n in (rec.limits_note, note) if n)
         pidfile = self.cfg.agent_root(rec.name) / "container.pid"
         adopting = await trio.to_thread.run_sync(read_live_pidfile, pidfile) is not None
         if not adopting:
@@ -512,6 +527,7 @@ class Supervisor:
         bases = [
             (self.cfg.state_dir / "agents").resolve(),
             self.cfg.run_dir.resolve(),
+            (self.cfg.run_dir / "agents").resolve(),
             (self.cfg.state_dir / "applied").resolve(),
             self.cfg.proposed_dir.resolve(),
         ]
@@ -528,4 +544,5 @@ class Supervisor:
                 elif os.path.isdir(target):
                     shutil.rmtree(target)  # fd-based: never follows a symlink inside
 
+        await quota.release_state_volume(self.cfg.agent_root(rec.name))
         await trio.to_thread.run_sync(remove)

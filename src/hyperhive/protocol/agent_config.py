@@ -35,6 +35,8 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     """e.g. "4G"; systemd MemoryMax syntax."""
     cpu_quota: Annotated[str, msgspec.Meta(pattern=_PERCENT)] | None = None
     """e.g. "200%" = two cores; systemd CPUQuota syntax."""
+    state_max: Annotated[str, msgspec.Meta(pattern=_SIZE)] | None = None
+    """e.g. "10G": /state becomes a volume of that size (bwrap, nspawn; SPEC §4.1b)."""
 
 
 NetworkMode = Literal["open", "anthropic", "none", "host"]
@@ -82,6 +84,7 @@ DEFAULT_TOML = """\
 [limits]
 # memory_max = "4G"             # systemd MemoryMax syntax
 # cpu_quota = "200%"            # systemd CPUQuota syntax (200% = two cores)
+# state_max = "10G"             # /state as its own volume of that size (bwrap, nspawn)
 
 [env]
 # EXAMPLE = "value"             # extra environment for the agent's claude

@@ -73,6 +73,20 @@ class CgroupLimits:
     pids_max: int | None = DEFAULT_PIDS_MAX
 
 
+def parse_size(text: str, what: str) -> int:
+    """A size in systemd syntax ("4G", "512M", bytes) as bytes, or BadParams saying why."""
+    size = _SIZE.match(text)
+    if size is None:
+        raise BadParams(
+            f"{what}: {text!r} is not a size"
+            ' (a positive integer with an optional K, M, G or T suffix, e.g. "4G")'
+        )
+    value = int(size.group(1)) * _UNITS[size.group(2)]
+    if value > _MAX_BYTES:
+        raise BadParams(f"{what}: {text!r} is too large")
+    return value
+
+
 def parse_limits(limits: Limits, pids_max: int | None = None) -> CgroupLimits:
     """agent.toml's limits (systemd syntax: "4G", "200%") in kernel units.
 
@@ -80,15 +94,7 @@ def parse_limits(limits: Limits, pids_max: int | None = None) -> CgroupLimits:
     """
     memory = None
     if limits.memory_max is not None:
-        size = _SIZE.match(limits.memory_max)
-        if size is None:
-            raise BadParams(
-                f"limits.memory_max: {limits.memory_max!r} is not a size"
-                ' (a positive integer with an optional K, M, G or T suffix, e.g. "4G")'
-            )
-        memory = int(size.group(1)) * _UNITS[size.group(2)]
-        if memory > _MAX_BYTES:
-            raise BadParams(f"limits.memory_max: {limits.memory_max!r} is too large")
+        memory = parse_size(limits.memory_max, "limits.memory_max")
     cpu = None
     if limits.cpu_quota is not None:
         percent = _PERCENT.match(limits.cpu_quota)

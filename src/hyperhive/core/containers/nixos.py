@@ -118,7 +118,11 @@ class NixosBackend:
     # ------------------------------------------------------------------ Backend
 
     def limits_note(self, spec: ContainerSpec) -> str | None:
-        return None  # systemd enforces MemoryMax and CPUQuota on container@.service
+        # systemd enforces MemoryMax and CPUQuota on container@.service; /state is a bind of a
+        # host directory there, with no volume of its own.
+        if spec.config.limits.state_max is not None:
+            return "state_max not enforced: the nixos backend has no per-agent /state volume"
+        return None
 
     async def create(self, spec: ContainerSpec) -> None:
         host = host_config(spec)  # refuse unbindable paths before anything is built
