@@ -127,6 +127,8 @@ class Supervisor:
         self._sockets: dict[str, _Task] = {}
         self._configs: dict[str, AgentConfig] = {}
         self._nursery: trio.Nursery | None = None
+        self._own_etc = backend.name in ("bwrap", "nspawn")
+        """bwrap and nspawn give every container a generated /etc, root or not."""
 
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -270,7 +272,7 @@ class Supervisor:
             config_dir=self.applied_dir(rec),
             hidden=(cfg.state_dir, cfg.run_dir),
             uid=uid,
-            etc_dir=None if uid is None else root / "etc",
+            etc_dir=root / "etc" if uid is not None or self._own_etc else None,
         )
 
     async def prepare_dirs(self, rec: AgentRecord) -> None:
@@ -479,6 +481,12 @@ class Supervisor:
             return CONFIG_ERROR
         spec = self.spec_for(rec, config)
         rec.limits_note = self.backend.limits_note(spec)
+        if self._own_etc and spec.uid is None:
+            weaker = (
+                "the daemon is not root: the agent runs as the daemon's user on the host's"
+                " network, without its own uid, cgroup or network namespace (SPEC §4.1b)"
+            )
+            rec.limits_note = "; ".join(n for n in (weaker, rec.limits_note) if n)
         state_max = spec.config.limits.state_max
         if state_max is not None and spec.uid is not None:
             try:

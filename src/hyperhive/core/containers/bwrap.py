@@ -44,7 +44,9 @@ def _parents(paths: list[str]) -> list[str]:
 
 class BwrapBackend:
     name = "bwrap"
-    agent_uids = True
+    agent_uids = os.geteuid() == 0
+    """Agents run as their own uids, with cgroups and network namespaces, when the daemon is
+    root; a daemon run by a user runs them as that user (SPEC §4.1b says what that loses)."""
 
     def __init__(self, bwrap: str = "bwrap", keep_paths: list[str] | None = None) -> None:
         self.bwrap = bwrap
@@ -157,7 +159,7 @@ class BwrapBackend:
 
     async def prepare(self, spec: ContainerSpec) -> None:
         """Write the container's /etc (blocking work off the loop)."""
-        if spec.etc_dir is not None and spec.uid is not None:
+        if spec.etc_dir is not None:
             self.etc_bound = await trio.to_thread.run_sync(rootfs.generate_etc, spec)
 
     async def run(self, spec: ContainerSpec, *, grace: float, on_started: OnStarted) -> int:

@@ -144,7 +144,9 @@ class NspawnBackend:
     """
 
     name = "nspawn"
-    agent_uids = True
+    agent_uids = os.geteuid() == 0
+    """Agents run as their own uids, with cgroups and network namespaces, when the daemon is
+    root; a daemon run by a user runs them as that user (SPEC §4.1b says what that loses)."""
 
     def __init__(self, nspawn: str = "systemd-nspawn", keep_paths: list[str] | None = None) -> None:
         self.nspawn = nspawn
@@ -240,7 +242,7 @@ class NspawnBackend:
         a SIGKILL of nspawn's process group alone would leave it, and the agent, running. So
         its pid is recorded, and killed once nspawn is gone.
         """
-        if spec.etc_dir is not None and spec.uid is not None:
+        if spec.etc_dir is not None:
             self.etc_bound = await trio.to_thread.run_sync(rootfs.generate_etc, spec)
         init_pidfile = spec.log_path.parent / INIT_PIDFILE
         adoptable = await trio.to_thread.run_sync(

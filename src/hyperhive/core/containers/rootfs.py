@@ -139,12 +139,12 @@ def write_etc(
 
 def generate_etc(spec: ContainerSpec) -> list[str]:
     """The spec's /etc (see write_etc); its resolver is slirp's when slirp carries its traffic."""
-    assert spec.etc_dir is not None and spec.uid is not None
+    assert spec.etc_dir is not None
     slirp = spec.egress is not None and spec.egress.mode in ("open", "anthropic")
     return write_etc(
         spec.etc_dir,
         user=user_name(spec.name),
-        uid=spec.uid,
+        uid=os.getuid() if spec.uid is None else spec.uid,
         hostname=spec.container,
         resolv=SLIRP_DNS if slirp else None,
     )
