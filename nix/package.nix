@@ -1,9 +1,32 @@
 # hyperhive as a Python application: hive-c0re (the host daemon and CLI), hive-ag3nt and
 # hive-m1nd (the in-container harnesses), built from nixpkgs' own Python packages.
-{ lib, python3Packages }:
+{
+  lib,
+  python3Packages,
+  libseccomp,
+}:
 let
   project = (builtins.fromTOML (builtins.readFile ../pyproject.toml)).project;
+  # Not in nixpkgs: the bwrap backend's seccomp filter is compiled through it (ctypes over
+  # libseccomp). Pinned to the sdist pip installs for the venv.
+  pyseccomp = python3Packages.buildPythonPackage rec {
+    pname = "pyseccomp";
+    version = "0.1.2";
+    pyproject = true;
+    src = python3Packages.fetchPypi {
+      inherit pname version;
+      hash = "sha256-DVTvrPcb2kvf0hIz9URLcwy+z1k9YC95bmQSqGgiWL0=";
+    };
+    build-system = [ python3Packages.setuptools ];
+    # find_library("seccomp") finds nothing in a Nix build: point it at the library itself.
+    postPatch = ''
+      substituteInPlace pyseccomp.py \
+        --replace-fail 'ctypes.util.find_library("seccomp")' '"${lib.getLib libseccomp}/lib/libseccomp.so.2"'
+    '';
+    pythonImportsCheck = [ "pyseccomp" ];
+  };
   dependencies = [
+    pyseccomp
     python3Packages.anyio
     python3Packages.hypercorn
     python3Packages.mcp

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 from mcp import Client
 from mcp.types import TextContent
 
@@ -47,14 +48,19 @@ def _environ(pid: int) -> dict[str, str]:
 
 
 def _harness_env(container_pid: int) -> dict[str, str]:
+    return _environ(harness_pid(container_pid))
+
+
+def harness_pid(container_pid: int, label: str = "alice") -> int:
+    """The harness process of a container (its environment names the agent)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 env = _environ(int(entry))
             except OSError:
                 continue
-            if env.get("HIVE_LABEL") == "alice" and os.getpgid(int(entry)) == container_pid:
-                return env
+            if env.get("HIVE_LABEL") == label and os.getpgid(int(entry)) == container_pid:
+                return int(entry)
     raise AssertionError("harness not found")
 
 
@@ -80,7 +86,18 @@ async def test_applied_agent_toml_reaches_the_container(hive_root: Path) -> None
         assert env["HIVE_ALLOWED_RECIPIENTS"] == "bob"
         # Enforced: the container runs in its own memory cgroup with the limit.
         assert running.agent.limits_note is None
-        assert cgroup_value(running.agent.pid, "memory", "memory.limit_in_bytes") == 1 << 30
+        assert await joined_limit(running.agent.pid) == 1 << 30
+
+
+async def joined_limit(pid: int) -> int:
+    """The memory limit of the container's cgroup, once its first process has joined it (it
+    does so right after it is spawned, before it execs the container manager)."""
+    with trio.fail_after(10):
+        while True:
+            lines = (await trio.Path(f"/proc/{pid}/cgroup").read_text()).splitlines()
+            if any(":memory:/hyperhive/" in line for line in lines):
+                return cgroup_value(pid, "memory", "memory.limit_in_bytes")
+            await trio.sleep(0.02)
 
 
 def cgroup_value(pid: int, controller: str, name: str) -> int:

@@ -10,7 +10,7 @@ from hyperhive.core.supervisor import with_default_limits
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import AgentConfig, Limits
 from tests.conftest import needs_bwrap
-from tests.core.test_agent_config import cgroup_value
+from tests.core.test_agent_config import joined_limit
 from tests.hive import hive_config, open_hive, subscription, wait_for_event
 
 DEFAULTS = DaemonConfig(agent_memory_max="4G", agent_cpu_quota="200%")
@@ -45,5 +45,4 @@ async def test_the_defaults_reach_the_backend(hive_root: Path) -> None:
         )
         assert isinstance(running, wire.AgentChanged)
         assert running.agent.limits_note is None and running.agent.pid is not None
-        limit = cgroup_value(running.agent.pid, "memory", "memory.limit_in_bytes")
-        assert limit == 2 << 30
+        assert await joined_limit(running.agent.pid) == 2 << 30

@@ -49,22 +49,17 @@ async def test_an_agent_sees_neither_other_agents_nor_the_daemons_files(var_root
 
     seen = (cfg.agent_root("alice") / "state" / "probe.txt").read_text()
     state_listing, creds, run_listing, hive_dir, home, root, hostname, caps = seen.split("---\n")
-    assert state_listing.strip() == ""  # the daemon's state dir is an empty tmpfs inside
+    # The daemon's state and run dirs are not in the container at all (a minimal root).
+    assert "No such file" in state_listing
     assert SECRET not in seen and "No such file" in creds
-    assert run_listing.strip() == ""  # no host.sock, no login tokens
-    assert set(hive_dir.split()) <= {
-        "mcp.sock",
-        "claude-mcp-config.json",
-        "claude-settings.json",
-        "claude-system-prompt.md",
-    }
-    assert "mcp.sock" in hive_dir.split()
-    assert home.strip() == ""
-    # /root: a tmpfs with alice's own credentials dir, claude's cache, the python runtime.
-    assert ".claude" in root.split() and set(root.split()) <= {".claude", ".pyenv", ".cache"}
+    assert "No such file" in run_listing  # no host.sock, no login tokens
+    assert hive_dir.split() == ["mcp.sock"]  # the socket dir holds the socket, read-only
+    assert "No such file" in home  # no /home
+    # /root: a tmpfs with alice's own credentials dir, claude's files, the python runtime.
+    assert ".claude" in root.split()
+    assert set(root.split()) <= {".claude", ".claude.json", ".pyenv", ".cache"}, root
     assert hostname.strip() == "h-alice"
-    # No capabilities, even though the daemon (and so bwrap) may run as root, and none to be
-    # had again: with no_new_privs, exec never grants a uid-0 process its caps back.
+    # No capabilities (the agent runs as its own uid), and none to be had again.
     assert caps.split() == [
         "CapPrm:",
         "0000000000000000",

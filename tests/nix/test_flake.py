@@ -104,6 +104,15 @@ async def test_the_package_is_the_python_application() -> None:
     # Every runtime dependency of pyproject.toml, by its nixpkgs name.
     wanted = {re.split(r"[=<>~!\[; ]", d, maxsplit=1)[0].lower() for d in PYPROJECT["dependencies"]}
     assert set(package["dependencies"]) == wanted
+    # pyseccomp is not in nixpkgs: built from the very sdist pyproject.toml pins.
+    pinned = await nix_eval(
+        """let p = builtins.head (builtins.filter (d: d.pname == "pyseccomp")
+             self.packages.x86_64-linux.default.dependencies);
+           in { inherit (p) version; src = p.src.hash; patch = p.postPatch; }"""
+    )
+    assert isinstance(pinned, dict)
+    assert f"pyseccomp=={pinned['version']}" in PYPROJECT["dependencies"]
+    assert pinned["src"].startswith("sha256-") and "libseccomp.so.2" in pinned["patch"]
     # The console scripts: hive-c0re is the main program; the harness modules import.
     assert package["mainProgram"] == "hive-c0re"
     assert set(PYPROJECT["scripts"]) == {"hive-c0re", "hive-ag3nt", "hive-m1nd"}

@@ -63,6 +63,7 @@ let
         default;
     isDerivation = x: isAttrs x && (x.type or null) == "derivation";
     getName = x: x.pname or (b.parseDrvName x.name).name;
+    getLib = pkg: pkg.lib or pkg.out or pkg;
     getExe' = pkg: exe: "${pkg}/bin/${exe}";
     getExe = pkg: getExe' pkg (pkg.meta.mainProgram or (getName pkg));
     escapeShellArg = s: "'" + replaceStrings [ "'" ] [ "'\\''" ] (toString s) + "'";

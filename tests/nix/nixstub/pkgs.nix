@@ -23,6 +23,7 @@ let
     "forgejo"
     "forgejo-lts"
     "git"
+    "libseccomp"
     "nix"
     "nixos-container"
     "nodejs"
@@ -44,11 +45,22 @@ let
     "pytest-trio"
     "quart"
     "quart-trio"
+    "setuptools"
     "sh"
     "trio"
     "trio-websocket"
   ];
   python3Packages = lib.genAttrs pythonNames pythonPackage // {
+    fetchPypi = attrs: attrs // { fetchPypi = true; };
+    buildPythonPackage =
+      attrs:
+      attrs
+      // {
+        type = "derivation";
+        name = "${attrs.pname}-${attrs.version}";
+        outPath = "/nix/store/00000000000000000000000000000000-${attrs.pname}-${attrs.version}";
+        pythonModule = true;
+      };
     buildPythonApplication =
       attrs:
       builtins.removeAttrs attrs [ "passthru" ]
