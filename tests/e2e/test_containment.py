@@ -376,12 +376,24 @@ async def test_network_modes_are_enforced_per_agent(hive_root: Path) -> None:
         rules = await trio.run_process(
             ["nsenter", "-t", str(inside), "--net", "nft", "list", "ruleset"], capture_stdout=True
         )
+        opened = next(a for a in listed if a.name == "opened")
+        assert opened.pid is not None
+        open_inside = await netns.find_namespace_pid(opened.pid)
+        open_rules = await trio.run_process(
+            ["nsenter", "-t", str(open_inside), "--net", "nft", "list", "ruleset"],
+            capture_stdout=True,
+        )
+        host_ips = await netns.host_addresses()
     assert seen["nonet"]["ifaces"] == ["lo"]
     assert seen["opened"]["ifaces"] == ["lo", "tap0"] == seen["walled"]["ifaces"]
     # The allowed host service answers inside as 127.0.0.1:<port>, in every mode.
     assert {s["allowed"] for s in seen.values()} == {"ok"}, seen
     ruleset = rules.stdout.decode()
     assert "policy drop" in ruleset and "dport 53 accept" in ruleset
+    # `open`: the outside, but not the host's own addresses (services bound to all interfaces).
+    opened_rules = open_rules.stdout.decode()
+    assert "policy accept" in opened_rules
+    assert all(f"daddr {ip} drop" in opened_rules for ip in host_ips), (host_ips, opened_rules)
 
 
 async def test_memory_limit_is_enforced_inside_the_container(hive_root: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import logging
 import os
 import shutil
@@ -212,26 +213,49 @@ class Egress:
     """`anthropic` mode: the outside destinations allowed besides DNS."""
 
 
-def nft_rules(allowed_ips: list[tuple[str, int]]) -> str:
-    """The `anthropic` output policy: loopback, replies, DNS to slirp's resolver, the allowed
-    addresses and ports; everything else dropped (and so never leaves the host)."""
+def nft_rules(mode: str, host_ips: list[str], allowed_ips: list[tuple[str, int]]) -> str:
+    """The namespace's output policy. Both modes: nothing to the host's own addresses (slirp
+    would deliver it to services the host listens with on all interfaces). `anthropic`:
+    loopback, replies, DNS to slirp's resolver and the allowed addresses and ports only;
+    everything else dropped (and so never leaves the host)."""
+    policy = "drop" if mode == "anthropic" else "accept"
     lines = [
         # Replaced whole on every start (an adopted container keeps its namespace).
         "table inet hive",
         "delete table inet hive",
         "table inet hive {",
         " chain output {",
-        "  type filter hook output priority 0; policy drop;",
+        f"  type filter hook output priority 0; policy {policy};",
         '  oifname "lo" accept',
-        "  ct state established,related accept",
-        "  ip daddr 10.0.2.3 udp dport 53 accept",
-        "  ip daddr 10.0.2.3 tcp dport 53 accept",
     ]
-    for ip, port in allowed_ips:
+    for ip in host_ips:
         family = "ip6" if ":" in ip else "ip"
-        lines.append(f"  {family} daddr {ip} tcp dport {port} accept")
+        lines.append(f"  {family} daddr {ip} drop")
+    if mode == "anthropic":
+        lines += [
+            "  ct state established,related accept",
+            "  ip daddr 10.0.2.3 udp dport 53 accept",
+            "  ip daddr 10.0.2.3 tcp dport 53 accept",
+        ]
+        for ip, port in allowed_ips:
+            family = "ip6" if ":" in ip else "ip"
+            lines.append(f"  {family} daddr {ip} tcp dport {port} accept")
     lines += [" }", "}", ""]
     return "\n".join(lines)
+
+
+async def host_addresses() -> list[str]:
+    """The host's own addresses (every interface's, loopback's aside)."""
+    done = await trio.run_process(
+        ["ip", "-j", "addr", "show"], capture_stdout=True, capture_stderr=True
+    )
+    found = []
+    for iface in json.loads(done.stdout or b"[]"):
+        for addr in iface.get("addr_info", []):
+            local = str(addr.get("local", ""))
+            if local and iface.get("ifname") != "lo" and not local.startswith("fe80:"):
+                found.append(local)
+    return found
 
 
 def _resolve(allow: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
@@ -269,9 +293,9 @@ async def serve_network(
     """Wire the container's namespace for its lifetime (cancel to undo)."""
     inside = await find_namespace_pid(pid)
     async with trio.open_nursery() as nursery:
-        if egress.mode == "anthropic":
+        if egress.mode in ("open", "anthropic"):
             ips = await trio.to_thread.run_sync(_resolve, egress.allow)
-            await apply_rules(inside, nft_rules(ips))
+            await apply_rules(inside, nft_rules(egress.mode, await host_addresses(), ips))
         if egress.mode in ("open", "anthropic"):
             nursery.start_soon(_run_slirp, inside)
         for port in egress.host_ports:
