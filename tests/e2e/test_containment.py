@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,7 +24,8 @@ import pytest
 import trio
 
 from hyperhive.core.containers import netns
-from hyperhive.core.containers.base import open_log
+from hyperhive.core.containers.base import Bind, ContainerSpec, open_log
+from hyperhive.core.containers.bwrap import BwrapBackend
 from hyperhive.core.containers.nspawn import nspawn_available
 from hyperhive.core.containers.rootfs import UID_BASE, runtime_paths
 from hyperhive.core.gitops import GitOps
@@ -457,3 +460,45 @@ async def test_state_quota_is_a_volume_of_its_own(hive_root: Path) -> None:
         )
         await hive.call(wire.Destroy(name="alice", purge=True))
     assert not is_mount(state) and not state.exists()
+
+
+FOREIGN_ABI = r"""
+import ctypes, mmap, sys
+abi = sys.argv[1]
+if abi == "i386":  # mov eax, 288 (keyctl); xor ebx, ebx; int 0x80; ret
+    code = b"\xb8" + (288).to_bytes(4, "little") + b"\x31\xdb\xcd\x80\xc3"
+else:  # x32: mov eax, 250 | __X32_SYSCALL_BIT; xor edi, edi; syscall; ret
+    code = b"\xb8" + (250 | 0x40000000).to_bytes(4, "little") + b"\x31\xff\x0f\x05\xc3"
+buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+buf.write(code)
+call = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+print("returned", call(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("abi", ["i386", "x32"])
+async def test_the_seccomp_filter_cannot_be_bypassed_through_another_abi(
+    hive_root: Path, abi: str
+) -> None:
+    """keyctl through the i386 (int 0x80) or x32 syscall ABI: the filter is for the native ABI
+    only, and libseccomp kills a process that uses another one (SIGSYS)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("x86-64 only")
+    state = hive_root / "state"
+    state.mkdir()
+    (state / "abi.py").write_text(FOREIGN_ABI)
+    os.chown(state, UID_BASE + 1, UID_BASE + 1)
+    spec = ContainerSpec(
+        name="alice",
+        container="h-alice",
+        role="agent",
+        binds=(Bind(state, "/state"),),
+        env={"PATH": "/usr/bin:/bin"},
+        command=(sys.executable, "/state/abi.py", abi),
+        log_path=hive_root / "container.log",
+        uid=UID_BASE + 1,
+        etc_dir=hive_root / "etc",
+    )
+    code = await BwrapBackend().run(spec, grace=2, on_started=lambda pid: None)
+    assert code == 128 + signal.SIGSYS, (hive_root / "container.log").read_text()
+    assert "returned" not in (hive_root / "container.log").read_text()
