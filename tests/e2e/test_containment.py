@@ -373,6 +373,8 @@ async def test_network_modes_are_enforced_per_agent(hive_root: Path) -> None:
             await hive.call(wire.Spawn(name=name))
         seen = {name: await net_probe(hive, name, port) for name in modes}
         listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+        shown = {a.name: a.network for a in listed}
+        assert shown == {"nonet": "none +1", "walled": "anthropic +1", "opened": "open +1"}
         walled = next(a for a in listed if a.name == "walled")
         assert walled.pid is not None
         inside = await netns.find_namespace_pid(walled.pid)

@@ -50,6 +50,8 @@ class AgentRecord:
     built_rev: str | None = None
     """The hyperhive revision the running container was started from."""
     port_conflict: bool = False
+    network: str | None = None
+    """Its network as last started (see wire.AgentInfo.network)."""
 
     @property
     def container(self) -> str:
@@ -200,6 +202,7 @@ class Registry:
             limits_note=rec.limits_note,
             port_conflict=rec.port_conflict,
             deployed=self.deployed.get(rec.name),
+            network=rec.network,
             needs_update=rec.state == "running"
             and self.revision is not None
             and rec.built_rev != self.revision,

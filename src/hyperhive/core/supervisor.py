@@ -102,6 +102,16 @@ def with_default_limits(config: AgentConfig, cfg: DaemonConfig) -> AgentConfig:
     return config if limits == config.limits else msgspec.structs.replace(config, limits=limits)
 
 
+def describe_network(spec: ContainerSpec) -> str | None:
+    """What `list` and the dashboard show of the agent's network (wire.AgentInfo.network)."""
+    if spec.uid is None:
+        return None
+    if spec.egress is None:
+        return "host"
+    extra = len(spec.config.network.allow)
+    return spec.egress.mode + (f" +{extra}" if extra else "")
+
+
 CONFIG_ERROR = -3
 """The exit status reported when the agent's config was refused before anything started."""
 
@@ -481,6 +491,7 @@ class Supervisor:
             return CONFIG_ERROR
         spec = self.spec_for(rec, config)
         rec.limits_note = self.backend.limits_note(spec)
+        rec.network = describe_network(spec)
         if self._own_etc and spec.uid is None:
             weaker = (
                 "the daemon is not root: the agent runs as the daemon's user on the host's"

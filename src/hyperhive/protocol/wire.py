@@ -108,6 +108,10 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The agent's web UI port is held by a process outside the hive (it is not moved)."""
     deployed: str | None = None
     """What it runs, from the meta repo's pin: tag and commit, e.g. `deployed/7 1a2b3c4d5e6f`."""
+    network: str | None = None
+    """Its network as enforced (bwrap/nspawn, SPEC §4.1b): `open`, `anthropic`, `none` or
+    `host`, with `+N` when its config allows N more host:port destinations; None: the
+    backend's own (nixos) or not started yet."""
 
 
 # --------------------------------------------------------------------------- requests

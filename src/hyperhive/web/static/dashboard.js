@@ -90,6 +90,13 @@
     if (agent.needs_login) top.appendChild(el("span", "badge login", "⚠ needs login"));
     if (agent.unread > 0) top.appendChild(el("span", "badge unread", `✉ ${agent.unread} unread`));
     if (agent.port) top.appendChild(el("span", "port", `:${agent.port}`));
+    if (agent.network) {
+      // Its network as enforced (SPEC §4.1b); `host` means no network isolation at all.
+      const mode = agent.network.split(" ")[0];
+      const chip = el("span", `chip network net-${mode}`, `⌁ ${agent.network}`);
+      chip.title = mode === "host" ? "shares the host's network: no isolation" : `network: ${agent.network}`;
+      top.appendChild(chip);
+    }
     if (agent.deployed) {
       // The meta repo's pin: which deploy this agent runs ("deployed/7 1a2b3c4d5e6f").
       const [tag, sha] = agent.deployed.split(" ");
