@@ -504,3 +504,51 @@ async def test_the_seccomp_filter_cannot_be_bypassed_through_another_abi(
     code = await BwrapBackend().run(spec, grace=2, on_started=lambda pid: None)
     assert code == 128 + signal.SIGSYS, (hive_root / "container.log").read_text()
     assert "returned" not in (hive_root / "container.log").read_text()
+
+
+async def test_a_held_ui_port_is_reported_and_taken_once_free(hive_root: Path) -> None:
+    """Someone else on the agent's UI port: the agent runs anyway, `port_conflict` says so, and
+    the daemon binds the port (retrying with backoff) once it is free."""
+    cfg = hive_config(hive_root, demo=True)
+    from hyperhive.core.agents import PORT_SPAN, fnv1a_32
+
+    port = cfg.ui_port_base + 100 + fnv1a_32(b"alice") % PORT_SPAN
+    squatter = trio.socket.socket()
+    await squatter.bind((cfg.bind, port))
+    squatter.listen(1)
+    async with open_hive(cfg) as hive, subscription(hive.sock) as events:
+        await hive.call(wire.Spawn(name="alice"))
+        held = await wait_for_event(
+            events,
+            lambda e: (
+                isinstance(e, wire.AgentChanged)
+                and e.agent.name == "alice"
+                and e.agent.port_conflict
+            ),
+        )
+        assert isinstance(held, wire.AgentChanged) and held.agent.port == port
+        squatter.close()
+        await wait_for_event(
+            events,
+            lambda e: (
+                isinstance(e, wire.AgentChanged)
+                and e.agent.name == "alice"
+                and not e.agent.port_conflict
+                and e.agent.state == "running"
+            ),
+        )
+        # The port is the daemon's now, relaying into alice's namespace: her UI answers once
+        # the harness listens there (a refused relay closes the connection at once).
+        with trio.fail_after(30):
+            for _ in range(300):
+                if reply := await http_get(cfg.bind, port):
+                    break
+                await trio.sleep(0.1)
+        assert reply.startswith(b"HTTP/1.1 ")
+
+
+async def http_get(host: str, port: int) -> bytes:
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        return await stream.receive_some(4096)

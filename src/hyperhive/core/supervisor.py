@@ -20,7 +20,7 @@ from hyperhive.core import events
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.broker import Broker
 from hyperhive.core.config import DaemonConfig
-from hyperhive.core.containers import quota, rootfs
+from hyperhive.core.containers import netns, quota, rootfs
 from hyperhive.core.containers.base import (
     ADOPTED_EXIT,
     Backend,
@@ -113,6 +113,8 @@ def describe_network(spec: ContainerSpec) -> str | None:
 
 
 CONFIG_ERROR = -3
+UI_RETRY_INITIAL = 1.0
+UI_RETRY_MAX = 60.0
 """The exit status reported when the agent's config was refused before anything started."""
 
 
@@ -514,25 +516,58 @@ class Supervisor:
                 rec.limits_note = "; ".join(n for n in (rec.limits_note, note) if n)
         pidfile = self.cfg.agent_root(rec.name) / "container.pid"
         adopting = await trio.to_thread.run_sync(read_live_pidfile, pidfile) is not None
-        if not adopting:
+        if not adopting and spec.egress is None:
             rec.port_conflict = not await trio.to_thread.run_sync(
                 _port_free, self.cfg.bind, rec.port
             )
             if rec.port_conflict:
                 log.warning("%s: web UI port %d is taken by another process", rec.name, rec.port)
 
-        def started(pid: int) -> None:
-            if not adopting and rec.built_rev != self.registry.revision:
-                # A fresh container runs this daemon's hyperhive; an adopted one keeps its own.
-                rec.built_rev = self.registry.revision
-                self.nursery.start_soon(self.registry.save, rec)
-            self.registry.set_state(rec, "running", pid=pid)
+        async with trio.open_nursery() as nursery:
 
+            def started(pid: int) -> None:
+                if not adopting and rec.built_rev != self.registry.revision:
+                    # A fresh container runs this daemon's hyperhive; an adopted one its own.
+                    rec.built_rev = self.registry.revision
+                    self.nursery.start_soon(self.registry.save, rec)
+                self.registry.set_state(rec, "running", pid=pid)
+                if spec.egress is not None:
+                    nursery.start_soon(self._serve_ui, rec, pid)
+
+            try:
+                return await self.backend.run(spec, grace=self.cfg.stop_grace, on_started=started)
+            except OSError as exc:
+                log.error("%s failed to start: %s", rec.container, exc)
+                return -1
+            finally:
+                nursery.cancel_scope.cancel()
+        raise AssertionError("unreachable")
+
+    async def _serve_ui(self, rec: AgentRecord, pid: int) -> None:
+        """The agent's UI port on the host, relayed into its namespace, for as long as its
+        container runs. A port held by someone else is reported (`port_conflict`, the log) and
+        bound again after 1 s, doubling to a minute; the agent keeps running meanwhile."""
         try:
-            return await self.backend.run(spec, grace=self.cfg.stop_grace, on_started=started)
+            inside = await netns.find_namespace_pid(pid)
         except OSError as exc:
-            log.error("%s failed to start: %s", rec.container, exc)
-            return -1
+            log.error("%s: no UI: %s", rec.container, exc)
+            return
+        delay = UI_RETRY_INITIAL
+        while True:
+            try:
+                listeners = await netns.open_ui_listeners(self.cfg.bind, rec.port)
+            except OSError as exc:
+                if not rec.port_conflict:
+                    log.warning("%s: web UI port %d is held: %s", rec.name, rec.port, exc)
+                    rec.port_conflict = True
+                    self.registry.changed(rec)
+                await trio.sleep(delay)
+                delay = min(delay * 2, UI_RETRY_MAX)
+                continue
+            if rec.port_conflict:
+                rec.port_conflict = False
+                self.registry.changed(rec)
+            await netns.serve_ui_proxy(inside, rec.port, listeners)
 
     async def purge(self, rec: AgentRecord) -> None:
         """Delete the agent's state and sockets. Only ever below the daemon's own dirs."""

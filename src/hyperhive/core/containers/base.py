@@ -219,7 +219,7 @@ async def _serve_network(pid: int, spec: ContainerSpec) -> None:
     """The container's network wiring; a failure is logged in its log, never fatal."""
     assert spec.egress is not None
     try:
-        await netns.serve_network(pid, spec.egress, bind=spec.bind, ui_port=spec.port)
+        await netns.serve_network(pid, spec.egress)
     except (OSError, subprocess.CalledProcessError) as exc:
         log.error("%s: network: %s", spec.container, exc)
         await trio.to_thread.run_sync(

@@ -3,9 +3,9 @@
 On bwrap and nspawn an agent gets a private network namespace by default (agent.toml
 `[network] mode`, SPEC §4.1b), so it can neither bind nor reach the host's loopback. The daemon
 then wires, for the container's lifetime:
-- the UI: the daemon listens on the host's `bind:port` and connects each browser connection to
-  `127.0.0.1:port` inside the namespace (a socket made in the namespace by a worker thread that
-  entered it with setns(2));
+- the UI (started by the supervisor, which reports a held port): the daemon listens on the
+  host's `bind:port` and connects each browser connection to `127.0.0.1:port` inside the
+  namespace (a socket made in the namespace by a worker thread that entered it with setns(2));
 - `open` and `anthropic`: outside access through slirp4netns, with the host's loopback cut off
   (`--disable-host-loopback`);
 - allowed host loopback services (the forge, a local model endpoint): a listener inside the
@@ -149,15 +149,13 @@ async def _accept_loop(
             nursery.start_soon(loop)
 
 
-async def serve_ui_proxy(
-    pid: int,
-    bind: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Listen on the host's bind:port; relay each connection into the namespace's port."""
-    listeners = await trio.open_tcp_listeners(port, host=bind.strip("[]"))
+async def open_ui_listeners(bind: str, port: int) -> list[trio.SocketListener]:
+    """The host side of an agent's UI (raises OSError when the port is held)."""
+    return await trio.open_tcp_listeners(port, host=bind.strip("[]"))
+
+
+async def serve_ui_proxy(pid: int, port: int, listeners: list[trio.SocketListener]) -> None:
+    """Relay each connection on the host's listeners to 127.0.0.1:port in pid's namespace."""
 
     async def handle(client: trio.SocketStream) -> None:
         try:
@@ -167,7 +165,6 @@ async def serve_ui_proxy(
             return
         await _relay(client, inner)
 
-    task_status.started()
     await _accept_loop(listeners, handle)
 
 
@@ -286,8 +283,6 @@ async def serve_network(
     pid: int,
     egress: Egress,
     *,
-    bind: str,
-    ui_port: int,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Wire the container's namespace for its lifetime (cancel to undo)."""
@@ -300,8 +295,6 @@ async def serve_network(
             nursery.start_soon(_run_slirp, inside)
         for port in egress.host_ports:
             await nursery.start(serve_host_port, inside, port)
-        if ui_port:
-            await nursery.start(serve_ui_proxy, inside, bind, ui_port)
         task_status.started()
 
 
