@@ -22,6 +22,7 @@ import trio
 
 from hyperhive.core import messages as m
 from hyperhive.core.faults import Faults
+from hyperhive.core.quotas import Quotas
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import BadParams, HiveError, Internal, NotFound, StorageFull
@@ -95,6 +96,10 @@ def _leased_event(msg: wire.Message, seq: int) -> wire.HiveEvent:
 # ----------------------------------------------------------------------------- broker
 
 
+def _bytes(body: str) -> int:
+    return len(body.encode("utf-8"))
+
+
 def _failure(what: str, error: BaseException) -> HiveError:
     """What a caller whose operation failed is told: a full disk as itself (each caller gets its
     own exception object: one batch's failure is raised in many tasks), the rest as internal."""
@@ -140,8 +145,11 @@ class Broker:
         max_attempts: int = 5,
         group_commit: bool = True,
         faults: Faults | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._faults = faults or Faults()
+        self.quotas = quotas or Quotas()
+        """Undelivered bytes per inbox and per sending agent, moved in step with the table."""
         self._store = store
         self._hub = hub
         self._resolve = resolve
@@ -272,6 +280,9 @@ class Broker:
         if isinstance(op, m.Insert):
             for row, reader in zip(op.rows, pending.handoff_to, strict=True):
                 msg = m.to_message(row, handed_out=reader is not None)
+                if msg.state == "delivered":
+                    # To the operator, or handed to a reader that only peeks: never waited.
+                    self.quotas.remove(msg.to, msg.origin, _bytes(msg.body))
                 self._hub.publish(partial(_sent_event, m.to_message(row)))
                 if reader is not None:
                     self._answer(reader, msg)
@@ -285,15 +296,21 @@ class Broker:
             assert reader is not None
             if op.dead:
                 self._count(op.recipient, -len(op.dead))
+                for row in op.dead:
+                    self.quotas.remove(op.recipient, row[8], _bytes(row[3]))
                 self._spawn(self._report_dead, [m.to_message(r) for r in op.dead])
             if op.row is not None:
                 self._count(op.recipient, -1)
+                if op.row[7] == "delivered":
+                    self.quotas.remove(op.recipient, op.row[8], _bytes(op.row[3]))
                 self._answer(reader, m.to_message(op.row, handed_out=True))
             elif reader.park:
                 self._park(reader)
             else:
                 self._answer(reader, None)
         elif isinstance(op, m.Ack):
+            for origin, size in op.freed:
+                self.quotas.remove(op.recipient, origin, size)
             if op.acked:
                 self._hub.publish(partial(_delivered_event, op.id, op.recipient))
         elif isinstance(op, m.Nack) and op.done:
@@ -308,6 +325,7 @@ class Broker:
                 requeued.add(op.recipient)
         elif isinstance(op, m.Requeue) and op.row is not None:
             self._count(op.row[2], +1)
+            self.quotas.add(op.row[2], op.row[8], _bytes(op.row[3]))
             requeued.add(op.row[2])
 
     def _count(self, recipient: str, delta: int) -> None:
@@ -350,6 +368,7 @@ class Broker:
         pending = await self._submit(m.Release(None, keep=keep))
         assert isinstance(pending.op, m.Release)
         self._queued = await self._store.run(m.queued_counts)
+        self.quotas.load(await self._store.run(m.undelivered_bytes))
         self._recount = False
         return pending.op.released
 
@@ -372,8 +391,17 @@ class Broker:
             if to == BROADCAST:
                 return []
             raise NotFound(f"no recipients for {to!r}")
+        # Checked and counted before the write, so concurrent sends cannot overshoot together.
+        self.quotas.check(recipients, origin, size)
+        for recipient in recipients:
+            self.quotas.add(recipient, origin, size)
         op = m.Insert(sender, recipients, body, to == BROADCAST, origin)
-        await self._submit(op)
+        try:
+            await self._submit(op)
+        except BaseException:
+            for recipient in recipients:
+                self.quotas.remove(recipient, origin, size)
+            raise
         return [m.to_message(row) for row in op.rows]
 
     async def recv(

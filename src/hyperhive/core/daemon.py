@@ -30,6 +30,7 @@ from hyperhive.core.host_api import HostHandler
 from hyperhive.core.logins import LoginWatch
 from hyperhive.core.meta import MetaRepo, flake_renderer
 from hyperhive.core.questions import Questions
+from hyperhive.core.quotas import Quotas
 from hyperhive.core.reminders import Reminders
 from hyperhive.core.revision import current_revision
 from hyperhive.core.runner import Runner
@@ -175,6 +176,7 @@ async def run(
             max_attempts=cfg.max_attempts,
             group_commit=cfg.group_commit,
             faults=faults,
+            quotas=Quotas(inbox=cfg.inbox_quota, sender=cfg.sender_quota),
         )
         await nursery.start(broker.serve)
         await nursery.start(broker.serve_maintenance)

@@ -18,6 +18,10 @@ Row = tuple[int, str, str, str, float, int, int, str, str]
 
 DAY = 86400.0
 
+_FREED = "origin, length(CAST(body AS BLOB))"
+"""What an update that delivers messages returns of each: who sent it, and its size in bytes
+(the body is UTF-8 TEXT, so as a BLOB it is its UTF-8 encoding)."""
+
 
 def to_message(row: Row, *, handed_out: bool = False) -> wire.Message:
     mid, sender, recipient, body, sent_at, attempts, broadcast, state, origin = row
@@ -75,6 +79,8 @@ class Ack(_Op):
     attempt: int
     acked: bool = False
     also: int = 0
+    freed: list[tuple[str, int]] = field(default_factory=list)
+    """(origin, bytes) of every message this ack delivered: they leave the inbox's quota."""
 
 
 @dataclass
@@ -208,19 +214,21 @@ def _take(conn: sqlite3.Connection, op: Take, now: float) -> None:
 
 
 def _ack(conn: sqlite3.Connection, op: Ack, now: float) -> None:
-    cur = conn.execute(
+    op.freed = conn.execute(
         "UPDATE messages SET state = 'delivered', delivered_at = ? WHERE id = ? AND"
-        " recipient = ? AND state = 'leased' AND attempts = ?",
+        f" recipient = ? AND state = 'leased' AND attempts = ? RETURNING {_FREED}",
         (now, op.id, op.recipient, op.attempt),
-    )
-    op.acked = cur.rowcount == 1
+    ).fetchall()
+    op.acked = len(op.freed) == 1
     if op.acked:
         # Messages the turn drained itself (the recv tool) are consumed by the same turn.
-        op.also = conn.execute(
+        also = conn.execute(
             "UPDATE messages SET state = 'delivered', delivered_at = ? WHERE recipient = ? AND"
-            " state = 'leased'",
+            f" state = 'leased' RETURNING {_FREED}",
             (now, op.recipient),
-        ).rowcount
+        ).fetchall()
+        op.also = len(also)
+        op.freed += also
 
 
 def _nack(conn: sqlite3.Connection, op: Nack, now: float) -> None:
@@ -315,6 +323,16 @@ def counts(conn: sqlite3.Connection, recipient: str) -> tuple[int, int]:
         (recipient,),
     ).fetchone()
     return int(row[0]), int(row[1])
+
+
+def undelivered_bytes(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+    """(recipient, origin, bytes of UTF-8 body) of the messages not yet delivered (queued or
+    leased), summed: what the broker's quotas start from."""
+    rows = conn.execute(
+        "SELECT recipient, origin, SUM(length(CAST(body AS BLOB))) FROM messages"
+        " WHERE state IN ('queued', 'leased') GROUP BY recipient, origin"
+    ).fetchall()
+    return [(str(r), str(o), int(n)) for r, o, n in rows]
 
 
 def queued_counts(conn: sqlite3.Connection) -> dict[str, int]:

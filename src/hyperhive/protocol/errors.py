@@ -69,6 +69,12 @@ class StorageFull(HiveError):
     code = "storage_full"
 
 
+class QuotaExceeded(HiveError):
+    """A bound on what one agent may keep stored (undelivered inbox bytes) would be passed."""
+
+    code = "quota_exceeded"
+
+
 _BY_CODE: dict[str, type[HiveError]] = {
     cls.code: cls
     for cls in (
@@ -85,6 +91,7 @@ _BY_CODE: dict[str, type[HiveError]] = {
         Internal,
         ConnectionLost,
         StorageFull,
+        QuotaExceeded,
     )
 }
 
