@@ -43,9 +43,11 @@ async def dashboard_state(host_socket: str) -> wire.ListenerStatus:
 
 
 async def wait_until_serving(host_socket: str) -> wire.ListenerStatus:
-    """Polls `list` (the state has no event of its own), bounded by PORT_DEADLINE."""
+    """Polls `list`, bounded by PORT_DEADLINE: the dashboard's state has no event of its own
+    on the host socket (the page reloads when it comes up, the CLI asks), so there is nothing
+    to wait on."""
     with trio.fail_after(PORT_DEADLINE):
-        while (status := await dashboard_state(host_socket)).state != "serving":
+        while (status := await dashboard_state(host_socket)).state != "serving":  # noqa: ASYNC110
             await trio.sleep(0.05)
     return status
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import socket
 from functools import partial
 
@@ -62,7 +63,7 @@ async def test_a_held_port_is_retried_with_doubling_delays_until_it_is_free(
             nursery.cancel_scope.cancel()
 
     times = [t for t, _ in seen]
-    assert [b - a for a, b in zip(times, times[1:], strict=False)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert [b - a for a, b in itertools.pairwise(times)] == [1, 2, 4, 8, 16, 32, 60, 60]
     waiting = [s for _, s in seen[:-1]]
     assert [s.failed_attempts for s in waiting] == list(range(1, 9))
     for status in waiting:
