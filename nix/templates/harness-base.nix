@@ -160,7 +160,8 @@ in
       serviceConfig = {
         ExecStart = "${lib.getExe' cfg.package service} serve";
         # Written by hive-c0re into the socket directory before each start: what cannot be in
-        # the world-readable store (the UI's login token, the hive's claude environment).
+        # the world-readable store (the hive's claude environment). The UI's login token is not
+        # here: the harness asks its socket for it (`ui_token`).
         EnvironmentFile = "-/run/hive/harness.env";
         WorkingDirectory = "/state";
         Restart = "always";

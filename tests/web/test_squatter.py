@@ -190,6 +190,9 @@ def drive_hmac(port: int, tokens: LoginTokens) -> None:
             expect(lan.locator("#link")).to_have_text("● l1nk up", timeout=15_000)
             assert urlsplit(lan.url).netloc == urlsplit(address).netloc
             assert lan.evaluate(f"localStorage.getItem('{TOKEN_KEY}')") == tokens.dashboard
+            # A host request over /ws: a ticket taken after the proof opens the websocket.
+            listed = lan.evaluate("Hive.host({cmd: 'list'}).then(r => r.agents.map(a => a.name))")
+            assert listed == [MANAGER_NAME]
         finally:
             browser.close()
 
