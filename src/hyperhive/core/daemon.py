@@ -22,7 +22,7 @@ from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.base import Backend
 from hyperhive.core.containers.nixgen import host_system
-from hyperhive.core.containers.rootfs import check_uid_range
+from hyperhive.core.containers.rootfs import agent_uid, check_uid_range
 from hyperhive.core.faults import Faults
 from hyperhive.core.forge import Forge
 from hyperhive.core.gitops import GitOps
@@ -250,9 +250,17 @@ async def run(
             log.info("returned %d in-flight messages to their queues", released)
         if adopted:
             log.info("adopting running containers of %s", ", ".join(adopted))
+        # The proposed repos are the manager's: its uid (from the port it has, or will get).
+        manager = registry.find(MANAGER_NAME)
         manager_uid = (
-            cfg.agent_uid_base if getattr(backend, "agent_uids", False) else None
-        )  # the manager's port is the UI base: its uid is the range's first
+            agent_uid(
+                manager.port if manager else cfg.ui_port_base,
+                cfg.ui_port_base,
+                cfg.agent_uid_base,
+            )
+            if getattr(backend, "agent_uids", False)
+            else None
+        )
         gitops = GitOps(Runner(), cfg.state_dir, proposed_uid=manager_uid)
         render = None
         if backend.name != "nixos":  # the nixos backend writes the meta flake itself

@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -93,6 +95,31 @@ def _find_inside(pid: int) -> int | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+SIOCGIFFLAGS = 0x8913
+IFF_UP = 0x1
+
+
+def _lo_up(pid: int) -> bool:
+    def probe() -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            request = struct.pack("16sH14x", b"lo", 0)
+            flags: int = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+            return bool(flags & IFF_UP)
+
+    return in_netns(pid, probe)
+
+
+async def wait_set_up(pid: int) -> None:
+    """Wait until the container manager has set up the namespace's loopback (bwrap and nspawn
+    do it with rtnetlink themselves; a second rtnetlink user meanwhile, slirp4netns, makes
+    bwrap fail with "loopback: Failed RTM_NEWADDR")."""
+    for _ in range(FIND_ATTEMPTS):
+        if await trio.to_thread.run_sync(_lo_up, pid):
+            return
+        await trio.sleep(FIND_POLL)
+    raise OSError(errno.ETIMEDOUT, f"the loopback of container {pid} never came up")
 
 
 async def find_namespace_pid(pid: int) -> int:
@@ -287,6 +314,7 @@ async def serve_network(
 ) -> None:
     """Wire the container's namespace for its lifetime (cancel to undo)."""
     inside = await find_namespace_pid(pid)
+    await wait_set_up(inside)
     async with trio.open_nursery() as nursery:
         if egress.mode in ("open", "anthropic"):
             ips = await trio.to_thread.run_sync(_resolve, egress.allow)

@@ -46,11 +46,11 @@ MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 
 def agent_uid(port: int, ui_port_base: int, uid_base: int = UID_BASE) -> int:
-    """The agent's uid: derived from its UI port, which the registry keeps unique per agent."""
-    offset = port - ui_port_base
-    if not 0 <= offset < UID_SPAN:
-        raise ValueError(f"port {port} is outside the hive's UI range from {ui_port_base}")
-    return uid_base + offset
+    """The agent's uid: derived from its UI port, which the registry keeps unique per agent
+    (and within one span of 1000), taken modulo the span so that a daemon restarted with
+    another `--ui-port-base` keeps every agent's uid when the bases differ by a multiple of
+    1000, and never fails for ports allocated under the old one."""
+    return uid_base + (port - ui_port_base) % UID_SPAN
 
 
 def check_uid_range(uid_base: int) -> None:
