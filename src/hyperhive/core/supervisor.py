@@ -426,6 +426,14 @@ class Supervisor:
                 self.registry.set_state(rec, "stopped", pid=None)
             task.done.set()
 
+    async def _save_in_background(self, rec: AgentRecord) -> None:
+        """A record saved by no request: a failure (a full disk) is logged, never the daemon's
+        end; the next save of the record writes it."""
+        try:
+            await self.registry.save(rec)
+        except HiveError as exc:
+            log.error("%s: could not save its record: %s", rec.name, exc.message)
+
     async def notify_manager(self, event: events.HelperEvent) -> None:
         """Tell the manager what happened; losing the event never stops supervision."""
         try:
@@ -529,7 +537,7 @@ class Supervisor:
                 if not adopting and rec.built_rev != self.registry.revision:
                     # A fresh container runs this daemon's hyperhive; an adopted one its own.
                     rec.built_rev = self.registry.revision
-                    self.nursery.start_soon(self.registry.save, rec)
+                    self.nursery.start_soon(self._save_in_background, rec)
                 self.registry.set_state(rec, "running", pid=pid)
                 if spec.egress is not None:
                     nursery.start_soon(self._serve_ui, rec, pid)
