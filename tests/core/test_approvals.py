@@ -37,6 +37,9 @@ async def git(repo: Path, *args: str) -> str:
             "user.name=test",
             "-c",
             "user.email=test@hyperhive",
+            # The test acts as the manager, whose uid owns the proposed repos.
+            "-c",
+            "safe.directory=*",
             "-C",
             str(repo),
             *args,
@@ -112,7 +115,7 @@ async def hive_with_alice(root: Path) -> AsyncIterator[tuple[Hive, Path, Path, i
         state = hive.cfg.state_dir
         yield (
             hive,
-            state / "agents" / "alice" / "config",
+            state / "proposed" / "alice" / "config",
             state / "applied" / "alice",
             running.agent.pid,
         )

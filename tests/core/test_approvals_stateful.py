@@ -318,7 +318,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
         shutil.copytree(template, self.root / "state", symlinks=True)
         self.daemon = Daemon(hive_config(self.root), nursery)
         state = self.root / "state"
-        self.proposed = state / "agents" / ALICE / "config"
+        self.proposed = state / "proposed" / ALICE / "config"
         self.applied = state / "applied" / ALICE
         self.meta_dir = state / "meta"
         self.proposals = 0

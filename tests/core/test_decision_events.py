@@ -42,7 +42,7 @@ async def test_approvals_and_questions_are_published(hive_root: Path) -> None:
         await hive.call(wire.Spawn(name="alice"))
         await hive.call(wire.Kill(name="alice"))
         manager = hive.agent_sock(MANAGER_NAME)
-        proposed = hive.cfg.state_dir / "agents" / "alice" / "config"
+        proposed = hive.cfg.proposed_dir / "alice" / "config"
         sha = await propose(proposed, 'model = "sonnet"\n')
         async with subscription(hive.sock) as events:
             # An operator's spawn request, then its denial with a note.

@@ -189,7 +189,10 @@ async def test_twenty_agents_spawned_at_once_all_run(hive_root: Path) -> None:
         listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
         assert len({a.port for a in listed}) == 20  # every UI has its own port
         counts = {n: len(_containers(hive_root, n)) for n in names}
-        assert set(counts.values()) == {1}, (counts, [(a.name, a.state, a.last_error) for a in listed])
+        assert set(counts.values()) == {1}, (
+            counts,
+            [(a.name, a.state, a.last_error) for a in listed],
+        )
 
 
 async def test_an_adopted_container_from_an_older_hyperhive_is_rebuilt(hive_root: Path) -> None:
@@ -243,9 +246,11 @@ async def test_a_web_port_held_by_a_stranger_is_reported_not_moved(hive_root: Pa
             # It runs anyway; the daemon's relay of its UI port reports the stranger.
             running = await wait_for_event(
                 events,
-                lambda e: isinstance(e, wire.AgentChanged)
-                and e.agent.state == "running"
-                and e.agent.port_conflict,
+                lambda e: (
+                    isinstance(e, wire.AgentChanged)
+                    and e.agent.state == "running"
+                    and e.agent.port_conflict
+                ),
             )
             assert isinstance(running, wire.AgentChanged)
             assert running.agent.port == port and running.agent.port_conflict

@@ -71,7 +71,7 @@ class Steps:
         return (await self.hive.call(request, wire.ApprovalQueued)).id
 
     async def queue_apply_commit(self) -> int:
-        proposed = self.hive.cfg.state_dir / "agents" / "alice" / "config"
+        proposed = self.hive.cfg.proposed_dir / "alice" / "config"
         sha = await propose(proposed, 'model = "sonnet"\n')
         request = wire.RequestApplyCommit(agent="alice", commit_ref=sha)
         return (await call_once(self.manager, request, wire.ApprovalQueued)).id
