@@ -314,7 +314,12 @@ class Supervisor:
             server.mode, server.group = 0o660, uid
         task = _Task()
         self._sockets[rec.name] = task
-        await self.nursery.start(self._run_socket, server, task)
+        try:
+            await self.nursery.start(self._run_socket, server, task)
+        except BaseException:
+            # Not served: a later start (or the next daemon) tries again.
+            self._sockets.pop(rec.name, None)
+            raise
 
     async def _run_socket(
         self, server: SocketServer[object], task: _Task, *, task_status: trio.TaskStatus[None]
