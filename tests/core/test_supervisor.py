@@ -28,7 +28,6 @@ from hyperhive.core.reminders import Reminders
 from hyperhive.core.server import SocketServer
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
-from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import wire
 from tests.hive import hive_config
 
@@ -108,9 +107,7 @@ async def world(root: Path) -> AsyncIterator[World]:
             )
             return SocketServer(path, AGENT_DECODER, handler)
 
-        supervisor = Supervisor(
-            cfg, registry, broker, backend, sockets, login_tokens=LoginTokens.generate()
-        )
+        supervisor = Supervisor(cfg, registry, broker, backend, sockets)
         await nursery.start(supervisor.serve)
         states: list[str] = []
 

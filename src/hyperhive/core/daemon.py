@@ -239,9 +239,7 @@ async def run(
                 name=f"{rec.name} agent",
             )
 
-        supervisor = Supervisor(
-            cfg, registry, broker, backend, socket_factory, login_tokens=login_tokens
-        )
+        supervisor = Supervisor(cfg, registry, broker, backend, socket_factory)
         await nursery.start(supervisor.serve)
         # Containers that outlived a crashed daemon are adopted, and keep their leases.
         adopted = await supervisor.adoptable()

@@ -33,7 +33,6 @@ from hyperhive.core.containers.base import (
 )
 from hyperhive.core.containers.netns import ANTHROPIC_HOSTS, Egress
 from hyperhive.core.server import SocketServer
-from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import agent_config
 from hyperhive.protocol.agent_config import AGENT_TOML, AgentConfig, Limits
 from hyperhive.protocol.errors import HiveError, Internal
@@ -126,11 +125,8 @@ class Supervisor:
         broker: Broker,
         backend: Backend,
         socket_factory: SocketFactory,
-        *,
-        login_tokens: LoginTokens,
     ) -> None:
         self.cfg = cfg
-        self._login_tokens = login_tokens
         self.registry = registry
         self.broker = broker
         self.backend = backend
