@@ -66,7 +66,8 @@ class ContainerSpec:
 
     @property
     def private_network(self) -> bool:
-        return self.egress is not None
+        """A network namespace of its own: wired by the daemon (egress), or none at all."""
+        return self.egress is not None or self.config.network_mode == "none"
 
 
 OnStarted = Callable[[int], None]
