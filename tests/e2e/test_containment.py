@@ -27,7 +27,7 @@ from hyperhive.core.containers import netns
 from hyperhive.core.containers.base import Bind, ContainerSpec, open_log
 from hyperhive.core.containers.bwrap import BwrapBackend
 from hyperhive.core.containers.nspawn import nspawn_available
-from hyperhive.core.containers.rootfs import UID_BASE, runtime_paths
+from hyperhive.core.containers.rootfs import ETC_BOUND, ETC_COPIED, UID_BASE, runtime_paths
 from hyperhive.core.gitops import GitOps
 from hyperhive.core.runner import Runner
 from hyperhive.protocol import wire
@@ -140,17 +140,23 @@ def free_port() -> int:
     return port
 
 
-async def run_probe(hive: Hive, name: str, *args: str) -> dict[str, Any]:
-    """Make agent `name` run PROBE through claude's Bash tool; returns what it reported."""
-    script = hive.cfg.agent_root(name) / "state" / "probe.py"
-    script.write_text(PROBE)
-    command = "python3 /state/probe.py " + " ".join(args) + " > /state/probe.out 2>&1"
+async def bash_turn(hive: Hive, name: str, command: str) -> None:
+    """One turn of agent `name` in which the scripted model runs `command` with claude's Bash
+    tool; returns once the turn completed (its message delivered)."""
     body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
     async with subscription(hive.sock) as events:
         sent = await hive.call(wire.OperatorSend(to=name, body=body), wire.Sent)
         await wait_for_event(
             events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
         )
+
+
+async def run_probe(hive: Hive, name: str, *args: str) -> dict[str, Any]:
+    """Make agent `name` run PROBE through claude's Bash tool; returns what it reported."""
+    script = hive.cfg.agent_root(name) / "state" / "probe.py"
+    script.write_text(PROBE)
+    command = "python3 /state/probe.py " + " ".join(args) + " > /state/probe.out 2>&1"
+    await bash_turn(hive, name, command)
     out = hive.cfg.agent_root(name) / "state" / "probe.json"
     assert out.exists(), (hive.cfg.agent_root(name) / "state" / "probe.out").read_text()
     report: dict[str, Any] = json.loads(out.read_text())
@@ -219,30 +225,8 @@ async def test_an_agent_cannot_escape_its_container(
     assert str(cfg.state_dir) not in dirs or all(
         not d.startswith(str(cfg.state_dir) + "/") for d in dirs
     )
-    assert set(seen["etc"]) <= {
-        "passwd",
-        "group",
-        "hostname",
-        "hosts",
-        "resolv.conf",
-        "nsswitch.conf",
-        "ssl",
-        "ca-certificates",
-        "alternatives",
-        "pki",
-        "ld.so.cache",
-        "ld.so.conf",
-        "ld.so.conf.d",
-        "localtime",
-        "os-release",
-        "protocols",
-        "services",
-        "host.conf",
-        "gai.conf",
-        "mime.types",
-        "debian_version",
-        "shells",
-    }, seen["etc"]
+    generated = {"passwd", "group", "hostname", "hosts", "resolv.conf", "nsswitch.conf"}
+    assert set(seen["etc"]) <= generated | set(ETC_COPIED) | set(ETC_BOUND), seen["etc"]
     # bob's state and credentials are nowhere in alice's view.
     assert not [d for d in dirs if d.startswith((str(hive_root), "/agents"))]
 
@@ -348,12 +332,7 @@ json.dump(r, open("/state/net.json", "w"))
 async def net_probe(hive: Hive, name: str, port: int) -> dict[str, Any]:
     (hive.cfg.agent_root(name) / "state" / "net.py").write_text(NET_PROBE)
     command = f"python3 /state/net.py {port} > /state/net.out 2>&1"
-    body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
-    async with subscription(hive.sock) as events:
-        sent = await hive.call(wire.OperatorSend(to=name, body=body), wire.Sent)
-        await wait_for_event(
-            events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
-        )
+    await bash_turn(hive, name, command)
     report: dict[str, Any] = json.loads(
         (hive.cfg.agent_root(name) / "state" / "net.json").read_text()
     )
@@ -414,12 +393,7 @@ async def test_memory_limit_is_enforced_inside_the_container(hive_root: Path) ->
             "python3 -c 'b = bytearray(1500 << 20); b[::4096] = b\"x\" * len(b[::4096])';"
             " echo $? > /state/oom.txt"
         )
-        body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
-        async with subscription(hive.sock) as events:
-            sent = await hive.call(wire.OperatorSend(to="alice", body=body), wire.Sent)
-            await wait_for_event(
-                events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
-            )
+        await bash_turn(hive, "alice", command)
         listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
     assert (cfg.agent_root("alice") / "state" / "oom.txt").read_text().strip() == "137"
     alice = next(a for a in listed if a.name == "alice")
@@ -442,12 +416,7 @@ async def test_state_quota_is_a_volume_of_its_own(hive_root: Path) -> None:
             "dd if=/dev/zero of=/state/big bs=1M count=64 2>/state/dd.err; echo $? > /state/dd.rc;"
             " rm -f /state/big; cat /state/notes.md > /state/seen.txt"
         )
-        body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
-        async with subscription(hive.sock) as events:
-            sent = await hive.call(wire.OperatorSend(to="alice", body=body), wire.Sent)
-            await wait_for_event(
-                events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
-            )
+        await bash_turn(hive, "alice", command)
         state = cfg.agent_root("alice") / "state"
         assert is_mount(state)
         assert (state / "dd.rc").read_text().strip() != "0"
