@@ -170,6 +170,20 @@ in
         # every tool it runs get no capabilities, and no exec gives any back.
         CapabilityBoundingSet = "";
         NoNewPrivileges = true;
+        # The same system calls the bwrap and nspawn backends refuse (SPEC §4.1b): no keyring,
+        # kernel modules, mounts, debugging of other processes, clocks, swap, reboot, raw I/O,
+        # new namespaces; native ABI only. The kernel's tunables and logs stay read-only.
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "~@keyring @module @mount @debug @swap @reboot @clock @raw-io @obsolete"
+          "~userfaultfd bpf open_by_handle_at kcmp pidfd_getfd"
+        ];
+        RestrictNamespaces = true;
+        LockPersonality = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
       };
     };
   };

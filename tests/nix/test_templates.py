@@ -203,6 +203,12 @@ async def test_the_agent_service_runs_the_harness(tmp_path: Path) -> None:
     assert service["EnvironmentFile"] == "-/run/hive/harness.env"
     assert service["Restart"] == "always"
     assert service["CapabilityBoundingSet"] == "" and service["NoNewPrivileges"] is True
+    # The seccomp groups the bwrap and nspawn backends refuse, and /proc/sys read-only.
+    assert service["SystemCallArchitectures"] == "native"
+    filters = " ".join(service["SystemCallFilter"])
+    for group in ("@keyring", "@module", "@mount", "@debug", "userfaultfd", "bpf"):
+        assert group in filters
+    assert service["RestrictNamespaces"] is True and service["ProtectKernelTunables"] is True
     assert view["wantedBy"] == ["multi-user.target"]
     assert {"claude-code", "git"} <= set(strings(view["path"]))
     assert {"hyperhive", "claude-code", "git"} <= set(strings(view["packages"]))
