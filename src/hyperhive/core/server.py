@@ -11,6 +11,7 @@ import sqlite3
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Generic, NoReturn, Protocol, TypeVar
 
 import msgspec
@@ -119,20 +120,13 @@ class SocketServer(Generic[Req]):
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await trio.to_thread.run_sync(_unlink_stale, self.path)
-        await sock.bind(self.path)
-        if self.group is not None:
-            os.chown(self.path, -1, self.group)
-        os.chmod(self.path, self.mode)
-        sock.listen(4096)  # the kernel caps it at net.core.somaxconn
-        listener = trio.SocketListener(sock)
+        listener = await open_unix_listener(self.path, mode=self.mode, group=self.group)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 while True:
                     stream = await listener.accept()
-                    nursery.start_soon(self._connection, stream)
+                    nursery.start_soon(self._accepted, stream)
         finally:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
@@ -140,13 +134,27 @@ class SocketServer(Generic[Req]):
                 os.unlink(self.path)
         raise AssertionError("unreachable")
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _accepted(self, stream: trio.SocketStream) -> None:
+        # The kernel's credentials are read after the busy check, as part of the connection:
+        # a failure to read them is answered like any other unexpected error.
+        await self._connection(stream, partial(peer_credentials, stream))
+
+    async def handle_connection(self, stream: trio.abc.Stream, peer: Peer) -> None:
+        """Serve one connected client, known as `peer`, until it hangs up or is refused.
+
+        This is everything the server does with a connection after accepting it, so tests can
+        drive it over `trio.testing.memory_stream_pair()` without a socket. Never raises
+        (except Cancelled); `stream` is closed on return.
+        """
+        await self._connection(stream, lambda: peer)
+
+    async def _connection(self, stream: trio.abc.Stream, get_peer: Callable[[], Peer]) -> None:
         lines = LineStream(stream, max_line=self.limits.max_line)
         self.connections += 1
         try:
             if self.connections > self.limits.max_connections:
                 raise Busy(f"too many connections on the {self.name} socket; try again later")
-            peer = peer_credentials(stream)
+            peer = get_peer()
             if self.peer_check is not None:
                 self.peer_check(peer)
             await self._serve_lines(lines, peer)
@@ -241,6 +249,25 @@ def _reply_error(err: Exception) -> HiveError | None:
     if isinstance(err, msgspec.ValidationError):
         return Internal(str(err))
     return None
+
+
+async def open_unix_listener(
+    path: str, *, mode: int = 0o600, group: int | None = None
+) -> trio.SocketListener:
+    """Bind a listening unix socket at `path` (replacing a stale one) with file `mode`, and
+    `group` as the file's group when given; the caller closes it and unlinks the path."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await trio.to_thread.run_sync(_unlink_stale, path)
+        await sock.bind(path)
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, mode)
+        sock.listen(4096)  # the kernel caps it at net.core.somaxconn
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 def _unlink_stale(path: str) -> None:
