@@ -15,8 +15,8 @@ from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
+from hyperhive.protocol.text import MAX_BODY
 from hyperhive.web.dashboard import create_dashboard_app, serve_dashboard
-from hyperhive.web.edge import MAX_BODY
 from tests.hive import Hive, hive_config, open_hive
 from tests.web.pages import (
     LoggedInClient,

@@ -12,6 +12,9 @@ from typing import Literal
 import msgspec
 import trio
 
+from hyperhive.protocol.fanout import FanOut
+from hyperhive.protocol.sqlite_thread import SqliteThread, open_sqlite_thread
+
 TurnState = Literal["idle", "thinking", "needs_login", "offline"]
 
 HISTORY_LIMIT = 2000
@@ -104,34 +107,23 @@ def _last_id(conn: sqlite3.Connection) -> int:
 class History:
     """Events on disk (`/state/hyperhive-events.sqlite`), read and written off the event loop."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self._limiter = trio.CapacityLimiter(1)
+    def __init__(self, db: SqliteThread) -> None:
+        self._db = db
 
     async def append(self, event: LiveEvent, kind: str, payload: bytes) -> None:
-        await trio.to_thread.run_sync(
-            _append, self._conn, event.seq, event.ts, kind, payload, limiter=self._limiter
-        )
+        await self._db.run(_append, event.seq, event.ts, kind, payload)
 
     async def tail(self, limit: int) -> list[tuple[int, bytes]]:
-        return await trio.to_thread.run_sync(_tail, self._conn, limit, limiter=self._limiter)
+        return await self._db.run(_tail, limit)
 
     async def last_id(self) -> int:
-        return await trio.to_thread.run_sync(_last_id, self._conn, limiter=self._limiter)
-
-    async def close(self) -> None:
-        await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+        return await self._db.run(_last_id)
 
 
 @asynccontextmanager
 async def open_history(path: str) -> AsyncIterator[History]:
-    conn = await trio.to_thread.run_sync(_connect, path)
-    history = History(conn)
-    try:
-        yield history
-    finally:
-        with trio.CancelScope(shield=True):
-            await history.close()
+    async with open_sqlite_thread(path, _connect) as db:
+        yield History(db)
 
 
 # ----------------------------------------------------------------------------- bus
@@ -145,9 +137,12 @@ class LiveBus:
     buffer: int = 512
     state: TurnState = "idle"
     state_since: float = field(default_factory=time.time)
-    _subs: set[trio.MemorySendChannel[bytes]] = field(default_factory=set)
+    _fanout: FanOut[bytes] = field(init=False)
     _seq: int = 0
     _lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def __post_init__(self) -> None:
+        self._fanout = FanOut(self.buffer)
 
     async def start(self) -> None:
         if self.history is not None:
@@ -163,12 +158,7 @@ class LiveBus:
             data = encode_event(stamped)
             if self.history is not None:
                 await self.history.append(stamped, kind, data)
-            for chan in list(self._subs):
-                try:
-                    chan.send_nowait(data)
-                except (trio.WouldBlock, trio.BrokenResourceError):
-                    self._subs.discard(chan)
-                    chan.close()
+            self._fanout.send_nowait(data)
             return stamped
 
     async def set_state(self, state: TurnState) -> None:
@@ -180,9 +170,7 @@ class LiveBus:
 
     def subscribe(self) -> trio.MemoryReceiveChannel[bytes]:
         """A channel of encoded events; closed by the bus if the viewer falls behind."""
-        send, recv = trio.open_memory_channel[bytes](self.buffer)
-        self._subs.add(send)
-        return recv
+        return self._fanout.subscribe()
 
     async def backfill(self, limit: int = HISTORY_LIMIT) -> tuple[int, list[bytes]]:
         """(seq, encoded events) of the most recent history, for a viewer's first paint."""

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ from hyperhive.agent.bus import LiveBus, Note, Stream
 from hyperhive.agent.settings import HarnessSettings
 from hyperhive.protocol.codec import LineStream
 from hyperhive.protocol.errors import LineTooLong
+from hyperhive.protocol.procgroup import killpg, stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,6 @@ def claude_argv(settings: HarnessSettings, *, model: str, resume: bool) -> list[
     if resume:
         argv.append("--continue")
     return argv
-
-
-def killpg(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
 
 
 async def run_turn(
@@ -215,15 +209,6 @@ async def run_turn(
 
 async def _reap(proc: trio.Process, grace: float) -> None:
     """Make sure nothing of the turn survives it: SIGINT, then SIGTERM, then SIGKILL the group."""
-    if proc.returncode is None:
-        for sig, wait in ((signal.SIGINT, 2.0), (signal.SIGTERM, grace)):
-            killpg(proc.pid, sig)
-            with trio.move_on_after(wait):
-                await proc.wait()
-            if proc.returncode is not None:
-                break
-        else:
-            killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+    await stop_process_group(proc, [(signal.SIGINT, 2.0), (signal.SIGTERM, grace)])
     # Grandchildren that outlived claude (e.g. a stray MCP server) share its process group.
     killpg(proc.pid, signal.SIGKILL)

@@ -18,6 +18,7 @@ from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, open_client
 from hyperhive.protocol.errors import ConnectionLost
 from hyperhive.protocol.names import BROADCAST, SYSTEM
+from hyperhive.protocol.text import check_model
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,7 @@ class Controls:
         return self._model
 
     def set_model(self, model: str) -> None:
-        model = model.strip()
-        if not model or len(model) > 100 or any(c.isspace() for c in model):
-            raise ValueError("model must be a single word of at most 100 characters")
+        model = check_model(model)
         self._model = model
         try:
             self.settings.model_file.write_text(model + "\n", "utf-8")

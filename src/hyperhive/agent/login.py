@@ -10,15 +10,14 @@ harness's login poll then sees them and starts taking turns.
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 
 import msgspec
 import trio
 
-from hyperhive.agent.claude import killpg
 from hyperhive.protocol.errors import BadParams, Conflict
+from hyperhive.protocol.procgroup import stop_process_group
 
 LOGIN_ARGS = ("auth", "login")
 MAX_OUTPUT = 32 * 1024
@@ -113,9 +112,7 @@ class LoginSession:
                 note = f"claude auth login exited ({proc.returncode})"
             finally:
                 with trio.CancelScope(shield=True):
-                    if proc.returncode is None:
-                        killpg(proc.pid, signal.SIGKILL)
-                        await proc.wait()
+                    await stop_process_group(proc, ())
                     await proc.stdin.aclose()
                     await proc.stdout.aclose()
                     self._stdin = None

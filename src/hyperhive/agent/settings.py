@@ -11,9 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from hyperhive.protocol.agent_config import McpServer
-
-LOGIN_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+from hyperhive.protocol.agent_config import LOGIN_KEYS, McpServer
 
 BUILTIN_TOOLS = ("Bash", "Edit", "Glob", "Grep", "Read", "Write")
 """Built-in claude tools an agent may use; WebFetch, WebSearch, Task and friends stay off."""

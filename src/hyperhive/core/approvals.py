@@ -31,7 +31,6 @@ from hyperhive.core.containers.nixgen import MetaAgent
 from hyperhive.core.faults import Faults
 from hyperhive.core.gitops import BRANCH, GitOps
 from hyperhive.core.meta import MetaRepo, Pin, deploy_message, spawn_message
-from hyperhive.core.questions import check_text
 from hyperhive.core.store import Store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import agent_config, wire
@@ -45,6 +44,7 @@ from hyperhive.protocol.errors import (
     StorageFull,
 )
 from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name, check_new_agent_name
+from hyperhive.protocol.text import check_text
 
 log = logging.getLogger(__name__)
 

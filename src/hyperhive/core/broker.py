@@ -26,12 +26,12 @@ from hyperhive.core.quotas import Quotas
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import BadParams, HiveError, Internal, NotFound, StorageFull
+from hyperhive.protocol.fanout import FanOut
 from hyperhive.protocol.names import BROADCAST, MANAGER, OPERATOR, SYSTEM
+from hyperhive.protocol.text import MAX_BODY
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 256 * 1024
-"""The largest message body, in bytes of UTF-8."""
 MAX_WAIT = 180.0
 """The longest a `recv` may park."""
 MAX_BATCH = 1024
@@ -45,20 +45,15 @@ class EventHub:
     """Fans hive events out to subscribers; one that cannot keep up is dropped, never waited on."""
 
     buffer: int = 1024
-    _subs: set[trio.MemorySendChannel[wire.HiveEvent]] = field(default_factory=set)
+    _fanout: FanOut[wire.HiveEvent] = field(init=False)
     _seq: int = 0
+
+    def __post_init__(self) -> None:
+        self._fanout = FanOut(self.buffer)
 
     def publish(self, make: Callable[[int], wire.HiveEvent]) -> None:
         self._seq += 1
-        event = make(self._seq)
-        for chan in list(self._subs):
-            try:
-                chan.send_nowait(event)
-            except trio.WouldBlock:
-                self._subs.discard(chan)
-                chan.close()
-            except trio.BrokenResourceError:
-                self._subs.discard(chan)
+        self._fanout.send_nowait(make(self._seq))
 
     @property
     def seq(self) -> int:
@@ -66,12 +61,10 @@ class EventHub:
 
     @property
     def subscribers(self) -> int:
-        return len(self._subs)
+        return len(self._fanout)
 
     def subscribe(self) -> trio.MemoryReceiveChannel[wire.HiveEvent]:
-        send, recv = trio.open_memory_channel[wire.HiveEvent](self.buffer)
-        self._subs.add(send)
-        return recv
+        return self._fanout.subscribe()
 
     async def stream(self) -> AsyncIterator[wire.HiveEvent]:
         recv = self.subscribe()

@@ -12,8 +12,7 @@ from hyperhive.core.agents import Registry
 from hyperhive.core.broker import EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.protocol import wire
-
-LOGIN_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+from hyperhive.protocol.agent_config import LOGIN_KEYS
 
 
 def needs_login(cfg: DaemonConfig, names: list[str]) -> dict[str, bool]:

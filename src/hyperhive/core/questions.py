@@ -32,6 +32,7 @@ from hyperhive.protocol.errors import (
     StorageFull,
 )
 from hyperhive.protocol.names import OPERATOR, SYSTEM
+from hyperhive.protocol.text import check_text
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +170,6 @@ def _delete(conn: sqlite3.Connection, qid: int) -> None:
 
 def _mark_notified(conn: sqlite3.Connection, qid: int) -> None:
     conn.execute("UPDATE questions SET notified = 1 WHERE id = ?", (qid,))
-
-
-def check_text(text: str, what: str, limit: int) -> str:
-    """Refuse text the broker could not later store in an event (checked before anything is)."""
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise BadParams(f"{what} is not valid Unicode (lone surrogate)") from None
-    if size > limit or "\x00" in text:
-        raise BadParams(f"{what} must be at most {limit} bytes, without NUL characters")
-    return text
 
 
 def _identity(name: str) -> str:

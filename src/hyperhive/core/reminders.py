@@ -18,12 +18,12 @@ from typing import NoReturn
 
 import trio
 
-from hyperhive.core.broker import MAX_BODY, Broker
-from hyperhive.core.questions import check_text
+from hyperhive.core.broker import Broker
 from hyperhive.core.storage import storage_full
 from hyperhive.core.store import Store, transaction
 from hyperhive.protocol.errors import BadParams, Conflict, HiveError, StorageFull
 from hyperhive.protocol.names import REMINDER
+from hyperhive.protocol.text import MAX_BODY, check_text
 
 log = logging.getLogger(__name__)
 

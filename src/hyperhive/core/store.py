@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import ParamSpec, TypeVar
 
-import trio
-
 from hyperhive.core.storage import storage_full
+from hyperhive.protocol.sqlite_thread import SqliteThread, open_sqlite_thread
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +118,8 @@ def _unit(conn: sqlite3.Connection, fn: Callable[..., T], args: tuple[object, ..
 class Store:
     """Runs blocking sqlite work on a worker thread, one call at a time, each its own unit."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self._limiter = trio.CapacityLimiter(1)
+    def __init__(self, db: SqliteThread) -> None:
+        self._db = db
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(conn, *args)` on the worker thread. `fn` owns its transaction.
@@ -130,15 +128,12 @@ class Store:
         outside any transaction, so the next unit works once there is space again.
         """
         try:
-            return await trio.to_thread.run_sync(_unit, self._conn, fn, args, limiter=self._limiter)
+            return await self._db.run(_unit, fn, args)
         except (sqlite3.Error, OSError) as exc:
             full = storage_full(exc)
             if full is None:
                 raise
             raise full from exc
-
-    async def close(self) -> None:
-        await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -167,10 +162,5 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 @asynccontextmanager
 async def open_store(path: str) -> AsyncIterator[Store]:
-    conn = await trio.to_thread.run_sync(connect, path)
-    store = Store(conn)
-    try:
-        yield store
-    finally:
-        with trio.CancelScope(shield=True):
-            await store.close()
+    async with open_sqlite_thread(path, connect) as db:
+        yield Store(db)

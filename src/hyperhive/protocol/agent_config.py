@@ -9,13 +9,18 @@ from typing import Annotated, Literal
 import msgspec
 
 from hyperhive.protocol.errors import BadParams
+from hyperhive.protocol.text import MAX_MODEL
 
 AGENT_TOML = "agent.toml"
+
+LOGIN_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+"""Variables of the claude environment that log claude in without a credentials file."""
 
 _SIZE = r"^[1-9][0-9]*[KMGT]?$"
 _PERCENT = r"^[1-9][0-9]*%$"
 _ENV_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _SERVER = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+_MODEL = rf"^[A-Za-z0-9._:-]{{1,{MAX_MODEL}}}$"
 
 EnvKey = Annotated[str, msgspec.Meta(pattern=_ENV_KEY, max_length=128)]
 
@@ -55,7 +60,7 @@ class Network(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,100}$")] | None = None
+    model: Annotated[str, msgspec.Meta(pattern=_MODEL)] | None = None
     allowed_recipients: list[Annotated[str, msgspec.Meta(min_length=1, max_length=16)]] = []
     """Who `send` may reach besides the manager; empty = anyone."""
     extra_mcp_servers: dict[Annotated[str, msgspec.Meta(pattern=_SERVER)], McpServer] = {}

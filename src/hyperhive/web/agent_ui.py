@@ -16,13 +16,13 @@ from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once, open_client
 from hyperhive.protocol.errors import BadParams, Conflict, HiveError
 from hyperhive.protocol.names import OPERATOR
+from hyperhive.protocol.text import check_model
 from hyperhive.web import security
 from hyperhive.web.edge import install_error_handlers, json_response, read_input, require_text
 from hyperhive.web.serving import serve_app
 from hyperhive.web.sse import sse_response, with_heartbeats
 
 INBOX_LIMIT = 30
-MAX_MODEL = 128
 
 
 class AgentControls(Protocol):
@@ -89,15 +89,6 @@ class Cancelled(wire.Reply, frozen=True, kw_only=True):
 
 class ModelSet(wire.Reply, frozen=True, kw_only=True):
     model: str
-
-
-def check_model(model: str) -> str:
-    model = model.strip()
-    if not model:
-        raise BadParams("model is empty")
-    if len(model) > MAX_MODEL or not model.isprintable() or any(c.isspace() for c in model):
-        raise BadParams(f"model must be at most {MAX_MODEL} printable characters without spaces")
-    return model
 
 
 async def _receive_or_none(events: trio.MemoryReceiveChannel[bytes]) -> bytes | None:

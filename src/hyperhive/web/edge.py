@@ -8,9 +8,8 @@ import msgspec
 from quart import Quart, Response, request
 
 from hyperhive.protocol import errors
+from hyperhive.protocol.text import MAX_BODY
 
-MAX_BODY = 256 * 1024
-"""The largest message body a UI accepts, in bytes of UTF-8 (the broker's own limit)."""
 MAX_REQUEST_BYTES = MAX_BODY + 64 * 1024
 """The largest HTTP request body: a maximal message plus its envelope (form encoding, JSON)."""
 

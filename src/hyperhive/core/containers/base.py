@@ -21,6 +21,7 @@ import trio
 
 from hyperhive.core.containers import cgroups, netns
 from hyperhive.protocol.agent_config import AgentConfig
+from hyperhive.protocol.procgroup import killpg, signal_ladder, stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,11 @@ async def run_process_group(
         on_started(proc.pid)
         return await proc.wait()
     finally:
-        if proc.returncode is None:
-            with trio.CancelScope(shield=True):
-                await stop_process_group(proc, grace)
+        with trio.CancelScope(shield=True):
+            await stop_process_group(proc, [(signal.SIGTERM, grace)])
         # Whatever is left of the group goes too: bwrap's outer process can exit on SIGTERM
         # while its in-namespace init (same group) lives on and would keep the agent running.
-        _killpg(proc.pid, signal.SIGKILL)
+        killpg(proc.pid, signal.SIGKILL)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_remove, pidfile)
             await trio.to_thread.run_sync(append_log_line, log_path, f"exited: {proc.returncode}")
@@ -249,25 +249,13 @@ async def _watch_adopted(pid: int, pidfile: Path, *, grace: float, on_started: O
         return ADOPTED_EXIT
     finally:
         with trio.CancelScope(shield=True):
-            _killpg(pid, signal.SIGTERM)
-            with trio.move_on_after(grace) as waited:
-                await trio.lowlevel.wait_readable(fd)
-            if waited.cancelled_caught:
+            exited = functools.partial(trio.lowlevel.wait_readable, fd)
+            if not await signal_ladder(pid, exited, [(signal.SIGTERM, grace)]):
                 log.warning("adopted group %d ignored SIGTERM for %.1fs; killing", pid, grace)
-            _killpg(pid, signal.SIGKILL)
+            killpg(pid, signal.SIGKILL)
         os.close(fd)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_remove, pidfile)
-
-
-async def stop_process_group(proc: trio.Process, grace: float) -> None:
-    _killpg(proc.pid, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        await proc.wait()
-        return
-    log.warning("process group %d ignored SIGTERM for %.1fs; killing", proc.pid, grace)
-    _killpg(proc.pid, signal.SIGKILL)
-    await proc.wait()
 
 
 def _start_time(pid: int) -> str | None:
@@ -340,16 +328,11 @@ async def reap_stale(pidfile: Path) -> None:
     except ProcessLookupError:
         return
     try:
-        _killpg(pid, signal.SIGKILL)
+        killpg(pid, signal.SIGKILL)
         with trio.move_on_after(10):
             await trio.lowlevel.wait_readable(fd)
     finally:
         os.close(fd)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
 
 
 def tail_lines(path: Path, lines: int, *, max_bytes: int = 1 << 20) -> list[str]:

@@ -1,0 +1,98 @@
+"""What core and agent share through protocol/: fan-out, sqlite thread, process stop, text."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from hyperhive.protocol.errors import BadParams
+from hyperhive.protocol.fanout import FanOut
+from hyperhive.protocol.procgroup import stop_process_group
+from hyperhive.protocol.sqlite_thread import open_sqlite_thread
+from hyperhive.protocol.text import MAX_MODEL, check_model, check_text
+
+
+async def test_fanout_drops_a_subscriber_that_falls_behind() -> None:
+    fan = FanOut[int](2)
+    slow, fast = fan.subscribe(), fan.subscribe()
+    for i in range(2):
+        fan.send_nowait(i)
+    assert [fast.receive_nowait(), fast.receive_nowait()] == [0, 1]
+    fan.send_nowait(2)  # slow's channel is full: it is dropped, fast is not held up
+    assert len(fan) == 1
+    assert fast.receive_nowait() == 2
+    assert [slow.receive_nowait(), slow.receive_nowait()] == [0, 1]
+    with pytest.raises(trio.EndOfChannel):
+        slow.receive_nowait()
+
+
+async def test_fanout_forgets_a_subscriber_that_went_away() -> None:
+    fan = FanOut[int](4)
+    fan.subscribe().close()
+    fan.send_nowait(1)
+    assert len(fan) == 0
+
+
+def _make(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+    return conn
+
+
+async def test_sqlite_thread_runs_calls_in_order_and_closes(tmp_path: Path) -> None:
+    path = str(tmp_path / "t.sqlite")
+    async with open_sqlite_thread(path, _make) as db:
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(
+                    db.run, lambda conn, x: conn.execute("INSERT INTO t VALUES (?)", (x,)), i
+                )
+        count = await db.run(lambda conn: conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+    assert count == 20
+    with pytest.raises(sqlite3.ProgrammingError):
+        await db.run(lambda conn: conn.execute("SELECT 1"))
+
+
+async def _spawn(script: str) -> trio.Process:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", script],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    assert await proc.stdout.receive_some(1) == b"r"  # its handlers are installed
+    return proc
+
+
+async def test_the_ladder_stops_at_the_first_signal_that_works() -> None:
+    proc = await _spawn("import sys, time; print('r', flush=True); time.sleep(60)")
+    with trio.fail_after(10):
+        await stop_process_group(proc, [(signal.SIGINT, 5.0), (signal.SIGTERM, 5.0)])
+    assert proc.returncode == -signal.SIGINT  # the first rung was enough
+
+
+async def test_the_ladder_ends_in_sigkill() -> None:
+    ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    proc = await _spawn(ignore + "print('r', flush=True); time.sleep(60)")
+    with trio.fail_after(10):
+        await stop_process_group(proc, [(signal.SIGTERM, 0.2)])
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_text_and_model_limits() -> None:
+    assert check_text("héllo", "x", 6) == "héllo"
+    for bad in ("héllo!", "a\x00", "\udc00"):
+        with pytest.raises(BadParams):
+            check_text(bad, "x", 6)
+    assert check_model(" claude-x ") == "claude-x"
+    assert check_model("m" * MAX_MODEL) == "m" * MAX_MODEL
+    for bad in ("", "a b", "m" * (MAX_MODEL + 1), "a\x07"):
+        with pytest.raises(BadParams):
+            check_model(bad)
