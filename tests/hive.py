@@ -6,16 +6,16 @@ import random
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar, overload
 
 import trio
 
+from hyperhive.app import DaemonInfo, run
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
-from hyperhive.core.daemon import DaemonInfo, run
 from hyperhive.core.store import Store, open_store
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, call_once, open_client
@@ -108,9 +108,10 @@ async def wait_for_event(
     client: Client, predicate: Callable[[wire.HiveEvent], bool]
 ) -> wire.HiveEvent:
     with trio.fail_after(EVENT_DEADLINE):
-        async for event in client.events():
-            if predicate(event):
-                return event
+        async with aclosing(client.events()) as stream:
+            async for event in stream:
+                if predicate(event):
+                    return event
     raise AssertionError("event stream ended")
 
 
@@ -120,12 +121,13 @@ async def wait_for_all(
     """Wait until each predicate has matched an event, in whatever order they come."""
     found: list[wire.HiveEvent | None] = [None] * len(predicates)
     with trio.fail_after(EVENT_DEADLINE):
-        async for event in client.events():
-            for i, predicate in enumerate(predicates):
-                if found[i] is None and predicate(event):
-                    found[i] = event
-            if all(f is not None for f in found):
-                return [f for f in found if f is not None]
+        async with aclosing(client.events()) as stream:
+            async for event in stream:
+                for i, predicate in enumerate(predicates):
+                    if found[i] is None and predicate(event):
+                        found[i] = event
+                if all(f is not None for f in found):
+                    return [f for f in found if f is not None]
     raise AssertionError("event stream ended")
 
 

@@ -383,7 +383,7 @@ def daemon_config(args: argparse.Namespace, claude: str | None) -> DaemonConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from hyperhive.core.daemon import serve_until_signalled
+    from hyperhive.app import serve_until_signalled
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

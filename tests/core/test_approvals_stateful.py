@@ -46,9 +46,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from hyperhive.app import DaemonInfo, run
 from hyperhive.core import events
 from hyperhive.core.config import DaemonConfig
-from hyperhive.core.daemon import DaemonInfo, run
 from hyperhive.core.faults import SimulatedCrash
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once

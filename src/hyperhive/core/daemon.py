@@ -1,13 +1,11 @@
-"""Daemon wiring: the store, broker, supervisor, sockets and dashboard under one root nursery."""
+"""The core daemon's wiring: store, broker, supervisor, sockets and approvals under one nursery."""
 
 from __future__ import annotations
 
 import grp
 import logging
 import os
-import signal
 import socket
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -37,7 +35,7 @@ from hyperhive.core.runner import Runner
 from hyperhive.core.server import SocketLimits, SocketServer, require_uid
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
-from hyperhive.core.tokens import LoginTokens, login_url, remove_login_files, serve_login_files
+from hyperhive.core.tokens import LoginTokens, remove_login_files
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import RequestDecoder
 from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name
@@ -59,19 +57,16 @@ AGENT_MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
-class DaemonInfo:
-    """What a started daemon tells its caller."""
+class CoreInfo:
+    """What a started core daemon gives the composition that runs it (app.py): where its
+    host socket is, the login tokens of this start, and where the dashboard reports to."""
 
     host_socket: str
-    dashboard_port: int | None
-    """The port the dashboard serves on; None when there is none, and also while its port is
-    held by another process: the daemon is ready without it and keeps trying (`dashboard`)."""
-    model_url: str | None
-    login_url: str | None = field(default=None, repr=False)
-    """The dashboard's login URL (it carries the token: print it only to the operator); None
-    while the dashboard waits for its port (`hive-c0re url` has it once it serves)."""
-    dashboard: wire.ListenerStatus | None = None
-    """The dashboard's port as the daemon became ready (what `list` reports, kept current)."""
+    tokens: LoginTokens = field(repr=False)
+    admin_gid: int | None
+    set_dashboard: Callable[[wire.ListenerStatus], None]
+    """The dashboard's state, for `list` (the dashboard itself runs outside core)."""
+    dashboard: Callable[[], wire.ListenerStatus | None]
 
 
 BACKENDS = ("bwrap", "nspawn", "nixos")
@@ -143,27 +138,15 @@ def sd_notify(state: str) -> None:
 
 
 async def run(
-    cfg: DaemonConfig, *, task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED
+    cfg: DaemonConfig, *, task_status: trio.TaskStatus[CoreInfo] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run the daemon until cancelled. started(DaemonInfo) once sockets and dashboard are up."""
+    """Run the core daemon until cancelled; started(CoreInfo) once its sockets serve and its
+    containers are launched (the dashboard and the demo model are app.py's)."""
     admin_gid = await trio.to_thread.run_sync(_prepare, cfg)
     backend = make_backend(cfg)
     if getattr(backend, "agent_uids", False):
         await trio.to_thread.run_sync(check_uid_range, cfg.agent_uid_base)
     async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
-        model_url: str | None = None
-        if cfg.demo:
-            from hyperhive.demo.model import serve_model
-
-            model_url = await nursery.start(partial(serve_model, host="127.0.0.1", port=0))
-            cfg = replace(
-                cfg,
-                claude_env={
-                    "ANTHROPIC_BASE_URL": str(model_url),
-                    "ANTHROPIC_API_KEY": "sk-ant-demo-scripted-model",
-                    **cfg.claude_env,
-                },
-            )
         hub = EventHub()
         registry = Registry(store, hub, ui_port_base=cfg.ui_port_base, backend=backend.name)
         await registry.load()
@@ -312,18 +295,6 @@ async def run(
         # that outlived the previous daemon keep running for the next one to adopt. From here
         # on, what fails is reported and retried: adopted containers are never stopped
         # because the daemon could not have something else (only a clean stop stops them).
-        dashboard_port: int | None = None
-        dashboard_login: str | None = None
-        if cfg.dashboard_port >= 0:
-
-            def dashboard_changed(status: wire.ListenerStatus) -> None:
-                host.dashboard = status
-
-            dashboard_port = await nursery.start(
-                partial(_serve_dashboard, cfg, login_tokens, admin_gid, dashboard_changed)
-            )
-            if dashboard_port is not None:
-                dashboard_login = login_url(cfg.bind, dashboard_port, login_tokens.dashboard)
         if host.forge is not None:
             # Every agent's Forgejo user and token, then the forge's health for `list`.
             forge_serve = partial(
@@ -355,71 +326,26 @@ async def run(
             if back is not None and back.alive and back.recipient in adopted:
                 # Adopted containers may run the config that was rolled back.
                 nursery.start_soon(_logged, f"rebuild of {name}", supervisor.rebuild, back)
-        sd_notify("READY=1")
-        log.info("hive-c0re ready: host socket %s, dashboard %s", cfg.host_socket, dashboard_port)
+        log.info("hive-c0re core ready: host socket %s", cfg.host_socket)
+
+        def set_dashboard(status: wire.ListenerStatus) -> None:
+            host.dashboard = status
+
         task_status.started(
-            DaemonInfo(
-                str(cfg.host_socket), dashboard_port, model_url, dashboard_login, host.dashboard
+            CoreInfo(
+                host_socket=str(cfg.host_socket),
+                tokens=login_tokens,
+                admin_gid=admin_gid,
+                set_dashboard=set_dashboard,
+                dashboard=lambda: host.dashboard,
             )
         )
 
 
 RETRY_INITIAL = 1.0
 RETRY_MAX = 60.0
-"""How the dashboard's port and the forge are retried: 1 s, doubling, at most a minute."""
-
-
-async def _serve_dashboard(
-    cfg: DaemonConfig,
-    login_tokens: LoginTokens,
-    admin_gid: int | None,
-    on_state: Callable[[wire.ListenerStatus], None],
-    *,
-    task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """The dashboard on its port, waited for while held; started(port), or None if waiting."""
-    from hyperhive.web.dashboard import serve_dashboard
-    from hyperhive.web.serving import Backoff, serve_with_retry
-
-    token = login_tokens.dashboard
-
-    async def serve_on(sock: socket.socket, *, task_status: trio.TaskStatus[int]) -> None:
-        async with trio.open_nursery() as nursery:
-            port: int = await nursery.start(
-                partial(
-                    serve_dashboard,
-                    host_socket=str(cfg.host_socket),
-                    bind=cfg.bind,
-                    port=cfg.dashboard_port,
-                    allowed_hosts=cfg.allowed_hosts,
-                    login_token=token,
-                    agent_token=login_tokens.agent,
-                    sock=sock,
-                )
-            )
-            # The login files appear once the URL in them leads to the dashboard.
-            url = login_url(cfg.bind, port, token)
-            await nursery.start(
-                partial(
-                    serve_login_files,
-                    cfg.dashboard_token_path,
-                    cfg.dashboard_url_path,
-                    token,
-                    url,
-                    group=admin_gid,
-                )
-            )
-            task_status.started(port)
-
-    await serve_with_retry(
-        serve_on,
-        bind=cfg.bind,
-        port=cfg.dashboard_port,
-        name="dashboard",
-        on_state=on_state,
-        backoff=Backoff(RETRY_INITIAL, RETRY_MAX),
-        task_status=task_status,
-    )
+"""How a service the hive can do without (the forge, the dashboard) is retried: 1 s,
+doubling, at most a minute."""
 
 
 async def _keep_serving(
@@ -455,31 +381,3 @@ async def _logged(what: str, fn: Callable[..., Awaitable[object]], *args: object
         await fn(*args)
     except Exception as exc:
         log.error("%s failed: %s", what, exc, exc_info=exc)
-
-
-async def serve_until_signalled(cfg: DaemonConfig) -> None:
-    """The `hive-c0re serve` entry point: run until SIGINT/SIGTERM, then stop cleanly."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            info = await nursery.start(run, cfg)
-            print(f"hive-c0re: host socket {info.host_socket}", flush=True)
-            if info.login_url is not None:
-                # The URL carries the login token: show it on a terminal, keep it out of logs
-                # (a service's stdout is its journal); `hive-c0re url` prints it any time.
-                if sys.stdout.isatty():
-                    print(f"hive-c0re: dashboard {info.login_url}", flush=True)
-                else:
-                    address = info.login_url.partition("#")[0]
-                    print(f"hive-c0re: dashboard {address} (log in: hive-c0re url)", flush=True)
-            elif info.dashboard is not None:
-                # Held by another process: the hive runs without it until the port is free.
-                print(
-                    f"hive-c0re: dashboard waiting for port {info.dashboard.port}"
-                    f" ({info.dashboard.error}); retrying with backoff, see `hive-c0re list`",
-                    flush=True,
-                )
-            async for signum in signals:
-                log.info("received %s; stopping", signal.Signals(signum).name)
-                sd_notify("STOPPING=1")
-                nursery.cancel_scope.cancel()
-                break
