@@ -127,11 +127,6 @@ async def test_a_message_nacked_max_attempts_times_becomes_a_dead_letter(tmp_pat
         assert f"Message #{sent.id} from alice to bob was dead-lettered" in note.body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker._complete builds dead letters with to_message(row) (attempt 0), so the"
-    " report says 'after 0 attempts'; it should pass handed_out=True",
-)
 async def test_a_dead_letter_report_says_how_many_attempts_were_made(tmp_path: Path) -> None:
     async with open_broker(tmp_path / "b.sqlite") as (_, broker, _):
         await broker.send("alice", "bob", "poison")

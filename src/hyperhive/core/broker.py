@@ -291,7 +291,7 @@ class Broker:
                 self._count(op.recipient, -len(op.dead))
                 for row in op.dead:
                     self.quotas.remove(op.recipient, row[8], _bytes(row[3]))
-                self._spawn(self._report_dead, [m.to_message(r) for r in op.dead])
+                self._spawn(self._report_dead, [m.to_message(r, handed_out=True) for r in op.dead])
             if op.row is not None:
                 self._count(op.recipient, -1)
                 if op.row[7] == "delivered":
