@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from contextlib import aclosing
 from pathlib import Path
 
 import msgspec
@@ -24,12 +25,13 @@ async def _wait_all(events: Client, checks: dict[str, Check]) -> dict[str, wire.
     """The first event matching each check, however they interleave on the stream."""
     found: dict[str, wire.HiveEvent] = {}
     with trio.fail_after(EVENT_DEADLINE):
-        async for event in events.events():
-            for key, check in checks.items():
-                if key not in found and check(event):
-                    found[key] = event
-            if len(found) == len(checks):
-                return found
+        async with aclosing(events.events()) as stream:
+            async for event in stream:
+                for key, check in checks.items():
+                    if key not in found and check(event):
+                        found[key] = event
+                if len(found) == len(checks):
+                    return found
     raise AssertionError(f"event stream ended; still waiting for {set(checks) - set(found)}")
 
 
@@ -37,10 +39,11 @@ async def _until(events: Client, check: Check) -> list[wire.HiveEvent]:
     """Every event up to and including the first that matches `check`."""
     seen: list[wire.HiveEvent] = []
     with trio.fail_after(EVENT_DEADLINE):
-        async for event in events.events():
-            seen.append(event)
-            if check(event):
-                return seen
+        async with aclosing(events.events()) as stream:
+            async for event in stream:
+                seen.append(event)
+                if check(event):
+                    return seen
     raise AssertionError("event stream ended")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeVar, overload
 
@@ -72,7 +72,7 @@ class Client:
         """Send a raw line (for tools and tests) and return the raw reply line."""
         return await self._exchange(line if line.endswith(b"\n") else line + b"\n")
 
-    async def events(self) -> AsyncIterator[wire.HiveEvent]:
+    async def events(self) -> AsyncGenerator[wire.HiveEvent, None]:
         """After `Subscribe`, yield each event line until the daemon closes the stream."""
         while True:
             line = await self._lines.receive_line()

@@ -150,8 +150,23 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+_LISTENERS: list[trio.socket.SocketType] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_listeners() -> Iterator[None]:
+    """Every listener a test opened is closed when it ends (pass or fail)."""
+    yield
+    while _LISTENERS:
+        # The test's trio run is over: close the descriptor itself.
+        fd = _LISTENERS.pop().detach()
+        if fd >= 0:
+            os.close(fd)
+
+
 async def listen(path: Path) -> trio.socket.SocketType:
     listener = trio.socket.socket(socket.AF_UNIX)
+    _LISTENERS.append(listener)
     await listener.bind(str(path))
     listener.listen()
     return listener
