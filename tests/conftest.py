@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.hive import short_tmpdir
+from hyperhive.core.tokens import LoginTokens
+from hyperhive.protocol import wire
+from hyperhive.protocol.names import MANAGER_NAME
+from tests.hive import Hive, hive_config, open_hive, short_tmpdir
 
 
 @pytest.fixture
@@ -14,6 +17,21 @@ def hive_root() -> Iterator[Path]:
     root = short_tmpdir()
     yield root
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def hive(hive_root: Path) -> AsyncIterator[Hive]:
+    """A real daemon with the manager registered but stopped: no claude runs in web and agent
+    UI tests."""
+    async with open_hive(hive_config(hive_root, start_manager=True)) as running:
+        await running.call(wire.Kill(name=MANAGER_NAME))
+        yield running
+
+
+@pytest.fixture
+def tokens() -> LoginTokens:
+    """The login tokens of the web apps a test builds itself (the daemon keeps its own)."""
+    return LoginTokens.generate()
 
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")

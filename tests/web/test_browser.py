@@ -15,14 +15,14 @@ import pytest
 import trio
 
 from hyperhive.agent.bus import LiveBus, LiveEvent, Note, Stream, TurnEnd, TurnStart
+from hyperhive.agent.ui import serve_agent_ui
 from hyperhive.core.tokens import LoginTokens, login_url
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
-from hyperhive.web.agent_ui import serve_agent_ui
 from hyperhive.web.dashboard import serve_dashboard
+from tests.agent.test_ui import Controls, logged_in
 from tests.hive import Hive, hive_config, open_hive
-from tests.web.test_agent_ui import Controls
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -272,6 +272,7 @@ async def test_agent_page_renders_a_turn_and_sends(hive_root: Path, tokens: Logi
                 bus=bus,
                 socket_path=hive.agent_sock(MANAGER_NAME),
                 controls=controls,
+                login=logged_in(),
                 login_token=tokens.agent(MANAGER_NAME),
                 dashboard_url=f"http://127.0.0.1:{dashboard_port}/",
                 port=manager.port,

@@ -21,13 +21,14 @@ from werkzeug.routing import Rule
 
 from hyperhive.agent.bus import LiveBus
 from hyperhive.agent.settings import HarnessSettings
+from hyperhive.agent.ui import create_agent_app
 from hyperhive.core.tokens import LoginTokens, login_url
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
-from hyperhive.web.agent_ui import create_agent_app
 from hyperhive.web.dashboard import create_dashboard_app, serve_dashboard
 from hyperhive.web.security import LOGIN_HINT, PUBLIC_ENDPOINTS
+from tests.agent.test_ui import Controls, logged_in
 from tests.conftest import needs_bwrap, needs_claude
 from tests.hive import (
     Hive,
@@ -49,7 +50,6 @@ from tests.web.pages import (
     post_headers,
     take_ticket,
 )
-from tests.web.test_agent_ui import Controls
 
 OWN = "http://localhost"
 """The Origin of a page on the test client's host: POSTs pass the Origin and CSRF checks."""
@@ -68,6 +68,7 @@ def agent_app(hive: Hive, tokens: LoginTokens, name: str) -> QuartTrio:
         bus=LiveBus(),
         socket_path=hive.agent_sock(MANAGER_NAME),
         controls=Controls(),
+        login=logged_in(),
         login_token=tokens.agent(name),
     )
 

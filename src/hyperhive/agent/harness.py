@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import html
 import logging
-from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
 from hyperhive.agent.bus import LiveBus, Note, TurnEnd, TurnStart, open_history
 from hyperhive.agent.claude import CLAUDE_DEFAULTS, TurnResult, run_turn
-from hyperhive.agent.login import LOGIN_ARGS, LoginSession
+from hyperhive.agent.controls import Controls
+from hyperhive.agent.login import LOGIN_ARGS, ClaudeLogin, LoginSession
 from hyperhive.agent.settings import HarnessSettings, write_claude_files
 from hyperhive.agent.ui_login import UiLogin
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, open_client
 from hyperhive.protocol.errors import ConnectionLost
 from hyperhive.protocol.names import BROADCAST, SYSTEM
-from hyperhive.protocol.text import check_model
 
 log = logging.getLogger(__name__)
 
@@ -56,63 +55,14 @@ def wake_prompt(msg: wire.Message, unread: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass
-class Controls:
-    """What the agent UI may change about the next turn (implements web's AgentControls)."""
-
-    settings: HarnessSettings
-    _model: str = ""
-    _skip_continue: bool = False
-    _turn_scope: trio.CancelScope | None = None
-    _login: str = "ok"
-    turns: int = field(default=0)
-    login: LoginSession | None = None
-    """`claude auth login` for the agent UI (set once the harness's nursery exists)."""
-
-    def __post_init__(self) -> None:
-        self._model = self._read_model() or self.settings.model
-
-    def _read_model(self) -> str:
-        try:
-            return self.settings.model_file.read_text("utf-8").strip()
-        except OSError:
-            return ""
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    def set_model(self, model: str) -> None:
-        model = check_model(model)
-        self._model = model
-        try:
-            self.settings.model_file.write_text(model + "\n", "utf-8")
-        except OSError as exc:
-            log.warning("cannot persist model choice: %s", exc)
-
-    def request_new_session(self) -> None:
-        self._skip_continue = True
-
-    def take_skip_continue(self) -> bool:
-        skip, self._skip_continue = self._skip_continue, False
-        return skip
-
-    async def cancel_turn(self) -> bool:
-        if self._turn_scope is None:
-            return False
-        self._turn_scope.cancel()
-        return True
-
-    @property
-    def login_state(self) -> str:
-        return self._login
-
-
 class Harness:
-    def __init__(self, settings: HarnessSettings, bus: LiveBus, controls: Controls) -> None:
+    def __init__(
+        self, settings: HarnessSettings, bus: LiveBus, controls: Controls, login: ClaudeLogin
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.controls = controls
+        self.login = login
         self.backoff = 0.0
 
     def _has_session(self) -> bool:
@@ -124,9 +74,8 @@ class Harness:
 
     async def wait_for_login(self) -> None:
         announced = False
-        while not await trio.to_thread.run_sync(self.settings.logged_in):
+        while not await self.login.check():
             if not announced:
-                self.controls._login = "needs_login"
                 await self.bus.set_state("needs_login")
                 await self.bus.emit(
                     Note(
@@ -137,7 +86,6 @@ class Harness:
                 )
                 announced = True
             await trio.sleep(LOGIN_POLL)
-        self.controls._login = "ok"
         await self.bus.set_state("idle")
 
     async def run(self) -> None:
@@ -199,25 +147,21 @@ class Harness:
         )
         await self.bus.set_state("thinking")
         started = trio.current_time()
-        resume = not self.controls.take_skip_continue() and await trio.to_thread.run_sync(
+        resume = not self.controls.take_new_session() and await trio.to_thread.run_sync(
             self._has_session
         )
-        scope = trio.CancelScope()
-        self.controls._turn_scope = scope
-        try:
-            result = await run_turn(
-                self.settings,
-                self.bus,
-                wake_prompt(msg, unread),
-                model=self.controls.model,
-                resume=resume,
-                cancel=scope,
-            )
-        except OSError as exc:
-            result = TurnResult(ok=False, note=f"cannot run claude: {exc}", transient=True)
-        finally:
-            self.controls._turn_scope = None
-        self.controls.turns += 1
+        with self.controls.turn() as cancel:
+            try:
+                result = await run_turn(
+                    self.settings,
+                    self.bus,
+                    wake_prompt(msg, unread),
+                    model=self.controls.model,
+                    resume=resume,
+                    cancel=cancel,
+                )
+            except OSError as exc:
+                result = TurnResult(ok=False, note=f"cannot run claude: {exc}", transient=True)
         await self.bus.emit(
             TurnEnd(
                 ok=result.ok,
@@ -236,17 +180,19 @@ async def serve(settings: HarnessSettings) -> None:
         bus = LiveBus(history=history)
         await bus.start()
         controls = Controls(settings)
-        harness = Harness(settings, bus, controls)
         async with trio.open_nursery() as nursery:
-            controls.login = LoginSession(
+            # The web login runs in this nursery: it outlives any one request of the page.
+            session = LoginSession(
                 nursery,
                 [settings.claude, *LOGIN_ARGS],
                 {**CLAUDE_DEFAULTS, **settings.env, "HOME": settings.env.get("HOME", "/root")},
                 cwd=str(settings.state_dir) if settings.state_dir.is_dir() else None,
             )
+            login = ClaudeLogin(settings.logged_in, session)
+            harness = Harness(settings, bus, controls, login)
             if settings.port:
                 # Started, not start_soon: the UI is up before the first turn is taken.
-                await nursery.start(_serve_ui, settings, bus, controls)
+                await nursery.start(_serve_ui, settings, bus, controls, login)
             await bus.emit(Note(text=f"{settings.label} harness up (model {controls.model})"))
             await harness.run()
 
@@ -255,6 +201,7 @@ async def _serve_ui(
     settings: HarnessSettings,
     bus: LiveBus,
     controls: Controls,
+    login: ClaudeLogin,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -265,12 +212,12 @@ async def _serve_ui(
     """
     up = False
     try:
-        from hyperhive.web.agent_ui import serve_agent_ui
+        from hyperhive.agent.ui import serve_agent_ui
 
         dashboard = f"http://{settings.bind}:{settings.dashboard_port}/"
-        login = UiLogin(settings.socket)
+        ui_login = UiLogin(settings.socket)
         async with trio.open_nursery() as nursery:
-            await nursery.start(login.serve)
+            await nursery.start(ui_login.serve)
             await nursery.start(
                 partial(
                     serve_agent_ui,
@@ -279,7 +226,8 @@ async def _serve_ui(
                     bus=bus,
                     socket_path=settings.socket,
                     controls=controls,
-                    login_token=login,
+                    login=login,
+                    login_token=ui_login,
                     dashboard_url=dashboard if settings.dashboard_port > 0 else None,
                     bind=settings.bind,
                     port=settings.port,

@@ -1,4 +1,5 @@
-"""Logging an agent in to Claude from its web UI: `claude auth login`, driven over pipes.
+"""An agent's Claude login: whether it has credentials, and `claude auth login` driven over pipes
+from its web UI.
 
 The login is interactive OAuth, so only the operator can complete it (there is no MCP tool for
 it): the agent UI starts `claude auth login` inside the container, shows the sign-in URL it
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import msgspec
 import trio
@@ -25,6 +27,8 @@ MAX_OUTPUT = 32 * 1024
 MAX_CODE = 1024
 _URL = re.compile(r"https://[^\s\"'<>]+")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+
+Credentials = Literal["ok", "needs_login"]
 
 
 class LoginState(msgspec.Struct, frozen=True, kw_only=True):
@@ -145,3 +149,32 @@ class LoginSession:
             return False
         self._scope.cancel()
         return True
+
+
+class ClaudeLogin:
+    """The one owner of the agent's Claude login: whether it has credentials (`check`, which the
+    turn loop polls before each turn) and the web login the operator drives from the page
+    (`session`). The page and the turn loop ask it; nothing else holds a copy."""
+
+    def __init__(
+        self, has_credentials: Callable[[], bool], session: LoginSession | None = None
+    ) -> None:
+        self._has_credentials = has_credentials
+        self._session = session
+        self._state: Credentials = "ok"
+
+    @property
+    def state(self) -> Credentials:
+        """What the last `check` found (`"ok"` until one finds no credentials)."""
+        return self._state
+
+    @property
+    def session(self) -> LoginSession | None:
+        """`claude auth login` for the page, when this harness offers one."""
+        return self._session
+
+    async def check(self) -> bool:
+        """Look for credentials now (a file stat, off the event loop); True when there are."""
+        found = await trio.to_thread.run_sync(self._has_credentials)
+        self._state = "ok" if found else "needs_login"
+        return found

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
@@ -27,6 +28,11 @@ MAX_WEBSOCKET_MESSAGE = 2 * 1024 * 1024
 
 LISTEN_BACKLOG = 100
 """hypercorn's default backlog."""
+
+TEMPLATES = Path(__file__).parent / "templates"
+STATIC = Path(__file__).parent / "static"
+"""The pages and their assets: the dashboard's and the agent page's (which share hive.css,
+hive.js and the favicon), served from here by both apps."""
 
 
 def bind_address(bind: str, port: int) -> str:

@@ -1,4 +1,5 @@
-"""An agent's own web UI: its live terminal, inbox and controls, served inside its container."""
+"""An agent's own web UI: its live terminal, inbox, controls and Claude login, served by the harness
+from its in-memory state (on web's shared edge: security, SSE, serving)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from quart import Response, render_template
 from quart_trio import QuartTrio
 
 from hyperhive.agent.bus import LiveBus
-from hyperhive.agent.login import LoginSession, LoginState
+from hyperhive.agent.login import ClaudeLogin, LoginSession, LoginState
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once, open_client
 from hyperhive.protocol.errors import BadParams, Conflict, HiveError
@@ -19,7 +20,7 @@ from hyperhive.protocol.names import OPERATOR
 from hyperhive.protocol.text import check_model
 from hyperhive.web import security
 from hyperhive.web.edge import install_error_handlers, json_response, read_input, require_text
-from hyperhive.web.serving import serve_app
+from hyperhive.web.serving import STATIC, TEMPLATES, bind_listener, serve_app
 from hyperhive.web.sse import sse_response, with_heartbeats
 
 INBOX_LIMIT = 30
@@ -36,16 +37,6 @@ class AgentControls(Protocol):
     def request_new_session(self) -> None: ...
 
     async def cancel_turn(self) -> bool: ...
-
-    @property
-    def login_state(self) -> str:
-        """`"ok"` or `"needs_login"`."""
-        ...
-
-    @property
-    def login(self) -> LoginSession | None:
-        """The web login (`claude auth login`), when the harness offers one."""
-        ...
 
 
 class AgentState(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,11 +98,12 @@ def create_agent_app(
     bus: LiveBus,
     socket_path: str,
     controls: AgentControls,
+    login: ClaudeLogin,
     login_token: str | security.TokenSource,
     dashboard_url: str | None = None,
     allowed_hosts: Sequence[str] = (),
 ) -> QuartTrio:
-    """The agent UI app: live state from `bus` and `controls`, inbox via `socket_path`.
+    """The agent UI app: live state from `bus`, `controls` and `login`, inbox via `socket_path`.
 
     `login_token` is this agent's own (the harness asks the daemon for it over `socket_path`
     and renews it when the daemon restarts): the dashboard's and other agents' tokens do not
@@ -119,7 +111,7 @@ def create_agent_app(
     """
     if dashboard_url is not None and not dashboard_url.startswith(("http://", "https://")):
         raise ValueError(f"dashboard_url must be an http(s) URL, not {dashboard_url!r}")
-    app = QuartTrio(__name__, static_folder="static", template_folder="templates")
+    app = QuartTrio(__name__, static_folder=str(STATIC), template_folder=str(TEMPLATES))
     guard = security.install(
         app, login_token=login_token, stream_endpoints=["stream"], allowed_hosts=allowed_hosts
     )
@@ -153,7 +145,7 @@ def create_agent_app(
             model=controls.model,
             turn_state=bus.state,
             turn_state_since=bus.state_since,
-            login_state=controls.login_state,
+            login_state=login.state,
             inbox=inbox,
             unread=unread,
             dashboard_url=dashboard_url,
@@ -192,9 +184,9 @@ def create_agent_app(
         return json_response(wire.Done())
 
     def login_session() -> LoginSession:
-        if controls.login is None:
+        if login.session is None:
             raise Conflict("this harness offers no web login")
-        return controls.login
+        return login.session
 
     @app.get("/api/login")
     async def login_state() -> Response:
@@ -233,6 +225,7 @@ async def serve_agent_ui(
     bus: LiveBus,
     socket_path: str,
     controls: AgentControls,
+    login: ClaudeLogin,
     login_token: str | security.TokenSource,
     port: int,
     bind: str = "127.0.0.1",
@@ -247,8 +240,15 @@ async def serve_agent_ui(
         bus=bus,
         socket_path=socket_path,
         controls=controls,
+        login=login,
         login_token=login_token,
         dashboard_url=dashboard_url,
         allowed_hosts=(*allowed_hosts, bind),
     )
-    await serve_app(app, bind=bind, port=port, name="agent-ui", task_status=task_status)
+    # Bound here (closed again when the port is taken): hypercorn's own bind leaves the socket
+    # of a failed attempt to the garbage collector.
+    sock = await trio.to_thread.run_sync(bind_listener, bind, port)
+    with sock:
+        await serve_app(
+            app, bind=bind, port=port, name="agent-ui", sock=sock, task_status=task_status
+        )

@@ -11,7 +11,9 @@ import msgspec
 import trio
 
 from hyperhive.agent.bus import LiveBus
-from hyperhive.agent.harness import Controls, _serve_ui
+from hyperhive.agent.controls import Controls
+from hyperhive.agent.harness import _serve_ui
+from hyperhive.agent.login import ClaudeLogin
 from hyperhive.agent.settings import HarnessSettings
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
@@ -58,7 +60,9 @@ async def test_the_ui_takes_the_token_from_the_daemon(hive: Hive, tmp_path: Path
     bus = LiveBus()
     config = settings(tmp_path, port, sock)
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(_serve_ui, config, bus, Controls(config)))
+        await nursery.start(
+            partial(_serve_ui, config, bus, Controls(config), ClaudeLogin(config.logged_in))
+        )
         with trio.fail_after(10):
             async with open_http(port, "/api/state", headers=login(token)) as resp:
                 assert resp.status == 200
@@ -76,7 +80,7 @@ async def test_a_taken_port_leaves_the_harness_running(tmp_path: Path) -> None:
         events = bus.subscribe()
         config = settings(tmp_path, taken.getsockname()[1])
         # Returns (started) instead of raising: turns go on without a UI.
-        await _serve_ui(config, bus, Controls(config))
+        await _serve_ui(config, bus, Controls(config), ClaudeLogin(config.logged_in))
     (note,) = notes(events)
     assert note.startswith("web UI not started:") and "in use" in note
 
@@ -88,7 +92,9 @@ async def test_no_daemon_no_login(tmp_path: Path) -> None:
     bus = LiveBus()
     config = settings(tmp_path, port)
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(_serve_ui, config, bus, Controls(config)))
+        await nursery.start(
+            partial(_serve_ui, config, bus, Controls(config), ClaudeLogin(config.logged_in))
+        )
         with trio.fail_after(10):
             async with open_http(port, "/") as resp:
                 assert resp.status == 200

@@ -14,13 +14,13 @@ import pytest
 import trio
 
 from hyperhive.agent.bus import LiveBus
-from hyperhive.agent.login import LOGIN_ARGS, LoginSession
+from hyperhive.agent.login import LOGIN_ARGS, ClaudeLogin, LoginSession
+from hyperhive.agent.ui import serve_agent_ui
 from hyperhive.core.tokens import LoginTokens, login_url
 from hyperhive.protocol.names import MANAGER_NAME
-from hyperhive.web.agent_ui import serve_agent_ui
+from tests.agent.test_ui import Controls
 from tests.conftest import needs_claude
 from tests.hive import Hive
-from tests.web.test_agent_ui import Controls
 from tests.web.test_browser import CHROMIUM, CHROMIUM_FLAGS, free_port
 
 pytestmark = [
@@ -57,7 +57,7 @@ def drive(port: int, token: str) -> list[str]:
             expect(page.locator("#login-output")).to_contain_text("Paste code")
             page.screenshot(path=SCREENSHOT, full_page=True)
 
-            # (A pasted code goes on to Anthropic, unreachable here: test_agent_ui covers it.)
+            # (A pasted code goes on to Anthropic, unreachable here: test_ui covers it.)
             page.get_by_role("button", name="■ cancel").click()
             expect(page.locator("#login-note")).to_have_text("cancelled", timeout=15_000)
             expect(page.get_by_role("button", name="▶ start login")).to_be_visible()
@@ -81,7 +81,8 @@ async def test_the_operator_starts_a_claude_login_from_the_agent_page(
     port = free_port()
     async with trio.open_nursery() as nursery:
         session = LoginSession(nursery, [claude, *LOGIN_ARGS], env, cwd=str(tmp_path))
-        controls = Controls(login_state="needs_login", login=session)
+        login = ClaudeLogin(lambda: False, session)
+        assert await login.check() is False
         await nursery.start(
             partial(
                 serve_agent_ui,
@@ -89,7 +90,8 @@ async def test_the_operator_starts_a_claude_login_from_the_agent_page(
                 role="manager",
                 bus=LiveBus(),
                 socket_path=hive.agent_sock(MANAGER_NAME),
-                controls=controls,
+                controls=Controls(),
+                login=login,
                 login_token=tokens.agent(MANAGER_NAME),
                 port=port,
             )

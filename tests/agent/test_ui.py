@@ -15,11 +15,11 @@ import trio
 from quart_trio import QuartTrio
 
 from hyperhive.agent.bus import LiveBus, Note, TurnStart, open_history
-from hyperhive.agent.login import LOGIN_ARGS, LoginSession, LoginState
+from hyperhive.agent.login import LOGIN_ARGS, ClaudeLogin, LoginSession, LoginState
+from hyperhive.agent.ui import AgentControls, create_agent_app, serve_agent_ui
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
-from hyperhive.web.agent_ui import AgentControls, create_agent_app, serve_agent_ui
 from tests.conftest import needs_claude
 from tests.hive import Hive
 from tests.web.pages import (
@@ -39,11 +39,9 @@ class Controls:
     """A plain implementation of the harness's side of the UI, recording what it was told."""
 
     _model: str = "haiku"
-    login_state: str = "ok"
     new_sessions: int = 0
     cancels: list[bool] = field(default_factory=list)
     thinking: bool = False
-    login: LoginSession | None = None
 
     @property
     def model(self) -> str:
@@ -66,6 +64,11 @@ def _controls_fit_the_protocol(controls: Controls) -> AgentControls:
     return controls  # mypy checks that the dataclass satisfies the Protocol
 
 
+def logged_in(session: LoginSession | None = None) -> ClaudeLogin:
+    """The login of a harness that has credentials (and, with `session`, offers a web login)."""
+    return ClaudeLogin(lambda: True, session)
+
+
 @dataclass
 class AgentUi:
     app: QuartTrio
@@ -78,7 +81,9 @@ class AgentUi:
         return csrf_token(await (await self.client.get("/")).get_data(as_text=True))
 
 
-def make_ui(hive: Hive, bus: LiveBus, **kwargs: object) -> AgentUi:
+def make_ui(
+    hive: Hive, bus: LiveBus, login: ClaudeLogin | None = None, **kwargs: object
+) -> AgentUi:
     """The manager's UI, and a client logged in to it (the token the daemon would give it)."""
     controls = Controls()
     socket = hive.agent_sock(MANAGER_NAME)
@@ -88,6 +93,7 @@ def make_ui(hive: Hive, bus: LiveBus, **kwargs: object) -> AgentUi:
         bus=bus,
         socket_path=socket,
         controls=_controls_fit_the_protocol(controls),
+        login=login or logged_in(),
         login_token=LOGIN,
         dashboard_url="http://localhost:7000/",
         **kwargs,  # type: ignore[arg-type]
@@ -137,6 +143,7 @@ async def test_label_is_escaped_and_dashboard_url_must_be_http(hive: Hive) -> No
         bus=LiveBus(),
         socket_path=hive.agent_sock(MANAGER_NAME),
         controls=Controls(),
+        login=logged_in(),
         login_token=LOGIN,
     )
     html = await (await app.test_client().get("/")).get_data(as_text=True)
@@ -148,6 +155,7 @@ async def test_label_is_escaped_and_dashboard_url_must_be_http(hive: Hive) -> No
             bus=LiveBus(),
             socket_path="/nonexistent",
             controls=Controls(),
+            login=logged_in(),
             login_token=LOGIN,
             dashboard_url="javascript:alert(1)",
         )
@@ -158,6 +166,7 @@ async def test_label_is_escaped_and_dashboard_url_must_be_http(hive: Hive) -> No
             bus=LiveBus(),
             socket_path="/nonexistent",
             controls=Controls(),
+            login=logged_in(),
             login_token="",
         )
 
@@ -181,12 +190,15 @@ async def test_state_reports_turn_model_login_and_inbox(hive: Hive, ui: AgentUi)
 
 
 async def test_state_survives_a_missing_daemon(hive: Hive, hive_root: Path) -> None:
+    needs_login = ClaudeLogin(lambda: False)
+    assert await needs_login.check() is False
     app = create_agent_app(
         label="lonely",
         role="agent",
         bus=LiveBus(),
         socket_path=str(hive_root / "gone.sock"),
-        controls=Controls(login_state="needs_login"),
+        controls=Controls(),
+        login=needs_login,
         login_token=LOGIN,
     )
     resp = await LoggedInClient(app, LOGIN).get("/api/state")
@@ -195,6 +207,20 @@ async def test_state_survives_a_missing_daemon(hive: Hive, hive_root: Path) -> N
     assert state["login_state"] == "needs_login"
     assert state["inbox"] == [] and state["unread"] is None
     assert "cannot connect" in state["socket_error"]
+
+
+async def test_login_state_is_asked_of_the_login_each_time(hive: Hive) -> None:
+    """The page holds no copy: what the harness's last credentials check found is what it shows."""
+    credentials: list[bool] = []
+    login = ClaudeLogin(lambda: bool(credentials))
+    ui = make_ui(hive, LiveBus(), login=login)
+    assert (await state_of(ui))["login_state"] == "ok"  # nothing checked yet
+    assert await login.check() is False
+    assert (await state_of(ui))["login_state"] == "needs_login"
+    credentials.append(True)
+    assert (await state_of(ui))["login_state"] == "needs_login"  # until the next check
+    assert await login.check() is True
+    assert (await state_of(ui))["login_state"] == "ok"
 
 
 async def test_history_is_the_bus_backfill(hive: Hive, history_bus: LiveBus) -> None:
@@ -222,6 +248,7 @@ async def test_stream_delivers_bus_events(hive: Hive, nursery: trio.Nursery) -> 
             bus=bus,
             socket_path=hive.agent_sock(MANAGER_NAME),
             controls=Controls(),
+            login=logged_in(),
             login_token=LOGIN,
             port=0,
         )
@@ -312,20 +339,25 @@ async def wait_for_login(session: LoginSession, done: Callable[[LoginState], boo
 
 @needs_claude
 async def test_web_login_drives_the_real_claude_auth_login(
-    ui: AgentUi, nursery: trio.Nursery, tmp_path: Path
+    hive: Hive, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     """The operator's login from the agent UI, against the real CLI: the sign-in URL it prints
     is shown, a pasted code goes to its stdin, and cancel ends it. (Completing the OAuth needs
     Anthropic's servers, which this machine cannot reach.)"""
-    headers = post_headers(await ui.token())
-    resp = await ui.client.post("/api/login/start", headers=headers)
-    assert resp.status_code == 409  # this harness offers no web login yet
+    without = make_ui(hive, LiveBus())
+    headers = post_headers(await without.token())
+    for path in ("/api/login/start", "/api/login/code", "/api/login/cancel"):
+        resp = await without.client.post(path, json={"code": "abc"}, headers=headers)
+        assert resp.status_code == 409, path  # this harness offers no web login
+    assert (await without.client.get("/api/login")).status_code == 409
+
     claude = shutil.which("claude")
     assert claude is not None
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "NO_COLOR": "1"}
     env["CLAUDE_CONFIG_DIR"] = str(tmp_path / ".claude")
     session = LoginSession(nursery, [claude, *LOGIN_ARGS], env, cwd=str(tmp_path))
-    ui.controls.login = session
+    ui = make_ui(hive, LiveBus(), login=logged_in(session))
+    headers = post_headers(await ui.token())
 
     assert (await login_state(ui))["running"] is False
     resp = await ui.client.post("/api/login/code", json={"code": "abc#def"}, headers=headers)
