@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import msgspec
-
 from hyperhive.protocol.agent_config import LOGIN_KEYS, McpServer
+from hyperhive.protocol.harness_env import HarnessEnv
 
 BUILTIN_TOOLS = ("Bash", "Edit", "Glob", "Grep", "Read", "Write")
 """Built-in claude tools an agent may use; WebFetch, WebSearch, Task and friends stay off."""
@@ -57,30 +56,23 @@ class HarnessSettings:
     @classmethod
     def from_env(cls, role: str, env: dict[str, str] | None = None) -> HarnessSettings:
         env = dict(os.environ if env is None else env)
+        hive = HarnessEnv.decode(env, "manager" if role == "manager" else "agent")
         return cls(
-            label=env.get("HIVE_LABEL", "hm1nd" if role == "manager" else "agent"),
+            label=hive.label,
             role=role,
-            socket=env.get("HIVE_SOCKET", "/run/hive/mcp.sock"),
-            state_dir=Path(env.get("HIVE_STATE", "/state")),
-            runtime_dir=Path(
-                env.get(
-                    "HIVE_RUNTIME", os.path.dirname(env.get("HIVE_SOCKET", "/run/hive/mcp.sock"))
-                )
-            ),
-            port=int(env.get("HIVE_PORT", "0")),
-            bind=env.get("HIVE_BIND", "127.0.0.1"),
-            allowed_hosts=tuple(
-                h.strip() for h in env.get("HIVE_ALLOWED_HOSTS", "").split(",") if h.strip()
-            ),
-            dashboard_port=int(env.get("HIVE_DASHBOARD_PORT", "7000")),
-            model=env.get("HIVE_MODEL", "haiku"),
-            operator_pronouns=env.get("HIVE_OPERATOR_PRONOUNS", "she/her"),
-            claude=env.get("HIVE_CLAUDE", "claude"),
+            socket=hive.socket,
+            state_dir=Path(hive.state),
+            runtime_dir=Path(hive.runtime or os.path.dirname(hive.socket)),
+            port=hive.port,
+            bind=hive.bind,
+            allowed_hosts=hive.allowed_hosts,
+            dashboard_port=hive.dashboard_port,
+            model=hive.model,
+            operator_pronouns=hive.operator_pronouns,
+            claude=hive.claude,
             claude_config_dir=Path(env.get("CLAUDE_CONFIG_DIR", "/root/.claude")),
-            allowed_recipients=tuple(
-                r.strip() for r in env.get("HIVE_ALLOWED_RECIPIENTS", "").split(",") if r.strip()
-            ),
-            extra_mcp=_extra_mcp(env.get("HIVE_EXTRA_MCP", "")),
+            allowed_recipients=hive.allowed_recipients,
+            extra_mcp={k: v for k, v in hive.extra_mcp.items() if k != MCP_SERVER},
             env=env,
         )
 
@@ -122,17 +114,6 @@ class HarnessSettings:
         if any(self.env.get(k) for k in LOGIN_KEYS):
             return True
         return (self.claude_config_dir / ".credentials.json").is_file()
-
-
-def _extra_mcp(text: str) -> dict[str, McpServer]:
-    """The extra MCP servers the daemon passed on (validated there); `hyperhive` is ours."""
-    if not text:
-        return {}
-    try:
-        servers = msgspec.json.decode(text, type=dict[str, McpServer])
-    except msgspec.DecodeError:
-        return {}
-    return {k: v for k, v in servers.items() if k != MCP_SERVER}
 
 
 def system_prompt(settings: HarnessSettings) -> str:

@@ -36,6 +36,7 @@ from hyperhive.core.server import SocketServer
 from hyperhive.protocol import agent_config
 from hyperhive.protocol.agent_config import AGENT_TOML, AgentConfig, Limits
 from hyperhive.protocol.errors import HiveError, Internal
+from hyperhive.protocol.harness_env import HarnessEnv
 from hyperhive.protocol.names import MANAGER, SYSTEM
 
 log = logging.getLogger(__name__)
@@ -240,24 +241,24 @@ class Supervisor:
             "CLAUDE_CONFIG_DIR": "/root/.claude",
             "DISABLE_AUTOUPDATER": "1",
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "HIVE_LABEL": rec.name,
-            "HIVE_ROLE": rec.role,
-            "HIVE_SOCKET": CONTAINER_SOCKET,
-            "HIVE_STATE": "/state",
-            **({"HIVE_RUNTIME": HARNESS_RUNTIME} if uid is not None else {}),
-            "HIVE_PORT": str(rec.port),
-            # In its own namespace the harness serves on its loopback; the daemon forwards the
-            # host's bind:port to it (and the browser's Host header names the host's address).
-            "HIVE_BIND": cfg.bind if egress is None else "127.0.0.1",
-            "HIVE_ALLOWED_HOSTS": ",".join(
-                [*cfg.allowed_hosts, *([] if egress is None else [cfg.bind])]
-            ),
-            "HIVE_DASHBOARD_PORT": str(cfg.dashboard_port),
-            "HIVE_MODEL": config.model or cfg.model,
-            "HIVE_OPERATOR_PRONOUNS": cfg.operator_pronouns,
-            "HIVE_CLAUDE": cfg.claude_bin,
-            "HIVE_ALLOWED_RECIPIENTS": ",".join(config.allowed_recipients),
-            "HIVE_EXTRA_MCP": msgspec.json.encode(config.extra_mcp_servers).decode(),
+            **HarnessEnv(
+                label=rec.name,
+                role=rec.role,
+                socket=CONTAINER_SOCKET,
+                state="/state",
+                runtime=HARNESS_RUNTIME if uid is not None else None,
+                port=rec.port,
+                # In its own namespace the harness serves on its loopback; the daemon forwards
+                # the host's bind:port to it (and the browser's Host header names the host's).
+                bind=cfg.bind if egress is None else "127.0.0.1",
+                allowed_hosts=(*cfg.allowed_hosts, *(() if egress is None else (cfg.bind,))),
+                dashboard_port=cfg.dashboard_port,
+                model=config.model or cfg.model,
+                operator_pronouns=cfg.operator_pronouns,
+                claude=cfg.claude_bin,
+                allowed_recipients=tuple(config.allowed_recipients),
+                extra_mcp=dict(config.extra_mcp_servers),
+            ).encode(),
             **cfg.claude_env,
             # The agent's own variables never replace the hive's.
             **{k: v for k, v in config.env.items() if not k.startswith("HIVE_")},

@@ -1,0 +1,106 @@
+"""The `HIVE_*` environment contract between the daemon and the harness, as one typed struct.
+
+The daemon builds a `HarnessEnv` and encodes it into the container's environment; the harness
+decodes the same names back. The nixos templates set the same variables from `hyperhive.*`
+options (nix/templates/harness-base.nix), so the names here are the wire format.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from hyperhive.protocol.agent_config import McpServer
+
+Role = Literal["agent", "manager"]
+
+DEFAULT_SOCKET = "/run/hive/mcp.sock"
+
+
+class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
+    label: str
+    """HIVE_LABEL: the agent's name."""
+    role: Role = "agent"
+    """HIVE_ROLE."""
+    socket: str = DEFAULT_SOCKET
+    """HIVE_SOCKET: the agent's own socket inside the container."""
+    state: str = "/state"
+    """HIVE_STATE: its durable directory."""
+    runtime: str | None = None
+    """HIVE_RUNTIME: where the harness writes claude's config files (default: the socket's
+    directory, which bwrap and nspawn mount read-only: they give /run/harness)."""
+    port: int = 0
+    """HIVE_PORT: its web UI port."""
+    bind: str = "127.0.0.1"
+    """HIVE_BIND: the UI's address (inside its own network namespace: loopback)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """HIVE_ALLOWED_HOSTS, comma-separated: host names the UI answers to besides loopback."""
+    dashboard_port: int = 7000
+    """HIVE_DASHBOARD_PORT: for the link back to the dashboard (<= 0: none)."""
+    model: str = "haiku"
+    """HIVE_MODEL: the claude model of its turns."""
+    operator_pronouns: str = "she/her"
+    """HIVE_OPERATOR_PRONOUNS."""
+    claude: str = "claude"
+    """HIVE_CLAUDE: the claude CLI."""
+    allowed_recipients: tuple[str, ...] = ()
+    """HIVE_ALLOWED_RECIPIENTS, comma-separated (empty: anyone)."""
+    extra_mcp: dict[str, McpServer] = {}
+    """HIVE_EXTRA_MCP, JSON: agent.toml's extra MCP servers."""
+
+    def encode(self) -> dict[str, str]:
+        """The environment variables (the daemon's side)."""
+        env = {
+            "HIVE_LABEL": self.label,
+            "HIVE_ROLE": self.role,
+            "HIVE_SOCKET": self.socket,
+            "HIVE_STATE": self.state,
+            "HIVE_PORT": str(self.port),
+            "HIVE_BIND": self.bind,
+            "HIVE_ALLOWED_HOSTS": ",".join(self.allowed_hosts),
+            "HIVE_DASHBOARD_PORT": str(self.dashboard_port),
+            "HIVE_MODEL": self.model,
+            "HIVE_OPERATOR_PRONOUNS": self.operator_pronouns,
+            "HIVE_CLAUDE": self.claude,
+            "HIVE_ALLOWED_RECIPIENTS": ",".join(self.allowed_recipients),
+            "HIVE_EXTRA_MCP": msgspec.json.encode(self.extra_mcp).decode(),
+        }
+        if self.runtime is not None:
+            env["HIVE_RUNTIME"] = self.runtime
+        return env
+
+    @classmethod
+    def decode(cls, env: dict[str, str], role: Role) -> HarnessEnv:
+        """The harness's side: missing variables take their defaults (a container built by
+        the nixos templates sets only some), a role passed on the command line wins."""
+
+        def listed(name: str) -> tuple[str, ...]:
+            return tuple(x.strip() for x in env.get(name, "").split(",") if x.strip())
+
+        return cls(
+            label=env.get("HIVE_LABEL", "hm1nd" if role == "manager" else "agent"),
+            role=role,
+            socket=env.get("HIVE_SOCKET", DEFAULT_SOCKET),
+            state=env.get("HIVE_STATE", "/state"),
+            runtime=env.get("HIVE_RUNTIME"),
+            port=int(env.get("HIVE_PORT", "0") or "0"),
+            bind=env.get("HIVE_BIND", "127.0.0.1"),
+            allowed_hosts=listed("HIVE_ALLOWED_HOSTS"),
+            dashboard_port=int(env.get("HIVE_DASHBOARD_PORT", "7000") or "7000"),
+            model=env.get("HIVE_MODEL", "haiku"),
+            operator_pronouns=env.get("HIVE_OPERATOR_PRONOUNS", "she/her"),
+            claude=env.get("HIVE_CLAUDE", "claude"),
+            allowed_recipients=listed("HIVE_ALLOWED_RECIPIENTS"),
+            extra_mcp=_servers(env.get("HIVE_EXTRA_MCP", "")),
+        )
+
+
+def _servers(text: str) -> dict[str, McpServer]:
+    """The daemon validated them; a harness given something else runs without them."""
+    if not text:
+        return {}
+    try:
+        return msgspec.json.decode(text, type=dict[str, McpServer])
+    except msgspec.DecodeError:
+        return {}
