@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,13 +22,13 @@ from hyperhive.core.agent_api import AgentHandler
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.containers.base import ContainerSpec, OnStarted
-from hyperhive.core.daemon import AGENT_DECODER
 from hyperhive.core.questions import Questions
 from hyperhive.core.reminders import Reminders
 from hyperhive.core.server import SocketServer
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import wire
+from hyperhive.protocol.codec import AGENT_DECODER
 from tests.hive import hive_config
 
 
@@ -112,9 +112,10 @@ async def world(root: Path) -> AsyncIterator[World]:
         states: list[str] = []
 
         async def watch() -> None:
-            async for event in hub.stream():
-                if isinstance(event, wire.AgentChanged) and event.agent.name == "alice":
-                    states.append(event.agent.state)
+            async with aclosing(hub.stream()) as stream:
+                async for event in stream:
+                    if isinstance(event, wire.AgentChanged) and event.agent.name == "alice":
+                        states.append(event.agent.state)
 
         nursery.start_soon(watch)
         yield World(supervisor, registry, broker, backend, recv, states)

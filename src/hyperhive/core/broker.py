@@ -12,7 +12,7 @@ import logging
 import math
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NoReturn
@@ -66,7 +66,7 @@ class EventHub:
     def subscribe(self) -> trio.MemoryReceiveChannel[wire.HiveEvent]:
         return self._fanout.subscribe()
 
-    async def stream(self) -> AsyncIterator[wire.HiveEvent]:
+    async def stream(self) -> AsyncGenerator[wire.HiveEvent, None]:
         recv = self.subscribe()
         with recv:
             async for event in recv:

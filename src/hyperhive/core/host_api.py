@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -307,5 +307,7 @@ class HostHandler:
         return wire.Done()
 
     async def _events(self) -> AsyncIterator[bytes]:
-        async for event in self.hub.stream():
-            yield encode_line(event)
+        # Closed with this generator (the server closes it when the client goes).
+        async with aclosing(self.hub.stream()) as events:
+            async for event in events:
+                yield encode_line(event)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import NoReturn
 
 import trio
@@ -75,15 +76,16 @@ class LoginWatch:
         """Wake the check when an agent it has not seen appears; forget purged ones."""
         while True:
             # The stream ends when this falls behind: subscribe again (the ticks cover the gap).
-            async for event in self.hub.stream():
-                if (
-                    isinstance(event, wire.AgentChanged)
-                    and event.agent.role == "agent"
-                    and event.agent.name not in self._known
-                ):
-                    self._wake.set()
-                elif isinstance(event, wire.AgentRemoved):
-                    self._known.pop(event.name, None)
+            async with aclosing(self.hub.stream()) as stream:
+                async for event in stream:
+                    if (
+                        isinstance(event, wire.AgentChanged)
+                        and event.agent.role == "agent"
+                        and event.agent.name not in self._known
+                    ):
+                        self._wake.set()
+                    elif isinstance(event, wire.AgentRemoved):
+                        self._known.pop(event.name, None)
 
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
