@@ -73,9 +73,9 @@ async def ponger(sock: str, rounds: int) -> None:
     async with open_client(sock) as client:
         print("ready", flush=True)
         for _ in range(rounds):
-            got = await client.call(wire.Recv(wait_seconds=60), wire.Received)
+            got = await client.call(wire.Recv(wait_seconds=60))
             assert got.message is not None
-            await client.call(wire.Send(to="pinga", body=got.message.body), wire.Sent)
+            await client.call(wire.Send(to="pinga", body=got.message.body))
 
 
 async def pinger(sock: str, rounds: int) -> None:
@@ -83,8 +83,8 @@ async def pinger(sock: str, rounds: int) -> None:
     async with open_client(sock) as client:
         for _ in range(rounds):
             t0 = time.perf_counter()
-            await client.call(wire.Send(to="pongb", body="ping"), wire.Sent)
-            got = await client.call(wire.Recv(wait_seconds=60), wire.Received)
+            await client.call(wire.Send(to="pongb", body="ping"))
+            got = await client.call(wire.Recv(wait_seconds=60))
             assert got.message is not None
             samples.append((time.perf_counter() - t0) / 2)
     print(json.dumps(samples), flush=True)
@@ -96,7 +96,7 @@ async def flood(sock: str, senders: int, total: int) -> None:
     async def one() -> None:
         async with open_client(sock) as client:
             for _ in range(per):
-                await client.call(wire.Send(to="sink", body="m"), wire.Sent)
+                await client.call(wire.Send(to="sink", body="m"))
 
     t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -124,7 +124,7 @@ def result(proc: subprocess.Popen[str]) -> object:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def host(run_dir: Path, request: wire.HostRequest) -> None:
+def host(run_dir: Path, request: wire.HostRequest[wire.Reply]) -> None:
     trio.run(call_once, str(run_dir / "host.sock"), request)
 
 

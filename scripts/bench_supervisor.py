@@ -58,7 +58,7 @@ async def spawn_all(sock: str, n: int) -> dict[str, int]:
     async with trio.open_nursery() as nursery:
         for name in names:
             nursery.start_soon(call_once, sock, wire.Spawn(name=name))
-    listed = await call_once(sock, wire.ListAgents(), wire.AgentList)
+    listed = await call_once(sock, wire.ListAgents())
     return {a.name: a.port for a in listed.agents}
 
 

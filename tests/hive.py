@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar, overload
+from typing import TypeVar
 
 import trio
 
@@ -58,16 +58,8 @@ class Hive:
     def sock(self) -> str:
         return self.info.host_socket
 
-    @overload
-    async def call(self, request: wire.HostRequest, reply: type[R]) -> R: ...
-
-    @overload
-    async def call(self, request: wire.HostRequest, reply: None = None) -> wire.Reply: ...
-
-    async def call(
-        self, request: wire.HostRequest, reply: type[wire.Reply] | None = None
-    ) -> wire.Reply:
-        return await call_once(self.sock, request, reply)
+    async def call(self, request: wire.HostRequest[R], expect: type[R] | None = None) -> R:
+        return await call_once(self.sock, request, expect)
 
     def agent_sock(self, name: str) -> str:
         return str(self.cfg.socket_dir(name) / "mcp.sock")

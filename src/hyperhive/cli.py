@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _request(args: argparse.Namespace) -> msgspec.Struct:
+def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
     match args.command:
         case "list":
             return wire.ListAgents()

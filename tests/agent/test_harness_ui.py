@@ -55,7 +55,7 @@ def notes(events: trio.MemoryReceiveChannel[bytes]) -> list[str]:
 async def test_the_ui_takes_the_token_from_the_daemon(hive: Hive, tmp_path: Path) -> None:
     """The harness asks its socket (here the manager's, on a real daemon) for its UI's token."""
     sock = hive.agent_sock(MANAGER_NAME)
-    token = (await call_once(sock, wire.FetchUiToken(), wire.UiToken)).token
+    token = (await call_once(sock, wire.FetchUiToken())).token
     port = free_port()
     bus = LiveBus()
     config = settings(tmp_path, port, sock)

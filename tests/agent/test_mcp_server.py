@@ -47,7 +47,7 @@ async def test_send_and_recv_tools_act_as_the_socket_owner(hive_root: Path) -> N
             bad = await client.call_tool("send", {"to": "nobody", "body": "x"})
             assert bad.is_error and "unknown recipient" in _text(bad)
 
-        inbox = await hive.call(wire.HostRecent(name="operator", limit=5), wire.Inbox)
+        inbox = await hive.call(wire.HostRecent(name="operator", limit=5))
         assert [(m.sender, m.body) for m in inbox.messages] == [("alice", "hi from mcp")]
 
 
@@ -63,7 +63,7 @@ async def test_the_manager_tools_forward_to_the_manager_socket(hive_root: Path) 
             assert not queued.is_error and "approval #1" in _text(queued)
             refused = await client.call_tool("kill", {"name": "hm1nd"})
             assert refused.is_error and "cannot target itself" in _text(refused)
-        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        pending = await hive.call(wire.Pending())
         assert [(a.kind, a.agent) for a in pending.approvals] == [("spawn", "bob")]
         agent = HarnessSettings(label="alice", role="agent", socket=hive.agent_sock("hm1nd"))
         async with Client(build_server(agent)) as client:
@@ -99,7 +99,7 @@ async def test_ask_answer_and_remind_tools(hive_root: Path) -> None:
             assert plan.read_text() == "the long plan"
             escape = await a.call_tool("remind", {**to_file, "file_path": "/etc/motd"})
             assert escape.is_error and "is absolute" in _text(escape)
-        inbox = await hive.call(wire.HostRecent(name="alice", limit=5), wire.Inbox)
+        inbox = await hive.call(wire.HostRecent(name="alice", limit=5))
         assert '"answer":"443"' in inbox.messages[-1].body
 
 
@@ -138,17 +138,15 @@ async def test_update_rebuilds_a_running_agent_without_approval(hive_root: Path)
                 refused = await client.call_tool("update", {"name": "hm1nd"})
                 assert refused.is_error and "cannot target itself" in _text(refused)
         assert isinstance(again, wire.AgentChanged) and again.agent.pid is not None
-        assert pending_is_empty(await hive.call(wire.Pending(), wire.ApprovalList))
-        inbox = await hive.call(wire.HostRecent(name="alice", limit=10), wire.Inbox)
+        assert pending_is_empty(await hive.call(wire.Pending()))
+        inbox = await hive.call(wire.HostRecent(name="alice", limit=10))
         assert inbox.messages[-1].sender == "system"
         assert inbox.messages[-1].body.startswith("Rebuilt: your configuration was re-applied.")
-        manager = await hive.call(wire.HostRecent(name="manager", limit=50), wire.Inbox)
+        manager = await hive.call(wire.HostRecent(name="manager", limit=50))
         rebuilt = [json.loads(m.body) for m in manager.messages if '"rebuilt"' in m.body]
         assert rebuilt == [{"event": "rebuilt", "agent": "alice", "ok": True, "note": ANY}]
         # Idempotent, and the same verb on the raw manager socket; agents do not have it.
-        reply = await call_once(
-            hive.agent_sock("hm1nd"), wire.UpdateAgent(name="alice"), wire.AgentReply
-        )
+        reply = await call_once(hive.agent_sock("hm1nd"), wire.UpdateAgent(name="alice"))
         assert reply.agent.name == "alice"
         with pytest.raises(UnknownCommand):
             await call_once(hive.agent_sock("alice"), wire.UpdateAgent(name="alice"))

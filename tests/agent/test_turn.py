@@ -73,6 +73,6 @@ async def test_a_turn_waits_for_a_slow_mcp_server_and_still_has_its_tools(
             cancel=trio.CancelScope(),
         )
         assert result.ok, result.note
-        inbox = await hive.call(wire.HostRecent(name="operator"), wire.Inbox)
+        inbox = await hive.call(wire.HostRecent(name="operator"))
         assert [m.body for m in inbox.messages] == ["alice here. You said: hi there"]
         nursery.cancel_scope.cancel()

@@ -294,7 +294,7 @@ async def test_send_wakes_the_agent_with_an_operator_message(hive: Hive, ui: Age
     )
     assert resp.status_code == 200, await resp.get_data(as_text=True)
     assert json_of(await resp.get_data(as_text=False))["recipients"] == ["manager"]
-    recent = await call_once(ui.socket, wire.Recent(limit=10), wire.Inbox)
+    recent = await call_once(ui.socket, wire.Recent(limit=10))
     assert ("operator", "from the agent UI") in [(m.sender, m.body) for m in recent.messages]
 
     for bad in ({}, {"body": ""}, {"body": "x" * (256 * 1024 + 1)}):

@@ -10,9 +10,9 @@ from pathlib import Path
 import trio
 
 from hyperhive.agent.ui_login import UiLogin
-from hyperhive.core.daemon import AGENT_DECODER
 from hyperhive.core.server import EventStream, Peer, SocketServer
 from hyperhive.protocol import wire
+from hyperhive.protocol.codec import AGENT_DECODER
 from hyperhive.protocol.errors import BadParams
 
 

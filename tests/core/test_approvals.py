@@ -68,7 +68,7 @@ def is_running(name: str) -> object:
 
 
 async def manager_events(hive: Hive) -> list[dict[str, object]]:
-    inbox = await hive.call(wire.HostRecent(name="manager", limit=200), wire.Inbox)
+    inbox = await hive.call(wire.HostRecent(name="manager", limit=200))
     found = []
     for m in inbox.messages:
         if m.sender == "system" and m.body.startswith("{"):
@@ -125,7 +125,6 @@ async def request_apply(hive: Hive, sha: str, agent: str = "alice") -> wire.Appr
     return await call_once(
         hive.agent_sock("hm1nd"),
         wire.RequestApplyCommit(agent=agent, commit_ref=sha),
-        wire.ApprovalQueued,
     )
 
 
@@ -137,7 +136,7 @@ async def test_spawn_seeds_both_repos(hive_root: Path) -> None:
         tracked = (await git(applied, "ls-files")).split()
         assert tracked == ["agent.nix", "agent.toml", "flake.nix"]
         assert await git(applied, "status", "--porcelain") == ""
-        listed = await _hive.call(wire.ListAgents(), wire.AgentList)
+        listed = await _hive.call(wire.ListAgents())
         deployed = {a.name: a.deployed for a in listed.agents}
         main = await git(applied, "rev-parse", "main")
         assert deployed == {"hm1nd": None, "alice": f"deployed/0 {main[:12]}"}
@@ -151,11 +150,11 @@ async def test_approve_deploys_the_commit_and_restarts_alice(hive_root: Path) ->
         sha = await propose(proposed, 'model = "sonnet"\n')
         queued = await request_apply(hive, sha[:10])
         assert queued.id == 1 and queued.sha == sha
-        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        pending = await hive.call(wire.Pending())
         assert [a.id for a in pending.approvals] == [1]
         assert '+model = "sonnet"' in pending.approvals[0].diff
         async with subscription(hive.sock) as events:
-            done = await hive.call(wire.Approve(id=1), wire.ApprovalReply)
+            done = await hive.call(wire.Approve(id=1))
             assert done.approval.status == "deployed"
             running = await wait_for_event(events, is_running("alice"))  # type: ignore[arg-type]
         assert {"proposal/1", "approved/1", "building/1", "deployed/1"} <= await tags(applied)
@@ -174,11 +173,11 @@ async def test_approve_deploys_the_commit_and_restarts_alice(hive_root: Path) ->
         assert sum(line.startswith("deploy ") for line in log) == 1
         assert await meta_pin(hive, "alice") == {"rev": sha, "tag": "deployed/1"}
         assert await git(hive.cfg.state_dir / "meta", "status", "--porcelain") == ""
-        listed = await hive.call(wire.ListAgents(), wire.AgentList)
+        listed = await hive.call(wire.ListAgents())
         (info,) = [a for a in listed.agents if a.name == "alice"]
         assert info.deployed == f"deployed/1 {sha[:12]}"
         # Resolved once: approving again is a conflict, and nothing is pending.
-        assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
+        assert (await hive.call(wire.Pending())).approvals == []
 
 
 async def test_a_broken_agent_toml_fails_and_rolls_back(hive_root: Path) -> None:
@@ -186,7 +185,7 @@ async def test_a_broken_agent_toml_fails_and_rolls_back(hive_root: Path) -> None
         before = await git(applied, "rev-parse", "main")
         sha = await propose(proposed, 'modle = "sonnet"\n')
         queued = await request_apply(hive, sha)
-        done = await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+        done = await hive.call(wire.Approve(id=queued.id))
         assert done.approval.status == "failed" and "unknown field `modle`" in done.approval.note
         assert f"failed/{queued.id}" in await tags(applied)
         assert f"deployed/{queued.id}" not in await tags(applied)
@@ -199,7 +198,7 @@ async def test_a_broken_agent_toml_fails_and_rolls_back(hive_root: Path) -> None
         assert not any(line.startswith("deploy ") for line in await meta_log(hive))
         assert await meta_pin(hive, "alice") == {"rev": before, "tag": "deployed/0"}
         assert await git(hive.cfg.state_dir / "meta", "status", "--porcelain") == ""
-        alice = await hive.call(wire.ListAgents(), wire.AgentList)
+        alice = await hive.call(wire.ListAgents())
         (info,) = [a for a in alice.agents if a.name == "alice"]
         assert info.state == "running" and info.pid == pid
         resolved = [e for e in await manager_events(hive) if e["event"] == "approval_resolved"]
@@ -212,7 +211,7 @@ async def test_deny_tags_the_note(hive_root: Path) -> None:
         sha = await propose(proposed, 'model = "opus"\n')
         queued = await request_apply(hive, sha)
         note = "#1 too pricey\n# opus costs 5x"
-        done = await hive.call(wire.Deny(id=queued.id, note=note), wire.ApprovalReply)
+        done = await hive.call(wire.Deny(id=queued.id, note=note))
         assert done.approval.status == "denied"
         message = await git(applied, "tag", "-l", "--format=%(contents)", f"denied/{queued.id}")
         assert message == note  # kept verbatim: git would drop lines starting with `#`
@@ -234,7 +233,7 @@ async def test_an_amend_after_the_proposal_changes_nothing(hive_root: Path) -> N
         assert amended != sha
         await git(proposed, "reflog", "expire", "--expire=now", "--all")
         await git(proposed, "gc", "-q", "--prune=now")
-        done = await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+        done = await hive.call(wire.Approve(id=queued.id))
         assert done.approval.status == "deployed"
         assert await git(applied, "rev-parse", "main") == sha
         assert (applied / "agent.toml").read_text() == 'model = "sonnet"\n'
@@ -264,16 +263,16 @@ async def test_bad_refs_and_agents_are_refused(hive_root: Path) -> None:
         ):
             with pytest.raises(UnknownCommand):
                 await call_once(alice, request)
-        assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
+        assert (await hive.call(wire.Pending())).approvals == []
 
 
 async def test_manager_kill_and_start_an_agent(hive_root: Path) -> None:
     async with hive_with_alice(hive_root) as (hive, _proposed, _applied, _pid):
         manager = hive.agent_sock("hm1nd")
-        killed = await call_once(manager, wire.KillAgent(name="alice"), wire.AgentReply)
+        killed = await call_once(manager, wire.KillAgent(name="alice"))
         assert killed.agent.state == "stopped"
         async with subscription(hive.sock) as events:
-            await call_once(manager, wire.StartAgent(name="alice"), wire.AgentReply)
+            await call_once(manager, wire.StartAgent(name="alice"))
             await wait_for_event(events, is_running("alice"))  # type: ignore[arg-type]
 
 
@@ -282,17 +281,16 @@ async def test_request_spawn_then_approve_spawns(hive_root: Path) -> None:
         queued = await call_once(
             hive.agent_sock("hm1nd"),
             wire.RequestSpawn(name="bob", description="reviews alice's work"),
-            wire.ApprovalQueued,
         )
-        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        pending = await hive.call(wire.Pending())
         assert [(a.kind, a.agent, a.description) for a in pending.approvals] == [
             ("spawn", "bob", "reviews alice's work")
         ]
         async with subscription(hive.sock) as events:
-            done = await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+            done = await hive.call(wire.Approve(id=queued.id))
             # Approve answers at once; the container is made in the background.
             assert done.approval.status == "spawning"
-            listed = await hive.call(wire.ListAgents(), wire.AgentList)
+            listed = await hive.call(wire.ListAgents())
             assert "bob" in [a.name for a in listed.agents]
             await wait_for_all(
                 events,
@@ -343,21 +341,19 @@ async def test_revive_through_a_spawn_approval_keeps_the_state(hive_root: Path) 
         await trio.to_thread.run_sync(notes.write_text, "remember the milk\n")
         await hive.call(wire.Destroy(name="alice"))
         # Destroying an agent resolves its pending proposals and drops it from the meta repo.
-        assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
+        assert (await hive.call(wire.Pending())).approvals == []
         assert f"failed/{stale.id}" in await tags(applied)
         assert (await meta_log(hive))[0] == "destroy alice"
         assert await meta_pin(hive, "alice") is None
-        queued = await call_once(
-            hive.agent_sock("hm1nd"), wire.RequestSpawn(name="alice"), wire.ApprovalQueued
-        )
+        queued = await call_once(hive.agent_sock("hm1nd"), wire.RequestSpawn(name="alice"))
         async with subscription(hive.sock) as events:
-            await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+            await hive.call(wire.Approve(id=queued.id))
             await wait_for_event(events, approval_is(queued.id, "deployed"))  # type: ignore[arg-type]
         assert notes.read_text() == "remember the milk\n"
         assert await tags(applied) >= {"deployed/0", f"failed/{stale.id}"}
         main = await git(applied, "rev-parse", "main")
         assert (await meta_log(hive))[0] == f"revive alice deployed/0 {main[:12]}"
-        inbox = await hive.call(wire.HostRecent(name="alice", limit=20), wire.Inbox)
+        inbox = await hive.call(wire.HostRecent(name="alice", limit=20))
         assert any("Revived from kept state." in m.body for m in inbox.messages)
 
 
@@ -386,19 +382,17 @@ async def test_a_daemon_killed_before_the_meta_commit_completes_the_deploy(
 
 async def test_a_spawn_that_fails_leaves_a_tombstone_and_says_why(hive_root: Path) -> None:
     async with hive_with_alice(hive_root) as (hive, _proposed, _applied, _pid):
-        queued = await call_once(
-            hive.agent_sock("hm1nd"), wire.RequestSpawn(name="bob"), wire.ApprovalQueued
-        )
+        queued = await call_once(hive.agent_sock("hm1nd"), wire.RequestSpawn(name="bob"))
         # Something in bob's way on the host: his /state cannot be made a directory.
         blocker = hive.cfg.state_dir / "agents" / "bob" / "state"
         blocker.parent.mkdir(parents=True)
         blocker.write_text("not a directory")
         async with subscription(hive.sock) as events:
-            done = await hive.call(wire.Approve(id=queued.id), wire.ApprovalReply)
+            done = await hive.call(wire.Approve(id=queued.id))
             assert done.approval.status == "spawning"
             failed = await wait_for_event(events, approval_is(queued.id, "failed"))  # type: ignore[arg-type]
         assert isinstance(failed, wire.ApprovalChanged) and "state" in failed.approval.note
-        listed = await hive.call(wire.ListAgents(), wire.AgentList)
+        listed = await hive.call(wire.ListAgents())
         (bob,) = [a for a in listed.agents if a.name == "bob"]
         assert bob.state == "destroyed" and bob.last_error == failed.approval.note
         seen = await manager_events(hive)
@@ -406,11 +400,9 @@ async def test_a_spawn_that_fails_leaves_a_tombstone_and_says_why(hive_root: Pat
         assert not any(line.startswith("spawn bob") for line in await meta_log(hive))
         # Once the obstacle is gone, asking again revives the tombstone.
         blocker.unlink()
-        again = await call_once(
-            hive.agent_sock("hm1nd"), wire.RequestSpawn(name="bob"), wire.ApprovalQueued
-        )
+        again = await call_once(hive.agent_sock("hm1nd"), wire.RequestSpawn(name="bob"))
         async with subscription(hive.sock) as events:
-            await hive.call(wire.Approve(id=again.id), wire.ApprovalReply)
+            await hive.call(wire.Approve(id=again.id))
             await wait_for_all(
                 events,
                 is_running("bob"),  # type: ignore[arg-type]

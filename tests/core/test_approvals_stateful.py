@@ -282,11 +282,11 @@ class Daemon:
             raise self.failure
         assert self.running, "the daemon is not running"
 
-    async def host(self, request: wire.HostRequest, reply: type[R]) -> R:
-        return await call_once(str(self.cfg.host_socket), request, reply)
+    async def host(self, request: wire.HostRequest[R]) -> R:
+        return await call_once(str(self.cfg.host_socket), request)
 
-    async def manager(self, request: wire.AgentRequest, reply: type[R]) -> R:
-        return await call_once(str(self.cfg.socket_dir("hm1nd") / "mcp.sock"), request, reply)
+    async def manager(self, request: wire.AgentRequest[R]) -> R:
+        return await call_once(str(self.cfg.socket_dir("hm1nd") / "mcp.sock"), request)
 
 
 async def make_template(root: Path) -> Path:
@@ -363,9 +363,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
         await self._request(sha, sha[:ref_len].upper() if upper else sha[:ref_len])
 
     async def _request(self, sha: str, ref: str) -> None:
-        queued = await self.daemon.manager(
-            wire.RequestApplyCommit(agent=ALICE, commit_ref=ref), wire.ApprovalQueued
-        )
+        queued = await self.daemon.manager(wire.RequestApplyCommit(agent=ALICE, commit_ref=ref))
         assert (queued.id, queued.sha) == (self.model.next_id, sha)
         self.model.approvals[queued.id] = Expected(
             "apply_commit", ALICE, sha, self.model.errors[sha]
@@ -412,13 +410,13 @@ class ApprovalsMachine(RuleBasedStateMachine):
             trio.from_thread.run(self._approve, aid)
 
     async def _approve(self, aid: int) -> None:
-        reply = await self.daemon.host(wire.Approve(id=aid), wire.ApprovalReply)
+        reply = await self.daemon.host(wire.Approve(id=aid))
         self.model.deploy(aid)
         assert reply.approval.status == self.model.approvals[aid].status, reply.approval
 
     async def _approve_spawn(self, aid: int) -> None:
         async with subscription(str(self.daemon.cfg.host_socket)) as watch:
-            reply = await self.daemon.host(wire.Approve(id=aid), wire.ApprovalReply)
+            reply = await self.daemon.host(wire.Approve(id=aid))
             assert reply.approval.status == "spawning"
             await wait_for_all(
                 watch,
@@ -426,7 +424,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
                 resolved_sent(aid),
             )
         # Its container started; stop it, so that restarts start nothing.
-        await self.daemon.host(wire.Kill(name=BOB), wire.AgentReply)
+        await self.daemon.host(wire.Kill(name=BOB))
         bob = await git(self.root / "state" / "applied" / BOB, "rev-parse", "main")
         self.model.approvals[aid].status = "deployed"
         self.model.bob = bob
@@ -439,7 +437,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
         trio.from_thread.run(self._deny, aid, note)
 
     async def _deny(self, aid: int, note: str) -> None:
-        reply = await self.daemon.host(wire.Deny(id=aid, note=note), wire.ApprovalReply)
+        reply = await self.daemon.host(wire.Deny(id=aid, note=note))
         assert reply.approval.status == "denied"
         exp = self.model.approvals[aid]
         exp.status, exp.note = "denied", note.strip()
@@ -459,8 +457,10 @@ class ApprovalsMachine(RuleBasedStateMachine):
             trio.from_thread.run(self._decide, self.model.next_id, deny)
 
     async def _decide(self, aid: int, deny: bool) -> None:
-        request: wire.HostRequest = wire.Deny(id=aid) if deny else wire.Approve(id=aid)
-        await self.daemon.host(request, wire.ApprovalReply)
+        request: wire.HostRequest[wire.ApprovalReply] = (
+            wire.Deny(id=aid) if deny else wire.Approve(id=aid)
+        )
+        await self.daemon.host(request)
 
     @rule()
     def request_spawn(self) -> None:
@@ -472,9 +472,9 @@ class ApprovalsMachine(RuleBasedStateMachine):
         if self.model.bob is not None or waiting:
             match = "already exists" if self.model.bob is not None else "already pending"
             with pytest.raises(Conflict, match=match):
-                await self.daemon.manager(request, wire.ApprovalQueued)
+                await self.daemon.manager(request)
             return
-        queued = await self.daemon.manager(request, wire.ApprovalQueued)
+        queued = await self.daemon.manager(request)
         assert queued.id == self.model.next_id
         self.model.approvals[queued.id] = Expected("spawn", BOB)
 
@@ -499,7 +499,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
             await self.daemon.restart()
             return
         with contextlib.suppress(*LOST):
-            await self.daemon.host(wire.Approve(id=aid), wire.ApprovalReply)
+            await self.daemon.host(wire.Approve(id=aid))
             raise AssertionError(f"approve #{aid} returned past the crash point {point}")
         await self.daemon.wait_crashed()
         await self._check_half_done(aid, point)
@@ -555,7 +555,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
             if exp.status != "pending"
         ]
         assert sorted(seen) == sorted(expected)
-        pending = await self.daemon.host(wire.Pending(), wire.ApprovalList)
+        pending = await self.daemon.host(wire.Pending())
         assert [a.id for a in pending.approvals] == model.ids("pending")
         # alice's applied repo: the tags of every approval, main at the last deploy, clean.
         notes = {aid: row.note for aid, row in rows.items()}
@@ -574,7 +574,7 @@ class ApprovalsMachine(RuleBasedStateMachine):
         assert pins == want
         assert await git(self.meta_dir, "status", "--porcelain") == ""
         # No container runs: the deploys above rebuilt a stopped alice.
-        agents = await self.daemon.host(wire.ListAgents(), wire.AgentList)
+        agents = await self.daemon.host(wire.ListAgents())
         assert [(a.name, a.pid) for a in agents.agents if a.pid is not None] == []
 
 

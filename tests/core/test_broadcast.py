@@ -15,22 +15,18 @@ async def test_broadcast_stores_one_copy_per_recipient(hive_root: Path) -> None:
             await hive.call(wire.Spawn(name=name))
             await hive.call(wire.Kill(name=name))
             await call_once(hive.agent_sock(name), wire.Recv())  # the spawn notice
-        sent = await call_once(
-            hive.agent_sock("alice"), wire.Send(to="*", body="all hands"), wire.Sent
-        )
+        sent = await call_once(hive.agent_sock("alice"), wire.Send(to="*", body="all hands"))
         # Every live agent (this hive runs no manager), not the sender.
         assert sorted(sent.recipients) == ["bob", "carol"]
         assert len(set(sent.ids)) == 2
 
         # Each copy is delivered, leased and acknowledged on its own.
-        got = await call_once(hive.agent_sock("bob"), wire.Recv(lease=True), wire.Received)
+        got = await call_once(hive.agent_sock("bob"), wire.Recv(lease=True))
         assert got.message is not None and got.message.broadcast
         assert got.message.sender == "alice" and got.message.body == "all hands"
-        acked = await call_once(
-            hive.agent_sock("bob"), wire.Ack(id=got.message.id, attempt=1), wire.Acked
-        )
+        acked = await call_once(hive.agent_sock("bob"), wire.Ack(id=got.message.id, attempt=1))
         assert acked.acked
-        carol = await call_once(hive.agent_sock("carol"), wire.Status(), wire.StatusReply)
+        carol = await call_once(hive.agent_sock("carol"), wire.Status())
         assert carol.unread == 1
-        alice = await call_once(hive.agent_sock("alice"), wire.Status(), wire.StatusReply)
+        alice = await call_once(hive.agent_sock("alice"), wire.Status())
         assert alice.unread == 0  # the sender does not get its own broadcast

@@ -56,7 +56,7 @@ async def _sender(root: Path, name: str, ledger: Ledger, gen: Generation) -> Non
         try:
             async with open_client(_sock(root, name)) as client:
                 while seq < PER_SENDER:
-                    sent = await client.call(wire.Send(to="sink", body=f"{name}:{seq}"), wire.Sent)
+                    sent = await client.call(wire.Send(to="sink", body=f"{name}:{seq}"))
                     ledger.acked[sent.ids[0]] = (name, seq)
                     seq += 1
         except LOST:
@@ -71,9 +71,9 @@ async def _consumer(root: Path, ledger: Ledger, gen: Generation) -> None:
         try:
             async with open_client(_sock(root, "sink")) as client:
                 while True:
-                    got = await client.call(wire.Recv(wait_seconds=0.5, lease=True), wire.Received)
+                    got = await client.call(wire.Recv(wait_seconds=0.5, lease=True))
                     if got.message is None:
-                        status = await client.call(wire.Status(), wire.StatusReply)
+                        status = await client.call(wire.Status())
                         if ledger.senders_done == len(SENDERS) and not (
                             status.unread or status.in_flight
                         ):
@@ -81,9 +81,7 @@ async def _consumer(root: Path, ledger: Ledger, gen: Generation) -> None:
                         continue
                     in_hand = got.message
                     ledger.consumed.append(in_hand)  # the "turn"
-                    acked = await client.call(
-                        wire.Ack(id=in_hand.id, attempt=in_hand.attempt), wire.Acked
-                    )
+                    acked = await client.call(wire.Ack(id=in_hand.id, attempt=in_hand.attempt))
                     assert acked.acked, f"a current lease was refused: {in_hand}"
                     ledger.confirmed.append(in_hand.id)
                     in_hand = None
@@ -110,7 +108,7 @@ async def test_kill_9_mid_traffic_loses_and_doubles_nothing(hive_root: Path, cra
             await call_once(host, wire.Spawn(name=name))
             await call_once(host, wire.Kill(name=name))  # its socket stays; we are its "harness"
         # Drop the spawn notices so only test traffic is in the sink's inbox.
-        while (await call_once(_sock(root, "sink"), wire.Recv(), wire.Received)).message:
+        while (await call_once(_sock(root, "sink"), wire.Recv())).message:
             pass
         first.terminate()
         await first.wait()

@@ -37,7 +37,7 @@ def hold_port() -> socket.socket:
 
 
 async def dashboard_state(host_socket: str) -> wire.ListenerStatus:
-    listed = await call_once(host_socket, wire.ListAgents(), wire.AgentList)
+    listed = await call_once(host_socket, wire.ListAgents())
     assert listed.dashboard is not None
     return listed.dashboard
 
@@ -62,7 +62,7 @@ async def test_a_held_dashboard_port_is_waited_for_while_the_hive_runs(hive_root
             assert hive.info.dashboard_port is None and hive.info.login_url is None
             assert hive.info.dashboard is not None
             assert hive.info.dashboard.state == "waiting_for_port"
-            listed = await hive.call(wire.ListAgents(), wire.AgentList)
+            listed = await hive.call(wire.ListAgents())
             waiting = listed.dashboard
             assert waiting is not None and waiting.state == "waiting_for_port"
             assert waiting.port == port and waiting.failed_attempts >= 1
@@ -75,7 +75,7 @@ async def test_a_held_dashboard_port_is_waited_for_while_the_hive_runs(hive_root
             holder.close()
             up = await wait_until_serving(hive.sock)
             assert up.port == port and up.failed_attempts >= 1 and up.error == waiting.error
-            assert "dashboard" not in render(await hive.call(wire.ListAgents(), wire.AgentList))
+            assert "dashboard" not in render(await hive.call(wire.ListAgents()))
             token = (await trio.Path(cfg.dashboard_token_path).read_text()).strip()
             url = (await trio.Path(cfg.dashboard_url_path).read_text()).strip()
             assert url == f"http://127.0.0.1:{port}/#token={token}"
@@ -139,7 +139,7 @@ async def test_an_agent_whose_socket_cannot_open_does_not_stop_the_daemon(
     # Its socket dir is its container's /run/hive: what an agent leaves there is its own.
     await trio.Path(cfg.socket_dir("alice") / "mcp.sock").mkdir()
     async with open_hive(cfg) as hive:
-        listed = {a.name: a for a in (await hive.call(wire.ListAgents(), wire.AgentList)).agents}
+        listed = {a.name: a for a in (await hive.call(wire.ListAgents())).agents}
         assert listed["alice"].last_error is not None
         assert listed["alice"].last_error.startswith("socket: ")
         assert listed["bob"].state in ("starting", "running")

@@ -46,9 +46,7 @@ async def test_approvals_and_questions_are_published(hive_root: Path) -> None:
         sha = await propose(proposed, 'model = "sonnet"\n')
         async with subscription(hive.sock) as events:
             # An operator's spawn request, then its denial with a note.
-            queued = await hive.call(
-                wire.HostRequestSpawn(name="bob", description="builds things"), wire.ApprovalQueued
-            )
+            queued = await hive.call(wire.HostRequestSpawn(name="bob", description="builds things"))
             spawn = await next_approval(events)
             assert (spawn.id, spawn.kind, spawn.agent, spawn.status) == (
                 queued.id,
@@ -64,7 +62,7 @@ async def test_approvals_and_questions_are_published(hive_root: Path) -> None:
 
             # The manager's proposal: the event names the pinned sha but carries no diff.
             proposal = await call_once(
-                manager, wire.RequestApplyCommit(agent="alice", commit_ref=sha), wire.ApprovalQueued
+                manager, wire.RequestApplyCommit(agent="alice", commit_ref=sha)
             )
             pending = await next_approval(events)
             assert (pending.id, pending.kind, pending.agent, pending.sha, pending.status) == (
@@ -75,7 +73,7 @@ async def test_approvals_and_questions_are_published(hive_root: Path) -> None:
                 "pending",
             )
             assert pending.diff == ""
-            listed = await hive.call(wire.Pending(), wire.ApprovalList)
+            listed = await hive.call(wire.Pending())
             assert '+model = "sonnet"' in listed.approvals[0].diff
             await hive.call(wire.Deny(id=proposal.id))
             assert (await next_approval(events)).status == "denied"
@@ -84,7 +82,7 @@ async def test_approvals_and_questions_are_published(hive_root: Path) -> None:
 
             # A question for the operator: asked, then answered.
             ask = wire.Ask(question="Which colour?", options=["red", "green"], multi=True)
-            qid = (await call_once(manager, ask, wire.QuestionQueued)).id
+            qid = (await call_once(manager, ask)).id
             asked = await next_question(events)
             assert (asked.id, asked.asker, asked.target, asked.question) == (
                 qid,
@@ -99,13 +97,13 @@ async def test_approvals_and_questions_are_published(hive_root: Path) -> None:
             assert answered.answered_at is not None
 
             # A cancel and the TTL watchdog resolve a question too, and say so.
-            qid = (await call_once(manager, wire.Ask(question="still?"), wire.QuestionQueued)).id
+            qid = (await call_once(manager, wire.Ask(question="still?"))).id
             assert (await next_question(events)).id == qid
             await hive.call(wire.CancelQuestion(id=qid))
             cancelled = await next_question(events)
             assert (cancelled.id, cancelled.answer) == (qid, "[cancelled]")
             short = wire.Ask(question="quick?", ttl_seconds=0.2)
-            qid = (await call_once(manager, short, wire.QuestionQueued)).id
+            qid = (await call_once(manager, short)).id
             assert (await next_question(events)).id == qid
             with trio.fail_after(30):
                 expired = await next_question(events)

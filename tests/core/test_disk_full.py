@@ -79,7 +79,7 @@ async def _send(hive: Hive, to: str, body: str) -> dict[str, object]:
 
 
 async def _bodies(hive: Hive, inbox: str) -> list[str]:
-    reply = await hive.call(wire.HostRecent(name=inbox, limit=100), wire.Inbox)
+    reply = await hive.call(wire.HostRecent(name=inbox, limit=100))
     return [m.body for m in reply.messages]
 
 
@@ -108,7 +108,7 @@ async def test_sends_on_a_full_disk_say_so_and_resume_without_loss_or_doubles(
             assert _is_full(reply), reply
         # Reads still work, and the daemon still answers what needs no space.
         assert await _bodies(hive, "manager") == [before]
-        listed = await hive.call(wire.ListAgents(), wire.AgentList)
+        listed = await hive.call(wire.ListAgents())
         assert listed.agents == []
 
         await trio.to_thread.run_sync(filler.unlink)
@@ -130,7 +130,7 @@ async def test_a_spawn_on_a_full_disk_leaves_nothing_behind(
         async with open_client(hive.sock) as client:
             reply = _raw_reply.decode(await client.raw(b'{"cmd": "spawn", "name": "bob"}'))
         assert _is_full(reply), reply
-        listed = await hive.call(wire.ListAgents(), wire.AgentList)
+        listed = await hive.call(wire.ListAgents())
         assert [a.name for a in listed.agents] == []
         # No directory, repo or file of bob's anywhere (state, sockets), nor in the meta repo.
         left = [p for root in (small_disk, cfg.run_dir) for p in root.rglob("*bob*")]
@@ -139,9 +139,9 @@ async def test_a_spawn_on_a_full_disk_leaves_nothing_behind(
         assert meta == []
 
         await trio.to_thread.run_sync(filler.unlink)
-        spawned = await hive.call(wire.Spawn(name="bob"), wire.AgentReply)
+        spawned = await hive.call(wire.Spawn(name="bob"))
         assert spawned.agent.name == "bob"
-        await hive.call(wire.Kill(name="bob"), wire.AgentReply)
+        await hive.call(wire.Kill(name="bob"))
 
 
 @needs_bwrap
@@ -151,9 +151,9 @@ async def test_every_write_on_a_full_disk_says_so_and_works_again_after(
     filler = small_disk / "filler"
     async with open_hive(hive_config(hive_root)) as hive:
         # An agent whose socket is served but whose container is stopped: nobody reads it.
-        await hive.call(wire.Spawn(name="a"), wire.AgentReply)
-        await hive.call(wire.Kill(name="a"), wire.AgentReply)
-        await hive.call(wire.OperatorSend(to="a", body="for recv"), wire.Sent)  # a recv takes it
+        await hive.call(wire.Spawn(name="a"))
+        await hive.call(wire.Kill(name="a"))
+        await hive.call(wire.OperatorSend(to="a", body="for recv"))  # a recv takes it
         host: list[dict[str, object]] = [{"cmd": "request_spawn", "name": "b"}]
         agent: list[dict[str, object]] = [
             {"cmd": "remind", "message": "short", "delay_seconds": 3600},
@@ -173,11 +173,11 @@ async def test_every_write_on_a_full_disk_says_so_and_works_again_after(
         await trio.to_thread.run_sync(_fill, filler)
         refused = [*await each(hive.sock, host), *await each(hive.agent_sock("a"), agent)]
         assert all(_is_full(r) for r in refused), refused
-        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        pending = await hive.call(wire.Pending())
         assert pending.approvals == []
 
         await trio.to_thread.run_sync(filler.unlink)
         done = [*await each(hive.sock, host), *await each(hive.agent_sock("a"), agent)]
         assert all(r["ok"] is True for r in done), done
-        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        pending = await hive.call(wire.Pending())
         assert [(p.kind, p.agent) for p in pending.approvals] == [("spawn", "b")]

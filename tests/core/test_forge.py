@@ -286,7 +286,7 @@ async def test_the_daemon_provisions_agents_and_reports_a_broken_forge(
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     cfg = hive_config(hive_root / "hive", forge_container="hive-forge")
     async with open_hive(cfg) as hive:
-        listed = await hive.call(wire.ListAgents(), wire.AgentList)
+        listed = await hive.call(wire.ListAgents())
         assert listed.forge is not None and listed.forge.state == "failed"
         assert listed.forge.fix == NEWER_DB_FIX
         await hive.call(wire.Spawn(name="alice"))

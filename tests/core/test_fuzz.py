@@ -15,10 +15,15 @@ import trio
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from hyperhive.core.daemon import AGENT_DECODER, HOST_DECODER
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import open_client
-from hyperhive.protocol.codec import MAX_LINE, LineStream, RequestDecoder
+from hyperhive.protocol.codec import (
+    AGENT_DECODER,
+    HOST_DECODER,
+    MAX_LINE,
+    LineStream,
+    RequestDecoder,
+)
 from hyperhive.protocol.errors import ERROR_CODES, HiveError
 from hyperhive.protocol.names import is_valid_name
 from tests.hive import Hive, hive_config, open_hive, short_tmpdir
@@ -335,11 +340,10 @@ def _is_subscribe(decoder: RequestDecoder[object], line: bytes) -> bool:
 async def _well_behaved(hive: Hive) -> None:
     """A client on the side of the abuse still gets correct answers."""
     listed = await hive.call(wire.ListAgents())
-    assert isinstance(listed, wire.AgentList)
     assert [a.name for a in listed.agents] == [AGENT]
     async with open_client(hive.agent_sock(AGENT)) as client:
         status = await client.call(wire.Status())
-        assert isinstance(status, wire.StatusReply) and status.name == AGENT
+        assert status.name == AGENT
 
 
 async def _replay_against_a_daemon(lines: list[bytes]) -> set[str]:
@@ -372,10 +376,9 @@ async def _replay_against_a_daemon(lines: list[bytes]) -> set[str]:
                         seen |= replayer.seen
                         await _well_behaved(hive)
                     listed = await host_side.call(wire.ListAgents())
-                    assert isinstance(listed, wire.AgentList)
                     assert [a.name for a in listed.agents] == [AGENT]
                     status = await agent_side.call(wire.Status())
-                    assert isinstance(status, wire.StatusReply) and status.name == AGENT
+                    assert status.name == AGENT
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return seen

@@ -30,7 +30,7 @@ def helper_event(kind: str, agent: str) -> Callable[[wire.HiveEvent], bool]:
 
 
 async def login_events(hive: Hive) -> list[tuple[str, str]]:
-    inbox = await hive.call(wire.HostRecent(name="manager", limit=200), wire.Inbox)
+    inbox = await hive.call(wire.HostRecent(name="manager", limit=200))
     found = []
     for m in inbox.messages:
         event = msgspec.json.decode(m.body) if m.body.startswith("{") else {}
@@ -78,7 +78,7 @@ async def test_the_manager_hears_needs_login_and_logged_in_once_each(hive_root: 
             ("logged_in", "alice"),
             ("needs_login", "carol"),
         ]
-        agents = await hive.call(wire.ListAgents(), wire.AgentList)
+        agents = await hive.call(wire.ListAgents())
         assert {a.name: a.needs_login for a in agents.agents} == {
             "alice": False,
             "bob": True,

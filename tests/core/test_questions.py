@@ -45,7 +45,7 @@ async def inbox_events(
     """Every question event queued for `name` (other messages are read and ignored)."""
     found: list[events.QuestionAsked | events.QuestionAnswered] = []
     while True:
-        got = await call_once(hive.agent_sock(name), wire.Recv(), wire.Received)
+        got = await call_once(hive.agent_sock(name), wire.Recv())
         if got.message is None:
             return found
         if got.message.sender == "system" and '"question_' in got.message.body:
@@ -59,7 +59,7 @@ async def answers(hive: Hive, name: str) -> list[events.QuestionAnswered]:
 
 
 async def ask(hive: Hive, name: str, request: wire.Ask) -> int:
-    return (await call_once(hive.agent_sock(name), request, wire.QuestionQueued)).id
+    return (await call_once(hive.agent_sock(name), request)).id
 
 
 async def test_operator_answer_reaches_the_asker_once(hive_root: Path) -> None:
@@ -68,13 +68,13 @@ async def test_operator_answer_reaches_the_asker_once(hive_root: Path) -> None:
         qid = await ask(
             hive, "alice", wire.Ask(question="Deploy now?", options=["yes", "no"], ttl_seconds=60)
         )
-        pending = await hive.call(wire.ListQuestions(), wire.QuestionList)
+        pending = await hive.call(wire.ListQuestions())
         [q] = pending.questions
         assert (q.id, q.asker, q.target, q.options) == (qid, "alice", None, ["yes", "no"])
         assert q.deadline_at == pytest.approx(q.asked_at + 60)
         assert await inbox_events(hive, "alice") == []  # nothing until it is answered
 
-        done = await hive.call(wire.HostAnswer(id=qid, answer="yes"), wire.QuestionReply)
+        done = await hive.call(wire.HostAnswer(id=qid, answer="yes"))
         assert (done.question.answer, done.question.answerer) == ("yes", "operator")
         with pytest.raises(Conflict):
             await hive.call(wire.HostAnswer(id=qid, answer="no"))
@@ -85,7 +85,7 @@ async def test_operator_answer_reaches_the_asker_once(hive_root: Path) -> None:
                 agent="alice", id=qid, question="Deploy now?", answer="yes", answerer="operator"
             )
         ]
-        assert (await hive.call(wire.ListQuestions(), wire.QuestionList)).questions == []
+        assert (await hive.call(wire.ListQuestions())).questions == []
         with pytest.raises(NotFound):
             await hive.call(wire.HostAnswer(id=qid + 100, answer="?"))
 
@@ -100,9 +100,7 @@ async def test_peer_question_only_the_target_may_answer(hive_root: Path) -> None
         for outsider in ("carol", "alice"):
             with pytest.raises(Forbidden):
                 await call_once(hive.agent_sock(outsider), wire.Answer(id=qid, answer="80"))
-        done = await call_once(
-            hive.agent_sock("bob"), wire.Answer(id=qid, answer="8080"), wire.QuestionReply
-        )
+        done = await call_once(hive.agent_sock("bob"), wire.Answer(id=qid, answer="8080"))
         assert (done.question.target, done.question.answerer) == ("bob", "bob")
         with pytest.raises(Conflict):
             await call_once(hive.agent_sock("bob"), wire.Answer(id=qid, answer="again"))
@@ -132,7 +130,7 @@ async def test_cancel_resolves_as_cancelled(hive_root: Path) -> None:
     async with open_hive(hive_config(hive_root)) as hive:
         await quiet_agents(hive, "alice", "bob")
         qid = await ask(hive, "alice", wire.Ask(question="still needed?", to="bob"))
-        done = await hive.call(wire.CancelQuestion(id=qid), wire.QuestionReply)
+        done = await hive.call(wire.CancelQuestion(id=qid))
         assert (done.question.answer, done.question.answerer) == ("[cancelled]", "operator")
         with pytest.raises(Conflict):
             await call_once(hive.agent_sock("bob"), wire.Answer(id=qid, answer="late"))
@@ -151,7 +149,7 @@ async def test_deadline_survives_a_daemon_restart(hive_root: Path) -> None:
         # The watchdog's first pass ran before the daemon reported ready.
         [expired] = await answers(hive, "alice")
         assert (expired.id, expired.answer, expired.answerer) == (qid, "[expired]", "ttl-watchdog")
-        assert (await hive.call(wire.ListQuestions(), wire.QuestionList)).questions == []
+        assert (await hive.call(wire.ListQuestions())).questions == []
 
 
 # --------------------------------------------------------------------------- on virtual time

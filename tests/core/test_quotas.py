@@ -32,7 +32,7 @@ async def _quiet_agents(hive: Hive, *names: str) -> None:
     for name in names:
         await hive.call(wire.Spawn(name=name))
         await hive.call(wire.Kill(name=name))
-        while (await call_once(hive.agent_sock(name), wire.Recv(), wire.Received)).message:
+        while (await call_once(hive.agent_sock(name), wire.Recv())).message:
             pass
 
 
@@ -66,20 +66,20 @@ async def test_inbox_and_sender_quotas_against_a_daemon(hive_root: Path) -> None
             assert _refused(reply, "you (a) have", f"by {over:,} bytes"), reply
 
             # The operator is never refused (its message still counts towards bob's inbox).
-            await hive.call(wire.OperatorSend(to="bob", body="from the operator"), wire.Sent)
+            await hive.call(wire.OperatorSend(to="bob", body="from the operator"))
 
             # Delivery frees the space: bob's turn takes one message and completes it.
             async with open_client(hive.agent_sock("bob")) as bob:
-                got = await bob.call(wire.Recv(lease=True), wire.Received)
+                got = await bob.call(wire.Recv(lease=True))
                 assert got.message is not None and got.message.sender == "a"
                 # Leased is not yet delivered: still refused.
                 assert _refused(await _send(a, "bob", body), "bob's inbox is full")
-                acked = await bob.call(wire.Ack(id=got.message.id, attempt=1), wire.Acked)
+                acked = await bob.call(wire.Ack(id=got.message.id, attempt=1))
                 assert acked.acked
             assert (await _send(a, "bob", body))["ok"] is True
             assert _refused(await _send(a, "bob", body), "bob's inbox is full")
 
-        status = await call_once(hive.agent_sock("bob"), wire.Status(), wire.StatusReply)
+        status = await call_once(hive.agent_sock("bob"), wire.Status())
         assert status.unread == 6  # five of a's (one was read, one more sent) and the operator's
 
     # A restarted daemon counts the same from the table.
@@ -97,7 +97,7 @@ async def test_a_broadcast_counts_once_per_inbox_and_is_refused_whole(hive_root:
                 assert (await _send(a, "bob", "y" * BODY))["ok"] is True
             reply = await _send(a, "*", "z" * 50_000)  # fits carol's inbox, not bob's
             assert _refused(reply, "bob's inbox is full"), reply
-            carol = await call_once(hive.agent_sock("carol"), wire.Status(), wire.StatusReply)
+            carol = await call_once(hive.agent_sock("carol"), wire.Status())
             assert carol.unread == 0  # nothing of a refused broadcast is stored
 
 

@@ -40,7 +40,7 @@ async def test_ready_when_serving_and_stopping_on_sigterm(hive_root: Path) -> No
             assert ready == b"READY=1"
             # What READY promises: the admin socket answers, the dashboard serves.
             host = str(hive_root / "run" / "host.sock")
-            assert (await call_once(host, wire.ListAgents(), wire.AgentList)).agents == []
+            assert (await call_once(host, wire.ListAgents())).agents == []
             url = (hive_root / "run" / "dashboard.url").read_text().strip()
             port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
             assert await http_status(port) == b"HTTP/1.1 200 "

@@ -145,7 +145,7 @@ async def bash_turn(hive: Hive, name: str, command: str) -> None:
     tool; returns once the turn completed (its message delivered)."""
     body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
     async with subscription(hive.sock) as events:
-        sent = await hive.call(wire.OperatorSend(to=name, body=body), wire.Sent)
+        sent = await hive.call(wire.OperatorSend(to=name, body=body))
         await wait_for_event(
             events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
         )
@@ -188,7 +188,7 @@ async def test_an_agent_cannot_escape_its_container(
         # The agent bound "the dashboard's port" inside its own namespace: the host's is free.
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", dashboard_like))
-        alice = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+        alice = (await hive.call(wire.ListAgents())).agents
     assert read_core_pattern() == core_pattern
     port = next(a.port for a in alice if a.name == "alice")
     uid = UID_BASE + port - cfg.ui_port_base
@@ -351,7 +351,7 @@ async def test_network_modes_are_enforced_per_agent(hive_root: Path) -> None:
             )
             await hive.call(wire.Spawn(name=name))
         seen = {name: await net_probe(hive, name, port) for name in modes}
-        listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+        listed = (await hive.call(wire.ListAgents())).agents
         shown = {a.name: a.network for a in listed}
         assert shown == {"nonet": "none +1", "walled": "anthropic +1", "opened": "open +1"}
         walled = next(a for a in listed if a.name == "walled")
@@ -394,7 +394,7 @@ async def test_memory_limit_is_enforced_inside_the_container(hive_root: Path) ->
             " echo $? > /state/oom.txt"
         )
         await bash_turn(hive, "alice", command)
-        listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+        listed = (await hive.call(wire.ListAgents())).agents
     assert (cfg.agent_root("alice") / "state" / "oom.txt").read_text().strip() == "137"
     alice = next(a for a in listed if a.name == "alice")
     assert alice.limits_note is None and alice.state == "running"
@@ -426,7 +426,7 @@ async def test_state_quota_is_a_volume_of_its_own(hive_root: Path) -> None:
         assert (
             os.stat(state).st_uid
             == UID_BASE
-            + next(a.port for a in (await hive.call(wire.ListAgents(), wire.AgentList)).agents)
+            + next(a.port for a in (await hive.call(wire.ListAgents())).agents)
             - cfg.ui_port_base
         )
         await hive.call(wire.Destroy(name="alice", purge=True))

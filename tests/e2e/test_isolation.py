@@ -42,7 +42,7 @@ async def test_an_agent_sees_neither_other_agents_nor_the_daemons_files(var_root
         )
         command = f"({probe}) > /state/probe.txt 2>&1"
         body = "!tool Bash " + msgspec.json.encode({"command": command}).decode()
-        sent = await hive.call(wire.OperatorSend(to="alice", body=body), wire.Sent)
+        sent = await hive.call(wire.OperatorSend(to="alice", body=body))
         await wait_for_event(
             events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
         )

@@ -64,7 +64,7 @@ async def _when_running(root: Path, names: set[str]) -> dict[str, wire.AgentInfo
 
 
 async def _list(root: Path) -> dict[str, wire.AgentInfo]:
-    reply = await call_once(str(root / "run" / "host.sock"), wire.ListAgents(), wire.AgentList)
+    reply = await call_once(str(root / "run" / "host.sock"), wire.ListAgents())
     return {a.name: a for a in reply.agents}
 
 
@@ -142,10 +142,10 @@ async def test_a_crashed_container_is_restarted_and_the_manager_told(hive_root: 
         )
         assert isinstance(again, wire.AgentChanged)
         assert again.agent.pid != running.agent.pid and again.agent.restarts == 1
-        inbox = await hive.call(wire.HostRecent(name="manager"), wire.Inbox)
+        inbox = await hive.call(wire.HostRecent(name="manager"))
         event = msgspec.json.decode(inbox.messages[-1].body)
         assert event["event"] == "container_crash" and event["agent"] == "alice"
-        logs = await hive.call(wire.Logs(name="alice", lines=50), wire.LogLines)
+        logs = await hive.call(wire.Logs(name="alice", lines=50))
         assert logs.lines  # the container's own output, for the dashboard's log viewer
 
 
@@ -159,14 +159,14 @@ async def test_destroy_keeps_a_tombstone_revive_reuses_it_purge_wipes_only_that_
         note = cfg.agent_root("alice") / "state" / "notes.md"
         note.write_text("remember me")
         await hive.call(wire.Destroy(name="alice"))
-        listed = {a.name: a for a in (await hive.call(wire.ListAgents(), wire.AgentList)).agents}
+        listed = {a.name: a for a in (await hive.call(wire.ListAgents())).agents}
         assert listed["alice"].state == "destroyed" and note.exists()
         assert not _containers(hive_root, "alice")
 
         await hive.call(wire.Spawn(name="alice"))  # revive
         assert note.read_text() == "remember me"
         await hive.call(wire.Destroy(name="alice", purge=True))
-        listed = {a.name: a for a in (await hive.call(wire.ListAgents(), wire.AgentList)).agents}
+        listed = {a.name: a for a in (await hive.call(wire.ListAgents())).agents}
         assert "alice" not in listed and listed["bob"].state in ("starting", "running")
         assert not cfg.agent_root("alice").exists()
         assert cfg.agent_root("bob").exists()
@@ -186,7 +186,7 @@ async def test_twenty_agents_spawned_at_once_all_run(hive_root: Path) -> None:
             )
             assert isinstance(event, wire.AgentChanged)
             running.add(event.agent.name)
-        listed = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+        listed = (await hive.call(wire.ListAgents())).agents
         assert len({a.port for a in listed}) == 20  # every UI has its own port
         counts = {n: len(_containers(hive_root, n)) for n in names}
         assert set(counts.values()) == {1}, (
@@ -220,7 +220,7 @@ async def _adopt_after_upgrade(hive_root: Path) -> None:
             ),
         )
         assert isinstance(rebuilt, wire.MessageSent)
-        notes = await call_once(host, wire.HostRecent(name="manager"), wire.Inbox)
+        notes = await call_once(host, wire.HostRecent(name="manager"))
         kinds = [msgspec.json.decode(m.body)["event"] for m in notes.messages]
         assert kinds[-2:] == ["needs_update", "rebuilt"]
         running = await wait_for_event(

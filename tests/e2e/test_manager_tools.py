@@ -93,7 +93,7 @@ class _Notice(msgspec.Struct, frozen=True):
 async def _greeting(hive: Hive, events: Client) -> wire.Message:
     """The manager's greeting to the operator. Its start-up turn may have begun before the test
     subscribed: look in the operator's inbox (after subscribing), else wait for it."""
-    inbox = await hive.call(wire.HostRecent(name=OPERATOR, limit=50), wire.Inbox)
+    inbox = await hive.call(wire.HostRecent(name=OPERATOR, limit=50))
     for msg in inbox.messages:
         if msg.sender == MANAGER and msg.body.startswith("Hello!"):
             return msg
@@ -107,10 +107,10 @@ async def test_the_manager_requests_a_spawn_and_pings_the_agent_once_spawned(
     cfg = hive_config(hive_root, demo=True, start_manager=True)
     async with open_hive(cfg) as hive, subscription(hive.sock) as events:
         # Nobody spawned scout: the manager's start-up turn asked for it through claude.
-        listed = await hive.call(wire.ListAgents(), wire.AgentList)
+        listed = await hive.call(wire.ListAgents())
         assert [a.name for a in listed.agents] == [MANAGER_NAME]
         greeting = await _greeting(hive, events)
-        pending = await hive.call(wire.Pending(), wire.ApprovalList)
+        pending = await hive.call(wire.Pending())
         (approval,) = pending.approvals
         assert (approval.kind, approval.agent, approval.status) == ("spawn", "scout", "pending")
         assert approval.description == "the demo agent: answers the manager's pings"
@@ -118,7 +118,7 @@ async def test_the_manager_requests_a_spawn_and_pings_the_agent_once_spawned(
         assert f"`hive-c0re approve {approval.id}`" in greeting.body
 
         # Whether approve returns before or after scout exists, the rest follows on the stream.
-        approved = await hive.call(wire.Approve(id=approval.id), wire.ApprovalReply)
+        approved = await hive.call(wire.Approve(id=approval.id))
         assert approved.approval.status in ("spawning", "deployed")
         found = await _wait_all(
             events,
@@ -137,9 +137,9 @@ async def test_the_manager_requests_a_spawn_and_pings_the_agent_once_spawned(
         assert order == sorted(order)
         assert _message(found["ping"]).body == "ping from hm1nd: who is awake?"
         assert _message(found["relay"]).body == "scout answered me: pong from scout"
-        manager_inbox = await hive.call(wire.HostRecent(name=MANAGER, limit=50), wire.Inbox)
+        manager_inbox = await hive.call(wire.HostRecent(name=MANAGER, limit=50))
         assert _message(found["spawned"]).id in [m.id for m in manager_inbox.messages]
-        assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
+        assert (await hive.call(wire.Pending())).approvals == []
 
 
 class _Part(msgspec.Struct, frozen=True):
@@ -200,7 +200,7 @@ async def test_the_manager_restarts_an_agent_but_never_itself(hive_root: Path) -
         assert isinstance(before, wire.AgentChanged) and before.agent.pid is not None
 
         sent = await hive.call(
-            wire.OperatorSend(to=MANAGER_NAME, body='!tool restart {"name": "scout"}'), wire.Sent
+            wire.OperatorSend(to=MANAGER_NAME, body='!tool restart {"name": "scout"}')
         )
         old_pid = before.agent.pid
 
@@ -216,16 +216,16 @@ async def test_the_manager_restarts_an_agent_but_never_itself(hive_root: Path) -
             },
         )
         assert found["restarting"].seq < found["running"].seq
-        scout_inbox = await hive.call(wire.HostRecent(name="scout", limit=10), wire.Inbox)
+        scout_inbox = await hive.call(wire.HostRecent(name="scout", limit=10))
         assert any(m.body.startswith("Restarted.") for m in scout_inbox.messages)
 
         sent = await hive.call(
-            wire.OperatorSend(to=MANAGER_NAME, body='!tool restart {"name": "hm1nd"}'), wire.Sent
+            wire.OperatorSend(to=MANAGER_NAME, body='!tool restart {"name": "hm1nd"}')
         )
         seen = await _until(events, _delivered(sent.ids[0]))
         assert not [e for e in seen if _state(MANAGER_NAME, "restarting")(e)]
         results = _tool_results(cfg.agent_root(MANAGER_NAME) / "state" / "hyperhive-events.sqlite")
         refused = [r for r in results if r.is_error and "cannot target itself" in r.text()]
         assert len(refused) == 1, results
-        agents = {a.name: a for a in (await hive.call(wire.ListAgents(), wire.AgentList)).agents}
+        agents = {a.name: a for a in (await hive.call(wire.ListAgents())).agents}
         assert agents[MANAGER_NAME].state == "running" and agents[MANAGER_NAME].restarts == 0

@@ -81,10 +81,10 @@ async def test_harness_killed_mid_turn_gets_the_message_again_once(hive_root: Pa
     cfg = hive_config(hive_root, demo=True)
     async with open_hive(cfg) as hive, subscription(hive.sock) as events:
         await _spawn_idle(hive, events, "alice")
-        sent = await hive.call(wire.OperatorSend(to="alice", body="!sleep 3\nhello"), wire.Sent)
+        sent = await hive.call(wire.OperatorSend(to="alice", body="!sleep 3\nhello"))
         mid = sent.ids[0]
         await wait_for_event(events, lambda e: isinstance(e, wire.MessageLeased) and e.id == mid)
-        (alice,) = (await hive.call(wire.ListAgents(), wire.AgentList)).agents
+        (alice,) = (await hive.call(wire.ListAgents())).agents
         assert alice.pid is not None
         _kill_harness(alice.pid)  # mid-turn: claude is sleeping on the scripted model
 
@@ -121,7 +121,7 @@ async def test_a_poison_message_ends_in_the_dead_letters_and_the_agent_goes_on(
     cfg = hive_config(hive_root, demo=True, max_attempts=3)
     async with open_hive(cfg) as hive, subscription(hive.sock) as events:
         await _spawn_idle(hive, events, "alice")
-        sent = await hive.call(wire.OperatorSend(to="alice", body=POISON), wire.Sent)
+        sent = await hive.call(wire.OperatorSend(to="alice", body=POISON))
         mid = sent.ids[0]
         notice = await wait_for_event(
             events,
@@ -134,9 +134,9 @@ async def test_a_poison_message_ends_in_the_dead_letters_and_the_agent_goes_on(
         assert isinstance(notice, wire.MessageSent)
         assert f"#{mid}" in notice.message.body and "dead-lettered" in notice.message.body
 
-        dead = await hive.call(wire.DeadLetters(), wire.Inbox)
+        dead = await hive.call(wire.DeadLetters())
         assert [(m.id, m.state) for m in dead.messages] == [(mid, "dead")]
-        manager = await hive.call(wire.HostRecent(name="manager"), wire.Inbox)
+        manager = await hive.call(wire.HostRecent(name="manager"))
         event = msgspec.json.decode(manager.messages[-1].body)
         assert event["event"] == "dead_letter" and event["id"] == mid
 

@@ -68,17 +68,17 @@ class Steps:
 
     async def queue_spawn(self) -> int:
         request = wire.HostRequestSpawn(name="bob", description=f"builds things {HOSTILE}")
-        return (await self.hive.call(request, wire.ApprovalQueued)).id
+        return (await self.hive.call(request)).id
 
     async def queue_apply_commit(self) -> int:
         proposed = self.hive.cfg.proposed_dir / "alice" / "config"
         sha = await propose(proposed, 'model = "sonnet"\n')
         request = wire.RequestApplyCommit(agent="alice", commit_ref=sha)
-        return (await call_once(self.manager, request, wire.ApprovalQueued)).id
+        return (await call_once(self.manager, request)).id
 
     async def ask(self, question: str, options: list[str], multi: bool = False) -> int:
         request = wire.Ask(question=question, options=options, multi=multi)
-        return (await call_once(self.manager, request, wire.QuestionQueued)).id
+        return (await call_once(self.manager, request)).id
 
 
 def drive(port: int, tokens: LoginTokens, steps: Steps) -> tuple[list[str], dict[str, int]]:
@@ -232,7 +232,7 @@ def drive(port: int, tokens: LoginTokens, steps: Steps) -> tuple[list[str], dict
 
 async def manager_events(hive: Hive) -> list[events.HelperEvent]:
     decoder = msgspec.json.Decoder(events.ApprovalResolved | events.QuestionAnswered)
-    inbox = await hive.call(wire.HostRecent(name="manager", limit=200), wire.Inbox)
+    inbox = await hive.call(wire.HostRecent(name="manager", limit=200))
     found = []
     for m in inbox.messages:
         if m.sender == "system" and (
@@ -274,7 +274,7 @@ async def test_operator_decides_in_the_dashboard(
     assert (revived.agent, revived.status) == ("bob", "deployed")
     meta = await git(hive.cfg.state_dir / "meta", "log", "--format=%s")
     assert meta.splitlines()[0].startswith("revive bob deployed/0 ")
-    listed = await hive.call(wire.ListAgents(), wire.AgentList)
+    listed = await hive.call(wire.ListAgents())
     assert "bob" in [a.name for a in listed.agents]
     answers = {
         e.id: (e.answer, e.answerer)
@@ -287,5 +287,5 @@ async def test_operator_decides_in_the_dashboard(
         ids["free"]: ("ship it", "operator"),
         ids["gone"]: ("[cancelled]", "operator"),
     }
-    assert (await hive.call(wire.ListQuestions(), wire.QuestionList)).questions == []
-    assert (await hive.call(wire.Pending(), wire.ApprovalList)).approvals == []
+    assert (await hive.call(wire.ListQuestions())).questions == []
+    assert (await hive.call(wire.Pending())).approvals == []

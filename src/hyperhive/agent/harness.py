@@ -106,11 +106,11 @@ class Harness:
         await self.bus.set_state("idle")
         while True:
             await self.wait_for_login()
-            reply = await client.call(wire.Recv(wait_seconds=RECV_WAIT, lease=True), wire.Received)
+            reply = await client.call(wire.Recv(wait_seconds=RECV_WAIT, lease=True))
             if reply.message is None:
                 continue
             msg = reply.message
-            status = await client.call(wire.Status(), wire.StatusReply)
+            status = await client.call(wire.Status())
             result = await self.turn(msg, status.unread)
             await self.settle(client, msg, result)
 
@@ -118,13 +118,12 @@ class Harness:
         """Ack a completed turn; give the message back when the turn did not complete."""
         if result.ok or result.cancelled:
             # An operator's cancel is a decision, not a failure: the message is consumed.
-            await client.call(wire.Ack(id=msg.id, attempt=msg.attempt), wire.Acked)
+            await client.call(wire.Ack(id=msg.id, attempt=msg.attempt))
             self.backoff = 0.0
             return
         blameless = result.transient or result.auth_failed
         await client.call(
             wire.Nack(id=msg.id, attempt=msg.attempt, error=result.note, count=not blameless),
-            wire.Acked,
         )
         if blameless:
             # Overloaded, rate limited or logged out: wait before trying again.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import anyio
 import msgspec
@@ -15,6 +15,15 @@ from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
 from hyperhive.protocol.errors import HiveError
 from hyperhive.protocol.names import MANAGER, canonical_recipient
+
+R = TypeVar("R", bound=wire.Reply)
+
+
+class _Call(Protocol):
+    """One request to the agent's socket, a daemon error turned into the tool's error."""
+
+    async def __call__(self, request: wire.AgentRequest[R]) -> R: ...
+
 
 INSTRUCTIONS = (
     "hyperhive: talk to other agents, the manager and the operator through a durable broker. "
@@ -34,7 +43,7 @@ def build_server(settings: HarnessSettings) -> MCPServer:
     server = MCPServer("hyperhive", instructions=INSTRUCTIONS)
     sock = settings.socket
 
-    async def call(request: wire.AgentRequest) -> wire.Reply:
+    async def call(request: wire.AgentRequest[R]) -> R:
         try:
             return await call_once(sock, request)
         except HiveError as err:
@@ -54,7 +63,6 @@ def build_server(settings: HarnessSettings) -> MCPServer:
                 " ask the manager if you need to reach someone else"
             )
         reply = await call(wire.Send(to=to, body=body))
-        assert isinstance(reply, wire.Sent)
         return f"sent to {', '.join(reply.recipients)} (id {', '.join(map(str, reply.ids))})"
 
     @server.tool(
@@ -65,7 +73,6 @@ def build_server(settings: HarnessSettings) -> MCPServer:
     )
     async def whoami() -> str:
         reply = await call(wire.Status())
-        assert isinstance(reply, wire.StatusReply)
         return msgspec.json.encode(
             {
                 "name": reply.name,
@@ -85,7 +92,6 @@ def build_server(settings: HarnessSettings) -> MCPServer:
     async def recv(wait_seconds: float = 0) -> str:
         # Leased: the turn's ack consumes it, a failed turn gives it back with the wake message.
         reply = await call(wire.Recv(wait_seconds=wait_seconds, lease=True))
-        assert isinstance(reply, wire.Received)
         return "(empty)" if reply.message is None else format_message(reply.message)
 
     @server.tool(
@@ -107,7 +113,6 @@ def build_server(settings: HarnessSettings) -> MCPServer:
             question=question, options=options or [], multi=multi, ttl_seconds=ttl_seconds, to=to
         )
         reply = await call(request)
-        assert isinstance(reply, wire.QuestionQueued)
         return f"question #{reply.id} queued for {to or 'the operator'}"
 
     @server.tool(
@@ -118,7 +123,6 @@ def build_server(settings: HarnessSettings) -> MCPServer:
     )
     async def answer(id: int, answer: str) -> str:
         reply = await call(wire.Answer(id=id, answer=answer))
-        assert isinstance(reply, wire.QuestionReply)
         return f"question #{reply.question.id} answered"
 
     @server.tool(
@@ -143,7 +147,6 @@ def build_server(settings: HarnessSettings) -> MCPServer:
             file_path=file_path,
         )
         reply = await call(request)
-        assert isinstance(reply, wire.ReminderQueued)
         when = datetime.datetime.fromtimestamp(reply.due_at, datetime.UTC)
         return f"reminder #{reply.id} due {when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
@@ -152,9 +155,7 @@ def build_server(settings: HarnessSettings) -> MCPServer:
     return server
 
 
-def _add_manager_tools(
-    server: MCPServer, call: Callable[[wire.AgentRequest], Awaitable[wire.Reply]]
-) -> None:
+def _add_manager_tools(server: MCPServer, call: _Call) -> None:
     """What only the manager may do: propose approvals, stop and start agents (never itself)."""
 
     @server.tool(
@@ -165,7 +166,6 @@ def _add_manager_tools(
     )
     async def request_spawn(name: str, description: str = "") -> str:
         reply = await call(wire.RequestSpawn(name=name, description=description))
-        assert isinstance(reply, wire.ApprovalQueued)
         return f"spawn of {name} queued for the operator as approval #{reply.id}"
 
     @server.tool(
@@ -177,12 +177,10 @@ def _add_manager_tools(
     )
     async def request_apply_commit(agent: str, commit_ref: str) -> str:
         reply = await call(wire.RequestApplyCommit(agent=agent, commit_ref=commit_ref))
-        assert isinstance(reply, wire.ApprovalQueued)
         return f"{reply.sha[:12]} pinned as proposal/{reply.id}, waiting for the operator"
 
-    async def lifecycle(request: wire.AgentRequest) -> str:
+    async def lifecycle(request: wire.AgentRequest[wire.AgentReply]) -> str:
         reply = await call(request)
-        assert isinstance(reply, wire.AgentReply)
         return f"{reply.agent.name}: {reply.agent.state}"
 
     @server.tool(description="Stop an agent gracefully (it stays stopped until started).")

@@ -134,8 +134,8 @@ def create_agent_app(
         socket_error: str | None = None
         try:
             async with open_client(socket_path) as client:
-                recent = await client.call(wire.Recent(limit=INBOX_LIMIT), wire.Inbox)
-                status = await client.call(wire.Status(), wire.StatusReply)
+                recent = await client.call(wire.Recent(limit=INBOX_LIMIT))
+                status = await client.call(wire.Status())
             inbox, unread = recent.messages, status.unread
         except HiveError as err:
             socket_error = err.message
@@ -171,7 +171,7 @@ def create_agent_app(
     async def send() -> Response:
         form = await read_input(SendInput)
         body = require_text(form.body, "message body")
-        reply = await call_once(socket_path, wire.Wake(sender=OPERATOR, body=body), wire.Sent)
+        reply = await call_once(socket_path, wire.Wake(sender=OPERATOR, body=body))
         return json_response(reply)
 
     @app.post("/api/cancel")

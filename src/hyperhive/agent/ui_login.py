@@ -91,7 +91,7 @@ class UiLogin:
         """Fetch the token and hold the connection until the daemon hangs up; True if fetched."""
         try:
             async with open_client(self._socket) as client:
-                reply = await client.call(wire.FetchUiToken(), wire.UiToken)
+                reply = await client.call(wire.FetchUiToken())
                 if reply.token != self._token:
                     log.info("web UI: the daemon gave a new login token")
                 self._token = reply.token

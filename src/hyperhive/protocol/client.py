@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar, overload
+from typing import TypeVar
 
 import msgspec
 import trio
 
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import LineStream, encode_line
-from hyperhive.protocol.errors import ConnectionLost, HiveError, error_from_wire
+from hyperhive.protocol.errors import ConnectionLost, HiveError, UnexpectedReply, error_from_wire
 
 R = TypeVar("R", bound=wire.Reply)
 
 _envelope = msgspec.json.Decoder(wire.ReplyEnvelope)
+_error_decoder = msgspec.json.Decoder(wire.ErrorReply)
 _event_decoder: msgspec.json.Decoder[wire.HiveEvent] = msgspec.json.Decoder(wire.HiveEvents)
 _decoders: dict[type[wire.Reply], msgspec.json.Decoder[wire.Reply]] = {}
 
@@ -28,12 +29,23 @@ def _decoder_for(reply_type: type[R]) -> msgspec.json.Decoder[R]:
     return dec  # type: ignore[return-value]
 
 
+def reply_type(request: wire.Request[R]) -> type[R]:
+    """The reply type `request` declares (see `wire.Request`)."""
+    return wire.REPLY_FOR[type(request)]  # type: ignore[return-value]
+
+
 def decode_reply(line: bytes, reply_type: type[R]) -> R:
-    """Decode a reply line, raising the domain error it carries when `ok` is false."""
-    env = _envelope.decode(line)
-    if not env.ok:
-        raise error_from_wire(env.code or "internal", env.error or "request failed")
-    return _decoder_for(reply_type).decode(line)
+    """Decode a reply line as `reply_type`, raising the domain error of a `wire.ErrorReply`.
+
+    A line that is neither (a reply of another type, not a reply at all) is an UnexpectedReply.
+    """
+    try:
+        if not _envelope.decode(line).ok:
+            err = _error_decoder.decode(line)
+            raise error_from_wire(err.code, err.error)
+        return _decoder_for(reply_type).decode(line)
+    except msgspec.DecodeError as exc:
+        raise UnexpectedReply(f"expected a {reply_type.__name__} reply: {exc}") from None
 
 
 class Client:
@@ -43,17 +55,15 @@ class Client:
         self._lines = LineStream(stream)
         self._lock = trio.Lock()
 
-    @overload
-    async def call(self, request: msgspec.Struct, reply_type: type[R]) -> R: ...
+    async def call(self, request: wire.Request[R], expect: type[R] | None = None) -> R:
+        """Send one request and return the reply its type declares (or raise its HiveError).
 
-    @overload
-    async def call(self, request: msgspec.Struct, reply_type: None = None) -> wire.Reply: ...
-
-    async def call(
-        self, request: msgspec.Struct, reply_type: type[wire.Reply] | None = None
-    ) -> wire.Reply:
-        """Send one request and return its typed reply (or raise its HiveError)."""
-        rtype = reply_type or wire.REPLY_FOR[type(request)]
+        `expect` is redundant with the declaration and must agree with it; it is accepted for
+        callers that still spell the reply type out.
+        """
+        rtype = reply_type(request)
+        if expect is not None and not issubclass(rtype, expect):
+            raise TypeError(f"{type(request).__name__} is answered by {rtype.__name__}")
         return decode_reply(await self._exchange(encode_line(request)), rtype)
 
     async def _exchange(self, data: bytes) -> bytes:
@@ -108,20 +118,10 @@ async def open_client(path: str) -> AsyncIterator[Client]:
         await client.aclose()
 
 
-@overload
-async def call_once(path: str, request: msgspec.Struct, reply_type: type[R]) -> R: ...
-
-
-@overload
-async def call_once(path: str, request: msgspec.Struct, reply_type: None = None) -> wire.Reply: ...
-
-
-async def call_once(
-    path: str, request: msgspec.Struct, reply_type: type[wire.Reply] | None = None
-) -> wire.Reply:
-    """Connect, send one request, return its reply, disconnect."""
+async def call_once(path: str, request: wire.Request[R], expect: type[R] | None = None) -> R:
+    """Connect, send one request, return the reply its type declares, disconnect."""
     async with open_client(path) as client:
-        return await client.call(request, reply_type)
+        return await client.call(request, expect)
 
 
-__all__ = ["Client", "HiveError", "call_once", "decode_reply", "open_client"]
+__all__ = ["Client", "HiveError", "call_once", "decode_reply", "open_client", "reply_type"]

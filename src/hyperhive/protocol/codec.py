@@ -7,6 +7,7 @@ from typing import Generic, TypeVar
 import msgspec
 import trio
 
+from hyperhive.protocol import wire
 from hyperhive.protocol.errors import (
     HiveError,
     InvalidRequest,
@@ -20,7 +21,7 @@ MAX_LINE = 1024 * 1024
 
 _encoder = msgspec.json.Encoder()
 
-T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 def encode_line(obj: object) -> bytes:
@@ -28,7 +29,8 @@ def encode_line(obj: object) -> bytes:
 
 
 def error_line(err: HiveError) -> bytes:
-    return _encoder.encode({"ok": False, "code": err.code, "error": err.message}) + b"\n"
+    """The one wire form of a failure: a `wire.ErrorReply`, which clients decode back."""
+    return encode_line(wire.ErrorReply(code=err.code, error=err.message))
 
 
 class _CmdProbe(msgspec.Struct):
@@ -38,15 +40,15 @@ class _CmdProbe(msgspec.Struct):
 _probe = msgspec.json.Decoder(_CmdProbe)
 
 
-class RequestDecoder(Generic[T]):
+class RequestDecoder(Generic[T_co]):
     """Decodes one request line of a socket's union, turning every failure into a HiveError."""
 
     def __init__(self, union: object, commands: frozenset[str], socket_kind: str) -> None:
-        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(union)
+        self._decoder: msgspec.json.Decoder[T_co] = msgspec.json.Decoder(union)
         self._commands = commands
         self._kind = socket_kind
 
-    def decode(self, line: bytes) -> T:
+    def decode(self, line: bytes) -> T_co:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -81,6 +83,18 @@ class RequestDecoder(Generic[T]):
                 f"unknown command {cmd[:64]!r} on the {self._kind} socket (known: {known})"
             )
         return InvalidRequest(f"bad {cmd!r} request: {exc}")
+
+
+HOST_DECODER: RequestDecoder[wire.HostRequests] = RequestDecoder(
+    wire.HostRequests, wire.HOST_COMMANDS, "host"
+)
+AGENT_DECODER: RequestDecoder[wire.AgentRequests] = RequestDecoder(
+    wire.AgentRequests, wire.AGENT_COMMANDS, "agent"
+)
+MANAGER_DECODER: RequestDecoder[wire.ManagerRequests] = RequestDecoder(
+    wire.ManagerRequests, wire.MANAGER_COMMANDS, "manager"
+)
+"""The request decoder of each socket kind, one per union."""
 
 
 class LineStream:

@@ -75,6 +75,11 @@ class QuotaExceeded(HiveError):
     code = "quota_exceeded"
 
 
+class UnexpectedReply(Internal):
+    """The client's side of a broken contract: a reply that is not the one its request declares
+    (a daemon of another version, a confused peer). Never sent: it is raised where decoded."""
+
+
 _BY_CODE: dict[str, type[HiveError]] = {
     cls.code: cls
     for cls in (

@@ -6,7 +6,7 @@ Unknown fields are ignored on the wire so that newer clients keep working with o
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Generic, Literal, TypeVar, get_args
 
 import msgspec
 
@@ -112,267 +112,6 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Its network as enforced (bwrap/nspawn, SPEC §4.1b): `open`, `anthropic`, `none` or
     `host`, with `+N` when its config allows N more host:port destinations; None: the
     backend's own (nixos) or not started yet."""
-
-
-# --------------------------------------------------------------------------- requests
-
-
-class HostRequest(msgspec.Struct, frozen=True, tag_field="cmd", kw_only=True):
-    """A request on host.sock (the operator's admin socket)."""
-
-
-class AgentRequest(msgspec.Struct, frozen=True, tag_field="cmd", kw_only=True):
-    """A request on an agent's own socket (and on the manager's)."""
-
-
-class ListAgents(HostRequest, frozen=True, tag="list"):
-    pass
-
-
-class Spawn(HostRequest, frozen=True, tag="spawn"):
-    name: str
-
-
-class Kill(HostRequest, frozen=True, tag="kill"):
-    name: str
-
-
-class Start(HostRequest, frozen=True, tag="start"):
-    name: str
-
-
-class Restart(HostRequest, frozen=True, tag="restart"):
-    name: str
-
-
-class Rebuild(HostRequest, frozen=True, tag="rebuild"):
-    """Re-apply the agent's config to its container and restart it."""
-
-    name: str
-
-
-class Logs(HostRequest, frozen=True, tag="logs"):
-    """The container's most recent log lines."""
-
-    name: str
-    lines: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 200
-
-
-class Destroy(HostRequest, frozen=True, tag="destroy"):
-    name: str
-    purge: bool = False
-
-
-class OperatorSend(HostRequest, frozen=True, tag="send"):
-    """Send as `operator`: identity is the socket, so there is no `from` field to fake."""
-
-    to: str
-    body: str
-
-
-class HostRecent(HostRequest, frozen=True, tag="recent"):
-    """The last messages of one inbox (`operator` is the dashboard's)."""
-
-    name: str
-    limit: Limit = 50
-
-
-class Flow(HostRequest, frozen=True, tag="flow"):
-    """The last messages across the whole hive, oldest first (dashboard backfill)."""
-
-    limit: Limit = 200
-
-
-class DeadLetters(HostRequest, frozen=True, tag="dead_letters"):
-    """Messages no turn completed after the attempt limit: kept, never dropped."""
-
-    limit: Limit = 100
-
-
-class Requeue(HostRequest, frozen=True, tag="requeue"):
-    """Give a dead letter another round of attempts."""
-
-    id: Int64
-
-
-class Subscribe(HostRequest, frozen=True, tag="subscribe"):
-    """Turn this connection into a stream of `HiveEvent` lines after the `Subscribed` reply."""
-
-
-class Pending(HostRequest, frozen=True, tag="pending"):
-    """The approvals waiting for the operator, each with the diff it would deploy."""
-
-
-class Approve(HostRequest, frozen=True, tag="approve"):
-    """Approve a pending approval: deploy the pinned commit, or spawn the agent."""
-
-    id: Int64
-
-
-class Deny(HostRequest, frozen=True, tag="deny"):
-    """Deny a pending approval; the note reaches the manager (and the `denied/<id>` tag)."""
-
-    id: Int64
-    note: str = ""
-
-
-class HostRequestSpawn(HostRequest, frozen=True, tag="request_spawn"):
-    """Queue a spawn approval from the operator's side."""
-
-    name: str
-    description: str = ""
-
-
-class ListQuestions(HostRequest, frozen=True, tag="questions"):
-    """The questions nobody has resolved yet, oldest first."""
-
-
-class HostAnswer(HostRequest, frozen=True, tag="answer"):
-    """Answer a question as `operator`: any pending one, a peer's included."""
-
-    id: Int64
-    answer: str
-
-
-class CancelQuestion(HostRequest, frozen=True, tag="cancel_question"):
-    """Resolve a pending question with `[cancelled]`."""
-
-    id: Int64
-
-
-class Send(AgentRequest, frozen=True, tag="send"):
-    to: str
-    body: str
-
-
-class Recv(AgentRequest, frozen=True, tag="recv"):
-    """Pop the next message. `wait_seconds` absent or 0 peeks; > 0 parks up to 180 s."""
-
-    wait_seconds: Wait | None = None
-    lease: bool = False
-    """With a lease the message stays in flight until `ack`; without, it is delivered at once."""
-
-
-class Ack(AgentRequest, frozen=True, tag="ack"):
-    """Acknowledge a leased message once the turn that consumed it completed."""
-
-    id: Int64
-    attempt: Int64
-
-
-class Nack(AgentRequest, frozen=True, tag="nack"):
-    """Give a lease back because the turn failed: the message is delivered again later.
-
-    `count` false means the failure was not the message's fault (the API was overloaded, the
-    login expired): the attempt is not counted towards dead-lettering.
-    """
-
-    id: Int64
-    attempt: Int64
-    error: str = ""
-    count: bool = True
-
-
-class Status(AgentRequest, frozen=True, tag="status"):
-    pass
-
-
-class Recent(AgentRequest, frozen=True, tag="recent"):
-    limit: Limit = 30
-
-
-class Wake(AgentRequest, frozen=True, tag="wake"):
-    """Drop a message into the caller's own inbox, labelled with `from`."""
-
-    sender: str = msgspec.field(name="from")
-    body: str
-
-
-TtlSeconds = Annotated[float, msgspec.Meta(ge=0, le=10**10)]
-
-
-class Ask(AgentRequest, frozen=True, tag="ask"):
-    """Queue a question for the operator (or, with `to`, for a peer agent); returns its id now.
-
-    The answer arrives later as a `question_answered` message from `system`. `ttl_seconds` 0
-    means the default (and the cap): 6 hours, after which it resolves as `[expired]`.
-    """
-
-    question: str
-    options: list[str] = msgspec.field(default_factory=list)
-    multi: bool = False
-    ttl_seconds: TtlSeconds = 0
-    to: str = ""
-
-
-class Answer(AgentRequest, frozen=True, tag="answer"):
-    """Answer a question a peer routed to you (only its target may)."""
-
-    id: Int64
-    answer: str
-
-
-class Remind(AgentRequest, frozen=True, tag="remind"):
-    """Schedule `message` into the caller's own inbox, from `reminder`, at a later time.
-
-    Exactly one of `delay_seconds` and `at_unix_timestamp` is given. With `file_path` (relative
-    to the caller's `/state`) the text is written to that file and the reminder points to it;
-    without, a message over 4,096 bytes is spilled to `/state/reminders/auto-<ts>-<id>.md`.
-    """
-
-    message: str
-    delay_seconds: TtlSeconds | None = None
-    at_unix_timestamp: TtlSeconds | None = None
-    file_path: str | None = None
-
-
-class FetchUiToken(AgentRequest, frozen=True, tag="ui_token"):
-    """The login token of the caller's own web UI, derived from this daemon start's secret.
-
-    The harness asks at start and again whenever its connection to the daemon was lost: a
-    restarted daemon has a new secret, so the token changes and the old one opens nothing.
-    """
-
-
-class RequestSpawn(AgentRequest, frozen=True, tag="request_spawn"):
-    """Manager only: ask the operator to approve a new agent."""
-
-    name: str
-    description: str = ""
-
-
-class RequestApplyCommit(AgentRequest, frozen=True, tag="request_apply_commit"):
-    """Manager only: ask the operator to deploy a commit of an agent's proposed config repo.
-
-    `commit_ref` is a 7-40 digit hex sha; it is pinned (fetched and tagged) at once.
-    """
-
-    agent: str
-    commit_ref: str
-
-
-class KillAgent(AgentRequest, frozen=True, tag="kill"):
-    """Manager only: stop an agent (never the manager itself)."""
-
-    name: str
-
-
-class StartAgent(AgentRequest, frozen=True, tag="start"):
-    """Manager only: start a stopped agent."""
-
-    name: str
-
-
-class RestartAgent(AgentRequest, frozen=True, tag="restart"):
-    """Manager only: restart an agent."""
-
-    name: str
-
-
-class UpdateAgent(AgentRequest, frozen=True, tag="update"):
-    """Manager only: rebuild an agent (re-apply its config, restart it); idempotent, no approval."""
-
-    name: str
 
 
 # --------------------------------------------------------------------------- replies
@@ -518,6 +257,279 @@ class ReplyEnvelope(msgspec.Struct, frozen=True):
     error: str | None = None
 
 
+# --------------------------------------------------------------------------- requests
+
+
+R_co = TypeVar("R_co", bound=Reply, covariant=True)
+
+
+class Request(msgspec.Struct, Generic[R_co], frozen=True, kw_only=True):
+    """Any request; its parameter is the reply it is answered with (`Client.call` returns it).
+
+    Each request class names its reply where it names its socket, `Spawn(HostRequest[AgentReply])`,
+    and `REPLY_FOR` reads it back from there: the one declaration serves the type checker, the
+    client's decoder and the schema. The parameter is a type only; nothing of it goes on the wire.
+    """
+
+
+class HostRequest(Request[R_co], frozen=True, tag_field="cmd", kw_only=True):
+    """A request on host.sock (the operator's admin socket)."""
+
+
+class AgentRequest(Request[R_co], frozen=True, tag_field="cmd", kw_only=True):
+    """A request on an agent's own socket (and on the manager's)."""
+
+
+class ListAgents(HostRequest[AgentList], frozen=True, tag="list"):
+    pass
+
+
+class Spawn(HostRequest[AgentReply], frozen=True, tag="spawn"):
+    name: str
+
+
+class Kill(HostRequest[AgentReply], frozen=True, tag="kill"):
+    name: str
+
+
+class Start(HostRequest[AgentReply], frozen=True, tag="start"):
+    name: str
+
+
+class Restart(HostRequest[AgentReply], frozen=True, tag="restart"):
+    name: str
+
+
+class Rebuild(HostRequest[AgentReply], frozen=True, tag="rebuild"):
+    """Re-apply the agent's config to its container and restart it."""
+
+    name: str
+
+
+class Logs(HostRequest[LogLines], frozen=True, tag="logs"):
+    """The container's most recent log lines."""
+
+    name: str
+    lines: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 200
+
+
+class Destroy(HostRequest[Done], frozen=True, tag="destroy"):
+    name: str
+    purge: bool = False
+
+
+class OperatorSend(HostRequest[Sent], frozen=True, tag="send"):
+    """Send as `operator`: identity is the socket, so there is no `from` field to fake."""
+
+    to: str
+    body: str
+
+
+class HostRecent(HostRequest[Inbox], frozen=True, tag="recent"):
+    """The last messages of one inbox (`operator` is the dashboard's)."""
+
+    name: str
+    limit: Limit = 50
+
+
+class Flow(HostRequest[Inbox], frozen=True, tag="flow"):
+    """The last messages across the whole hive, oldest first (dashboard backfill)."""
+
+    limit: Limit = 200
+
+
+class DeadLetters(HostRequest[Inbox], frozen=True, tag="dead_letters"):
+    """Messages no turn completed after the attempt limit: kept, never dropped."""
+
+    limit: Limit = 100
+
+
+class Requeue(HostRequest[Received], frozen=True, tag="requeue"):
+    """Give a dead letter another round of attempts."""
+
+    id: Int64
+
+
+class Subscribe(HostRequest[Subscribed], frozen=True, tag="subscribe"):
+    """Turn this connection into a stream of `HiveEvent` lines after the `Subscribed` reply."""
+
+
+class Pending(HostRequest[ApprovalList], frozen=True, tag="pending"):
+    """The approvals waiting for the operator, each with the diff it would deploy."""
+
+
+class Approve(HostRequest[ApprovalReply], frozen=True, tag="approve"):
+    """Approve a pending approval: deploy the pinned commit, or spawn the agent."""
+
+    id: Int64
+
+
+class Deny(HostRequest[ApprovalReply], frozen=True, tag="deny"):
+    """Deny a pending approval; the note reaches the manager (and the `denied/<id>` tag)."""
+
+    id: Int64
+    note: str = ""
+
+
+class HostRequestSpawn(HostRequest[ApprovalQueued], frozen=True, tag="request_spawn"):
+    """Queue a spawn approval from the operator's side."""
+
+    name: str
+    description: str = ""
+
+
+class ListQuestions(HostRequest[QuestionList], frozen=True, tag="questions"):
+    """The questions nobody has resolved yet, oldest first."""
+
+
+class HostAnswer(HostRequest[QuestionReply], frozen=True, tag="answer"):
+    """Answer a question as `operator`: any pending one, a peer's included."""
+
+    id: Int64
+    answer: str
+
+
+class CancelQuestion(HostRequest[QuestionReply], frozen=True, tag="cancel_question"):
+    """Resolve a pending question with `[cancelled]`."""
+
+    id: Int64
+
+
+class Send(AgentRequest[Sent], frozen=True, tag="send"):
+    to: str
+    body: str
+
+
+class Recv(AgentRequest[Received], frozen=True, tag="recv"):
+    """Pop the next message. `wait_seconds` absent or 0 peeks; > 0 parks up to 180 s."""
+
+    wait_seconds: Wait | None = None
+    lease: bool = False
+    """With a lease the message stays in flight until `ack`; without, it is delivered at once."""
+
+
+class Ack(AgentRequest[Acked], frozen=True, tag="ack"):
+    """Acknowledge a leased message once the turn that consumed it completed."""
+
+    id: Int64
+    attempt: Int64
+
+
+class Nack(AgentRequest[Acked], frozen=True, tag="nack"):
+    """Give a lease back because the turn failed: the message is delivered again later.
+
+    `count` false means the failure was not the message's fault (the API was overloaded, the
+    login expired): the attempt is not counted towards dead-lettering.
+    """
+
+    id: Int64
+    attempt: Int64
+    error: str = ""
+    count: bool = True
+
+
+class Status(AgentRequest[StatusReply], frozen=True, tag="status"):
+    pass
+
+
+class Recent(AgentRequest[Inbox], frozen=True, tag="recent"):
+    limit: Limit = 30
+
+
+class Wake(AgentRequest[Sent], frozen=True, tag="wake"):
+    """Drop a message into the caller's own inbox, labelled with `from`."""
+
+    sender: str = msgspec.field(name="from")
+    body: str
+
+
+TtlSeconds = Annotated[float, msgspec.Meta(ge=0, le=10**10)]
+
+
+class Ask(AgentRequest[QuestionQueued], frozen=True, tag="ask"):
+    """Queue a question for the operator (or, with `to`, for a peer agent); returns its id now.
+
+    The answer arrives later as a `question_answered` message from `system`. `ttl_seconds` 0
+    means the default (and the cap): 6 hours, after which it resolves as `[expired]`.
+    """
+
+    question: str
+    options: list[str] = msgspec.field(default_factory=list)
+    multi: bool = False
+    ttl_seconds: TtlSeconds = 0
+    to: str = ""
+
+
+class Answer(AgentRequest[QuestionReply], frozen=True, tag="answer"):
+    """Answer a question a peer routed to you (only its target may)."""
+
+    id: Int64
+    answer: str
+
+
+class Remind(AgentRequest[ReminderQueued], frozen=True, tag="remind"):
+    """Schedule `message` into the caller's own inbox, from `reminder`, at a later time.
+
+    Exactly one of `delay_seconds` and `at_unix_timestamp` is given. With `file_path` (relative
+    to the caller's `/state`) the text is written to that file and the reminder points to it;
+    without, a message over 4,096 bytes is spilled to `/state/reminders/auto-<ts>-<id>.md`.
+    """
+
+    message: str
+    delay_seconds: TtlSeconds | None = None
+    at_unix_timestamp: TtlSeconds | None = None
+    file_path: str | None = None
+
+
+class FetchUiToken(AgentRequest[UiToken], frozen=True, tag="ui_token"):
+    """The login token of the caller's own web UI, derived from this daemon start's secret.
+
+    The harness asks at start and again whenever its connection to the daemon was lost: a
+    restarted daemon has a new secret, so the token changes and the old one opens nothing.
+    """
+
+
+class RequestSpawn(AgentRequest[ApprovalQueued], frozen=True, tag="request_spawn"):
+    """Manager only: ask the operator to approve a new agent."""
+
+    name: str
+    description: str = ""
+
+
+class RequestApplyCommit(AgentRequest[ApprovalQueued], frozen=True, tag="request_apply_commit"):
+    """Manager only: ask the operator to deploy a commit of an agent's proposed config repo.
+
+    `commit_ref` is a 7-40 digit hex sha; it is pinned (fetched and tagged) at once.
+    """
+
+    agent: str
+    commit_ref: str
+
+
+class KillAgent(AgentRequest[AgentReply], frozen=True, tag="kill"):
+    """Manager only: stop an agent (never the manager itself)."""
+
+    name: str
+
+
+class StartAgent(AgentRequest[AgentReply], frozen=True, tag="start"):
+    """Manager only: start a stopped agent."""
+
+    name: str
+
+
+class RestartAgent(AgentRequest[AgentReply], frozen=True, tag="restart"):
+    """Manager only: restart an agent."""
+
+    name: str
+
+
+class UpdateAgent(AgentRequest[AgentReply], frozen=True, tag="update"):
+    """Manager only: rebuild an agent (re-apply its config, restart it); idempotent, no approval."""
+
+    name: str
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -615,44 +627,18 @@ HOST_COMMANDS = frozenset(t.__struct_config__.tag for t in HostRequests.__args__
 AGENT_COMMANDS = frozenset(t.__struct_config__.tag for t in AgentRequests.__args__)
 MANAGER_COMMANDS = frozenset(t.__struct_config__.tag for t in ManagerRequests.__args__)
 
-REPLY_FOR: dict[type[msgspec.Struct], type[Reply]] = {
-    ListAgents: AgentList,
-    Spawn: AgentReply,
-    Kill: AgentReply,
-    Start: AgentReply,
-    Restart: AgentReply,
-    Rebuild: AgentReply,
-    Logs: LogLines,
-    Destroy: Done,
-    OperatorSend: Sent,
-    HostRecent: Inbox,
-    Flow: Inbox,
-    DeadLetters: Inbox,
-    Requeue: Received,
-    Subscribe: Subscribed,
-    Send: Sent,
-    Recv: Received,
-    Ack: Acked,
-    Nack: Acked,
-    Status: StatusReply,
-    Recent: Inbox,
-    Wake: Sent,
-    Pending: ApprovalList,
-    Approve: ApprovalReply,
-    Deny: ApprovalReply,
-    HostRequestSpawn: ApprovalQueued,
-    RequestSpawn: ApprovalQueued,
-    RequestApplyCommit: ApprovalQueued,
-    KillAgent: AgentReply,
-    StartAgent: AgentReply,
-    RestartAgent: AgentReply,
-    UpdateAgent: AgentReply,
-    ListQuestions: QuestionList,
-    HostAnswer: QuestionReply,
-    CancelQuestion: QuestionReply,
-    Ask: QuestionQueued,
-    Answer: QuestionReply,
-    Remind: ReminderQueued,
-    FetchUiToken: UiToken,
+
+def _declared_reply(request_type: type[Request[Reply]]) -> type[Reply]:
+    """The reply a request class names in its base, `HostRequest[AgentReply]` → `AgentReply`."""
+    for base in getattr(request_type, "__orig_bases__", ()):
+        for arg in get_args(base):
+            if isinstance(arg, type) and issubclass(arg, Reply):
+                return arg
+    raise TypeError(f"{request_type.__name__} does not name its reply type")
+
+
+REPLY_FOR: dict[type[Request[Reply]], type[Reply]] = {
+    t: _declared_reply(t) for t in (*HostRequests.__args__, *ManagerRequests.__args__)
 }
-"""The reply type of each request: what a client decodes and what the schema documents."""
+"""The reply type of each request, as its class declares it: what a client decodes and what the
+schema documents."""
