@@ -22,7 +22,7 @@ from tests.e2e.test_lifecycle import (
     _when_running,
 )
 from tests.hive import daemon_process, hive_config, open_hive
-from tests.web.pages import json_of, login, open_http
+from tests.web.pages import bridge_request, open_http
 
 PORT_DEADLINE = 30.0
 """A safety net: the first retries come after 1 s and 2 s."""
@@ -83,12 +83,11 @@ async def test_a_held_dashboard_port_is_waited_for_while_the_hive_runs(hive_root
                 async with open_http(port, "/") as page:
                     assert page.status == 200
                     assert 'id="port-alert"' in (await page.read_body()).decode()
-                async with open_http(port, "/api/state", headers=login(token)) as resp:
-                    assert resp.status == 200
-                    # What the page's banner says: it came up after waiting, and why.
-                    shown = json_of(await resp.read_body())["dashboard"]
-                    assert shown["state"] == "serving" and shown["failed_attempts"] >= 1
-                    assert "Address already in use" in shown["error"]
+                listed = await bridge_request(port, token, {"cmd": "list"})
+                # What the page's banner says: it came up after waiting, and why.
+                shown = listed["dashboard"]
+                assert shown["state"] == "serving" and shown["failed_attempts"] >= 1
+                assert "Address already in use" in shown["error"]
 
 
 @needs_bwrap

@@ -14,7 +14,7 @@ from hyperhive.protocol.client import call_once, open_client
 from tests.conftest import needs_bwrap, needs_claude
 from tests.e2e.test_lifecycle import CLAUDE, _containers, _kill_leftovers, _when_running
 from tests.hive import daemon_process, ui_port_base, wait_for_event
-from tests.web.pages import json_of, login, open_http, open_post
+from tests.web.pages import bridge_request, login, open_http, open_post
 from tests.web.test_login import environments
 
 pytestmark = [needs_bwrap, needs_claude]
@@ -38,9 +38,7 @@ async def logins(root: Path, dashboard_port: int) -> tuple[str, dict[str, str]]:
     links the dashboard gives the logged-in operator."""
     token = (await trio.Path(root / "run" / "dashboard.token").read_text()).strip()
     with trio.fail_after(10):
-        async with open_http(dashboard_port, "/api/state", headers=login(token)) as resp:
-            assert resp.status == 200
-            agents = json_of(await resp.read_body())["agents"]
+        agents = (await bridge_request(dashboard_port, token, {"cmd": "list"}))["agents"]
     return token, {a["name"]: a["url"].partition("#token=")[2] for a in agents}
 
 

@@ -1,4 +1,5 @@
-"""Helpers for web tests: logging in, a page's CSRF token, same-origin headers, raw HTTP, SSE."""
+"""Helpers for web tests: logging in, a page's CSRF token, same-origin headers, raw HTTP, SSE,
+the dashboard's /ws."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from quart.typing import (
     TestWebsocketConnectionProtocol,
 )
 from quart_trio.testing import TrioClient
+from trio_websocket import open_websocket_url
 from werkzeug.datastructures import Headers
 
 _META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
@@ -196,3 +198,14 @@ async def page_token(port: int) -> str:
     async with open_http(port, "/") as page:
         assert page.status == 200
         return csrf_token((await page.read_body()).decode())
+
+
+async def bridge_request(port: int, token: str, request: object) -> Any:
+    """What the page does for a host request: a ticket, its /ws, one request, its reply."""
+    csrf = await page_token(port)
+    ticket = await take_ticket(port, token, "/ws")
+    url = f"ws://127.0.0.1:{port}/ws?csrf={csrf}&ticket={ticket}"
+    origin = [(b"Origin", f"http://127.0.0.1:{port}".encode())]
+    async with open_websocket_url(url, extra_headers=origin) as ws:
+        await ws.send_message(msgspec.json.encode(request).decode())
+        return json_of(await ws.get_message())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import trio
 from quart.testing.connections import WebsocketResponseError
 from quart.typing import TestClientProtocol as WebClient
 from quart_trio import QuartTrio
+from trio_websocket import ConnectionRejected, open_websocket_url
 from werkzeug.routing import Rule
 
 from hyperhive.agent.bus import LiveBus
@@ -41,17 +43,31 @@ from tests.hive import (
 )
 from tests.web.pages import (
     LoggedInClient,
+    bridge_request,
     client_ticket,
     csrf_token,
     json_of,
     login,
     open_http,
     open_post,
+    page_token,
     post_headers,
     take_ticket,
 )
 
 OWN = "http://localhost"
+OLD_ROUTES = [
+    ("GET", "/api/state"),
+    ("GET", "/dashboard/history"),
+    ("GET", "/dashboard/stream"),
+    ("POST", "/op-send"),
+    ("POST", "/spawn"),
+    ("POST", "/kill/hm1nd"),
+    ("POST", "/start/hm1nd"),
+    ("POST", "/restart/hm1nd"),
+    ("POST", "/destroy/hm1nd"),
+]
+"""The dashboard's routes before /ws carried everything."""
 """The Origin of a page on the test client's host: POSTs pass the Origin and CSRF checks."""
 
 
@@ -144,7 +160,6 @@ def wrong_tokens(right: str, *others: str) -> list[dict[str, str]]:
 
 async def operator_messages(hive: Hive) -> list[wire.Message]:
     flow = await hive.call(wire.Flow(limit=50))
-    assert isinstance(flow, wire.Inbox)
     return [m for m in flow.messages if m.sender == "operator"]
 
 
@@ -153,10 +168,15 @@ async def test_dashboard_routes_need_the_dashboard_token(hive: Hive, tokens: Log
     # An agent knows its own UI's token: it does not open the dashboard.
     for authorization in wrong_tokens(tokens.dashboard, tokens.agent(MANAGER_NAME)):
         checked = await assert_all_refused(app, authorization)
-        assert checked >= 10  # state, history, stream, 6 actions, /ws
+        assert checked >= 2  # /api/ticket, /ws: all else goes over /ws
+    # The routes the dashboard had before /ws carried everything answer like any unknown path.
+    client = app.test_client()
+    csrf = csrf_token(await (await client.get("/")).get_data(as_text=True))
+    for method, path in OLD_ROUTES:
+        resp = await client.open(path, method=method, headers=post_headers(csrf, OWN), json={})
+        assert resp.status_code == 401, path
     assert await operator_messages(hive) == []
     listed = await hive.call(wire.ListAgents())
-    assert isinstance(listed, wire.AgentList)
     assert [a.name for a in listed.agents] == [MANAGER_NAME]  # nothing spawned, nothing gone
 
 
@@ -173,20 +193,31 @@ async def test_agent_ui_routes_need_that_agents_token(hive: Hive, tokens: LoginT
 
 async def test_the_token_is_never_taken_from_a_url(hive: Hive, tokens: LoginTokens) -> None:
     client = dashboard_app(hive, tokens).test_client()
-    for path in ("/api/state", "/dashboard/stream", "/dashboard/history"):
-        resp = await client.get(path, query_string={"token": tokens.dashboard})
-        assert resp.status_code == 401, path
     csrf = csrf_token(await (await client.get("/")).get_data(as_text=True))
     resp = await client.post(
-        "/op-send",
+        "/api/ticket",
         query_string={"token": tokens.dashboard},
-        json={"to": "hm1nd", "body": "x"},
+        json={"path": "/ws"},
         headers=post_headers(csrf, OWN),
     )
     assert resp.status_code == 401
+    query = {"csrf": csrf, "token": tokens.dashboard}
+    assert await ws_status(client, "/ws", post_headers(csrf, OWN), query) == 401
+    for method, path in OLD_ROUTES:
+        resp = await client.open(
+            path,
+            method=method,
+            query_string={"token": tokens.dashboard},
+            json={"to": "hm1nd", "body": "x"},
+            headers=post_headers(csrf, OWN),
+        )
+        assert resp.status_code == 401, path
     assert await operator_messages(hive) == []
 
 
+# trio-websocket leaves the socket of a rejected handshake to the garbage collector (see
+# test_dashboard_ws.py): collected at the end of the test, under this filter.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_ticket_opens_its_stream_once(
     hive: Hive, tokens: LoginTokens, nursery: trio.Nursery
 ) -> None:
@@ -199,30 +230,34 @@ async def test_a_ticket_opens_its_stream_once(
             agent_token=tokens.agent,
         )
     )
-    stream = "/dashboard/stream"
     with trio.fail_after(10):
-        # Only on the path it was taken for: not on a plain route, not on another stream.
-        ticket = await take_ticket(port, tokens.dashboard, stream)
-        async with open_http(port, f"/api/state?ticket={ticket}") as resp:
+        # Only on the path it was taken for: not on a plain route.
+        ticket = await take_ticket(port, tokens.dashboard, "/ws")
+        async with open_http(port, f"/nope?ticket={ticket}") as resp:
             assert resp.status == 401
-        for_ws = await take_ticket(port, tokens.dashboard, "/ws")
-        async with open_http(port, f"{stream}?ticket={for_ws}") as resp:
+        # Taken for /ws, it opens /ws once.
+        csrf = await page_token(port)
+        url = f"ws://127.0.0.1:{port}/ws?csrf={csrf}&ticket={ticket}"
+        origin = [(b"Origin", f"http://127.0.0.1:{port}".encode())]
+        async with open_websocket_url(url, extra_headers=origin) as ws:
+            await ws.send_message('{"cmd":"list"}')
+            assert json_of(await ws.get_message())["ok"] is True
+        with pytest.raises(ConnectionRejected) as refused:
+            async with open_websocket_url(url, extra_headers=origin):
+                pass
+        assert refused.value.status_code == 401
+        del refused
+        gc.collect()
+        # Tickets are for websockets (and streams) only, and never without the token.
+        for path in ("/api/state", "/dashboard/stream", "/api/ticket"):
+            async with open_post(
+                port, "/api/ticket", {"path": path}, headers=login(tokens.dashboard)
+            ) as resp:
+                assert resp.status == 400, path
+        async with open_post(port, "/api/ticket", {"path": "/ws"}) as resp:
             assert resp.status == 401
-        # Taken for the stream, it opens the stream once.
-        async with open_http(port, f"{stream}?ticket={ticket}") as resp:
-            assert resp.status == 200
-            assert resp.headers["content-type"] == "text/event-stream"
-        async with open_http(port, f"{stream}?ticket={ticket}") as resp:
-            assert resp.status == 401
-        # Tickets are for streams and websockets only, and never without the token.
         async with open_post(
-            port, "/api/ticket", {"path": "/api/state"}, headers=login(tokens.dashboard)
-        ) as resp:
-            assert resp.status == 400
-        async with open_post(port, "/api/ticket", {"path": stream}) as resp:
-            assert resp.status == 401
-        async with open_post(
-            port, "/api/ticket", {"path": stream}, headers=login(tokens.agent(MANAGER_NAME))
+            port, "/api/ticket", {"path": "/ws"}, headers=login(tokens.agent(MANAGER_NAME))
         ) as resp:
             assert resp.status == 401
 
@@ -316,10 +351,14 @@ async def test_hive_c0re_url_logs_the_operator_in(hive_root: Path) -> None:
         token = parts.fragment.removeprefix("token=")
 
         with trio.fail_after(10):
-            async with open_http(parts.port, "/api/state", headers=login(token)) as resp:
+            async with open_post(
+                parts.port, "/api/ticket", {"path": "/ws"}, headers=login(token)
+            ) as resp:
                 assert resp.status == 200
                 assert token not in (await resp.read_body()).decode()
-            async with open_http(parts.port, "/api/state") as resp:
+            listed = await bridge_request(parts.port, token, {"cmd": "list"})
+            assert listed["ok"] is True and token not in msgspec.json.encode(listed).decode()
+            async with open_post(parts.port, "/api/ticket", {"path": "/ws"}) as resp:
                 assert resp.status == 401
             async with open_http(parts.port, "/") as resp:
                 assert resp.status == 200
@@ -404,13 +443,13 @@ async def test_a_restart_voids_every_token(hive_root: Path) -> None:
             done = await hive_c0re(cfg.run_dir, "url")
             assert done.stdout.decode().strip() == hive.info.login_url  # rewritten on start
             dashboard = hive.info.login_url.partition("#token=")[2]
-            ui = (await call_once(manager, wire.FetchUiToken(), wire.UiToken)).token
+            ui = (await call_once(manager, wire.FetchUiToken())).token
             with trio.fail_after(10):
-                async with open_http(port, "/api/state", headers=login(dashboard)) as resp:
+                async with open_post(
+                    port, "/api/ticket", {"path": "/ws"}, headers=login(dashboard)
+                ) as resp:
                     assert resp.status == 200
                 for old_dashboard, _ in starts:
-                    async with open_http(port, "/api/state", headers=login(old_dashboard)) as resp:
-                        assert resp.status == 401
                     async with open_post(
                         port, "/api/ticket", {"path": "/ws"}, headers=login(old_dashboard)
                     ) as resp:
@@ -477,7 +516,6 @@ async def test_a_real_agent_ui_takes_only_its_own_token(hive_root: Path) -> None
             ),
         )
         listed = await hive.call(wire.ListAgents())
-        assert isinstance(listed, wire.AgentList)
         alice = next(a for a in listed.agents if a.name == "alice")
         assert alice.pid is not None and alice.port > 0
 
@@ -485,11 +523,8 @@ async def test_a_real_agent_ui_takes_only_its_own_token(hive_root: Path) -> None
         dashboard = (await trio.Path(cfg.dashboard_token_path).read_text()).strip()
         assert hive.info.dashboard_port is not None
         with trio.fail_after(10):
-            async with open_http(
-                hive.info.dashboard_port, "/api/state", headers=login(dashboard)
-            ) as resp:
-                assert resp.status == 200
-                links = {a["name"]: a["url"] for a in json_of(await resp.read_body())["agents"]}
+            listed = await bridge_request(hive.info.dashboard_port, dashboard, {"cmd": "list"})
+            links = {a["name"]: a["url"] for a in listed["agents"]}
         assert links["alice"].startswith(f"http://127.0.0.1:{alice.port}/#token=")
         own = links["alice"].partition("#token=")[2]
         bob = links["bob"].partition("#token=")[2]
@@ -525,7 +560,7 @@ async def test_a_real_agent_ui_takes_only_its_own_token(hive_root: Path) -> None
                 assert resp.status == 200
                 assert own not in (await resp.read_body()).decode()
             # And alice's token does not open the dashboard.
-            async with open_http(
-                hive.info.dashboard_port, "/api/state", headers=login(own)
+            async with open_post(
+                hive.info.dashboard_port, "/api/ticket", {"path": "/ws"}, headers=login(own)
             ) as resp:
                 assert resp.status == 401

@@ -11,7 +11,6 @@ from quart.testing.connections import WebsocketResponseError
 from quart.typing import TestClientProtocol as WebClient
 
 from hyperhive.core.tokens import LoginTokens
-from hyperhive.protocol import wire
 from hyperhive.web.dashboard import create_dashboard_app
 from hyperhive.web.security import Guard, bearer_token, split_host
 from hyperhive.web.sse import HEARTBEAT, data_frame, with_heartbeats
@@ -30,12 +29,6 @@ def client(hive: Hive, tokens: LoginTokens) -> LoggedInClient:
     return LoggedInClient(app, tokens.dashboard)
 
 
-async def operator_messages(hive: Hive) -> list[wire.Message]:
-    reply = await hive.call(wire.Flow(limit=50))
-    assert isinstance(reply, wire.Inbox)
-    return [m for m in reply.messages if m.sender == "operator"]
-
-
 @pytest.mark.parametrize(
     "host",
     [
@@ -49,12 +42,13 @@ async def operator_messages(hive: Hive) -> list[wire.Message]:
     ],
 )
 async def test_foreign_host_is_misdirected_before_any_handler(client: WebClient, host: str) -> None:
-    for path in ("/", "/api/state", "/static/hive.css", "/no/such/page"):
+    for path in ("/", "/static/hive.js", "/static/hive.css", "/no/such/page"):
         resp = await client.get(path, headers={"Host": host})
         assert resp.status_code == 421, (path, host)
         assert resp.headers["Content-Security-Policy"].startswith("default-src 'self'")
-    resp = await client.post("/op-send", json={"to": "hm1nd", "body": "x"}, headers={"Host": host})
-    assert resp.status_code == 421
+    for path in ("/api/ticket", "/api/hello"):
+        resp = await client.post(path, json={"path": "/ws"}, headers={"Host": host})
+        assert resp.status_code == 421, path
 
 
 @pytest.mark.parametrize(
@@ -68,7 +62,7 @@ async def test_allowed_hosts_on_any_port(client: WebClient, host: str) -> None:
 
 async def test_posts_need_same_origin_and_the_csrf_token(hive: Hive, client: WebClient) -> None:
     token = csrf_token(await (await client.get("/")).get_data(as_text=True))
-    body = {"to": "hm1nd", "body": "should not arrive"}
+    body = {"path": "/ws"}
     own = {"Host": "localhost:7000"}
     refused: list[dict[str, str]] = [
         {**own, "Origin": "http://localhost:7000"},  # no token
@@ -86,24 +80,26 @@ async def test_posts_need_same_origin_and_the_csrf_token(hive: Hive, client: Web
         },
     ]
     for headers in refused:
-        resp = await client.post("/op-send", json=body, headers=headers)
+        # The ticket that opens /ws, where every host request goes...
+        resp = await client.post("/api/ticket", json=body, headers=headers)
         assert resp.status_code == 403, headers
         assert json_of(await resp.get_data(as_text=False))["code"] == "forbidden"
-        # Lifecycle actions are guarded the same way.
-        resp = await client.post("/kill/hm1nd", headers=headers)
+        # ...and the proof the page asks for first are guarded the same way.
+        resp = await client.post("/api/hello", json={"challenge": "a" * 64}, headers=headers)
         assert resp.status_code == 403, headers
     # A form post from another origin cannot smuggle the token in a field either.
     resp = await client.post(
-        "/op-send", form={**body, "csrf": token}, headers={**own, "Origin": "http://evil.example"}
+        "/api/ticket",
+        form={**body, "csrf": token},
+        headers={**own, "Origin": "http://evil.example"},
     )
     assert resp.status_code == 403
-    assert await operator_messages(hive) == []
 
     resp = await client.post(
-        "/op-send", json=body, headers={**own, **post_headers(token, "http://localhost:7000")}
+        "/api/ticket", json=body, headers={**own, **post_headers(token, "http://localhost:7000")}
     )
     assert resp.status_code == 200
-    assert len(await operator_messages(hive)) == 1
+    assert json_of(await resp.get_data(as_text=False))["ticket"]
 
 
 async def test_each_app_has_its_own_csrf_token(hive: Hive, tokens: LoginTokens) -> None:

@@ -4,31 +4,43 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NoReturn
 
 import msgspec
 import trio
-from quart import Response, render_template, request, websocket
+from quart import render_template, websocket
 from quart_trio import QuartTrio
 
 from hyperhive.protocol import wire
-from hyperhive.protocol.client import call_once, open_client
-from hyperhive.protocol.errors import BadParams
-from hyperhive.protocol.names import (
-    MANAGER,
-    MANAGER_NAME,
-    OPERATOR,
-    canonical_recipient,
-    check_name,
-)
 from hyperhive.web import security
-from hyperhive.web.edge import install_error_handlers, json_response, read_input, require_text
-from hyperhive.web.relay import bridge_websocket, subscribe_frames
+from hyperhive.web.edge import install_error_handlers
+from hyperhive.web.relay import bridge_websocket
 from hyperhive.web.serving import serve_app
-from hyperhive.web.sse import sse_response
 
-INBOX_LIMIT = 50
-FLOW_LIMIT = 200
+BRIDGE_COMMANDS = frozenset(
+    {
+        "list",
+        "recent",
+        "flow",
+        "send",
+        "spawn",
+        "kill",
+        "start",
+        "restart",
+        "destroy",
+        "subscribe",
+        "pending",
+        "approve",
+        "deny",
+        "request_spawn",
+        "questions",
+        "answer",
+        "cancel_question",
+    }
+)
+"""The host requests /ws forwards: what the dashboard does (SPEC §7); any other is
+`unknown_command` without reaching the daemon."""
 
 
 class AgentView(wire.AgentInfo, frozen=True, kw_only=True):
@@ -37,34 +49,12 @@ class AgentView(wire.AgentInfo, frozen=True, kw_only=True):
     url: str | None = None
 
 
-class DashboardState(msgspec.Struct, frozen=True, kw_only=True):
+class AgentViews(wire.Reply, frozen=True):
+    """`list` as /ws answers it: `AgentList` with each agent's UI link."""
+
     agents: list[AgentView]
-    inbox: list[wire.Message]
     forge: wire.ForgeStatus | None = None
     dashboard: wire.ListenerStatus | None = None
-    """This page's own port: the page shows a banner when it came up after waiting for it."""
-    manager_name: str = MANAGER_NAME
-    manager_recipient: str = MANAGER
-    operator: str = OPERATOR
-
-
-class FlowHistory(msgspec.Struct, frozen=True, kw_only=True):
-    seq: int
-    """The newest message id in `events` (0 when the hive is silent)."""
-    events: list[wire.MessageSent]
-
-
-class OpSendInput(msgspec.Struct, frozen=True):
-    to: str
-    body: str
-
-
-class SpawnInput(msgspec.Struct, frozen=True):
-    name: str
-
-
-class DestroyInput(msgspec.Struct, frozen=True):
-    purge: bool = False
 
 
 def agent_url(host: str, port: int, token: str) -> str | None:
@@ -78,16 +68,27 @@ def agent_url(host: str, port: int, token: str) -> str | None:
     return f"http://{name}:{port}/#{security.TOKEN_PARAM}={token}"
 
 
-def recipient_of(to: str) -> str:
-    """`@hm1nd`, `hm1nd` and `manager` all mean the manager; names keep the broker's spelling."""
-    to = to.strip().removeprefix("@").strip()
-    if not to:
-        raise BadParams("recipient is empty")
-    return canonical_recipient(to)
-
-
 AgentToken = Callable[[str], str]
 """An agent's name → the login token of its UI."""
+
+_agent_list = msgspec.json.Decoder(wire.AgentList)
+_encoder = msgspec.json.Encoder()
+
+
+def with_links(host: str, agent_token: AgentToken, cmd: str, reply: bytes) -> bytes:
+    """A `list` reply with each agent UI's login link for the browser at `host`; the daemon's
+    own line for anything else (an error included)."""
+    if cmd != "list":
+        return reply
+    try:
+        listed = _agent_list.decode(reply)
+    except msgspec.DecodeError:
+        return reply
+    views = [
+        AgentView(**msgspec.structs.asdict(a), url=agent_url(host, a.port, agent_token(a.name)))
+        for a in listed.agents
+    ]
+    return _encoder.encode(AgentViews(agents=views, forge=listed.forge, dashboard=listed.dashboard))
 
 
 def create_dashboard_app(
@@ -97,85 +98,29 @@ def create_dashboard_app(
     agent_token: AgentToken,
     allowed_hosts: Sequence[str] = (),
 ) -> QuartTrio:
-    """The dashboard app; every request opens its own connection to `host_socket`.
+    """The dashboard app: the page shell, and /ws, the page's one path to `host_socket`.
 
     `login_token` lets the operator in; `agent_token` gives the operator's browser each agent
     UI's own login link (an agent's token opens that agent's UI and nothing else).
     """
     app = QuartTrio(__name__, static_folder="static", template_folder="templates")
-    guard = security.install(
-        app, login_token=login_token, stream_endpoints=["stream"], allowed_hosts=allowed_hosts
-    )
+    guard = security.install(app, login_token=login_token, allowed_hosts=allowed_hosts)
     install_error_handlers(app)
 
     @app.get("/")
     async def index() -> str:
         return await render_template("dashboard.html", csrf_token=guard.csrf_token)
 
-    @app.get("/api/state")
-    async def state() -> Response:
-        async with open_client(host_socket) as client:
-            agents = await client.call(wire.ListAgents(), wire.AgentList)
-            inbox = await client.call(wire.HostRecent(name=OPERATOR, limit=INBOX_LIMIT), wire.Inbox)
-        views = [
-            AgentView(
-                **msgspec.structs.asdict(a),
-                url=agent_url(request.host, a.port, agent_token(a.name)),
-            )
-            for a in agents.agents
-        ]
-        return json_response(
-            DashboardState(
-                agents=views, inbox=inbox.messages, forge=agents.forge, dashboard=agents.dashboard
-            )
-        )
-
-    @app.get("/dashboard/history")
-    async def history() -> Response:
-        flow = await call_once(host_socket, wire.Flow(limit=FLOW_LIMIT), wire.Inbox)
-        events = [wire.MessageSent(message=m) for m in flow.messages]
-        seq = max((m.id for m in flow.messages), default=0)
-        return json_response(FlowHistory(seq=seq, events=events))
-
-    @app.get("/dashboard/stream")
-    async def stream() -> Response:
-        return sse_response(await subscribe_frames(host_socket))
-
-    @app.post("/op-send")
-    async def op_send() -> Response:
-        form = await read_input(OpSendInput)
-        to = recipient_of(form.to)
-        body = require_text(form.body, "message body")
-        return json_response(await call_once(host_socket, wire.OperatorSend(to=to, body=body)))
-
-    @app.post("/spawn")
-    async def spawn() -> Response:
-        form = await read_input(SpawnInput)
-        name = check_name(form.name.strip())
-        return json_response(await call_once(host_socket, wire.Spawn(name=name)))
-
-    @app.post("/kill/<name>")
-    async def kill(name: str) -> Response:
-        return json_response(await call_once(host_socket, wire.Kill(name=check_name(name))))
-
-    @app.post("/start/<name>")
-    async def start(name: str) -> Response:
-        return json_response(await call_once(host_socket, wire.Start(name=check_name(name))))
-
-    @app.post("/restart/<name>")
-    async def restart(name: str) -> Response:
-        return json_response(await call_once(host_socket, wire.Restart(name=check_name(name))))
-
-    @app.post("/destroy/<name>")
-    async def destroy(name: str) -> Response:
-        form = await read_input(DestroyInput)
-        request_ = wire.Destroy(name=check_name(name), purge=form.purge)
-        return json_response(await call_once(host_socket, request_))
-
     @app.websocket("/ws")
     async def ws() -> None:
         await websocket.accept()
-        await bridge_websocket(host_socket, websocket.receive, websocket.send)
+        await bridge_websocket(
+            host_socket,
+            websocket.receive,
+            websocket.send,
+            commands=BRIDGE_COMMANDS,
+            annotate=partial(with_links, websocket.host, agent_token),
+        )
 
     return app
 

@@ -1,17 +1,43 @@
-"""Verbatim relays of host.sock lines: the dashboard's event stream and the /ws bridge."""
+"""The /ws bridge: host.sock's protocol over one websocket, requests and events multiplexed."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from typing import Annotated
 
 import msgspec
 import trio
 
-from hyperhive.protocol import wire
-from hyperhive.protocol.client import decode_reply
-from hyperhive.protocol.codec import LineStream, encode_line, error_line
-from hyperhive.protocol.errors import ConnectionLost, HiveError, ParseError
-from hyperhive.web.sse import with_heartbeats
+from hyperhive.protocol.codec import LineStream, error_line
+from hyperhive.protocol.errors import (
+    Conflict,
+    ConnectionLost,
+    HiveError,
+    InvalidRequest,
+    ParseError,
+    UnknownCommand,
+)
+
+SUBSCRIBE = "subscribe"
+MAX_IN_FLIGHT = 8
+"""Requests one websocket may have open on host.sock at once; the next frame waits for a slot
+(host.sock serves 256 connections in all, SPEC §2)."""
+
+ReceiveFrame = Callable[[], Awaitable[str | bytes]]
+SendFrame = Callable[[str], Awaitable[None]]
+Annotate = Callable[[str, bytes], bytes]
+"""(cmd, the daemon's reply line) → the line the websocket gets (the dashboard adds UI links)."""
+
+
+class _Frame(msgspec.Struct, frozen=True):
+    """What the bridge reads of a request: its command and the client's tag for the reply."""
+
+    cmd: str | None = None
+    ref: Annotated[int, msgspec.Meta(ge=0, le=2**53)] | None = None
+
+
+_frame = msgspec.json.Decoder(_Frame)
 
 
 class _SubscribedProbe(msgspec.Struct):
@@ -29,6 +55,42 @@ def is_subscribed(reply: bytes) -> bool:
     except msgspec.DecodeError:
         return False
     return probe.ok and probe.subscribed
+
+
+def with_ref(reply: bytes, ref: int | None) -> bytes:
+    """The reply line tagged with the request's `ref` (a reply is never `{}`: it has `ok`)."""
+    if ref is None or not reply.startswith(b"{"):
+        return reply
+    return b'{"ref":%d,' % ref + reply[1:]
+
+
+def _frame_line(frame: str | bytes) -> bytes:
+    data = frame.encode("utf-8") if isinstance(frame, str) else frame
+    return data[:-1] if data.endswith(b"\n") else data
+
+
+def _frame_text(line: bytes) -> str:
+    return line.rstrip(b"\n").decode("utf-8", "replace")
+
+
+def read_frame(line: bytes) -> _Frame:
+    """The command and `ref` of the request in one frame, or the HiveError to answer."""
+    if b"\n" in line:
+        raise ParseError("one request per frame: the frame contains a newline")
+    try:
+        frame = _frame.decode(line)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"not a request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ParseError(f"not JSON: {exc}") from None
+    if frame.cmd is None:
+        raise InvalidRequest("a request needs a `cmd`")
+    return frame
+
+
+def unknown_command(cmd: str, commands: Collection[str]) -> UnknownCommand:
+    known = ", ".join(sorted(commands))
+    return UnknownCommand(f"unknown command {cmd[:64]!r} on /ws (known: {known})")
 
 
 async def connect_lines(path: str) -> LineStream:
@@ -52,84 +114,111 @@ async def receive_or_none(lines: LineStream) -> bytes | None:
         return None
 
 
-async def subscribe_frames(path: str) -> AsyncIterator[bytes]:
-    """Subscribe on host.sock and return SSE frames relaying each event line verbatim.
-
-    The subscription is made before returning, so a dead daemon is an error the caller can
-    report with a status code instead of a stream that ends at once.
-    """
+async def round_trip(path: str, line: bytes) -> tuple[LineStream, bytes]:
+    """Send one request line on a new host connection; the connection and its reply line."""
     lines = await connect_lines(path)
     try:
-        await lines.send_line(encode_line(wire.Subscribe()))
-        first = await lines.receive_line()
-        if first is None:
+        await lines.send_line(line + b"\n")
+        reply = await lines.receive_line()
+        if reply is None:
             raise ConnectionLost("the daemon closed the connection")
-        decode_reply(first, wire.Subscribed)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await close_lines(lines)
+        raise ConnectionLost("the daemon closed the connection") from None
     except BaseException:
         await close_lines(lines)
         raise
-    return with_heartbeats(lambda: receive_or_none(lines), lambda: close_lines(lines))
+    return lines, reply
 
 
-ReceiveFrame = Callable[[], Awaitable[str | bytes]]
-SendFrame = Callable[[str], Awaitable[None]]
+@dataclass
+class Bridge:
+    """One websocket's bridge to host.sock: each request on a host connection of its own (a slow
+    `approve` holds up nothing else), and at most one `subscribe`, whose events follow its reply.
 
-
-def _frame_line(frame: str | bytes) -> bytes:
-    data = frame.encode("utf-8") if isinstance(frame, str) else frame
-    return data[:-1] if data.endswith(b"\n") else data
-
-
-def _frame_text(line: bytes) -> str:
-    return line.rstrip(b"\n").decode("utf-8", "replace")
-
-
-async def bridge_websocket(path: str, receive: ReceiveFrame, send: SendFrame) -> None:
-    """Speak the host protocol over a websocket: one frame is one line, each way, in order.
-
-    The host connection is opened on the first frame (the daemon expects a prompt first line)
-    and lives as long as the websocket. After a successful `subscribe` the bridge relays event
-    lines until either side closes.
+    A reply carries the `ref` its request had, so a client that sends several at once can match
+    them (replies come back as they are ready); events are the lines with an `event` field.
+    When the event stream ends (the daemon went away, or dropped a slow subscriber) the bridge
+    ends too, and the client reconnects and re-syncs.
     """
-    lines: LineStream | None = None
-    try:
-        while True:
-            line = _frame_line(await receive())
-            if b"\n" in line:
-                err = ParseError("one request per frame: the frame contains a newline")
-                await send(_frame_text(error_line(err)))
-                continue
-            if lines is None:
+
+    path: str
+    send_frame: SendFrame
+    commands: Collection[str]
+    annotate: Annotate | None = None
+    _sending: trio.Lock = field(default_factory=trio.Lock)
+    _slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
+    _subscribed: bool = False
+
+    async def send(self, line: bytes) -> None:
+        async with self._sending:
+            await self.send_frame(_frame_text(line))
+
+    async def serve(self, receive: ReceiveFrame) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                line = _frame_line(await receive())
                 try:
-                    lines = await connect_lines(path)
-                except ConnectionLost as err:
-                    await send(_frame_text(error_line(err)))
-                    return
+                    frame = read_frame(line)
+                except HiveError as err:
+                    await self.send(error_line(err))
+                    continue
+                if frame.cmd not in self.commands:
+                    unknown = unknown_command(str(frame.cmd), self.commands)
+                    await self.send(with_ref(error_line(unknown), frame.ref))
+                    continue
+                if frame.cmd == SUBSCRIBE:
+                    if self._subscribed:
+                        again = Conflict("this websocket is subscribed already")
+                        await self.send(with_ref(error_line(again), frame.ref))
+                        continue
+                    self._subscribed = True
+                    nursery.start_soon(self._events, line, frame.ref, nursery.cancel_scope)
+                    continue
+                await self._slots.acquire()
+                nursery.start_soon(self._request, line, frame)
+
+    async def _request(self, line: bytes, frame: _Frame) -> None:
+        try:
             try:
-                await lines.send_line(line + b"\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                lines, reply = await round_trip(self.path, line)
+            except HiveError as err:
+                reply = error_line(err)
+            else:
+                await close_lines(lines)
+                if self.annotate is not None and frame.cmd is not None:
+                    reply = self.annotate(frame.cmd, reply)
+            await self.send(with_ref(reply, frame.ref))
+        finally:
+            self._slots.release()
+
+    async def _events(self, line: bytes, ref: int | None, bridge: trio.CancelScope) -> None:
+        try:
+            lines, reply = await round_trip(self.path, line)
+        except HiveError as err:
+            self._subscribed = False
+            await self.send(with_ref(error_line(err), ref))
+            return
+        try:
+            await self.send(with_ref(reply, ref))
+            if not is_subscribed(reply):
+                self._subscribed = False
                 return
-            reply = await receive_or_none(lines)
-            if reply is None:
-                return
-            await send(_frame_text(reply))
-            if is_subscribed(reply):
-                await _relay_events(lines, receive, send)
-                return
-    finally:
-        if lines is not None:
+            while (event := await receive_or_none(lines)) is not None:
+                await self.send(event)
+        finally:
             await close_lines(lines)
+        bridge.cancel()
 
 
-async def _relay_events(lines: LineStream, receive: ReceiveFrame, send: SendFrame) -> None:
-    async def drain_client() -> None:
-        # The daemon ignores lines on a subscribed connection; so do we, but we keep reading
-        # so that a chatty client cannot stall the websocket's receive queue.
-        while True:
-            await receive()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(drain_client)
-        while (event := await receive_or_none(lines)) is not None:
-            await send(_frame_text(event))
-        nursery.cancel_scope.cancel()
+async def bridge_websocket(
+    path: str,
+    receive: ReceiveFrame,
+    send: SendFrame,
+    *,
+    commands: Collection[str],
+    annotate: Annotate | None = None,
+) -> None:
+    """Speak the host protocol over a websocket (one line per frame) until either side ends."""
+    bridge = Bridge(path=path, send_frame=send, commands=commands, annotate=annotate)
+    await bridge.serve(receive)

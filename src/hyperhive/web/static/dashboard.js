@@ -1,482 +1,496 @@
-// hyperhive · dashboard. State comes from /api/state and the /dashboard/stream event relay.
-"use strict";
+// hyperhive · dashboard. Everything goes over the page's one /ws (bridge.js): the state with
+// `list`/`recent`/`flow` at each (re)connect, then the hive's events; actions are host requests.
 
-(() => {
-  const { el, post, getJSON, toast, whoClass, fmtTime, fmtAge } = Hive;
+import { connect, request as host } from "./bridge.js";
+import * as Decisions from "./decisions.js";
+import {
+  Hive, el, fmtAge, fmtTime, longText, row as termRow, terminal, toast, whoClass,
+} from "./hive.js";
 
-  const MANAGER = "manager";
-  const MANAGER_NAME = "hm1nd";
-  const TRANSIENT = new Set(["spawning", "starting", "stopping", "restarting", "destroying"]);
-  const FLOW_LIMIT = 500;
-  const BODY_PREVIEW = 600;
-  const RECIPIENT_KEY = "hyperhive.recipient";
+// For the browser's console and the browser tests: the page's own host request.
+Hive.host = host;
 
-  const agents = new Map(); // name → agent record (+ url)
-  const flowRows = new Map(); // message id → row element
-  const inboxIds = new Set();
+const MANAGER = "manager";
+const MANAGER_NAME = "hm1nd";
+const TRANSIENT = new Set(["spawning", "starting", "stopping", "restarting", "destroying"]);
+const FLOW_LIMIT = 500;
+const HISTORY_LIMIT = 200;
+const INBOX_LIMIT = 50;
+const OPERATOR = "operator";
+const BODY_PREVIEW = 600;
+const RECIPIENT_KEY = "hyperhive.recipient";
 
-  const agentList = document.getElementById("agents");
-  const flow = Hive.terminal(
-    document.getElementById("flow"), document.getElementById("flow-pill"), FLOW_LIMIT,
-  );
+const agents = new Map(); // name → agent record (+ url)
+const flowRows = new Map(); // message id → row element
+const inboxIds = new Set();
 
-  // ------------------------------------------------------------------ naming
-  const display = (who) => (who === MANAGER ? MANAGER_NAME : who);
-  function nameSpan(who, className) {
-    const shown = display(who);
-    return el("span", `${className} ${whoClass(who === MANAGER_NAME ? MANAGER : who)}`, shown);
+const agentList = document.getElementById("agents");
+const flow = terminal(
+  document.getElementById("flow"), document.getElementById("flow-pill"), FLOW_LIMIT,
+);
+
+// ------------------------------------------------------------------ naming
+const display = (who) => (who === MANAGER ? MANAGER_NAME : who);
+function nameSpan(who, className) {
+  const shown = display(who);
+  return el("span", `${className} ${whoClass(who === MANAGER_NAME ? MANAGER : who)}`, shown);
+}
+
+/** The agent UI's login link (its own token in the fragment), from /ws's `list` only. */
+function agentUrl(agent) {
+  if (agent.url && /^https?:\/\//.test(agent.url)) return agent.url;
+  return null;
+}
+
+// ------------------------------------------------------------------ containers
+function stateClass(state) {
+  if (TRANSIENT.has(state)) return "st-transient";
+  return `st-${state}`;
+}
+
+function actionButton(label, title, className, run) {
+  const b = el("button", `btn ${className || ""}`, label);
+  b.type = "button";
+  b.title = title;
+  b.addEventListener("click", async () => {
+    b.disabled = true;
+    try {
+      await run();
+    } catch (err) {
+      toast(err.message, "error");
+    } finally {
+      b.disabled = false;
+    }
+  });
+  return b;
+}
+
+function lifecycle(verb, name, fields) {
+  return async () => {
+    await host({ ...fields, cmd: verb, name });
+    toast(`${verb} ${name} ✓`, "ok");
+    refreshState();
+  };
+}
+
+function renderAgent(agent) {
+  const li = el("li", `agent ${stateClass(agent.state)}`);
+  li.dataset.name = agent.name;
+
+  const top = el("div", "line");
+  top.appendChild(el("span", "glyph", "◆"));
+  const url = agentUrl(agent);
+  if (url && agent.state !== "destroyed") {
+    const a = el("a", "name", agent.name);
+    a.href = url;
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    a.title = `open ${agent.name}'s UI`;
+    top.appendChild(a);
+  } else {
+    top.appendChild(el("span", "name", agent.name));
   }
-
-  /** The agent UI's login link (its own token in the fragment), from /api/state only. */
-  function agentUrl(agent) {
-    if (agent.url && /^https?:\/\//.test(agent.url)) return agent.url;
-    return null;
+  if (agent.role === "manager") top.appendChild(el("span", "chip role role-manager", "m1nd"));
+  if (TRANSIENT.has(agent.state)) {
+    top.appendChild(el("span", "pill transient", `${agent.state}…`));
+  } else {
+    top.appendChild(el("span", "state", agent.state));
   }
-
-  // ------------------------------------------------------------------ containers
-  function stateClass(state) {
-    if (TRANSIENT.has(state)) return "st-transient";
-    return `st-${state}`;
+  if (agent.needs_login) top.appendChild(el("span", "badge login", "⚠ needs login"));
+  if (agent.unread > 0) top.appendChild(el("span", "badge unread", `✉ ${agent.unread} unread`));
+  if (agent.port) top.appendChild(el("span", "port", `:${agent.port}`));
+  if (agent.network) {
+    // Its network as enforced (SPEC §4.1b); `host` means no network isolation at all.
+    const mode = agent.network.split(" ")[0];
+    const chip = el("span", `chip network net-${mode}`, `⌁ ${agent.network}`);
+    chip.title = mode === "host" ? "shares the host's network: no isolation" : `network: ${agent.network}`;
+    top.appendChild(chip);
   }
-
-  function actionButton(label, title, className, run) {
-    const b = el("button", `btn ${className || ""}`, label);
-    b.type = "button";
-    b.title = title;
-    b.addEventListener("click", async () => {
-      b.disabled = true;
-      try {
-        await run();
-      } catch (err) {
-        toast(err.message, "error");
-      } finally {
-        b.disabled = false;
-      }
-    });
-    return b;
+  if (agent.deployed) {
+    // The meta repo's pin: which deploy this agent runs ("deployed/7 1a2b3c4d5e6f").
+    const [tag, sha] = agent.deployed.split(" ");
+    const chip = el("span", "chip deployed", `⎇ ${tag} · ${(sha || "").slice(0, 8)}`);
+    chip.title = `runs ${agent.deployed} (the meta repo's pin)`;
+    top.appendChild(chip);
   }
+  li.appendChild(top);
 
-  function lifecycle(verb, name, data) {
-    return async () => {
-      await post(`/${verb}/${encodeURIComponent(name)}`, data);
-      toast(`${verb} ${name} ✓`, "ok");
-      refreshState();
-    };
-  }
-
-  function renderAgent(agent) {
-    const li = el("li", `agent ${stateClass(agent.state)}`);
-    li.dataset.name = agent.name;
-
-    const top = el("div", "line");
-    top.appendChild(el("span", "glyph", "◆"));
-    const url = agentUrl(agent);
-    if (url && agent.state !== "destroyed") {
-      const a = el("a", "name", agent.name);
-      a.href = url;
-      a.target = "_blank";
-      a.rel = "noopener noreferrer";
-      a.title = `open ${agent.name}'s UI`;
-      top.appendChild(a);
+  const bottom = el("div", "line");
+  const meta = [agent.backend, agent.container];
+  if (agent.pid) meta.push(`pid ${agent.pid}`);
+  if (agent.restarts) meta.push(`↻ ${agent.restarts}`);
+  bottom.appendChild(el("span", "meta", meta.filter(Boolean).join(" · ")));
+  const actions = el("span", "actions");
+  const name = agent.name;
+  if (agent.state !== "destroyed") {
+    if (agent.state === "stopped" || agent.state === "crashed") {
+      actions.appendChild(actionButton("▶ start", `start ${name}`, "", lifecycle("start", name)));
     } else {
-      top.appendChild(el("span", "name", agent.name));
+      actions.appendChild(actionButton("■ stop", `stop ${name}`, "", lifecycle("kill", name)));
     }
-    if (agent.role === "manager") top.appendChild(el("span", "chip role role-manager", "m1nd"));
-    if (TRANSIENT.has(agent.state)) {
-      top.appendChild(el("span", "pill transient", `${agent.state}…`));
-    } else {
-      top.appendChild(el("span", "state", agent.state));
-    }
-    if (agent.needs_login) top.appendChild(el("span", "badge login", "⚠ needs login"));
-    if (agent.unread > 0) top.appendChild(el("span", "badge unread", `✉ ${agent.unread} unread`));
-    if (agent.port) top.appendChild(el("span", "port", `:${agent.port}`));
-    if (agent.network) {
-      // Its network as enforced (SPEC §4.1b); `host` means no network isolation at all.
-      const mode = agent.network.split(" ")[0];
-      const chip = el("span", `chip network net-${mode}`, `⌁ ${agent.network}`);
-      chip.title = mode === "host" ? "shares the host's network: no isolation" : `network: ${agent.network}`;
-      top.appendChild(chip);
-    }
-    if (agent.deployed) {
-      // The meta repo's pin: which deploy this agent runs ("deployed/7 1a2b3c4d5e6f").
-      const [tag, sha] = agent.deployed.split(" ");
-      const chip = el("span", "chip deployed", `⎇ ${tag} · ${(sha || "").slice(0, 8)}`);
-      chip.title = `runs ${agent.deployed} (the meta repo's pin)`;
-      top.appendChild(chip);
-    }
-    li.appendChild(top);
-
-    const bottom = el("div", "line");
-    const meta = [agent.backend, agent.container];
-    if (agent.pid) meta.push(`pid ${agent.pid}`);
-    if (agent.restarts) meta.push(`↻ ${agent.restarts}`);
-    bottom.appendChild(el("span", "meta", meta.filter(Boolean).join(" · ")));
-    const actions = el("span", "actions");
-    const name = agent.name;
+    actions.appendChild(
+      actionButton("↻ restart", `restart ${name}`, "btn-warn", lifecycle("restart", name)),
+    );
+  }
+  if (agent.role !== "manager" && agent.state === "destroyed") {
+    // A tombstone comes back only through a spawn approval, with its kept state.
+    actions.appendChild(actionButton("R3V1V3", `queue a spawn approval reviving ${name}`,
+      "", async () => {
+        const reply = await host({
+          cmd: "request_spawn", name, description: "revive from its kept state",
+        });
+        toast(`revive ${name}: approval #${reply.id} queued`, "ok");
+      }));
+  }
+  if (agent.role !== "manager") {
     if (agent.state !== "destroyed") {
-      if (agent.state === "stopped" || agent.state === "crashed") {
-        actions.appendChild(actionButton("▶ start", `start ${name}`, "", lifecycle("start", name)));
-      } else {
-        actions.appendChild(actionButton("■ stop", `stop ${name}`, "", lifecycle("kill", name)));
-      }
-      actions.appendChild(
-        actionButton("↻ restart", `restart ${name}`, "btn-warn", lifecycle("restart", name)),
-      );
-    }
-    if (agent.role !== "manager" && agent.state === "destroyed") {
-      // A tombstone comes back only through a spawn approval, with its kept state.
-      actions.appendChild(actionButton("R3V1V3", `queue a spawn approval reviving ${name}`,
-        "", async () => {
-          const reply = await Hive.host({
-            cmd: "request_spawn", name, description: "revive from its kept state",
-          });
-          toast(`revive ${name}: approval #${reply.id} queued`, "ok");
-        }));
-    }
-    if (agent.role !== "manager") {
-      if (agent.state !== "destroyed") {
-        actions.appendChild(actionButton("DESTR0Y", `destroy ${name}, keep its state`,
-          "btn-danger", async () => {
-            if (!confirm(`DESTR0Y ${name}?\n\nThe container goes away; its state dir and ` +
-                         "claude login are kept.")) return;
-            await lifecycle("destroy", name, { purge: false })();
-          }));
-      }
-      actions.appendChild(actionButton("PURG3", `destroy ${name} and delete its state`,
+      actions.appendChild(actionButton("DESTR0Y", `destroy ${name}, keep its state`,
         "btn-danger", async () => {
-          if (!confirm(`PURG3 ${name}?\n\nThis deletes its state dir and credentials ` +
-                       "for good. There is no undo.")) return;
-          await lifecycle("destroy", name, { purge: true })();
+          if (!confirm(`DESTR0Y ${name}?\n\nThe container goes away; its state dir and ` +
+                       "claude login are kept.")) return;
+          await lifecycle("destroy", name, { purge: false })();
         }));
     }
-    bottom.appendChild(actions);
-    li.appendChild(bottom);
+    actions.appendChild(actionButton("PURG3", `destroy ${name} and delete its state`,
+      "btn-danger", async () => {
+        if (!confirm(`PURG3 ${name}?\n\nThis deletes its state dir and credentials ` +
+                     "for good. There is no undo.")) return;
+        await lifecycle("destroy", name, { purge: true })();
+      }));
+  }
+  bottom.appendChild(actions);
+  li.appendChild(bottom);
 
-    if (agent.last_error) li.appendChild(el("div", "problem", `✗ ${agent.last_error}`));
-    if (agent.limits_note) li.appendChild(el("div", "limits", `! ${agent.limits_note}`));
-    return li;
-  }
+  if (agent.last_error) li.appendChild(el("div", "problem", `✗ ${agent.last_error}`));
+  if (agent.limits_note) li.appendChild(el("div", "limits", `! ${agent.limits_note}`));
+  return li;
+}
 
-  function renderAgents() {
-    const sorted = [...agents.values()].sort((a, b) => {
-      if (a.role !== b.role) return a.role === "manager" ? -1 : 1;
-      return a.name.localeCompare(b.name);
-    });
-    agentList.replaceChildren(...sorted.map(renderAgent));
-    document.getElementById("agents-empty").hidden = sorted.length > 0;
-    const live = sorted.filter((a) => a.state !== "destroyed");
-    const running = live.filter((a) => a.state === "running").length;
-    document.getElementById("counts").textContent =
-      `${live.length} container${live.length === 1 ? "" : "s"} · ${running} running`;
-  }
-
-  // ------------------------------------------------------------------ operator inbox
-  const inboxList = document.getElementById("inbox");
-
-  function inboxItem(msg) {
-    const li = el("li");
-    const head = el("div", "head");
-    head.appendChild(el("span", "ts", fmtTime(msg.sent_at)));
-    head.appendChild(nameSpan(msg.from, "from"));
-    const reply = el("button", "reply", "↩ reply");
-    reply.type = "button";
-    reply.title = `reply to ${display(msg.from)}`;
-    reply.addEventListener("click", () => {
-      setRecipient(display(msg.from));
-      compose.focus();
-    });
-    head.appendChild(reply);
-    li.appendChild(head);
-    const body = el("div", "body");
-    Hive.longText(body, msg.body, BODY_PREVIEW);
-    li.appendChild(body);
-    return li;
-  }
-
-  function renderInbox(messages) {
-    inboxIds.clear();
-    const newest = [...messages].sort((a, b) => b.id - a.id);
-    newest.forEach((m) => inboxIds.add(m.id));
-    inboxList.replaceChildren(...newest.map(inboxItem));
-    updateInboxCount();
-  }
-
-  function addToInbox(msg) {
-    if (inboxIds.has(msg.id)) return;
-    inboxIds.add(msg.id);
-    inboxList.insertBefore(inboxItem(msg), inboxList.firstChild);
-    updateInboxCount();
-  }
-
-  function updateInboxCount() {
-    document.getElementById("inbox-empty").hidden = inboxIds.size > 0;
-    document.getElementById("inbox-count").textContent = inboxIds.size ? `(${inboxIds.size})` : "";
-  }
-
-  // ------------------------------------------------------------------ message flow
-  function flowRow(msg, fresh) {
-    const { row, content } = Hive.row(msg.sent_at, msg.broadcast ? "⌁" : "→",
-      `msg ${msg.state === "queued" ? "queued" : ""} ${fresh ? "fresh" : ""}`);
-    row.dataset.id = String(msg.id);
-    content.appendChild(nameSpan(msg.from, "from"));
-    content.appendChild(el("span", "arrow", " → "));
-    content.appendChild(nameSpan(msg.to, "to"));
-    content.appendChild(el("span", "colon", ":"));
-    Hive.longText(content, msg.body, BODY_PREVIEW);
-    const tick = el("span", "tick", msg.state === "queued" ? "·" : "✓");
-    tick.title = msg.state;
-    content.appendChild(tick);
-    return row;
-  }
-
-  function addMessage(msg, fresh) {
-    if (flowRows.has(msg.id)) return;
-    const row = flowRow(msg, fresh);
-    // Keep rows ordered by id: a backfill can arrive after newer live events.
-    let before = null;
-    for (const [id, other] of flowRows) {
-      if (id > msg.id && other.isConnected && (!before || id < Number(before.dataset.id))) {
-        before = other;
-      }
-    }
-    flowRows.set(msg.id, row);
-    flow.insert(row, before);
-    if (flowRows.size > FLOW_LIMIT * 2) {
-      for (const [id, other] of flowRows) if (!other.isConnected) flowRows.delete(id);
-    }
-    if (msg.to === "operator") addToInbox(msg);
-  }
-
-  function markDelivered(id) {
-    const row = flowRows.get(id);
-    if (!row) return;
-    row.classList.remove("queued");
-    const tick = row.querySelector(".tick");
-    if (tick) {
-      tick.textContent = "✓";
-      tick.title = "delivered";
-    }
-  }
-
-  function systemRow(text) {
-    const { row, content } = Hive.row(Date.now() / 1000, "!", "sys");
-    content.textContent = text;
-    flow.insert(row, null);
-  }
-
-  // ------------------------------------------------------------------ state & events
-  let refreshTimer = null;
-  async function refreshState() {
-    try {
-      const state = await getJSON("/api/state");
-      agents.clear();
-      for (const a of state.agents) agents.set(a.name, a);
-      renderAgents();
-      renderInbox(state.inbox);
-      renderForge(state.forge);
-      renderPort(state.dashboard);
-    } catch (err) {
-      toast(`state: ${err.message}`, "error");
-    }
-  }
-  /** A failed hive-forge: what is wrong and the fix (text only; the daemon wrote it). */
-  function renderForge(forge) {
-    const box = document.getElementById("forge-alert");
-    const failed = Boolean(forge && forge.state === "failed");
-    box.hidden = !failed;
-    document.getElementById("forge-problem").textContent = failed ? forge.problem || "" : "";
-    document.getElementById("forge-fix").textContent = failed ? forge.fix || "" : "";
-  }
-  /** This page came up only after waiting for its port: say when, how long, and why. */
-  function renderPort(port) {
-    const box = document.getElementById("port-alert");
-    const waited = Boolean(port && port.state === "serving" && port.failed_attempts > 0);
-    box.hidden = !waited;
-    document.getElementById("port-note").textContent = waited
-      ? `The dashboard came up at ${fmtTime(port.since)} after waiting ${fmtAge(port.waited)}`
-        + ` for port ${port.port}: ${port.error || ""}`
-      : "";
-  }
-  function refreshSoon() {
-    clearTimeout(refreshTimer);
-    refreshTimer = setTimeout(refreshState, 800);
-  }
-
-  async function backfill() {
-    try {
-      const history = await getJSON("/dashboard/history");
-      for (const ev of history.events) if (ev.message) addMessage(ev.message, false);
-      flow.toBottom();
-    } catch (err) {
-      toast(`history: ${err.message}`, "error");
-    }
-  }
-
-  function onEvent(ev) {
-    switch (ev.event) {
-      case "message_sent":
-        addMessage(ev.message, true);
-        refreshSoon(); // unread counts moved
-        break;
-      case "message_delivered":
-        markDelivered(ev.id);
-        refreshSoon();
-        break;
-      case "agent_changed": {
-        const old = agents.get(ev.agent.name);
-        agents.set(ev.agent.name, { ...ev.agent, url: old ? old.url : null });
-        renderAgents();
-        // Events carry no links (they are the daemon's, relayed verbatim): fetch a newcomer's.
-        if (!old || !old.url) refreshSoon();
-        break;
-      }
-      case "agent_removed":
-        agents.delete(ev.name);
-        renderAgents();
-        break;
-      case "dropped":
-        systemRow(`event stream dropped (${ev.reason}); reconnecting…`);
-        break;
-      default:
-        Decisions.onEvent(ev);
-        break;
-    }
-  }
-
-  Hive.stream("/dashboard/stream", {
-    onOpen: () => {
-      Hive.setLink(true);
-      refreshState();
-      backfill();
-      Decisions.refresh();
-    },
-    onEvent,
-    onDown: () => Hive.setLink(false),
+function renderAgents() {
+  const sorted = [...agents.values()].sort((a, b) => {
+    if (a.role !== b.role) return a.role === "manager" ? -1 : 1;
+    return a.name.localeCompare(b.name);
   });
+  agentList.replaceChildren(...sorted.map(renderAgent));
+  document.getElementById("agents-empty").hidden = sorted.length > 0;
+  const live = sorted.filter((a) => a.state !== "destroyed");
+  const running = live.filter((a) => a.state === "running").length;
+  document.getElementById("counts").textContent =
+    `${live.length} container${live.length === 1 ? "" : "s"} · ${running} running`;
+}
 
-  // ------------------------------------------------------------------ compose box
-  const compose = document.getElementById("compose");
-  const composeForm = document.getElementById("compose-form");
-  const promptSpan = document.getElementById("compose-prompt");
-  const completeList = document.getElementById("complete");
-  let recipient = localStorage.getItem(RECIPIENT_KEY) || MANAGER_NAME;
-  let choices = [];
-  let active = 0;
+// ------------------------------------------------------------------ operator inbox
+const inboxList = document.getElementById("inbox");
 
-  function setRecipient(name) {
-    recipient = name;
-    localStorage.setItem(RECIPIENT_KEY, name);
-    promptSpan.textContent = `@${name}>`;
-  }
-  setRecipient(recipient);
-
-  function candidates() {
-    const names = [...agents.values()].filter((a) => a.state !== "destroyed").map((a) => a.name);
-    return [...new Set([MANAGER_NAME, ...names])].sort();
-  }
-
-  function closeCompletion() {
-    choices = [];
-    completeList.hidden = true;
-  }
-
-  function renderCompletion() {
-    completeList.replaceChildren(...choices.map((name, i) => {
-      const li = el("li", i === active ? "active" : "", `@${name}`);
-      li.setAttribute("role", "option");
-      li.addEventListener("mousedown", (ev) => {
-        ev.preventDefault();
-        pick(name);
-      });
-      return li;
-    }));
-    completeList.hidden = choices.length === 0;
-  }
-
-  function pick(name) {
-    compose.value = `@${name} `;
-    closeCompletion();
+function inboxItem(msg) {
+  const li = el("li");
+  const head = el("div", "head");
+  head.appendChild(el("span", "ts", fmtTime(msg.sent_at)));
+  head.appendChild(nameSpan(msg.from, "from"));
+  const reply = el("button", "reply", "↩ reply");
+  reply.type = "button";
+  reply.title = `reply to ${display(msg.from)}`;
+  reply.addEventListener("click", () => {
+    setRecipient(display(msg.from));
     compose.focus();
+  });
+  head.appendChild(reply);
+  li.appendChild(head);
+  const body = el("div", "body");
+  longText(body, msg.body, BODY_PREVIEW);
+  li.appendChild(body);
+  return li;
+}
+
+function renderInbox(messages) {
+  inboxIds.clear();
+  const newest = [...messages].sort((a, b) => b.id - a.id);
+  newest.forEach((m) => inboxIds.add(m.id));
+  inboxList.replaceChildren(...newest.map(inboxItem));
+  updateInboxCount();
+}
+
+function addToInbox(msg) {
+  if (inboxIds.has(msg.id)) return;
+  inboxIds.add(msg.id);
+  inboxList.insertBefore(inboxItem(msg), inboxList.firstChild);
+  updateInboxCount();
+}
+
+function updateInboxCount() {
+  document.getElementById("inbox-empty").hidden = inboxIds.size > 0;
+  document.getElementById("inbox-count").textContent = inboxIds.size ? `(${inboxIds.size})` : "";
+}
+
+// ------------------------------------------------------------------ message flow
+function flowRow(msg, fresh) {
+  const { row, content } = termRow(msg.sent_at, msg.broadcast ? "⌁" : "→",
+    `msg ${msg.state === "queued" ? "queued" : ""} ${fresh ? "fresh" : ""}`);
+  row.dataset.id = String(msg.id);
+  content.appendChild(nameSpan(msg.from, "from"));
+  content.appendChild(el("span", "arrow", " → "));
+  content.appendChild(nameSpan(msg.to, "to"));
+  content.appendChild(el("span", "colon", ":"));
+  longText(content, msg.body, BODY_PREVIEW);
+  const tick = el("span", "tick", msg.state === "queued" ? "·" : "✓");
+  tick.title = msg.state;
+  content.appendChild(tick);
+  return row;
+}
+
+function addMessage(msg, fresh) {
+  if (flowRows.has(msg.id)) return;
+  const row = flowRow(msg, fresh);
+  // Keep rows ordered by id: a backfill can arrive after newer live events.
+  let before = null;
+  for (const [id, other] of flowRows) {
+    if (id > msg.id && other.isConnected && (!before || id < Number(before.dataset.id))) {
+      before = other;
+    }
   }
+  flowRows.set(msg.id, row);
+  flow.insert(row, before);
+  if (flowRows.size > FLOW_LIMIT * 2) {
+    for (const [id, other] of flowRows) if (!other.isConnected) flowRows.delete(id);
+  }
+  if (msg.to === "operator") addToInbox(msg);
+}
 
-  compose.addEventListener("input", () => {
-    const m = /^@([a-z0-9-]*)$/.exec(compose.value);
-    if (!m) {
-      closeCompletion();
-      return;
+function markDelivered(id) {
+  const row = flowRows.get(id);
+  if (!row) return;
+  row.classList.remove("queued");
+  const tick = row.querySelector(".tick");
+  if (tick) {
+    tick.textContent = "✓";
+    tick.title = "delivered";
+  }
+}
+
+function systemRow(text) {
+  const { row, content } = termRow(Date.now() / 1000, "!", "sys");
+  content.textContent = text;
+  flow.insert(row, null);
+}
+
+// ------------------------------------------------------------------ state & events
+let refreshTimer = null;
+/** The containers (with their UI links) and the operator's inbox, as the daemon has them. */
+async function loadState() {
+  const [listed, inbox] = await Promise.all([
+    host({ cmd: "list" }),
+    host({ cmd: "recent", name: OPERATOR, limit: INBOX_LIMIT }),
+  ]);
+  agents.clear();
+  for (const a of listed.agents) agents.set(a.name, a);
+  renderAgents();
+  renderInbox(inbox.messages);
+  renderForge(listed.forge);
+  renderPort(listed.dashboard);
+}
+async function refreshState() {
+  try {
+    await loadState();
+  } catch (err) {
+    toast(`state: ${err.message}`, "error");
+  }
+}
+/** A failed hive-forge: what is wrong and the fix (text only; the daemon wrote it). */
+function renderForge(forge) {
+  const box = document.getElementById("forge-alert");
+  const failed = Boolean(forge && forge.state === "failed");
+  box.hidden = !failed;
+  document.getElementById("forge-problem").textContent = failed ? forge.problem || "" : "";
+  document.getElementById("forge-fix").textContent = failed ? forge.fix || "" : "";
+}
+/** This page came up only after waiting for its port: say when, how long, and why. */
+function renderPort(port) {
+  const box = document.getElementById("port-alert");
+  const waited = Boolean(port && port.state === "serving" && port.failed_attempts > 0);
+  box.hidden = !waited;
+  document.getElementById("port-note").textContent = waited
+    ? `The dashboard came up at ${fmtTime(port.since)} after waiting ${fmtAge(port.waited)}`
+      + ` for port ${port.port}: ${port.error || ""}`
+    : "";
+}
+function refreshSoon() {
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(refreshState, 800);
+}
+
+/** The hive's recent traffic, for the flow pane (what happened while the page was away). */
+async function backfill() {
+  const history = await host({ cmd: "flow", limit: HISTORY_LIMIT });
+  for (const msg of history.messages) addMessage(msg, false);
+  flow.toBottom();
+}
+
+/** Each (re)connect, subscribed and before any event is applied: the state as it is now. */
+async function sync() {
+  try {
+    await Promise.all([loadState(), backfill()]);
+  } catch (err) {
+    toast(`state: ${err.message}`, "error");
+    throw err;
+  }
+  await Decisions.sync();
+}
+
+function onEvent(ev) {
+  switch (ev.event) {
+    case "message_sent":
+      addMessage(ev.message, true);
+      refreshSoon(); // unread counts moved
+      break;
+    case "message_delivered":
+      markDelivered(ev.id);
+      refreshSoon();
+      break;
+    case "agent_changed": {
+      const old = agents.get(ev.agent.name);
+      agents.set(ev.agent.name, { ...ev.agent, url: old ? old.url : null });
+      renderAgents();
+      // Events carry no links (they are the daemon's, relayed verbatim): fetch a newcomer's.
+      if (!old || !old.url) refreshSoon();
+      break;
     }
-    choices = candidates().filter((n) => n.startsWith(m[1]));
-    active = 0;
+    case "agent_removed":
+      agents.delete(ev.name);
+      renderAgents();
+      break;
+    case "dropped":
+      systemRow(`event stream dropped (${ev.reason}); reconnecting…`);
+      break;
+    default:
+      Decisions.onEvent(ev);
+      break;
+  }
+}
+
+connect({ sync, onEvent });
+
+// ------------------------------------------------------------------ compose box
+const compose = document.getElementById("compose");
+const composeForm = document.getElementById("compose-form");
+const promptSpan = document.getElementById("compose-prompt");
+const completeList = document.getElementById("complete");
+let recipient = localStorage.getItem(RECIPIENT_KEY) || MANAGER_NAME;
+let choices = [];
+let active = 0;
+
+function setRecipient(name) {
+  recipient = name;
+  localStorage.setItem(RECIPIENT_KEY, name);
+  promptSpan.textContent = `@${name}>`;
+}
+setRecipient(recipient);
+
+function candidates() {
+  const names = [...agents.values()].filter((a) => a.state !== "destroyed").map((a) => a.name);
+  return [...new Set([MANAGER_NAME, ...names])].sort();
+}
+
+function closeCompletion() {
+  choices = [];
+  completeList.hidden = true;
+}
+
+function renderCompletion() {
+  completeList.replaceChildren(...choices.map((name, i) => {
+    const li = el("li", i === active ? "active" : "", `@${name}`);
+    li.setAttribute("role", "option");
+    li.addEventListener("mousedown", (ev) => {
+      ev.preventDefault();
+      pick(name);
+    });
+    return li;
+  }));
+  completeList.hidden = choices.length === 0;
+}
+
+function pick(name) {
+  compose.value = `@${name} `;
+  closeCompletion();
+  compose.focus();
+}
+
+compose.addEventListener("input", () => {
+  const m = /^@([a-z0-9-]*)$/.exec(compose.value);
+  if (!m) {
+    closeCompletion();
+    return;
+  }
+  choices = candidates().filter((n) => n.startsWith(m[1]));
+  active = 0;
+  renderCompletion();
+});
+
+compose.addEventListener("keydown", (ev) => {
+  if (completeList.hidden || choices.length === 0) return;
+  if (ev.key === "ArrowDown" || ev.key === "ArrowUp") {
+    ev.preventDefault();
+    active = (active + (ev.key === "ArrowDown" ? 1 : choices.length - 1)) % choices.length;
     renderCompletion();
-  });
-
-  compose.addEventListener("keydown", (ev) => {
-    if (completeList.hidden || choices.length === 0) return;
-    if (ev.key === "ArrowDown" || ev.key === "ArrowUp") {
-      ev.preventDefault();
-      active = (active + (ev.key === "ArrowDown" ? 1 : choices.length - 1)) % choices.length;
-      renderCompletion();
-    } else if (ev.key === "Tab" || (ev.key === "Enter" && compose.value !== `@${choices[active]}`)) {
-      ev.preventDefault();
-      pick(choices[active]);
-    } else if (ev.key === "Escape") {
-      ev.preventDefault();
-      closeCompletion();
-    }
-  });
-  compose.addEventListener("blur", closeCompletion);
-
-  composeForm.addEventListener("submit", async (ev) => {
+  } else if (ev.key === "Tab" || (ev.key === "Enter" && compose.value !== `@${choices[active]}`)) {
+    ev.preventDefault();
+    pick(choices[active]);
+  } else if (ev.key === "Escape") {
     ev.preventDefault();
     closeCompletion();
-    const text = compose.value;
-    const m = /^@(\S+)(?:\s+([\s\S]*))?$/.exec(text.trim());
-    const to = m ? m[1] : recipient;
-    const body = m ? (m[2] || "") : text;
-    if (!body.trim()) {
-      if (m) {
-        setRecipient(to);
-        compose.value = "";
-      }
-      return;
-    }
-    compose.disabled = true;
-    try {
-      await post("/op-send", { to, body });
+  }
+});
+compose.addEventListener("blur", closeCompletion);
+
+composeForm.addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  closeCompletion();
+  const text = compose.value;
+  const m = /^@(\S+)(?:\s+([\s\S]*))?$/.exec(text.trim());
+  const to = m ? m[1] : recipient;
+  const body = m ? (m[2] || "") : text;
+  if (!body.trim()) {
+    if (m) {
       setRecipient(to);
       compose.value = "";
-    } catch (err) {
-      toast(`send: ${err.message}`, "error");
-    } finally {
-      compose.disabled = false;
-      compose.focus();
     }
-  });
+    return;
+  }
+  compose.disabled = true;
+  try {
+    await host({ cmd: "send", to, body });
+    setRecipient(to);
+    compose.value = "";
+  } catch (err) {
+    toast(`send: ${err.message}`, "error");
+  } finally {
+    compose.disabled = false;
+    compose.focus();
+  }
+});
 
-  // ------------------------------------------------------------------ spawn
-  const spawnForm = document.getElementById("spawn-form");
-  const spawnName = document.getElementById("spawn-name");
-  spawnForm.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    const name = spawnName.value.trim();
-    if (!name) return;
-    const button = spawnForm.querySelector("button");
-    button.disabled = true;
-    try {
-      await post("/spawn", { name });
-      toast(`sp4wn ${name} ✓`, "ok");
-      spawnName.value = "";
-      refreshState();
-    } catch (err) {
-      toast(`spawn: ${err.message}`, "error");
-    } finally {
-      button.disabled = false;
-    }
-  });
+// ------------------------------------------------------------------ spawn
+const spawnForm = document.getElementById("spawn-form");
+const spawnName = document.getElementById("spawn-name");
+spawnForm.addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const name = spawnName.value.trim();
+  if (!name) return;
+  const button = spawnForm.querySelector("button");
+  button.disabled = true;
+  try {
+    await host({ cmd: "spawn", name });
+    toast(`sp4wn ${name} ✓`, "ok");
+    spawnName.value = "";
+    refreshState();
+  } catch (err) {
+    toast(`spawn: ${err.message}`, "error");
+  } finally {
+    button.disabled = false;
+  }
+});
 
-  // ------------------------------------------------------------------ clock
-  const clock = document.getElementById("clock");
-  const tick = () => { clock.textContent = fmtTime(Date.now() / 1000); };
-  tick();
-  setInterval(tick, 1000);
-})();
+// ------------------------------------------------------------------ clock
+const clock = document.getElementById("clock");
+const tick = () => { clock.textContent = fmtTime(Date.now() / 1000); };
+tick();
+setInterval(tick, 1000);
