@@ -37,18 +37,11 @@ from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.core.tokens import LoginTokens, remove_login_files
 from hyperhive.protocol import wire
-from hyperhive.protocol.codec import RequestDecoder
+from hyperhive.protocol.codec import AGENT_DECODER, HOST_DECODER, MANAGER_DECODER
 from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name
 
 log = logging.getLogger(__name__)
 
-HOST_DECODER: RequestDecoder[object] = RequestDecoder(wire.HostRequests, wire.HOST_COMMANDS, "host")
-AGENT_DECODER: RequestDecoder[object] = RequestDecoder(
-    wire.AgentRequests, wire.AGENT_COMMANDS, "agent"
-)
-MANAGER_DECODER: RequestDecoder[object] = RequestDecoder(
-    wire.ManagerRequests, wire.MANAGER_COMMANDS, "manager"
-)
 
 
 HOST_MAX_CONNECTIONS = 256
