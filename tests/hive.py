@@ -58,8 +58,8 @@ class Hive:
     def sock(self) -> str:
         return self.info.host_socket
 
-    async def call(self, request: wire.HostRequest[R], expect: type[R] | None = None) -> R:
-        return await call_once(self.sock, request, expect)
+    async def call(self, request: wire.HostRequest[R]) -> R:
+        return await call_once(self.sock, request)
 
     def agent_sock(self, name: str) -> str:
         return str(self.cfg.socket_dir(name) / "mcp.sock")

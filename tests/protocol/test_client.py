@@ -82,9 +82,3 @@ async def test_call_raises_the_error_reply() -> None:
         nursery.start_soon(_answer, server_side, error_line(NotFound("no agent bo")))
         with pytest.raises(NotFound, match="no agent bo"):
             await client.call(wire.Kill(name="bo"))
-
-
-async def test_a_spelled_out_reply_type_must_agree() -> None:
-    client = Client(trio.testing.memory_stream_pair()[0])
-    with pytest.raises(TypeError, match="answered by AgentReply"):
-        await client.call(wire.Spawn(name="bo"), wire.Inbox)

@@ -55,16 +55,9 @@ class Client:
         self._lines = LineStream(stream)
         self._lock = trio.Lock()
 
-    async def call(self, request: wire.Request[R], expect: type[R] | None = None) -> R:
-        """Send one request and return the reply its type declares (or raise its HiveError).
-
-        `expect` is redundant with the declaration and must agree with it; it is accepted for
-        callers that still spell the reply type out.
-        """
-        rtype = reply_type(request)
-        if expect is not None and not issubclass(rtype, expect):
-            raise TypeError(f"{type(request).__name__} is answered by {rtype.__name__}")
-        return decode_reply(await self._exchange(encode_line(request)), rtype)
+    async def call(self, request: wire.Request[R]) -> R:
+        """Send one request and return the reply its type declares (or raise its HiveError)."""
+        return decode_reply(await self._exchange(encode_line(request)), reply_type(request))
 
     async def _exchange(self, data: bytes) -> bytes:
         """One line out, one line back; a broken connection is a ConnectionLost."""
@@ -118,10 +111,10 @@ async def open_client(path: str) -> AsyncIterator[Client]:
         await client.aclose()
 
 
-async def call_once(path: str, request: wire.Request[R], expect: type[R] | None = None) -> R:
+async def call_once(path: str, request: wire.Request[R]) -> R:
     """Connect, send one request, return the reply its type declares, disconnect."""
     async with open_client(path) as client:
-        return await client.call(request, expect)
+        return await client.call(request)
 
 
 __all__ = ["Client", "HiveError", "call_once", "decode_reply", "open_client", "reply_type"]
