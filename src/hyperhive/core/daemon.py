@@ -43,7 +43,6 @@ from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name
 log = logging.getLogger(__name__)
 
 
-
 HOST_MAX_CONNECTIONS = 256
 AGENT_MAX_CONNECTIONS = 64
 """Per-socket connection caps: an agent socket has one container (and its tools) behind it."""
