@@ -32,6 +32,7 @@ from hyperhive.web.dashboard import create_dashboard_app, serve_dashboard
 from hyperhive.web.security import LOGIN_HINT, PUBLIC_ENDPOINTS
 from tests.agent.test_ui import Controls, logged_in
 from tests.conftest import needs_bwrap, needs_claude
+from tests.e2e.test_turn_faults import _descendants
 from tests.hive import (
     Hive,
     hive_config,
@@ -467,22 +468,7 @@ async def test_no_dashboard_no_login_file(hive: Hive) -> None:
 
 def process_tree(root: int) -> list[int]:
     """`root` and every process under it (a container: bwrap, the harness, its children)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
+    return [root, *_descendants(root)]
 
 
 def environments(root: int) -> dict[int, bytes]:
