@@ -14,6 +14,7 @@ import trio
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once, open_client
 from tests.conftest import needs_bwrap
+from tests.e2e.test_turn_faults import _descendants
 from tests.hive import daemon_process, hive_config, open_hive, subscription, wait_for_event
 
 pytestmark = needs_bwrap
@@ -97,6 +98,33 @@ async def _spawn_then_kill_the_daemon(root: Path, names: set[str]) -> dict[str, 
     return before
 
 
+def _slirps_for(roots: list[int]) -> list[int]:
+    """slirp4netns processes serving a namespace of a process under one of `roots`."""
+    tree = {d for root in roots for d in [root, *_descendants(root)]}
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+            except OSError:
+                continue
+            target = argv[-3] if len(argv) > 2 else b""
+            if argv[0].endswith(b"slirp4netns") and target.isdigit() and int(target) in tree:
+                found.append(int(entry))
+    return found
+
+
+async def _until_slirps(roots: list[int], count: int) -> None:
+    """Wait (bounded) until `count` slirp4netns serve those containers."""
+    with trio.fail_after(20):
+        for _ in range(1000):
+            if len(_slirps_for(roots)) == count:
+                return
+            await trio.sleep(0.02)
+    raise AssertionError(f"slirp4netns for {roots}: {_slirps_for(roots)}, wanted {count}")
+
+
 async def test_containers_outlive_a_killed_daemon_and_are_adopted_not_doubled(
     hive_root: Path,
 ) -> None:
@@ -109,11 +137,15 @@ async def test_containers_outlive_a_killed_daemon_and_are_adopted_not_doubled(
 async def _outlive_and_adopt(hive_root: Path) -> None:
     host = str(hive_root / "run" / "host.sock")
     before = await _spawn_then_kill_the_daemon(hive_root, {"alice", "bob"})
-    # The containers live on without their daemon.
+    # The containers live on without their daemon; their slirp4netns do not (they would hold
+    # the namespaces forever): each one's exit pipe closed with the daemon.
     assert all(len(_containers(hive_root, n)) == 1 for n in ("alice", "bob"))
+    pids = [info.pid for info in before.values() if info.pid is not None]
+    await _until_slirps(pids, 0)
 
     async with daemon_process(hive_root, args=CLAUDE):
         after = await _when_running(hive_root, {"alice", "bob"})
+        await _until_slirps(pids, 2)  # the new daemon wired each namespace again
         for name in ("alice", "bob"):
             assert after[name].state == "running"
             assert after[name].pid == before[name].pid  # adopted, not started again

@@ -327,23 +327,36 @@ async def serve_network(
 
 
 async def _run_slirp(pid: int) -> None:
-    """slirp4netns for the namespace of `pid`, hardened (its own sandbox and seccomp)."""
-    await trio.run_process(
-        [
-            SLIRP,
-            "--configure",
-            "--mtu=65520",
-            "--disable-host-loopback",
-            "--enable-sandbox",
-            "--enable-seccomp",
-            str(pid),
-            "tap0",
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
+    """slirp4netns for the namespace of `pid`, hardened (its own sandbox and seccomp).
+
+    It holds the namespace open for as long as it runs, so it must never outlive its wiring:
+    its `--exit-fd` is a pipe whose other end only this task holds. Cancelled, or the daemon
+    gone (even by SIGKILL), the pipe closes and slirp exits; a daemon that adopts the container
+    wires it again.
+    """
+    exit_read, exit_write = os.pipe()
+    try:
+        await trio.run_process(
+            [
+                SLIRP,
+                "--configure",
+                "--mtu=65520",
+                "--disable-host-loopback",
+                "--enable-sandbox",
+                "--enable-seccomp",
+                f"--exit-fd={exit_read}",
+                str(pid),
+                "tap0",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            pass_fds=(exit_read,),
+        )
+    finally:
+        os.close(exit_read)
+        os.close(exit_write)
 
 
 def slirp_available() -> bool:
