@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -525,3 +526,39 @@ async def http_get(host: str, port: int) -> bytes:
             return await stream.receive_some(4096)
         except trio.BrokenResourceError:
             return b""
+
+
+async def test_a_slirp4netns_serving_no_container_is_swept(hive_root: Path) -> None:
+    """One left behind (its namespace's process gone) is SIGKILLed at the next daemon start;
+    one whose process lives is left alone."""
+    holders = [
+        await trio.lowlevel.open_process(["unshare", "--net", "sleep", "60"]) for _ in range(2)
+    ]
+    slirps = []
+    for holder in holders:
+        inside = await netns.find_namespace_pid(holder.pid)
+        slirps.append(
+            await trio.lowlevel.open_process(
+                ["slirp4netns", "--configure", "--disable-host-loopback", str(inside), "tap0"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    # Both configured (slirp made tap0 in each namespace) before one namespace's process dies.
+    with trio.fail_after(10):
+        for holder in holders:
+            net_dev = trio.Path(f"/proc/{holder.pid}/net/dev")
+            for _ in range(500):
+                if "tap0" in await net_dev.read_text():
+                    break
+                await trio.sleep(0.02)
+    holders[0].kill()
+    await holders[0].wait()
+    swept = await trio.to_thread.run_sync(netns.sweep_orphans)
+    assert slirps[0].pid in swept and slirps[1].pid not in swept
+    with trio.fail_after(10):
+        assert await slirps[0].wait() == -signal.SIGKILL
+    assert slirps[1].returncode is None
+    for proc in (slirps[1], holders[1]):
+        proc.kill()
+        await proc.wait()

@@ -18,6 +18,7 @@ from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.approvals import Approvals
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
+from hyperhive.core.containers import netns
 from hyperhive.core.containers.base import Backend
 from hyperhive.core.containers.nixgen import host_system
 from hyperhive.core.containers.rootfs import agent_uid, check_uid_range
@@ -138,6 +139,9 @@ async def run(
     backend = make_backend(cfg)
     if getattr(backend, "agent_uids", False):
         await trio.to_thread.run_sync(check_uid_range, cfg.agent_uid_base)
+        swept = await trio.to_thread.run_sync(netns.sweep_orphans)
+        if swept:
+            log.info("stopped %d slirp4netns left serving no container", len(swept))
     async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
         hub = EventHub()
         registry = Registry(store, hub, ui_port_base=cfg.ui_port_base, backend=backend.name)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -357,6 +358,27 @@ async def _run_slirp(pid: int) -> None:
     finally:
         os.close(exit_read)
         os.close(exit_write)
+
+
+def sweep_orphans() -> list[int]:
+    """SIGKILL every slirp4netns whose namespace's process is gone (it would hold that
+    namespace forever, serving nobody). Blocking; run at daemon start. Returns their pids."""
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        target = argv[-3] if len(argv) > 3 else b""
+        is_slirp = os.path.basename(argv[0]) == SLIRP.encode() and target.isdigit()
+        if is_slirp and not os.path.exists(f"/proc/{int(target)}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    return killed
 
 
 def slirp_available() -> bool:
