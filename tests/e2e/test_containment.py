@@ -232,8 +232,9 @@ async def test_an_agent_cannot_escape_its_container(
     assert not [d for d in dirs if d.startswith((str(hive_root), "/agents"))]
 
 
-async def test_the_manager_sees_configs_not_agents(hive_root: Path) -> None:
-    cfg = hive_config(hive_root, demo=True, start_manager=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_manager_sees_configs_not_agents(hive_root: Path, backend: str) -> None:
+    cfg = hive_config(hive_root, demo=True, start_manager=True, backend=backend)
     async with open_hive(cfg) as hive:
         await hive.call(wire.Spawn(name="bob"))
         (cfg.agent_root("bob") / "claude" / ".credentials.json").write_text("bobs-secret")

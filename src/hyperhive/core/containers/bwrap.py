@@ -51,7 +51,7 @@ class BwrapBackend:
     def __init__(self, bwrap: str = "bwrap", keep_paths: list[str] | None = None) -> None:
         self.bwrap = bwrap
         self.keep_paths = rootfs.runtime_paths() if keep_paths is None else keep_paths
-        self.etc_bound: list[str] = []
+        self.etc_bound = rootfs.host_etc_dirs()
 
     def root_args(self, spec: ContainerSpec) -> list[str]:
         """The minimal root on bwrap's fresh tmpfs: /usr and its links, the generated /etc,
@@ -118,10 +118,7 @@ class BwrapBackend:
         return args
 
     def masked(self, spec: ContainerSpec) -> list[str]:
-        """The hidden host paths (the daemon's dirs) that a kept path would show."""
-        shown = ("/usr", *self.keep_paths)
-        hidden = {p for h in spec.hidden for p in (str(h), os.path.realpath(h))}
-        return sorted(p for p in hidden if any(rootfs._under(p, top) for top in shown))
+        return rootfs.masked_paths(spec.hidden, ["/usr", *self.keep_paths])
 
     @staticmethod
     def payload(spec: ContainerSpec) -> list[str]:
@@ -160,7 +157,7 @@ class BwrapBackend:
     async def prepare(self, spec: ContainerSpec) -> None:
         """Write the container's /etc (blocking work off the loop)."""
         if spec.etc_dir is not None:
-            self.etc_bound = await trio.to_thread.run_sync(rootfs.generate_etc, spec)
+            await trio.to_thread.run_sync(rootfs.generate_etc, spec)
 
     async def run(self, spec: ContainerSpec, *, grace: float, on_started: OnStarted) -> int:
         await self.prepare(spec)

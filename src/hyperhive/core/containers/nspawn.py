@@ -51,16 +51,9 @@ INIT_ATTEMPTS = 500
 """Ten seconds of looking for it."""
 
 
-def _under(path: str, parent: str) -> bool:
-    return path == parent or path.startswith(parent + "/")
-
-
-def runtime_paths() -> list[str]:
-    """Host paths the harness needs that the volatile root lacks (venv, python, claude, node).
-
-    With `--volatile=yes` only /usr comes from the host; everything else must be bound.
-    """
-    return rootfs.runtime_paths()
+runtime_paths = rootfs.runtime_paths
+"""Host paths the harness needs that the volatile root lacks (with `--volatile=yes` only /usr
+comes from the host; everything else must be bound)."""
 
 
 NSPAWN_DEFAULT_CAPS = (
@@ -151,7 +144,7 @@ class NspawnBackend:
     def __init__(self, nspawn: str = "systemd-nspawn", keep_paths: list[str] | None = None) -> None:
         self.nspawn = nspawn
         self.keep_paths = runtime_paths() if keep_paths is None else keep_paths
-        self.etc_bound: list[str] = []
+        self.etc_bound = rootfs.host_etc_dirs()
 
     def argv(self, spec: ContainerSpec) -> list[str]:
         """The command line. It names the environment variables but never carries their values.
@@ -208,13 +201,7 @@ class NspawnBackend:
         return args
 
     def masked(self, spec: ContainerSpec) -> list[str]:
-        """The hidden host paths that /usr or a kept path would show: covered by a tmpfs.
-
-        The others are not in the container at all (its root is a fresh tmpfs).
-        """
-        shown = ("/usr", *self.keep_paths)
-        hidden = {p for h in spec.hidden for p in (str(h), os.path.realpath(h))}
-        return sorted(p for p in hidden if any(_under(p, top) for top in shown))
+        return rootfs.masked_paths(spec.hidden, ["/usr", *self.keep_paths])
 
     def limits_note(self, spec: ContainerSpec) -> str | None:
         # Without systemd as PID 1 nspawn's --property= has no scope to act on: the daemon
@@ -243,7 +230,7 @@ class NspawnBackend:
         its pid is recorded, and killed once nspawn is gone.
         """
         if spec.etc_dir is not None:
-            self.etc_bound = await trio.to_thread.run_sync(rootfs.generate_etc, spec)
+            await trio.to_thread.run_sync(rootfs.generate_etc, spec)
         init_pidfile = spec.log_path.parent / INIT_PIDFILE
         adoptable = await trio.to_thread.run_sync(
             read_live_pidfile, spec.log_path.parent / "container.pid"

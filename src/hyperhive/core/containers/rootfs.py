@@ -101,9 +101,9 @@ SLIRP_DNS = "nameserver 10.0.2.3\n"
 
 def write_etc(
     directory: Path, *, user: str, uid: int, hostname: str, resolv: str | None = None
-) -> list[str]:
-    """(Re)generate a container's /etc in `directory` (a daemon-owned dir); returns the host
-    /etc sub-directories to bind read-only over the mount points it made. Blocking."""
+) -> None:
+    """(Re)generate a container's /etc in `directory` (a daemon-owned dir), with mount points
+    for `host_etc_dirs()`. Blocking."""
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(directory, 0o755)
     files = {
@@ -128,20 +128,24 @@ def write_etc(
         elif src.is_file():
             shutil.copyfile(src, dest)
             os.chmod(dest, 0o644)
-    bound = []
-    for name in ETC_BOUND:
-        src = Path("/etc") / name
-        if src.is_dir() and not src.is_symlink():
-            (directory / name).mkdir(exist_ok=True)
-            bound.append(str(src))
-    return bound
+    for path in host_etc_dirs():
+        (directory / Path(path).name).mkdir(exist_ok=True)
 
 
-def generate_etc(spec: ContainerSpec) -> list[str]:
+def host_etc_dirs() -> list[str]:
+    """The host's /etc directories (of ETC_BOUND) a container's /etc gets bound read-only."""
+    return [
+        f"/etc/{n}"
+        for n in ETC_BOUND
+        if os.path.isdir(f"/etc/{n}") and not os.path.islink(f"/etc/{n}")
+    ]
+
+
+def generate_etc(spec: ContainerSpec) -> None:
     """The spec's /etc (see write_etc); its resolver is slirp's when slirp carries its traffic."""
     assert spec.etc_dir is not None
     slirp = spec.egress is not None and spec.egress.mode in ("open", "anthropic")
-    return write_etc(
+    write_etc(
         spec.etc_dir,
         user=user_name(spec.name),
         uid=os.getuid() if spec.uid is None else spec.uid,
@@ -160,8 +164,15 @@ def merged_usr_links() -> list[tuple[str, str]]:
     return links
 
 
-def _under(path: str, parent: str) -> bool:
+def under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def masked_paths(hidden: tuple[Path, ...], shown: list[str]) -> list[str]:
+    """The hidden host paths (the daemon's dirs) that a shown path would reveal: each gets a
+    tmpfs over it. The others are not in the container at all (its root is minimal)."""
+    candidates = {p for h in hidden for p in (str(h), os.path.realpath(h))}
+    return sorted(p for p in candidates if any(under(p, top) for top in shown))
 
 
 def runtime_paths() -> list[str]:
@@ -182,10 +193,10 @@ def runtime_paths() -> list[str]:
     kept: set[str] = set()
     for path in candidates:
         for p in (path, os.path.realpath(path)):
-            if p not in ("/", "") and not _under(p, "/usr") and os.path.exists(p):
+            if p not in ("/", "") and not under(p, "/usr") and os.path.exists(p):
                 kept.add(p)
     # A path inside another one is covered by it.
-    return sorted(p for p in kept if not any(p != q and _under(p, q) for q in kept))
+    return sorted(p for p in kept if not any(p != q and under(p, q) for q in kept))
 
 
 def own_tree(path: Path, uid: int) -> None:
