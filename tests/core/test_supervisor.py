@@ -18,17 +18,13 @@ import pytest
 import trio
 import trio.testing
 
-from hyperhive.core.agent_api import AgentHandler
-from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.agents import Registry
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.containers.base import ContainerSpec, OnStarted
-from hyperhive.core.questions import Questions
-from hyperhive.core.reminders import Reminders
-from hyperhive.core.server import SocketServer
+from hyperhive.core.events import Notices
 from hyperhive.core.store import open_store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import wire
-from hyperhive.protocol.codec import AGENT_DECODER
 from tests.hive import hive_config
 
 
@@ -95,19 +91,7 @@ async def world(root: Path) -> AsyncIterator[World]:
         await nursery.start(broker.serve)
         await broker.recover()
 
-        def sockets(rec: AgentRecord, path: str) -> SocketServer[object]:
-            handler = AgentHandler(
-                rec,
-                broker,
-                registry,
-                Questions(store, broker),
-                Reminders(store, broker, state_dir=lambda inbox: cfg.agent_root(inbox) / "state"),
-                applied_config=supervisor.applied_config,
-                ui_token="not-a-real-token",
-            )
-            return SocketServer(path, AGENT_DECODER, handler)
-
-        supervisor = Supervisor(cfg, registry, broker, backend, sockets)
+        supervisor = Supervisor(cfg, registry, broker, backend, Notices(broker))
         await nursery.start(supervisor.serve)
         states: list[str] = []
 

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from hyperhive.core.agents import AgentRecord, Registry
-from hyperhive.core.approvals import refuse_manager_target
+from hyperhive.core.approval_queue import ApprovalQueue
 from hyperhive.core.broker import Broker
+from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.questions import Questions
 from hyperhive.core.reminders import Reminders
-from hyperhive.core.server import EventStream, Peer
+from hyperhive.core.server import EventStream, Handler, Peer
+from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import AgentConfig
+from hyperhive.protocol.codec import AGENT_DECODER, MANAGER_DECODER, RequestDecoder
 from hyperhive.protocol.errors import BadParams, Forbidden, HiveError
-from hyperhive.protocol.names import BROADCAST, MANAGER, canonical_label, canonical_recipient
-
-if TYPE_CHECKING:
-    from hyperhive.core.host_api import HostHandler
+from hyperhive.protocol.names import (
+    BROADCAST,
+    MANAGER,
+    MANAGER_NAME,
+    canonical_label,
+    canonical_recipient,
+    check_name,
+)
 
 AppliedConfig = Callable[[AgentRecord], Awaitable[AgentConfig]]
 """The agent.toml in force for an agent's container (`Supervisor.applied_config`)."""
@@ -132,8 +139,8 @@ class AgentHandler:
 class ManagerHandler(AgentHandler):
     """The manager's socket: an agent's commands plus proposing approvals and lifecycle verbs.
 
-    The decoder already refuses these commands on agent sockets; `host` does the work exactly as
-    for the operator, but the manager can never target itself.
+    The decoder already refuses these commands on agent sockets; the lifecycle does the work
+    exactly as for the operator, but the manager can never target itself.
     """
 
     def __init__(
@@ -143,7 +150,8 @@ class ManagerHandler(AgentHandler):
         registry: Registry,
         questions: Questions,
         reminders: Reminders,
-        host: HostHandler,
+        lifecycle: Lifecycle,
+        queue: ApprovalQueue,
         *,
         applied_config: AppliedConfig,
         ui_token: str,
@@ -157,23 +165,64 @@ class ManagerHandler(AgentHandler):
             applied_config=applied_config,
             ui_token=ui_token,
         )
-        self.host = host
+        self.lifecycle = lifecycle
+        self.queue = queue
 
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
-        approvals = self.host.approvals
+        life = self.lifecycle
         match request:
             case wire.RequestSpawn(name=name, description=description):
-                row = await approvals.request_spawn(name, description)
+                row = await self.queue.request_spawn(name, description)
                 return wire.ApprovalQueued(id=row.id)
             case wire.RequestApplyCommit(agent=agent, commit_ref=ref):
-                row = await approvals.request_apply_commit(agent, ref)
+                row = await self.queue.request_apply_commit(agent, ref)
                 return wire.ApprovalQueued(id=row.id, sha=row.sha)
             case wire.KillAgent(name=name):
-                return wire.AgentReply(agent=await self.host.kill(refuse_manager_target(name)))
+                return self._agent(await life.kill(refuse_manager_target(name)))
             case wire.StartAgent(name=name):
-                return wire.AgentReply(agent=await self.host.start(refuse_manager_target(name)))
+                return self._agent(await life.start(refuse_manager_target(name)))
             case wire.RestartAgent(name=name):
-                return wire.AgentReply(agent=await self.host.restart(refuse_manager_target(name)))
+                return self._agent(await life.restart(refuse_manager_target(name)))
             case wire.UpdateAgent(name=name):
-                return wire.AgentReply(agent=await self.host.rebuild(refuse_manager_target(name)))
+                return self._agent(await life.rebuild(refuse_manager_target(name)))
         return await super().handle(request, peer)
+
+    def _agent(self, rec: AgentRecord) -> wire.AgentReply:
+        return wire.AgentReply(agent=self.registry.info(rec))
+
+
+def refuse_manager_target(name: str) -> str:
+    """The manager may stop, start and restart agents, never itself."""
+    if name in (MANAGER, MANAGER_NAME):
+        raise Forbidden("the manager cannot target itself")
+    return check_name(name)
+
+
+@dataclass(frozen=True)
+class AgentServices:
+    """What an agent's socket serves: `handler_for` gives each agent its role's decoder and
+    handler (for `AgentSockets.serve`)."""
+
+    broker: Broker
+    registry: Registry
+    questions: Questions
+    reminders: Reminders
+    lifecycle: Lifecycle
+    queue: ApprovalQueue
+    applied_config: AppliedConfig
+    tokens: LoginTokens
+
+    def handler_for(self, rec: AgentRecord) -> tuple[RequestDecoder[object], Handler[object]]:
+        common = (rec, self.broker, self.registry, self.questions, self.reminders)
+        token = self.tokens.agent(rec.name)
+        if rec.role == "manager":
+            manager = ManagerHandler(
+                *common,
+                self.lifecycle,
+                self.queue,
+                applied_config=self.applied_config,
+                ui_token=token,
+            )
+            return MANAGER_DECODER, manager
+        agent = AgentHandler(*common, applied_config=self.applied_config, ui_token=token)
+        return AGENT_DECODER, agent

@@ -6,12 +6,12 @@ import sqlite3
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from hyperhive.core.broker import EventHub
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
-from hyperhive.protocol.errors import Conflict, NotFound
+from hyperhive.protocol.errors import Conflict, Internal, NotFound
 from hyperhive.protocol.names import (
     BROADCAST,
     MANAGER,
@@ -24,6 +24,22 @@ if TYPE_CHECKING:
     from hyperhive.core.meta import Pin
 
 PORT_SPAN = 900
+
+_LIVE: frozenset[wire.ContainerState] = frozenset(get_args(wire.ContainerState)) - {"destroyed"}
+TRANSITIONS: dict[wire.ContainerState, frozenset[wire.ContainerState]] = {
+    "spawning": frozenset({"stopped"}),
+    "starting": frozenset({"stopped", "spawning", "crashed", "restarting", "rebuilding"}),
+    "running": frozenset({"starting"}),
+    "crashed": frozenset({"starting", "running"}),
+    "stopping": _LIVE,
+    "stopped": _LIVE,
+    "restarting": _LIVE,
+    "rebuilding": _LIVE,
+    "destroying": _LIVE,
+    "destroyed": _LIVE,
+}
+"""The state table of SPEC §4.4: for each state, the states it may be entered from (staying in a
+state is always allowed). `destroyed` is left only by reviving (`Registry.add`)."""
 
 
 def fnv1a_32(data: bytes) -> int:
@@ -143,6 +159,9 @@ class Registry:
     def all(self) -> list[AgentRecord]:
         return sorted(self._agents.values(), key=lambda r: (r.role != "manager", r.name))
 
+    def live_names(self) -> list[str]:
+        return [r.name for r in self.all() if r.alive]
+
     def _allocate_port(self, name: str, role: wire.AgentRole) -> int:
         if role == "manager":
             return self._base
@@ -180,11 +199,37 @@ class Registry:
         self._agents.pop(name, None)
         self._hub.publish(lambda seq: wire.AgentRemoved(seq=seq, name=name))
 
-    def set_state(self, rec: AgentRecord, state: wire.ContainerState, **fields: object) -> None:
+    def move(self, rec: AgentRecord, state: wire.ContainerState, **fields: object) -> None:
+        """The one way an agent's state changes: checked against `TRANSITIONS` (a move the
+        table does not allow is a bug, `Internal`), with the fields that go with it."""
+        if state != rec.state and rec.state not in TRANSITIONS[state]:
+            raise Internal(f"{rec.name}: no transition from {rec.state} to {state}")
         rec.state = state
-        for key, value in fields.items():
-            setattr(rec, key, value)
+        self.note(rec, **fields)
+
+    def note(self, rec: AgentRecord, **fields: object) -> None:
+        """What was observed of an agent (error, pid, network, port conflict...), state kept."""
+        self.note_quietly(rec, **fields)
         self.changed(rec)
+
+    def note_quietly(self, rec: AgentRecord, **fields: object) -> None:
+        """As `note`, but subscribers see it with the agent's next change."""
+        for key, value in fields.items():
+            if key in ("state", "desired", "destroyed_at") or not hasattr(rec, key):
+                raise Internal(f"{key!r} is not an observation of an agent")
+            setattr(rec, key, value)
+
+    async def set_desired(self, rec: AgentRecord, desired: str) -> None:
+        """Whether the agent should run (kept across daemon restarts)."""
+        rec.desired = desired
+        await self.save(rec)
+
+    async def bury(self, rec: AgentRecord, note: str | None = None) -> None:
+        """The agent is destroyed (a tombstone: its state is kept until purged)."""
+        self.move(rec, "destroyed", **({} if note is None else {"last_error": note}))
+        rec.desired = "stopped"
+        rec.destroyed_at = time.time()
+        await self.save(rec)
 
     def info(self, rec: AgentRecord, unread: int = 0) -> wire.AgentInfo:
         return wire.AgentInfo(

@@ -7,14 +7,15 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import trio
 
-from hyperhive.core.agent_api import AgentHandler, ManagerHandler
-from hyperhive.core.agents import AgentRecord, Registry
+from hyperhive.core.agent_api import AgentServices
+from hyperhive.core.agents import Registry
+from hyperhive.core.approval_queue import ApprovalQueue
 from hyperhive.core.approvals import Approvals
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
@@ -22,10 +23,13 @@ from hyperhive.core.containers import netns
 from hyperhive.core.containers.base import Backend
 from hyperhive.core.containers.nixgen import host_system
 from hyperhive.core.containers.rootfs import agent_uid, check_uid_range
+from hyperhive.core.deploys import DeployLog
+from hyperhive.core.events import Notices
 from hyperhive.core.faults import Faults
 from hyperhive.core.forge import Forge
 from hyperhive.core.gitops import GitOps
 from hyperhive.core.host_api import HostHandler
+from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.logins import LoginWatch
 from hyperhive.core.meta import MetaRepo, flake_renderer
 from hyperhive.core.questions import Questions
@@ -34,11 +38,12 @@ from hyperhive.core.reminders import Reminders
 from hyperhive.core.revision import current_revision
 from hyperhive.core.runner import Runner
 from hyperhive.core.server import SocketLimits, SocketServer, require_uid
-from hyperhive.core.store import open_store
+from hyperhive.core.sockets import AgentSockets
+from hyperhive.core.store import Store, open_store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.core.tokens import LoginTokens, remove_login_files
 from hyperhive.protocol import wire
-from hyperhive.protocol.codec import AGENT_DECODER, HOST_DECODER, MANAGER_DECODER
+from hyperhive.protocol.codec import HOST_DECODER
 from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name
 
 log = logging.getLogger(__name__)
@@ -134,208 +139,229 @@ async def run(
     cfg: DaemonConfig, *, task_status: trio.TaskStatus[CoreInfo] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the core daemon until cancelled; started(CoreInfo) once its sockets serve and its
-    containers are launched (the dashboard and the demo model are app.py's)."""
+    containers are launched (the dashboard and the demo model are app.py's). The services are
+    built in dependency order, each long-lived one started as soon as it exists."""
     admin_gid = await trio.to_thread.run_sync(_prepare, cfg)
     backend = make_backend(cfg)
+    await _check_host(cfg, backend)
+    async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
+        hub = EventHub()
+        registry = await _open_registry(cfg, store, hub, backend)
+        faults = Faults.parse(cfg.crash_at, raises=cfg.crash_raises)
+        broker = _broker(cfg, store, hub, registry, faults)
+        await nursery.start(broker.serve)
+        await nursery.start(broker.serve_maintenance)
+        questions = Questions(store, broker, peer_inbox=partial(_peer_inbox, registry), hub=hub)
+        reminders = Reminders(store, broker, state_dir=partial(_state_dir, cfg))
+        notices = Notices(broker)
+        supervisor = Supervisor(cfg, registry, broker, backend, notices)
+        await nursery.start(supervisor.serve)
+        adopted = await _release_leases(supervisor, broker)
+        gitops = GitOps(Runner(), cfg.state_dir, proposed_uid=_manager_uid(cfg, registry, backend))
+        deploys = DeployLog(gitops, _meta_repo(cfg, gitops, backend, registry), registry)
+        queue = ApprovalQueue(store, gitops, registry, deploys, notices, hub)
+        sockets = _agent_sockets(cfg, supervisor)
+        forge = _forge(cfg)
+        lifecycle = Lifecycle(registry, broker, supervisor, sockets, deploys, queue, notices, forge)
+        tokens = await _fresh_tokens(cfg)
+        services = AgentServices(
+            broker,
+            registry,
+            questions,
+            reminders,
+            lifecycle,
+            queue,
+            supervisor.applied_config,
+            tokens,
+        )
+        await nursery.start(sockets.serve, services.handler_for)
+        approvals = Approvals(queue, lifecycle, deploys, faults)
+        await nursery.start(approvals.serve)
+        host = HostHandler(
+            cfg, registry, broker, hub, lifecycle, queue, approvals, questions, supervisor, forge
+        )
+        # A deploy a crash interrupted is rolled back before any container starts on it.
+        rolled_back = await approvals.recover()
+        await deploys.sync()
+        # Deadlines that passed (and reminders that fell due) while the daemon was down are
+        # handled now, before any agent socket opens.
+        await nursery.start(questions.serve_ttl)
+        await nursery.start(reminders.serve)
+        logins = LoginWatch(cfg, registry, hub, notices.tell, interval=cfg.login_check_interval)
+        await nursery.start(logins.serve)
+        await nursery.start(_host_server(cfg, host, admin_gid).serve)
+        if cfg.start_manager:
+            await lifecycle.ensure_manager()
+        # Up to here a failure ends the daemon before any container is watched, so containers
+        # that outlived the previous daemon keep running for the next one to adopt. From here
+        # on, what fails is reported and retried (only a clean stop stops adopted containers).
+        if forge is not None:  # every agent's Forgejo user and token, its health for `list`
+            await nursery.start(
+                _keep_serving, "the forge", partial(forge.serve, registry.live_names)
+            )
+        await lifecycle.resume()
+        _refresh_adopted(nursery, lifecycle, registry, adopted, rolled_back)
+        log.info("hive-c0re core ready: host socket %s", cfg.host_socket)
+        task_status.started(_core_info(cfg, host, tokens, admin_gid))
+
+
+async def _check_host(cfg: DaemonConfig, backend: Backend) -> None:
+    """Agents' uids clash with no host account; slirp4netns left by a killed daemon stopped."""
     if getattr(backend, "agent_uids", False):
         await trio.to_thread.run_sync(check_uid_range, cfg.agent_uid_base)
         swept = await trio.to_thread.run_sync(netns.sweep_orphans)
         if swept:
             log.info("stopped %d slirp4netns left serving no container", len(swept))
-    async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
-        hub = EventHub()
-        registry = Registry(store, hub, ui_port_base=cfg.ui_port_base, backend=backend.name)
-        await registry.load()
-        registry.revision = await trio.to_thread.run_sync(current_revision)
-        faults = Faults.parse(cfg.crash_at, raises=cfg.crash_raises)
-        broker = Broker(
-            store,
-            hub,
-            registry.resolve,
-            max_attempts=cfg.max_attempts,
-            group_commit=cfg.group_commit,
-            faults=faults,
-            quotas=Quotas(inbox=cfg.inbox_quota, sender=cfg.sender_quota),
+
+
+async def _open_registry(
+    cfg: DaemonConfig, store: Store, hub: EventHub, backend: Backend
+) -> Registry:
+    registry = Registry(store, hub, ui_port_base=cfg.ui_port_base, backend=backend.name)
+    await registry.load()
+    registry.revision = await trio.to_thread.run_sync(current_revision)
+    return registry
+
+
+def _broker(
+    cfg: DaemonConfig, store: Store, hub: EventHub, registry: Registry, faults: Faults
+) -> Broker:
+    return Broker(
+        store,
+        hub,
+        registry.resolve,
+        max_attempts=cfg.max_attempts,
+        group_commit=cfg.group_commit,
+        faults=faults,
+        quotas=Quotas(inbox=cfg.inbox_quota, sender=cfg.sender_quota),
+    )
+
+
+def _peer_inbox(registry: Registry, to: str) -> str:
+    """The inbox a question to a peer goes to."""
+    return registry.live(check_name(MANAGER_NAME if to == MANAGER else to)).recipient
+
+
+def _state_dir(cfg: DaemonConfig, inbox: str) -> Path:
+    """Where an inbox's agent keeps its /state (reminders spill big texts there)."""
+    return cfg.agent_root(MANAGER_NAME if inbox == MANAGER else inbox) / "state"
+
+
+async def _release_leases(supervisor: Supervisor, broker: Broker) -> tuple[str, ...]:
+    """Containers that outlived a crashed daemon are adopted and keep their leases; every
+    other in-flight message goes back to its queue. Returns the adopted inboxes."""
+    adopted = await supervisor.adoptable()
+    released = await broker.recover(keep=adopted)
+    if released:
+        log.info("returned %d in-flight messages to their queues", released)
+    if adopted:
+        log.info("adopting running containers of %s", ", ".join(adopted))
+    return adopted
+
+
+def _manager_uid(cfg: DaemonConfig, registry: Registry, backend: Backend) -> int | None:
+    """The proposed repos are the manager's: its uid (from the port it has, or will get)."""
+    if not getattr(backend, "agent_uids", False):
+        return None
+    manager = registry.find(MANAGER_NAME)
+    port = manager.port if manager else cfg.ui_port_base
+    return agent_uid(port, cfg.ui_port_base, cfg.agent_uid_base)
+
+
+def _meta_repo(cfg: DaemonConfig, gitops: GitOps, backend: Backend, registry: Registry) -> MetaRepo:
+    render = None
+    if backend.name != "nixos":  # the nixos backend writes the meta flake itself
+        render = flake_renderer(
+            hyperhive_flake=cfg.hyperhive_flake,
+            system=host_system(),
+            dashboard_port=cfg.dashboard_port,
+            operator_pronouns=cfg.operator_pronouns,
         )
-        await nursery.start(broker.serve)
-        await nursery.start(broker.serve_maintenance)
+    return MetaRepo(gitops, cfg.state_dir, render, on_pins=registry.set_deployed)
 
-        def peer_inbox(to: str) -> str:
-            return registry.live(check_name(MANAGER_NAME if to == MANAGER else to)).recipient
 
-        questions = Questions(store, broker, peer_inbox=peer_inbox, hub=hub)
+def _limits(cfg: DaemonConfig, max_connections: int) -> SocketLimits:
+    return SocketLimits(
+        max_connections=max_connections,
+        first_line_timeout=cfg.line_timeout,
+        line_timeout=cfg.line_timeout,
+        send_timeout=cfg.line_timeout,
+    )
 
-        def state_dir(inbox: str) -> Path:
-            return cfg.agent_root(MANAGER_NAME if inbox == MANAGER else inbox) / "state"
 
-        reminders = Reminders(store, broker, state_dir=state_dir)
+def _agent_sockets(cfg: DaemonConfig, supervisor: Supervisor) -> AgentSockets:
+    return AgentSockets(
+        cfg,
+        prepare_dirs=supervisor.prepare_dirs,
+        uid_for=supervisor.uid_for,
+        limits=_limits(cfg, AGENT_MAX_CONNECTIONS),
+    )
 
-        host_limits = SocketLimits(
-            max_connections=HOST_MAX_CONNECTIONS,
-            first_line_timeout=cfg.line_timeout,
-            line_timeout=cfg.line_timeout,
-            send_timeout=cfg.line_timeout,
-        )
-        agent_limits = replace(host_limits, max_connections=AGENT_MAX_CONNECTIONS)
 
-        # A secret per start, never kept: a crash logs every browser out, and adopted harnesses
-        # fetch their new UI token over their socket. (An older daemon kept `login.secret`.)
-        login_tokens = LoginTokens.generate()
-        await trio.to_thread.run_sync(remove_login_files, cfg.run_dir / "login.secret")
-        # Filled in once the host handler exists; no agent socket is opened before that.
-        hosts: list[HostHandler] = []
+def _forge(cfg: DaemonConfig) -> Forge | None:
+    if not cfg.forge_container:
+        return None
+    return Forge(Runner(), cfg.state_dir, cfg.agent_root, container=cfg.forge_container)
 
-        def socket_factory(rec: AgentRecord, path: str) -> SocketServer[object]:
-            handler: AgentHandler
-            if rec.role == "manager":
-                decoder = MANAGER_DECODER
-                handler = ManagerHandler(
-                    rec,
-                    broker,
-                    registry,
-                    questions,
-                    reminders,
-                    hosts[0],
-                    applied_config=supervisor.applied_config,
-                    ui_token=login_tokens.agent(rec.name),
-                )
-            else:
-                handler = AgentHandler(
-                    rec,
-                    broker,
-                    registry,
-                    questions,
-                    reminders,
-                    applied_config=supervisor.applied_config,
-                    ui_token=login_tokens.agent(rec.name),
-                )
-                decoder = AGENT_DECODER
-            return SocketServer(
-                path,
-                decoder,
-                handler,
-                limits=agent_limits,
-                name=f"{rec.name} agent",
-            )
 
-        supervisor = Supervisor(cfg, registry, broker, backend, socket_factory)
-        await nursery.start(supervisor.serve)
-        # Containers that outlived a crashed daemon are adopted, and keep their leases.
-        adopted = await supervisor.adoptable()
-        released = await broker.recover(keep=adopted)
-        if released:
-            log.info("returned %d in-flight messages to their queues", released)
-        if adopted:
-            log.info("adopting running containers of %s", ", ".join(adopted))
-        # The proposed repos are the manager's: its uid (from the port it has, or will get).
-        manager = registry.find(MANAGER_NAME)
-        manager_uid = (
-            agent_uid(
-                manager.port if manager else cfg.ui_port_base,
-                cfg.ui_port_base,
-                cfg.agent_uid_base,
-            )
-            if getattr(backend, "agent_uids", False)
-            else None
-        )
-        gitops = GitOps(Runner(), cfg.state_dir, proposed_uid=manager_uid)
-        render = None
-        if backend.name != "nixos":  # the nixos backend writes the meta flake itself
-            render = flake_renderer(
-                hyperhive_flake=cfg.hyperhive_flake,
-                system=host_system(),
-                dashboard_port=cfg.dashboard_port,
-                operator_pronouns=cfg.operator_pronouns,
-            )
-        approvals = Approvals(
-            store,
-            gitops,
-            registry,
-            supervisor,
-            faults,
-            hub=hub,
-            meta=MetaRepo(gitops, cfg.state_dir, render, on_pins=registry.set_deployed),
-        )
-        host = HostHandler(cfg, registry, broker, supervisor, hub, approvals, questions)
-        hosts.append(host)
-        if cfg.forge_container:
-            host.forge = Forge(
-                Runner(), cfg.state_dir, cfg.agent_root, container=cfg.forge_container
-            )
-        # A deploy a crash interrupted is rolled back before any container starts on it.
-        rolled_back = await approvals.recover(host)
-        await approvals.meta.ensure()
-        await approvals.sync_meta()
-        # Deadlines that passed (and reminders that fell due) while the daemon was down are
-        # handled now, before any socket opens.
-        await nursery.start(questions.serve_ttl)
-        await nursery.start(reminders.serve)
-        logins = LoginWatch(
-            cfg, registry, hub, supervisor.notify_manager, interval=cfg.login_check_interval
-        )
-        await nursery.start(logins.serve)
-        host_server = SocketServer(
-            str(cfg.host_socket),
-            HOST_DECODER,
-            host,
-            limits=host_limits,
-            mode=0o600 if admin_gid is None else 0o660,
-            group=admin_gid,
-            peer_check=require_uid(cfg.allowed_uids(), admin_gid),
-            name="host",
-        )
-        await nursery.start(host_server.serve)
-        if cfg.start_manager:
-            await host.ensure_manager()
-        # Up to here a failure ends the daemon before any container is watched, so containers
-        # that outlived the previous daemon keep running for the next one to adopt. From here
-        # on, what fails is reported and retried: adopted containers are never stopped
-        # because the daemon could not have something else (only a clean stop stops them).
-        if host.forge is not None:
-            # Every agent's Forgejo user and token, then the forge's health for `list`.
-            forge_serve = partial(
-                host.forge.serve, lambda: [r.name for r in registry.all() if r.alive]
-            )
-            await nursery.start(_keep_serving, "the forge", forge_serve)
-        for rec in registry.all():
-            if rec.alive:
-                try:
-                    await supervisor.open_socket(rec)
-                except Exception as exc:
-                    # E.g. its socket dir is its container's /run/hive, the agent's to mess up:
-                    # one agent that cannot start must not cost the others their containers.
-                    log.error("%s: cannot open its socket: %s; not started", rec.name, exc)
-                    registry.set_state(rec, rec.state, last_error=f"socket: {exc}")
-                    continue
-                if rec.desired == "running":
-                    await supervisor.launch(rec)
-        # auto-update: adopted containers from before an upgrade are rebuilt, one at a time.
-        stale = [
-            r.name
-            for r in registry.all()
-            if r.recipient in adopted and r.built_rev != registry.revision
-        ]
-        if stale:
-            nursery.start_soon(_logged, "auto-update", supervisor.update_stale, stale)
-        for name in rolled_back:
-            back = registry.find(name)
-            if back is not None and back.alive and back.recipient in adopted:
-                # Adopted containers may run the config that was rolled back.
-                nursery.start_soon(_logged, f"rebuild of {name}", supervisor.rebuild, back)
-        log.info("hive-c0re core ready: host socket %s", cfg.host_socket)
+async def _fresh_tokens(cfg: DaemonConfig) -> LoginTokens:
+    """A secret per start, never kept: a crash logs every browser out, and adopted harnesses
+    fetch their new UI token over their socket. (An older daemon kept `login.secret`.)"""
+    tokens = LoginTokens.generate()
+    await trio.to_thread.run_sync(remove_login_files, cfg.run_dir / "login.secret")
+    return tokens
 
-        def set_dashboard(status: wire.ListenerStatus) -> None:
-            host.dashboard = status
 
-        task_status.started(
-            CoreInfo(
-                host_socket=str(cfg.host_socket),
-                tokens=login_tokens,
-                admin_gid=admin_gid,
-                set_dashboard=set_dashboard,
-                dashboard=lambda: host.dashboard,
-            )
-        )
+def _host_server(
+    cfg: DaemonConfig, host: HostHandler, admin_gid: int | None
+) -> SocketServer[object]:
+    return SocketServer(
+        str(cfg.host_socket),
+        HOST_DECODER,
+        host,
+        limits=_limits(cfg, HOST_MAX_CONNECTIONS),
+        mode=0o600 if admin_gid is None else 0o660,
+        group=admin_gid,
+        peer_check=require_uid(cfg.allowed_uids(), admin_gid),
+        name="host",
+    )
+
+
+def _refresh_adopted(
+    nursery: trio.Nursery,
+    lifecycle: Lifecycle,
+    registry: Registry,
+    adopted: tuple[str, ...],
+    rolled_back: list[str],
+) -> None:
+    """Adopted containers from before an upgrade are rebuilt (auto-update, one at a time),
+    and so are those that may run a config a recovery rolled back; in the background."""
+    stale = [
+        r.name
+        for r in registry.all()
+        if r.recipient in adopted and r.built_rev != registry.revision
+    ]
+    if stale:
+        nursery.start_soon(_logged, "auto-update", lifecycle.update_stale, stale)
+    for name in rolled_back:
+        back = registry.find(name)
+        if back is not None and back.alive and back.recipient in adopted:
+            nursery.start_soon(_logged, f"rebuild of {name}", lifecycle.rebuild_container, back)
+
+
+def _core_info(
+    cfg: DaemonConfig, host: HostHandler, tokens: LoginTokens, admin_gid: int | None
+) -> CoreInfo:
+    def set_dashboard(status: wire.ListenerStatus) -> None:
+        host.dashboard = status
+
+    return CoreInfo(
+        host_socket=str(cfg.host_socket),
+        tokens=tokens,
+        admin_gid=admin_gid,
+        set_dashboard=set_dashboard,
+        dashboard=lambda: host.dashboard,
+    )
 
 
 RETRY_INITIAL = 1.0

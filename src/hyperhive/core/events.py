@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import msgspec
+
+from hyperhive.protocol.errors import HiveError
+from hyperhive.protocol.names import MANAGER, SYSTEM
+
+if TYPE_CHECKING:
+    from hyperhive.core.broker import Broker
+
+log = logging.getLogger(__name__)
 
 
 class HelperEvent(msgspec.Struct, frozen=True, tag_field="event", kw_only=True):
@@ -79,3 +90,17 @@ _encoder = msgspec.json.Encoder()
 
 def encode(event: HelperEvent) -> str:
     return _encoder.encode(event).decode()
+
+
+class Notices:
+    """Tells the manager what happened, as messages from `system`: losing one (a full disk, a
+    full inbox) is logged and never stops the supervision, lifecycle step or decision that told."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    async def tell(self, event: HelperEvent) -> None:
+        try:
+            await self._broker.send(SYSTEM, MANAGER, encode(event), origin=SYSTEM)
+        except HiveError as exc:
+            log.error("could not tell the manager about %s: %s", event, exc.message)

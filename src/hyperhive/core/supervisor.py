@@ -1,4 +1,4 @@
-"""Supervision: one task per container and one per agent socket, all under the daemon's nursery."""
+"""Supervision: one task per container, under this service's nursery (sockets: core/sockets.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -32,16 +31,13 @@ from hyperhive.core.containers.base import (
     tail_lines,
 )
 from hyperhive.core.containers.netns import ANTHROPIC_HOSTS, Egress
-from hyperhive.core.server import SocketServer
-from hyperhive.protocol import agent_config
+from hyperhive.core.events import Notices
+from hyperhive.protocol import agent_config, wire
 from hyperhive.protocol.agent_config import AGENT_TOML, AgentConfig, Limits
 from hyperhive.protocol.errors import HiveError, Internal
 from hyperhive.protocol.harness_env import HarnessEnv
-from hyperhive.protocol.names import MANAGER, SYSTEM
 
 log = logging.getLogger(__name__)
-
-SocketFactory = Callable[[AgentRecord, str], SocketServer[object]]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CONTAINER_SOCKET = "/run/hive/mcp.sock"
@@ -125,15 +121,14 @@ class Supervisor:
         registry: Registry,
         broker: Broker,
         backend: Backend,
-        socket_factory: SocketFactory,
+        notices: Notices,
     ) -> None:
         self.cfg = cfg
         self.registry = registry
         self.broker = broker
         self.backend = backend
-        self._socket_factory = socket_factory
+        self.notices = notices
         self._containers: dict[str, _Task] = {}
-        self._sockets: dict[str, _Task] = {}
         self._configs: dict[str, AgentConfig] = {}
         self._nursery: trio.Nursery | None = None
         self._own_etc = backend.name in ("bwrap", "nspawn")
@@ -296,58 +291,7 @@ class Supervisor:
             shared = [cfg.state_dir / "applied", cfg.state_dir / "meta"]
             await trio.to_thread.run_sync(_prepare_shared, shared)
 
-    # ------------------------------------------------------------------ sockets
-
-    async def open_socket(self, rec: AgentRecord) -> None:
-        """Serve the agent's socket (idempotent: a second call keeps the first)."""
-        if rec.name in self._sockets:
-            return
-        await self.prepare_dirs(rec)
-        path = str(self.cfg.socket_dir(rec.name) / "mcp.sock")
-        server = self._socket_factory(rec, path)
-        uid = self.uid_for(rec)
-        if uid is not None:
-            # In a dir the agent cannot write: the chmod/chown after bind cannot be raced.
-            server.mode, server.group = 0o660, uid
-        task = _Task()
-        self._sockets[rec.name] = task
-        try:
-            await self.nursery.start(self._run_socket, server, task)
-        except BaseException:
-            # Not served: a later start (or the next daemon) tries again.
-            self._sockets.pop(rec.name, None)
-            raise
-
-    async def _run_socket(
-        self, server: SocketServer[object], task: _Task, *, task_status: trio.TaskStatus[None]
-    ) -> None:
-        try:
-            with task.scope:
-                await server.serve(task_status=task_status)
-        finally:
-            task.done.set()
-
-    async def close_socket(self, name: str) -> None:
-        task = self._sockets.pop(name, None)
-        if task is not None:
-            task.scope.cancel()
-            await task.done.wait()
-
     # ------------------------------------------------------------------ containers
-
-    async def update_stale(self, names: list[str]) -> None:
-        """Rebuild adopted containers that run an older hyperhive, one at a time."""
-        for name in names:
-            rec = self.registry.find(name)
-            if rec is None or not rec.alive or rec.built_rev == self.registry.revision:
-                continue
-            await self.notify_manager(
-                events.NeedsUpdate(
-                    agent=name,
-                    note=f"runs hyperhive {rec.built_rev}, the daemon {self.registry.revision}",
-                )
-            )
-            await self.rebuild(rec)
 
     async def adoptable(self) -> tuple[str, ...]:
         """Inboxes of agents whose containers outlived the previous daemon (to be adopted)."""
@@ -364,12 +308,11 @@ class Supervisor:
 
     async def launch(self, rec: AgentRecord) -> None:
         """Start supervising the agent's container (no-op if it already is)."""
-        await self.open_socket(rec)
         if rec.name in self._containers:
             return
         task = _Task()
         self._containers[rec.name] = task
-        self.registry.set_state(rec, "starting")
+        self.registry.move(rec, "starting")
         self.nursery.start_soon(self._supervise, rec, task)
 
     async def stop(self, rec: AgentRecord) -> None:
@@ -377,7 +320,7 @@ class Supervisor:
         task = self._containers.get(rec.name)
         if task is None:
             return
-        self.registry.set_state(rec, "stopping")
+        self.registry.move(rec, "stopping")
         task.scope.cancel()
         await task.done.wait()
         # Stopped before it reached (or adopted) its container, a task leaves a container that
@@ -401,14 +344,14 @@ class Supervisor:
                         backoff = self.cfg.restart_initial
                     status = None if code == ADOPTED_EXIT else code
                     what = "exited" if status is None else f"exited with status {status}"
-                    self.registry.set_state(
+                    self._observed(
                         rec,
                         "crashed",
                         pid=None,
                         restarts=rec.restarts + 1,
                         last_error=what + (": " + "\n".join(tail) if tail else ""),
                     )
-                    await self.notify_manager(
+                    await self.notices.tell(
                         events.ContainerCrash(
                             agent=rec.name,
                             status=status,
@@ -425,8 +368,17 @@ class Supervisor:
                 await self.broker.release(rec.recipient)
             self._containers.pop(rec.name, None)
             if rec.state != "destroying":
-                self.registry.set_state(rec, "stopped", pid=None)
+                self.registry.move(rec, "stopped", pid=None)
             task.done.set()
+
+    def _observed(self, rec: AgentRecord, state: wire.ContainerState, **fields: object) -> None:
+        """What the supervision saw (`starting`, `running`, `crashed`); an agent on its way to
+        a stop keeps `stopping` (its task began, its container started or exited, while the stop
+        was under way: the stop wins)."""
+        if rec.state == "stopping":
+            self.registry.note(rec, **fields)
+        else:
+            self.registry.move(rec, state, **fields)
 
     async def _save_in_background(self, rec: AgentRecord) -> None:
         """A record saved by no request: a failure (a full disk) is logged, never the daemon's
@@ -436,18 +388,11 @@ class Supervisor:
         except HiveError as exc:
             log.error("%s: could not save its record: %s", rec.name, exc.message)
 
-    async def notify_manager(self, event: events.HelperEvent) -> None:
-        """Tell the manager what happened; losing the event never stops supervision."""
-        try:
-            await self.broker.send(SYSTEM, MANAGER, events.encode(event), origin=SYSTEM)
-        except HiveError as exc:
-            log.error("could not tell the manager about %s: %s", event, exc.message)
-
     async def rebuild(self, rec: AgentRecord) -> tuple[bool, str]:
         """Re-apply the agent's config: stop, backend rebuild, start. Returns (ok, note)."""
-        self.registry.set_state(rec, "rebuilding")
+        self.registry.move(rec, "rebuilding")
         await self.stop(rec)
-        self.registry.set_state(rec, "rebuilding")
+        self.registry.move(rec, "rebuilding")
         try:
             config = await self._load(rec)
             await self.backend.rebuild(self.spec_for(rec, config))
@@ -458,8 +403,8 @@ class Supervisor:
         if rec.desired == "running":
             await self.launch(rec)
         else:
-            self.registry.set_state(rec, "stopped")
-        await self.notify_manager(events.Rebuilt(agent=rec.name, ok=ok, note=note))
+            self.registry.move(rec, "stopped")
+        await self.notices.tell(events.Rebuilt(agent=rec.name, ok=ok, note=note))
         return ok, note
 
     async def create(self, rec: AgentRecord) -> None:
@@ -483,7 +428,7 @@ class Supervisor:
         return await self.backend.logs(self.spec_for(rec), lines)
 
     async def _run_once(self, rec: AgentRecord) -> int:
-        self.registry.set_state(rec, "starting")
+        self._observed(rec, "starting")
         try:
             config = await self._load(rec)
         except HiveError as exc:
@@ -502,14 +447,13 @@ class Supervisor:
             )
             return CONFIG_ERROR
         spec = self.spec_for(rec, config)
-        rec.limits_note = self.backend.limits_note(spec)
-        rec.network = describe_network(spec)
+        notes = [self.backend.limits_note(spec)]
         if self._own_etc and spec.uid is None:
-            weaker = (
+            notes.insert(
+                0,
                 "the daemon is not root: the agent runs as the daemon's user on the host's"
-                " network, without its own uid, cgroup or network namespace (SPEC §4.1b)"
+                " network, without its own uid, cgroup or network namespace (SPEC §4.1b)",
             )
-            rec.limits_note = "; ".join(n for n in (weaker, rec.limits_note) if n)
         state_max = spec.config.limits.state_max
         if state_max is not None and spec.uid is not None:
             try:
@@ -522,15 +466,15 @@ class Supervisor:
                     append_log_line, self.cfg.agent_root(rec.name) / "container.log", exc.message
                 )
                 return CONFIG_ERROR
-            if note is not None:
-                rec.limits_note = "; ".join(n for n in (rec.limits_note, note) if n)
+            notes.append(note)
+        limits_note = "; ".join(n for n in notes if n) or None
+        self.registry.note_quietly(rec, limits_note=limits_note, network=describe_network(spec))
         pidfile = self.cfg.agent_root(rec.name) / "container.pid"
         adopting = await trio.to_thread.run_sync(read_live_pidfile, pidfile) is not None
         if not adopting and spec.egress is None:
-            rec.port_conflict = not await trio.to_thread.run_sync(
-                _port_free, self.cfg.bind, rec.port
-            )
-            if rec.port_conflict:
+            free = await trio.to_thread.run_sync(_port_free, self.cfg.bind, rec.port)
+            self.registry.note_quietly(rec, port_conflict=not free)
+            if not free:
                 log.warning("%s: web UI port %d is taken by another process", rec.name, rec.port)
 
         async with trio.open_nursery() as nursery:
@@ -538,9 +482,9 @@ class Supervisor:
             def started(pid: int) -> None:
                 if not adopting and rec.built_rev != self.registry.revision:
                     # A fresh container runs this daemon's hyperhive; an adopted one its own.
-                    rec.built_rev = self.registry.revision
+                    self.registry.note_quietly(rec, built_rev=self.registry.revision)
                     self.nursery.start_soon(self._save_in_background, rec)
-                self.registry.set_state(rec, "running", pid=pid)
+                self._observed(rec, "running", pid=pid)
                 if spec.egress is not None:
                     nursery.start_soon(self._serve_ui, rec, pid)
 
@@ -569,14 +513,12 @@ class Supervisor:
             except OSError as exc:
                 if not rec.port_conflict:
                     log.warning("%s: web UI port %d is held: %s", rec.name, rec.port, exc)
-                    rec.port_conflict = True
-                    self.registry.changed(rec)
+                    self.registry.note(rec, port_conflict=True)
                 await trio.sleep(delay)
                 delay = min(delay * 2, UI_RETRY_MAX)
                 continue
             if rec.port_conflict:
-                rec.port_conflict = False
-                self.registry.changed(rec)
+                self.registry.note(rec, port_conflict=False)
             await netns.serve_ui_proxy(inside, rec.port, listeners)
 
     async def purge(self, rec: AgentRecord) -> None:
