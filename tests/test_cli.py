@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,13 @@ async def test_cli_round_trip(hive_root: Path) -> None:
         assert spawned.stdout.decode().startswith("alice: ")
 
         await _cli(cfg.run_dir, "kill", "alice")
+        rebuilt = await _cli(cfg.run_dir, "rebuild", "alice")
+        assert rebuilt.returncode == 0 and rebuilt.stdout.decode().startswith("alice: stopped")
+        logs = await _cli(cfg.run_dir, "--json", "logs", "alice", "--lines", "3")
+        assert logs.returncode == 0, logs.stderr
+        assert len(msgspec.json.decode(logs.stdout)["lines"]) <= 3
+        too_many = await _cli(cfg.run_dir, "logs", "alice", "--lines", "99999")
+        assert too_many.returncode == 1 and b"lines" in too_many.stderr
         sent = await _cli(cfg.run_dir, "send", "alice", "hello", "there")
         assert sent.returncode == 0 and b"to alice" in sent.stdout
 
@@ -131,3 +139,41 @@ def test_serve_refuses_limits_and_names_systemd_would_not_take(
     with pytest.raises(SystemExit):
         _serve_config(*flags)
     assert flags[1] in capsys.readouterr().err
+
+
+async def test_doctor_checks_the_host_and_the_running_hive(hive_root: Path) -> None:
+    cfg = hive_config(hive_root)
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Kill(name="alice"))
+        result = await _cli(cfg.run_dir, "--json", "doctor")
+    assert result.returncode == 0, result.stdout
+    checks = {c["name"]: c for c in msgspec.json.decode(result.stdout)["checks"]}
+    for tool in ("git", "claude CLI", "bubblewrap", "slirp4netns", "nftables", "setpriv"):
+        assert checks[tool]["status"] in ("ok", "warn"), checks[tool]
+    assert checks["bubblewrap"]["detail"].startswith("bubblewrap ")
+    daemon = checks["daemon"]
+    assert daemon["status"] == "warn" and "not running: alice" in daemon["detail"]
+
+
+async def test_doctor_fails_with_the_fix_when_a_tool_is_missing(
+    hive_root: Path, tmp_path: Path
+) -> None:
+    # A PATH with git and python only: no bwrap, no slirp4netns, no claude.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    git = shutil.which("git")
+    assert git is not None
+    (bin_dir / "git").symlink_to(git)
+    result = await trio.run_process(
+        [sys.executable, "-m", "hyperhive.cli", "--run-dir", str(hive_root), "doctor"],
+        capture_stdout=True,
+        check=False,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 1, out
+    assert "FAIL  bubblewrap" in out and "fix: apt install bubblewrap" in out
+    assert "FAIL  claude CLI" in out and "npm install -g @anthropic-ai/claude-code@" in out
+    assert "ok    git" in out
+    assert "warn  daemon" in out  # nothing serves host.sock there

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where host.sock lives (default %(default)s, or $HIVE_RUN_DIR)",
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    parser.add_argument(
+        "--remote",
+        metavar="URL",
+        default=os.environ.get("HIVE_REMOTE"),
+        help="act on the hive behind this dashboard login URL (what `hive-c0re url` prints on"
+        " its host; or $HIVE_REMOTE) instead of host.sock: the dashboard's requests only",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the host daemon")
@@ -175,14 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO")
 
     sub.add_parser("url", help="print the dashboard's login URL (it carries the login token)")
+    doctor = sub.add_parser("doctor", help="check this host's tools and the running hive")
+    doctor.add_argument("--backend", choices=("bwrap", "nspawn", "nixos"), default="bwrap")
+    doctor.add_argument("--agent-uid-base", type=int, default=300000)
     sub.add_parser("list", help="list agents")
     for verb, text in (
         ("spawn", "create and start an agent (no approval)"),
         ("kill", "stop an agent gracefully"),
         ("start", "start a stopped agent"),
         ("restart", "restart an agent"),
+        ("rebuild", "re-apply an agent's config and restart it"),
     ):
         sub.add_parser(verb, help=text).add_argument("name")
+    logs = sub.add_parser("logs", help="an agent's container output, most recent last")
+    logs.add_argument("name")
+    logs.add_argument("--lines", type=int, default=200, help="how many (1-5000)")
     destroy = sub.add_parser("destroy", help="remove an agent (state kept unless --purge)")
     destroy.add_argument("name")
     destroy.add_argument("--purge", action="store_true")
@@ -227,6 +241,10 @@ def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
             return wire.Start(name=args.name)
         case "restart":
             return wire.Restart(name=args.name)
+        case "rebuild":
+            return wire.Rebuild(name=args.name)
+        case "logs":
+            return wire.Logs(name=args.name, lines=args.lines)
         case "destroy":
             return wire.Destroy(name=args.name, purge=args.purge)
         case "send":
@@ -332,6 +350,8 @@ def render(reply: wire.Reply) -> str:
             )
         case wire.Received(message=m):
             return "(nothing)" if m is None else f"#{m.id} {m.sender} → {m.to}: {m.state}"
+        case wire.LogLines(lines=lines):
+            return "\n".join(lines)
         case wire.Done():
             return "ok"
         case wire.ApprovalList(approvals=approvals):
@@ -419,15 +439,36 @@ def login_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_doctor(args: argparse.Namespace) -> int:
+    """`hive-c0re doctor`: exit status 1 when a check failed (warnings do not)."""
+    from hyperhive.doctor import doctor, render
+
+    report = doctor(
+        backend=args.backend,
+        claude=shutil.which("claude") or "claude",
+        uid_base=args.agent_uid_base,
+        run_dir=Path(args.run_dir),
+    )
+    print(msgspec.json.encode(report).decode() if args.json else render(report))
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
     if args.command == "url":
         return login_url(args)
+    if args.command == "doctor":
+        return run_doctor(args)
     sock = str(Path(args.run_dir) / "host.sock")
     try:
-        reply: wire.Reply = trio.run(call_once, sock, _request(args))
+        if args.remote:
+            from hyperhive.remote import call_remote
+
+            reply: wire.Reply = trio.run(call_remote, args.remote, _request(args))
+        else:
+            reply = trio.run(call_once, sock, _request(args))
     except HiveError as err:
         if args.json:
             print(

@@ -331,11 +331,16 @@ def install(
     async def check_websocket() -> Response | None:
         if not guard.host_allowed(websocket.host):
             return error_response(421, "misdirected", "this host name is not served here")
+        authorization = websocket.headers.get("Authorization")
         if not await guard.admitted(
-            websocket.headers.get("Authorization"), websocket.args.get(TICKET_PARAM), websocket.path
+            authorization, websocket.args.get(TICKET_PARAM), websocket.path
         ):
             return not_logged_in()
         origin = websocket.headers.get("Origin")
+        if origin is None and bearer_token(authorization) is not None:
+            # Not a browser (the remote CLI): a browser always sends Origin on a websocket
+            # handshake and cannot set Authorization, so no page can have made this request.
+            return None
         if not guard.same_origin(origin, websocket.scheme, websocket.host):
             return error_response(403, "forbidden", "cross-origin websocket refused")
         if not guard.token_ok(websocket.args.get(CSRF_FIELD)):
