@@ -91,10 +91,42 @@ async def test_nack_counted_and_uncounted_and_redelivery_marking(tmp_path: Path)
         second = await lease(broker, "bob")
         assert (second.id, second.attempt, second.redelivery) == (sent.id, 2, True)
 
-        # The turn failed for another reason (the container stopped): it does not count.
+        # The turn failed for another reason (the container stopped): it does not count towards
+        # a dead letter, but a turn did run: the next lease is a new attempt, marked redelivery.
         assert await broker.nack("bob", sent.id, second.attempt, "stopped", count=False)
         third = await lease(broker, "bob")
-        assert (third.attempt, third.redelivery) == (2, True)
+        assert (third.attempt, third.redelivery) == (3, True)
+        assert not await broker.ack("bob", sent.id, second.attempt)  # fenced off
+
+
+async def test_an_uncounted_nack_of_a_first_attempt_is_still_a_redelivery(tmp_path: Path) -> None:
+    """A turn ran on the message: its next delivery says so, with an attempt of its own (the
+    old turn's ack cannot complete the new lease), and uncounted failures never dead-letter."""
+    async with open_broker(tmp_path / "b.sqlite") as (_, broker, _):
+        [sent] = await broker.send("alice", "bob", "rate limited")
+        first = await lease(broker, "bob")
+        assert (first.attempt, first.redelivery) == (1, False)
+        for _ in range(broker.max_attempts * 2):
+            got = await lease(broker, "bob") if _ else first
+            assert await broker.nack("bob", sent.id, got.attempt, "429", count=False)
+        again = await lease(broker, "bob")
+        assert again.redelivery and again.attempt == broker.max_attempts * 2 + 1
+        assert not await broker.ack("bob", sent.id, first.attempt)
+        # Counted failures still dead-letter after max_attempts of them.
+        for _ in range(broker.max_attempts):
+            assert await broker.nack("bob", sent.id, again.attempt, "boom", count=True)
+            taken = await broker.recv("bob", None, lease=True)
+            if taken is None:
+                break
+            again = taken
+        [dead] = await broker.recent("bob", 10, state="dead")
+        assert dead.id == sent.id
+
+        # A requeued dead letter is delivered again, as a redelivery, with fresh attempts.
+        await broker.requeue(sent.id)
+        back = await lease(broker, "bob")
+        assert back.id == sent.id and back.redelivery
+        assert await broker.ack("bob", back.id, back.attempt)
 
 
 async def test_a_message_nacked_max_attempts_times_becomes_a_dead_letter(tmp_path: Path) -> None:
@@ -155,7 +187,10 @@ async def test_requeue_gives_a_dead_letter_fresh_attempts(tmp_path: Path) -> Non
         assert (requeued.id, requeued.state) == (sent.id, "queued")
         assert broker.queued("bob") == 1
         again = await lease(broker, "bob")
-        assert (again.id, again.attempt, again.redelivery) == (sent.id, 1, False)
+        # Its attempts count from zero again, but turns did run on it: a redelivery, fenced
+        # off from every earlier attempt.
+        assert (again.id, again.redelivery) == (sent.id, True)
+        assert again.attempt == broker.max_attempts + 1
         with pytest.raises(NotFound):
             await broker.requeue(10_000)
 
@@ -298,3 +333,17 @@ async def test_a_cancelled_parked_receiver_takes_nothing_with_it(tmp_path: Path)
         await broker.send("alice", "bob", "for the next reader")
         assert await broker.counts("bob") == (1, 0)
         assert (await lease(broker, "bob")).body == "for the next reader"
+
+
+async def test_a_broker_stopping_while_a_dead_letter_is_reported_stops(tmp_path: Path) -> None:
+    """The report of a dead letter is a broker task that submits sends: stopping the broker
+    right after a take dead-lettered a message must fail those sends, not wait for them."""
+    with trio.fail_after(30):  # a guard: this used to hang forever
+        async with open_broker(tmp_path / "b.sqlite") as (_, broker, _):
+            await broker.send("alice", "bob", "poison")
+            for _ in range(broker.max_attempts):
+                got = await lease(broker, "bob")
+                await broker.nack("bob", got.id, got.attempt, "crashed", count=True)
+            assert await broker.recv("bob", None, lease=True) is None
+            # One more round trip: the report task has submitted its send when the block ends.
+            assert len(await broker.recent("bob", 10, state="dead")) == 1

@@ -9,6 +9,7 @@ import pytest
 import trio
 from quart.testing.connections import WebsocketResponseError
 from quart.typing import TestClientProtocol as WebClient
+from quart_trio.testing import TrioClient
 
 from hyperhive.core.tokens import LoginTokens
 from hyperhive.web.dashboard import create_dashboard_app
@@ -118,7 +119,6 @@ async def test_websocket_handshake_is_guarded(client: WebClient) -> None:
         ({"Host": "attacker.example", "Origin": "http://attacker.example"}, token, 421),
         ({"Origin": "http://evil.example"}, token, 403),
         ({"Origin": "http://localhost:8101"}, token, 403),
-        ({}, token, 403),
         ({"Origin": "http://localhost"}, "wrong", 403),
         ({"Origin": "http://localhost"}, None, 403),
     ]
@@ -136,6 +136,36 @@ async def test_websocket_handshake_is_guarded(client: WebClient) -> None:
                 if isinstance(exc, WebsocketResponseError)
             ]
         assert rejected == [status], (headers, csrf)
+
+
+async def test_only_a_bearer_without_origin_skips_the_browser_checks(
+    client: LoggedInClient,
+) -> None:
+    """The remote CLI's way in: `Authorization: Bearer` (which no page can set) and no Origin
+    (which every browser sends) needs no CSRF token. The browser's way in, a ticket, still needs
+    a same-origin Origin and the CSRF token: without an Origin it is refused."""
+    async with client.websocket("/ws") as ws:
+        await ws.send('{"cmd":"pending","ref":7}')
+        reply = await ws.receive()
+        assert isinstance(reply, str)
+        assert json_of(reply.encode()) == {"ref": 7, "ok": True, "approvals": []}
+
+    token = csrf_token(await (await client.get("/")).get_data(as_text=True))
+    resp = await client.post("/api/ticket", json={"path": "/ws"}, headers=post_headers(token))
+    ticket = json_of(await resp.get_data(as_text=False))["ticket"]
+    plain = TrioClient(client.app)  # no Authorization: admitted by the ticket alone
+    rejected: list[int] = []
+    try:
+        async with plain.websocket("/ws", query_string={"ticket": ticket, "csrf": token}) as ws:
+            await ws.send('{"cmd":"list"}')
+            await ws.receive()
+    except* WebsocketResponseError as group:
+        rejected = [
+            exc.response.status_code
+            for exc in group.exceptions
+            if isinstance(exc, WebsocketResponseError)
+        ]
+    assert rejected == [403]
 
 
 @pytest.mark.parametrize(

@@ -167,14 +167,20 @@ class Broker:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                while True:
-                    batch = [await self._recv.receive()]
-                    while len(batch) < self._batch_limit:
-                        try:
-                            batch.append(self._recv.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                    await self._commit(batch)
+                try:
+                    while True:
+                        batch = [await self._recv.receive()]
+                        while len(batch) < self._batch_limit:
+                            try:
+                                batch.append(self._recv.receive_nowait())
+                            except trio.WouldBlock:
+                                break
+                        await self._commit(batch)
+                finally:
+                    # Before the nursery waits for its tasks: one of them (a dead-letter
+                    # report) may wait, shielded, for an op only this loop would commit.
+                    self._closed = True
+                    self._fail_queued(Internal("the broker is shutting down"))
         finally:
             self._closed = True
             self._fail_queued(Internal("the broker is shutting down"))

@@ -188,20 +188,22 @@ def _insert(conn: sqlite3.Connection, op: Insert, now: float) -> None:
 
 def _take(conn: sqlite3.Connection, op: Take, now: float) -> None:
     while True:
-        row: Row | None = conn.execute(
-            f"SELECT {COLUMNS} FROM messages WHERE recipient = ? AND state = 'queued'"
+        found: tuple[int, str, str, str, float, int, int, str, str, int] | None = conn.execute(
+            f"SELECT {COLUMNS}, uncounted FROM messages WHERE recipient = ? AND state = 'queued'"
             " ORDER BY id LIMIT 1",
             (op.recipient,),
         ).fetchone()
-        if row is None:
+        if found is None:
             return
-        if row[5] >= op.max_attempts:
+        row: Row = found[:9]
+        counted = row[5] - found[9]
+        if counted >= op.max_attempts:
             conn.execute(
                 "UPDATE messages SET state = 'dead', last_error = COALESCE(last_error, ?)"
                 " WHERE id = ?",
-                (f"no turn completed after {row[5]} attempts", row[0]),
+                (f"no turn completed after {counted} attempts", row[0]),
             )
-            op.dead.append((*row[:7], "dead", row[8]))
+            op.dead.append((*row[:5], counted, row[6], "dead", row[8]))
             continue
         state = "leased" if op.lease else "delivered"
         conn.execute(
@@ -233,7 +235,7 @@ def _ack(conn: sqlite3.Connection, op: Ack, now: float) -> None:
 
 def _nack(conn: sqlite3.Connection, op: Nack, now: float) -> None:
     cur = conn.execute(
-        "UPDATE messages SET state = 'queued', last_error = ?, attempts = attempts - ?"
+        "UPDATE messages SET state = 'queued', last_error = ?, uncounted = uncounted + ?"
         " WHERE id = ? AND recipient = ? AND state = 'leased' AND attempts = ?",
         (op.error[:2000], 0 if op.count else 1, op.id, op.recipient, op.attempt),
     )
@@ -263,7 +265,8 @@ def _release(conn: sqlite3.Connection, op: Release, now: float) -> None:
 
 def _requeue(conn: sqlite3.Connection, op: Requeue, now: float) -> None:
     cur = conn.execute(
-        "UPDATE messages SET state = 'queued', attempts = 0 WHERE id = ? AND state = 'dead'",
+        "UPDATE messages SET state = 'queued', uncounted = attempts WHERE id = ? AND"
+        " state = 'dead'",
         (op.id,),
     )
     if cur.rowcount == 1:

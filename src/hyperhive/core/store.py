@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS messages (
     broadcast    INTEGER NOT NULL DEFAULT 0,
     state        TEXT    NOT NULL DEFAULT 'queued',
     attempts     INTEGER NOT NULL DEFAULT 0,
+    uncounted    INTEGER NOT NULL DEFAULT 0,
     leased_at    REAL,
     delivered_at REAL,
     origin       TEXT    NOT NULL DEFAULT '',
@@ -148,7 +149,10 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-_COLUMNS_ADDED = {"agents": {"built_rev": "TEXT"}}
+_COLUMNS_ADDED = {
+    "agents": {"built_rev": "TEXT"},
+    "messages": {"uncounted": "INTEGER NOT NULL DEFAULT 0"},
+}
 """Columns added after a table was first created: ALTER TABLE on older databases."""
 
 
