@@ -40,6 +40,7 @@ class Controls:
 
     _model: str = "haiku"
     new_sessions: int = 0
+    compactions: int = 0
     cancels: list[bool] = field(default_factory=list)
     thinking: bool = False
 
@@ -54,6 +55,13 @@ class Controls:
 
     def request_new_session(self) -> None:
         self.new_sessions += 1
+
+    def request_compact(self) -> None:
+        self.compactions += 1
+
+    @property
+    def compact_at(self) -> int:
+        return 150_000
 
     async def cancel_turn(self) -> bool:
         self.cancels.append(self.thinking)
@@ -314,6 +322,9 @@ async def test_controls(ui: AgentUi) -> None:
     resp = await ui.client.post("/api/new-session", headers=headers)
     assert resp.status_code == 200 and ui.controls.new_sessions == 1
 
+    resp = await ui.client.post("/api/compact", headers=headers)
+    assert resp.status_code == 200 and ui.controls.compactions == 1
+
     resp = await ui.client.post("/api/model", form={"model": "sonnet"}, headers=headers)
     assert json_of(await resp.get_data(as_text=False))["model"] == "sonnet"
     assert ui.controls.model == "sonnet"
@@ -407,11 +418,11 @@ async def test_agent_ui_guard(ui: AgentUi) -> None:
         {**own, "Origin": "http://localhost:8101"},
     ]
     for headers in refused:
-        for path in ("/api/send", "/api/cancel", "/api/new-session", "/api/model"):
+        for path in ("/api/send", "/api/cancel", "/api/new-session", "/api/compact", "/api/model"):
             resp = await ui.client.post(path, json={"body": "x", "model": "x"}, headers=headers)
             assert resp.status_code == 403, (path, headers)
     assert ui.controls.cancels == [] and ui.controls.new_sessions == 0
-    assert ui.controls.model == "haiku"
+    assert ui.controls.compactions == 0 and ui.controls.model == "haiku"
     resp = await ui.client.post(
         "/api/new-session", headers={**own, **post_headers(token, "http://localhost:8101")}
     )

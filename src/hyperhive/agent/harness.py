@@ -8,8 +8,14 @@ from functools import partial
 
 import trio
 
-from hyperhive.agent.bus import LiveBus, Note, TurnEnd, TurnStart, open_history
+from hyperhive.agent.bus import Compacted, LiveBus, Note, TurnEnd, TurnStart, open_history
 from hyperhive.agent.claude import CLAUDE_DEFAULTS, TurnResult, run_turn
+from hyperhive.agent.compaction import (
+    CompactionKind,
+    checkpoint_prompt,
+    handoff_prompt,
+    read_notes,
+)
 from hyperhive.agent.controls import Controls
 from hyperhive.agent.login import LOGIN_ARGS, ClaudeLogin, LoginSession
 from hyperhive.agent.settings import HarnessSettings, write_claude_files
@@ -64,6 +70,7 @@ class Harness:
         self.controls = controls
         self.login = login
         self.backoff = 0.0
+        self._between_turns = trio.Lock()
 
     def _has_session(self) -> bool:
         projects = self.settings.claude_config_dir / "projects"
@@ -106,13 +113,64 @@ class Harness:
         await self.bus.set_state("idle")
         while True:
             await self.wait_for_login()
-            reply = await client.call(wire.Recv(wait_seconds=RECV_WAIT, lease=True))
-            if reply.message is None:
+            await self.between_turns()
+            msg = await self._receive(client)
+            if msg is None:
                 continue
-            msg = reply.message
             status = await client.call(wire.Status())
             result = await self.turn(msg, status.unread)
             await self.settle(client, msg, result)
+
+    async def _receive(self, client: Client) -> wire.Message | None:
+        """Wait for the next message; an operator's compaction asked for meanwhile runs at once
+        (a message arriving during it waits, leased, until it is done)."""
+
+        async def compact_when_asked() -> None:
+            while True:
+                await self.controls.wait_compact_asked()
+                await self.between_turns()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(compact_when_asked)
+            reply = await client.call(wire.Recv(wait_seconds=RECV_WAIT, lease=True))
+            async with self._between_turns:
+                nursery.cancel_scope.cancel()
+        return reply.message
+
+    async def between_turns(self) -> None:
+        """Compact when the operator asked for it or the last turn's context passed the
+        watermark (then after a checkpoint turn that writes the agent's notes)."""
+        async with self._between_turns:
+            forced = self.controls.take_compact()
+            tokens = self.bus.context_tokens
+            over = tokens is not None and tokens > self.controls.compact_at
+            if not (forced or over):
+                return
+            if not await trio.to_thread.run_sync(self._has_session):
+                await self.bus.emit(Note(text="no claude session to compact yet"))
+                return
+            with self.controls.turn() as cancel:
+                await self.bus.set_state("compacting")
+                if over and not forced:
+                    await self.bus.emit(
+                        Note(
+                            text=f"context at {tokens} tokens, above {self.controls.compact_at}:"
+                            f" checkpoint to {self.settings.notes_path}, then compaction"
+                        )
+                    )
+                    checkpoint = await self._run(
+                        checkpoint_prompt(self.settings.notes_path), resume=True, cancel=cancel
+                    )
+                    if not checkpoint.ok and not checkpoint.cancelled:
+                        await self.bus.emit(
+                            Note(text=f"checkpoint turn failed: {checkpoint.note}", level="warn")
+                        )
+                if not cancel.cancel_called:
+                    ok = await self.compact("operator" if forced else "watermark", cancel)
+                    if not ok:
+                        # Measured again by the next turn; no retry before every message.
+                        self.bus.context_tokens = None
+            await self.bus.set_state("idle")
 
     async def settle(self, client: Client, msg: wire.Message, result: TurnResult) -> None:
         """Ack a completed turn; give the message back when the turn did not complete."""
@@ -149,18 +207,11 @@ class Harness:
         resume = not self.controls.take_new_session() and await trio.to_thread.run_sync(
             self._has_session
         )
+        prompt = wake_prompt(msg, unread)
         with self.controls.turn() as cancel:
-            try:
-                result = await run_turn(
-                    self.settings,
-                    self.bus,
-                    wake_prompt(msg, unread),
-                    model=self.controls.model,
-                    resume=resume,
-                    cancel=cancel,
-                )
-            except OSError as exc:
-                result = TurnResult(ok=False, note=f"cannot run claude: {exc}", transient=True)
+            result = await self._run(prompt, resume=resume, cancel=cancel)
+            if result.too_long and not cancel.cancel_called:
+                result = await self._overflowed(prompt, cancel)
         await self.bus.emit(
             TurnEnd(
                 ok=result.ok,
@@ -170,6 +221,69 @@ class Harness:
         )
         await self.bus.set_state("idle")
         return result
+
+    async def _run(self, prompt: str, *, resume: bool, cancel: trio.CancelScope) -> TurnResult:
+        """One claude run; the context it measured is remembered for the watermark."""
+        try:
+            result = await run_turn(
+                self.settings,
+                self.bus,
+                prompt,
+                model=self.controls.model,
+                resume=resume,
+                cancel=cancel,
+            )
+        except OSError as exc:
+            return TurnResult(ok=False, note=f"cannot run claude: {exc}", transient=True)
+        if result.context_tokens is not None:
+            self.bus.context_tokens = result.context_tokens
+        return result
+
+    async def _overflowed(self, prompt: str, cancel: trio.CancelScope) -> TurnResult:
+        """The turn did not fit the context: compact and retry once; failing that, hand the
+        message over to a fresh session with the agent's notes. A failed compaction costs the
+        message nothing: only the last attempt's outcome settles it."""
+        await self.bus.emit(Note(text="prompt is too long: compacting the context", level="warn"))
+        result: TurnResult | None = None
+        if await self.compact("reactive", cancel):
+            await self.bus.set_state("thinking")
+            result = await self._run(prompt, resume=True, cancel=cancel)
+            if not result.too_long or cancel.cancel_called:
+                return result
+        if cancel.cancel_called:
+            return TurnResult(ok=False, note="turn cancelled", cancelled=True)
+        await self.bus.emit(
+            Note(
+                text="the context does not fit even compacted: a fresh session takes over,"
+                f" with {self.settings.notes_path} and this message",
+                level="warn",
+            )
+        )
+        notes = await trio.to_thread.run_sync(read_notes, self.settings.notes_path)
+        await self.bus.set_state("thinking")
+        self.bus.context_tokens = None
+        handoff = handoff_prompt(prompt, self.settings.notes_path, notes)
+        return await self._run(handoff, resume=False, cancel=cancel)
+
+    async def compact(self, trigger: CompactionKind, cancel: trio.CancelScope) -> bool:
+        """Run claude's `/compact` on the session; True when it compacted."""
+        await self.bus.set_state("compacting")
+        before = self.bus.context_tokens
+        result = await self._run("/compact", resume=True, cancel=cancel)
+        ok = result.ok and result.compacted is not None
+        pre, post = result.compacted or (None, None)
+        if ok:
+            self.bus.context_tokens = post
+        await self.bus.emit(
+            Compacted(
+                trigger=trigger,
+                ok=ok,
+                tokens_before=pre if pre is not None else before,
+                tokens_after=post,
+                note=result.note if not ok else "",
+            )
+        )
+        return ok
 
 
 async def serve(settings: HarnessSettings) -> None:
