@@ -101,6 +101,8 @@ class TurnResult:
     """The context is full: claude (or the API) said "Prompt is too long"."""
     context_tokens: int | None = None
     """The context of the turn's last model reply (input + cache tokens), if it had one."""
+    text: str = ""
+    """The result's text (a `/compact` run reports "Compaction failed · …" in it)."""
     compacted: tuple[int | None, int | None] | None = None
     """(tokens before, tokens after) when claude compacted the session in this run."""
 
@@ -208,6 +210,7 @@ async def run_turn(
                 outcome.auth_failed = outcome.auth_failed or status in (401, 403)
                 outcome.transient = status in (429, 500, 502, 503, 504, 529)
                 outcome.too_long = _is_too_long(probe)
+                outcome.text = (probe.result or "")[:300]
                 if outcome.ok:
                     outcome.note = ""
                 else:

@@ -34,6 +34,13 @@ RETRY_INITIAL = 5.0
 RETRY_MAX = 300.0
 
 
+RETRY_NOTE = (
+    "(Your context ran out during this turn, so it was compacted and the turn runs again: the"
+    " try before may have done part of it already. Check before you repeat anything, such as a"
+    " message you sent.)\n"
+)
+
+
 def wake_prompt(msg: wire.Message, unread: int) -> str:
     """The minimal wake prompt: who sent what, in an envelope the body cannot forge."""
     attrs = (
@@ -149,7 +156,8 @@ class Harness:
             if not await trio.to_thread.run_sync(self._has_session):
                 await self.bus.emit(Note(text="no claude session to compact yet"))
                 return
-            with self.controls.turn() as cancel:
+            # The operator's cancel ends the checkpoint and the compaction alike.
+            with self.controls.turn() as cancel, cancel:
                 await self.bus.set_state("compacting")
                 if over and not forced:
                     await self.bus.emit(
@@ -159,17 +167,15 @@ class Harness:
                         )
                     )
                     checkpoint = await self._run(
-                        checkpoint_prompt(self.settings.notes_path), resume=True, cancel=cancel
+                        checkpoint_prompt(self.settings.notes_path), resume=True
                     )
-                    if not checkpoint.ok and not checkpoint.cancelled:
+                    if not checkpoint.ok:
                         await self.bus.emit(
                             Note(text=f"checkpoint turn failed: {checkpoint.note}", level="warn")
                         )
-                if not cancel.cancel_called:
-                    ok = await self.compact("operator" if forced else "watermark", cancel)
-                    if not ok:
-                        # Measured again by the next turn; no retry before every message.
-                        self.bus.context_tokens = None
+                if not await self.compact("operator" if forced else "watermark"):
+                    # Measured again by the next turn; no retry before every message.
+                    self.bus.context_tokens = None
             await self.bus.set_state("idle")
 
     async def settle(self, client: Client, msg: wire.Message, result: TurnResult) -> None:
@@ -208,10 +214,14 @@ class Harness:
             self._has_session
         )
         prompt = wake_prompt(msg, unread)
-        with self.controls.turn() as cancel:
-            result = await self._run(prompt, resume=resume, cancel=cancel)
-            if result.too_long and not cancel.cancel_called:
-                result = await self._overflowed(prompt, cancel)
+        # One cancel scope over every claude run of the turn (a retry, a compaction included).
+        result = TurnResult(ok=False, note="not run")
+        with self.controls.turn() as cancel, cancel:
+            result = await self._run(prompt, resume=resume)
+            if result.too_long:
+                result = await self._overflowed(prompt)
+        if cancel.cancelled_caught:
+            result = TurnResult(ok=False, note="turn cancelled", cancelled=True)
         await self.bus.emit(
             TurnEnd(
                 ok=result.ok,
@@ -222,8 +232,10 @@ class Harness:
         await self.bus.set_state("idle")
         return result
 
-    async def _run(self, prompt: str, *, resume: bool, cancel: trio.CancelScope) -> TurnResult:
-        """One claude run; the context it measured is remembered for the watermark."""
+    async def _run(self, prompt: str, *, resume: bool) -> TurnResult:
+        """One claude run; the context it measured is remembered for the watermark. Run it
+        inside the cancel scope of `controls.turn()`: a cancel ends it with `trio.Cancelled`
+        (after claude is stopped)."""
         try:
             result = await run_turn(
                 self.settings,
@@ -231,7 +243,7 @@ class Harness:
                 prompt,
                 model=self.controls.model,
                 resume=resume,
-                cancel=cancel,
+                cancel=trio.CancelScope(),
             )
         except OSError as exc:
             return TurnResult(ok=False, note=f"cannot run claude: {exc}", transient=True)
@@ -239,19 +251,16 @@ class Harness:
             self.bus.context_tokens = result.context_tokens
         return result
 
-    async def _overflowed(self, prompt: str, cancel: trio.CancelScope) -> TurnResult:
+    async def _overflowed(self, prompt: str) -> TurnResult:
         """The turn did not fit the context: compact and retry once; failing that, hand the
         message over to a fresh session with the agent's notes. A failed compaction costs the
         message nothing: only the last attempt's outcome settles it."""
         await self.bus.emit(Note(text="prompt is too long: compacting the context", level="warn"))
-        result: TurnResult | None = None
-        if await self.compact("reactive", cancel):
+        if await self.compact("reactive"):
             await self.bus.set_state("thinking")
-            result = await self._run(prompt, resume=True, cancel=cancel)
-            if not result.too_long or cancel.cancel_called:
+            result = await self._run(prompt + RETRY_NOTE, resume=True)
+            if not result.too_long:
                 return result
-        if cancel.cancel_called:
-            return TurnResult(ok=False, note="turn cancelled", cancelled=True)
         await self.bus.emit(
             Note(
                 text="the context does not fit even compacted: a fresh session takes over,"
@@ -263,13 +272,13 @@ class Harness:
         await self.bus.set_state("thinking")
         self.bus.context_tokens = None
         handoff = handoff_prompt(prompt, self.settings.notes_path, notes)
-        return await self._run(handoff, resume=False, cancel=cancel)
+        return await self._run(handoff, resume=False)
 
-    async def compact(self, trigger: CompactionKind, cancel: trio.CancelScope) -> bool:
+    async def compact(self, trigger: CompactionKind) -> bool:
         """Run claude's `/compact` on the session; True when it compacted."""
         await self.bus.set_state("compacting")
         before = self.bus.context_tokens
-        result = await self._run("/compact", resume=True, cancel=cancel)
+        result = await self._run("/compact", resume=True)
         ok = result.ok and result.compacted is not None
         pre, post = result.compacted or (None, None)
         if ok:
@@ -280,7 +289,7 @@ class Harness:
                 ok=ok,
                 tokens_before=pre if pre is not None else before,
                 tokens_after=post,
-                note=result.note if not ok else "",
+                note="" if ok else result.note or result.text or "nothing was compacted",
             )
         )
         return ok

@@ -32,8 +32,9 @@ COMPACTION_MARKERS = (
 message); either one identifies a summarisation request."""
 
 NO_COMPACT = "!nocompact"
-"""A message holding this line makes every later summarisation request of its session fail as
-too long, the way the real API refuses a conversation too large to summarise."""
+"""A summarisation request whose conversation holds this (in a message body) fails as too long,
+the way the real API refuses a conversation too large to summarise. claude summarises the
+older part of a session and keeps its newest messages verbatim, so the marker must be old."""
 
 _CHECKPOINT = re.compile(r"<hive-checkpoint\b[^>]*\bnotes=\"([^\"]+)\"")
 
