@@ -206,20 +206,32 @@ async def test_the_operator_forces_a_compaction_from_the_agent_page(hive_root: P
                     event = await stream.event()
                     if event["kind"] == "state":
                         seen.append(event["state"])
+                        if event["state"] == "compacting":
+                            # A message arriving meanwhile waits for the compaction.
+                            sent = await hive.call(
+                                wire.OperatorSend(to="alice", body="still there?")
+                            )
                     if event["kind"] == "compacted":
                         seen.append(event["trigger"])
                         break
             async with open_http(alice.port, "/api/state", headers=login(token)) as resp:
                 state = json_of(await resp.read_body())
         assert seen == ["compacting", "operator"]
-        assert state["context_tokens"] < 1000 and state["compact_at_tokens"] == 150_000
-        mids.append(await talk(hive, events, "still there?"))
+        assert state["compact_at_tokens"] == 150_000 and state["context_tokens"] > 0
+        mids.append(sent.ids[0])
+        await wait_for_event(
+            events, lambda e: isinstance(e, wire.MessageDelivered) and e.id == sent.ids[0]
+        )
         await no_message_failed(hive, mids)
+        operator = await hive.call(wire.HostRecent(name="operator", limit=10))
+    assert operator.messages[-1].body == "alice here. You said: still there?"
     steps = history(hive.cfg)
     show(steps)
     (forced,) = compactions(steps)
     assert forced.ok and forced.before is not None and forced.after is not None
     assert forced.after < forced.before
+    assert [s.kind for s in steps[steps.index(forced) + 1 :]][:1] == ["turn"]
+    assert steps[steps.index(forced) + 1].text == "still there?"
 
 
 async def test_a_context_that_cannot_be_compacted_hands_over_to_a_fresh_session(
