@@ -68,8 +68,15 @@ def test_nocompact_makes_summarisation_fail_as_too_long() -> None:
     decision = answer(req, tokens=9000, context_limit=None, new_id=counter())
     assert isinstance(decision, Failure) and decision.status == 400
     assert decision.message.startswith("prompt is too long")
+    outage = answer(
+        request(messages=_history(envelope("!nocompact 500\nhello"))), tokens=9, new_id=counter()
+    )
+    assert isinstance(outage, Failure) and (outage.status, outage.error_type) == (500, "api_error")
     # The message itself is answered as the rest of its body.
     reply = answer(request("!nocompact\nhello"), tokens=10, new_id=counter())
+    assert isinstance(reply, Reply) and isinstance(reply.blocks[0], ToolUse)
+    assert reply.blocks[0].input == {"to": "operator", "body": "alice here. You said: hello"}
+    reply = answer(request("!nocompact 500\nhello"), tokens=10, new_id=counter())
     assert isinstance(reply, Reply) and isinstance(reply.blocks[0], ToolUse)
     assert reply.blocks[0].input == {"to": "operator", "body": "alice here. You said: hello"}
 

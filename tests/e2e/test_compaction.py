@@ -273,3 +273,38 @@ async def test_a_context_that_cannot_be_compacted_hands_over_to_a_fresh_session(
     assert len(transcripts) == 2
     handoff = [t for t in transcripts if "<hive-handoff/>" in t]
     assert len(handoff) == 1 and "working on the compaction test" in handoff[0]
+
+
+async def test_a_compaction_the_api_fails_keeps_the_session_and_counts_nothing(
+    hive_root: Path,
+) -> None:
+    """A server error during the compaction is not the message's fault: it goes back uncounted
+    (leased again with the same attempt number), and no fresh session is started."""
+    async with (
+        open_limited_hive(hive_root, context_limit=5500) as hive,
+        subscription(hive.sock) as events,
+    ):
+        await spawn_idle(hive, events)
+        await talk(hive, events, f"!nocompact 500\nmessage 0 {PAD}")
+        await talk(hive, events, f"message 1 {PAD}")
+        sent = await hive.call(wire.OperatorSend(to="alice", body=f"message 2 {PAD}"))
+        mid = sent.ids[0]
+        leases: list[int] = []
+        while len(leases) < 2:
+            lease = await wait_for_event(
+                events, lambda e: isinstance(e, wire.MessageLeased) and e.id == mid
+            )
+            assert isinstance(lease, wire.MessageLeased)
+            leases.append(lease.attempt)
+        assert leases == [1, 1]
+        with sqlite3.connect(hive.cfg.db_path) as conn:
+            state, error = conn.execute(
+                "SELECT state, last_error FROM messages WHERE id = ?", (mid,)
+            ).fetchone()
+        assert state == "leased" and error.startswith("compaction failed: ")
+    steps = history(hive.cfg)
+    show(steps)
+    failed = compactions(steps)[0]
+    assert failed.trigger == "reactive" and not failed.ok
+    sessions = hive.cfg.agent_root("alice") / "claude" / "projects"
+    assert len(list(sessions.rglob("*.jsonl"))) == 1

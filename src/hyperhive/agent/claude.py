@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class _Probe(msgspec.Struct):
     errors: list[str] | None = None
     terminal_reason: str | None = None
     api_error_status: int | None = None
+    num_turns: int | None = None
 
 
 class _Usage(msgspec.Struct):
@@ -79,6 +81,16 @@ _boundary_probe = msgspec.json.Decoder(_BoundaryProbe)
 
 TOO_LONG = "prompt is too long"
 """How claude (and the API's 400 behind it) says the context is full."""
+
+
+_API_ERROR = re.compile(r"\bAPI Error: ([45][0-9][0-9])\b")
+
+
+def _reported_status(text: str | None) -> int | None:
+    """The API status a result only tells in words: a failed `/compact` ends "successfully",
+    with "Error during compaction: API Error: 500 …" as its text (claude 2.1.197)."""
+    match = _API_ERROR.search(text or "")
+    return None if match is None else int(match.group(1))
 
 
 def _is_too_long(probe: _Probe) -> bool:
@@ -207,6 +219,10 @@ async def run_turn(
                 outcome.saw_result = True
                 outcome.ok = not probe.is_error and probe.subtype == "success"
                 status = probe.api_error_status
+                if status is None and (probe.is_error or probe.num_turns == 0):
+                    # Not the model's answer (which may quote anything): an error or a local
+                    # command's output.
+                    status = _reported_status(probe.result)
                 outcome.auth_failed = outcome.auth_failed or status in (401, 403)
                 outcome.transient = status in (429, 500, 502, 503, 504, 529)
                 outcome.too_long = _is_too_long(probe)

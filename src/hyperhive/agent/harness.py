@@ -173,7 +173,8 @@ class Harness:
                         await self.bus.emit(
                             Note(text=f"checkpoint turn failed: {checkpoint.note}", level="warn")
                         )
-                if not await self.compact("operator" if forced else "watermark"):
+                compacted, _ = await self.compact("operator" if forced else "watermark")
+                if not compacted:
                     # Measured again by the next turn; no retry before every message.
                     self.bus.context_tokens = None
             await self.bus.set_state("idle")
@@ -256,7 +257,16 @@ class Harness:
         message over to a fresh session with the agent's notes. A failed compaction costs the
         message nothing: only the last attempt's outcome settles it."""
         await self.bus.emit(Note(text="prompt is too long: compacting the context", level="warn"))
-        if await self.compact("reactive"):
+        compacted, run = await self.compact("reactive")
+        if not compacted and (run.transient or run.auth_failed):
+            # The API is away or the login lapsed: keep the session, retry the message later.
+            return TurnResult(
+                ok=False,
+                note=f"compaction failed: {run.note or run.text}",
+                transient=run.transient,
+                auth_failed=run.auth_failed,
+            )
+        if compacted:
             await self.bus.set_state("thinking")
             result = await self._run(prompt + RETRY_NOTE, resume=True)
             if not result.too_long:
@@ -274,8 +284,8 @@ class Harness:
         handoff = handoff_prompt(prompt, self.settings.notes_path, notes)
         return await self._run(handoff, resume=False)
 
-    async def compact(self, trigger: CompactionKind) -> bool:
-        """Run claude's `/compact` on the session; True when it compacted."""
+    async def compact(self, trigger: CompactionKind) -> tuple[bool, TurnResult]:
+        """Run claude's `/compact` on the session: whether it compacted, and the run."""
         await self.bus.set_state("compacting")
         before = self.bus.context_tokens
         result = await self._run("/compact", resume=True)
@@ -292,7 +302,7 @@ class Harness:
                 note="" if ok else result.note or result.text or "nothing was compacted",
             )
         )
-        return ok
+        return ok, result
 
 
 async def serve(settings: HarnessSettings) -> None:

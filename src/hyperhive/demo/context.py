@@ -17,6 +17,7 @@ from hyperhive.demo.script import (
     Text,
     ToolUse,
     decide,
+    error_type_for,
     message_texts,
     new_tool_use_id,
     newest_turn,
@@ -33,9 +34,11 @@ message); either one identifies a summarisation request."""
 
 NO_COMPACT = "!nocompact"
 """A summarisation request whose conversation holds this (in a message body) fails as too long,
-the way the real API refuses a conversation too large to summarise. claude summarises the
-older part of a session and keeps its newest messages verbatim, so the marker must be old."""
+the way the real API refuses a conversation too large to summarise; `!nocompact <status>` makes
+it fail with that HTTP status instead (e.g. 500, an outage). claude summarises the older part of
+a session and keeps its newest messages verbatim, so the marker must be old."""
 
+_NO_COMPACT = re.compile(r"^!nocompact(?: ([45][0-9][0-9]))?\b", re.MULTILINE)
 _CHECKPOINT = re.compile(r"<hive-checkpoint\b[^>]*\bnotes=\"([^\"]+)\"")
 
 
@@ -81,8 +84,13 @@ def compaction(request: MessagesRequest, tokens: int) -> Reply | Failure:
     """A short `<analysis>` + `<summary>` of the conversation, or the too-long error when a
     message of it asked for that with `!nocompact`."""
     texts = _texts(request)
-    if any(NO_COMPACT in text for text in texts[:-1]):
-        return too_long(tokens, tokens - 1)
+    for text in texts[:-1]:
+        marker = _NO_COMPACT.search(text)
+        if marker is not None:
+            status = int(marker.group(1) or 400)
+            if status == 400:
+                return too_long(tokens, tokens - 1)
+            return Failure(status, error_type_for(status), f"scripted {error_type_for(status)}")
     envelopes = [env for env in map(parse_envelope, texts) if env is not None]
     last = envelopes[-1] if envelopes else None
     handled = "no hive messages yet" if last is None else f"{len(envelopes)} hive message(s)"

@@ -361,6 +361,8 @@ def _answer(context: _Context, body: str, *, delay: float) -> Decision:
             return _directive_error(argument, delay)
         case "!nocompact":
             # Marks the session as one the model refuses to summarise (demo/context.py).
+            if argument.isdigit():
+                argument = ""
             remaining = "\n".join(part for part in (argument, rest) if part).strip()
             return _answer(context, remaining, delay=delay) if remaining else _text("Noted.", delay)
         case _:
