@@ -14,7 +14,7 @@ import pytest
 import trio
 from quart_trio import QuartTrio
 
-from hyperhive.agent.bus import LiveBus, Note, TurnStart, open_history
+from hyperhive.agent.bus import Compacted, LiveBus, Note, TurnStart, open_history
 from hyperhive.agent.login import LOGIN_ARGS, ClaudeLogin, LoginSession, LoginState
 from hyperhive.agent.ui import AgentControls, create_agent_app, serve_agent_ui
 from hyperhive.protocol import wire
@@ -191,6 +191,11 @@ async def test_state_reports_turn_model_login_and_inbox(hive: Hive, ui: AgentUi)
     assert state["turn_state"] == "thinking"
     assert state["turn_state_since"] == pytest.approx(ui.bus.state_since)
     assert state["socket_error"] is None
+    assert state["context_tokens"] is None and state["compact_at_tokens"] == 150_000
+    await ui.bus.set_state("compacting")
+    ui.bus.context_tokens = 4321
+    compacting = await state_of(ui)
+    assert compacting["turn_state"] == "compacting" and compacting["context_tokens"] == 4321
     inbox = state["inbox"]
     assert isinstance(inbox, list)
     assert ("operator", "<b>for the manager</b>") in [(m["from"], m["body"]) for m in inbox]
@@ -433,3 +438,8 @@ def test_live_event_json_is_what_the_page_reads() -> None:
     # The page's renderer keys on these field names; keep them in sync with the bus.
     event = msgspec.json.decode(msgspec.json.encode(TurnStart(sender="a", body="b")))
     assert {"kind", "seq", "ts", "from", "body", "unread"} <= event.keys()
+    compacted = msgspec.json.decode(
+        msgspec.json.encode(Compacted(trigger="operator", ok=True, tokens_before=9, tokens_after=1))
+    )
+    assert compacted["kind"] == "compacted"
+    assert {"trigger", "ok", "tokens_before", "tokens_after", "note"} <= compacted.keys()
