@@ -3,6 +3,7 @@ public API only, and the turn loop's wait for credentials on virtual time."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -44,6 +45,52 @@ def test_a_new_session_is_asked_for_once(tmp_path: Path) -> None:
     controls.request_new_session()
     assert controls.take_new_session() is True
     assert controls.take_new_session() is False
+
+
+async def test_a_compaction_is_asked_for_once_and_wakes_the_waiter(tmp_path: Path) -> None:
+    controls = Controls(replace(settings(tmp_path), model="sonnet"))
+    assert controls.compact_at == 150_000
+    assert Controls(replace(settings(tmp_path), compact_at_tokens=9000)).compact_at == 9000
+    assert controls.take_compact() is False
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(controls.wait_compact_asked)
+            await trio.testing.wait_all_tasks_blocked()
+            controls.request_compact()
+            controls.request_compact()
+    assert controls.take_compact() is True
+    assert controls.take_compact() is False
+    with trio.move_on_after(0.01) as waiting:
+        await controls.wait_compact_asked()
+    assert waiting.cancelled_caught  # used up: nothing to wake a waiter for
+
+
+async def test_cancel_ends_a_compaction_and_the_harness_goes_idle(tmp_path: Path) -> None:
+    """An operator's compaction runs claude's `/compact` (here a claude that hangs) in the
+    `compacting` state; the page's cancel stops it and the harness is idle again."""
+    fake = tmp_path / "claude"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    session = tmp_path / "claude-config" / "projects" / "-state"
+    session.mkdir(parents=True)
+    (session / "s.jsonl").write_text("{}\n")
+    config = replace(
+        settings(tmp_path), claude=str(fake), claude_config_dir=tmp_path / "claude-config"
+    )
+    bus = LiveBus()
+    events = bus.subscribe()
+    controls = Controls(config)
+    harness = Harness(config, bus, controls, ClaudeLogin(lambda: True))
+    controls.request_compact()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(harness.between_turns)
+            while bus.state != "compacting":
+                await events.receive()
+            assert controls.turn_running and await controls.cancel_turn() is True
+    state: str = bus.state  # mypy narrowed it to "compacting" in the loop above
+    assert state == "idle" and not controls.turn_running
+    assert controls.take_compact() is False
 
 
 async def test_cancel_reaches_the_running_turn_only(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 import trio
 from quart_trio import QuartTrio
 
-from hyperhive.agent.bus import LiveBus, Note, TurnStart, open_history
+from hyperhive.agent.bus import Compacted, LiveBus, Note, TurnStart, open_history
 from hyperhive.agent.login import LOGIN_ARGS, ClaudeLogin, LoginSession, LoginState
 from hyperhive.agent.ui import AgentControls, create_agent_app, serve_agent_ui
 from hyperhive.protocol import wire
@@ -40,6 +40,7 @@ class Controls:
 
     _model: str = "haiku"
     new_sessions: int = 0
+    compactions: int = 0
     cancels: list[bool] = field(default_factory=list)
     thinking: bool = False
 
@@ -54,6 +55,13 @@ class Controls:
 
     def request_new_session(self) -> None:
         self.new_sessions += 1
+
+    def request_compact(self) -> None:
+        self.compactions += 1
+
+    @property
+    def compact_at(self) -> int:
+        return 150_000
 
     async def cancel_turn(self) -> bool:
         self.cancels.append(self.thinking)
@@ -183,6 +191,11 @@ async def test_state_reports_turn_model_login_and_inbox(hive: Hive, ui: AgentUi)
     assert state["turn_state"] == "thinking"
     assert state["turn_state_since"] == pytest.approx(ui.bus.state_since)
     assert state["socket_error"] is None
+    assert state["context_tokens"] is None and state["compact_at_tokens"] == 150_000
+    await ui.bus.set_state("compacting")
+    ui.bus.context_tokens = 4321
+    compacting = await state_of(ui)
+    assert compacting["turn_state"] == "compacting" and compacting["context_tokens"] == 4321
     inbox = state["inbox"]
     assert isinstance(inbox, list)
     assert ("operator", "<b>for the manager</b>") in [(m["from"], m["body"]) for m in inbox]
@@ -314,6 +327,9 @@ async def test_controls(ui: AgentUi) -> None:
     resp = await ui.client.post("/api/new-session", headers=headers)
     assert resp.status_code == 200 and ui.controls.new_sessions == 1
 
+    resp = await ui.client.post("/api/compact", headers=headers)
+    assert resp.status_code == 200 and ui.controls.compactions == 1
+
     resp = await ui.client.post("/api/model", form={"model": "sonnet"}, headers=headers)
     assert json_of(await resp.get_data(as_text=False))["model"] == "sonnet"
     assert ui.controls.model == "sonnet"
@@ -407,11 +423,11 @@ async def test_agent_ui_guard(ui: AgentUi) -> None:
         {**own, "Origin": "http://localhost:8101"},
     ]
     for headers in refused:
-        for path in ("/api/send", "/api/cancel", "/api/new-session", "/api/model"):
+        for path in ("/api/send", "/api/cancel", "/api/new-session", "/api/compact", "/api/model"):
             resp = await ui.client.post(path, json={"body": "x", "model": "x"}, headers=headers)
             assert resp.status_code == 403, (path, headers)
     assert ui.controls.cancels == [] and ui.controls.new_sessions == 0
-    assert ui.controls.model == "haiku"
+    assert ui.controls.compactions == 0 and ui.controls.model == "haiku"
     resp = await ui.client.post(
         "/api/new-session", headers={**own, **post_headers(token, "http://localhost:8101")}
     )
@@ -422,3 +438,8 @@ def test_live_event_json_is_what_the_page_reads() -> None:
     # The page's renderer keys on these field names; keep them in sync with the bus.
     event = msgspec.json.decode(msgspec.json.encode(TurnStart(sender="a", body="b")))
     assert {"kind", "seq", "ts", "from", "body", "unread"} <= event.keys()
+    compacted = msgspec.json.decode(
+        msgspec.json.encode(Compacted(trigger="operator", ok=True, tokens_before=9, tokens_after=1))
+    )
+    assert compacted["kind"] == "compacted"
+    assert {"trigger", "ok", "tokens_before", "tokens_after", "note"} <= compacted.keys()

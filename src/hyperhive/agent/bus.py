@@ -15,7 +15,7 @@ import trio
 from hyperhive.protocol.fanout import FanOut
 from hyperhive.protocol.sqlite_thread import SqliteThread, open_sqlite_thread
 
-TurnState = Literal["idle", "thinking", "needs_login", "offline"]
+TurnState = Literal["idle", "thinking", "compacting", "needs_login", "offline"]
 
 HISTORY_LIMIT = 2000
 
@@ -56,7 +56,17 @@ class StateChanged(LiveEvent, frozen=True, tag="state"):
     since: float
 
 
-LiveEvents = TurnStart | Stream | Note | TurnEnd | StateChanged
+class Compacted(LiveEvent, frozen=True, tag="compacted"):
+    """One compaction of claude's context, and its size (tokens) before and after."""
+
+    trigger: Literal["reactive", "watermark", "operator"]
+    ok: bool
+    tokens_before: int | None = None
+    tokens_after: int | None = None
+    note: str = ""
+
+
+LiveEvents = TurnStart | Stream | Note | TurnEnd | StateChanged | Compacted
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[LiveEvent] = msgspec.json.Decoder(LiveEvents)
@@ -137,6 +147,8 @@ class LiveBus:
     buffer: int = 512
     state: TurnState = "idle"
     state_since: float = field(default_factory=time.time)
+    context_tokens: int | None = None
+    """claude's context as of the last model reply (tokens); written by the turn loop only."""
     _fanout: FanOut[bytes] = field(init=False)
     _seq: int = 0
     _lock: trio.Lock = field(default_factory=trio.Lock)

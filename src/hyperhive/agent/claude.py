@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -43,9 +44,60 @@ class _Probe(msgspec.Struct):
     errors: list[str] | None = None
     terminal_reason: str | None = None
     api_error_status: int | None = None
+    num_turns: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    @property
+    def context(self) -> int:
+        """What the model read: the prompt, cached or not."""
+        return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+
+
+class _ModelReply(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+class _AssistantProbe(msgspec.Struct):
+    message: _ModelReply | None = None
+
+
+class _CompactMetadata(msgspec.Struct):
+    pre_tokens: int | None = None
+    post_tokens: int | None = None
+
+
+class _BoundaryProbe(msgspec.Struct):
+    compact_metadata: _CompactMetadata | None = None
 
 
 _probe = msgspec.json.Decoder(_Probe)
+_assistant_probe = msgspec.json.Decoder(_AssistantProbe)
+_boundary_probe = msgspec.json.Decoder(_BoundaryProbe)
+
+TOO_LONG = "prompt is too long"
+"""How claude (and the API's 400 behind it) says the context is full."""
+
+
+_API_ERROR = re.compile(r"\bAPI Error: ([45][0-9][0-9])\b")
+
+
+def _reported_status(text: str | None) -> int | None:
+    """The API status a result only tells in words: a failed `/compact` ends "successfully",
+    with "Error during compaction: API Error: 500 …" as its text (claude 2.1.197)."""
+    match = _API_ERROR.search(text or "")
+    return None if match is None else int(match.group(1))
+
+
+def _is_too_long(probe: _Probe) -> bool:
+    if probe.terminal_reason == "prompt_too_long":
+        return True
+    texts = [probe.result or "", *(probe.errors or [])]
+    return probe.is_error and any(TOO_LONG in text.lower() for text in texts)
 
 
 @dataclass
@@ -57,6 +109,14 @@ class TurnResult:
     transient: bool = False
     """The API was overloaded or rate limited: not the message's fault, retry later."""
     cancelled: bool = False
+    too_long: bool = False
+    """The context is full: claude (or the API) said "Prompt is too long"."""
+    context_tokens: int | None = None
+    """The context of the turn's last model reply (input + cache tokens), if it had one."""
+    text: str = ""
+    """The result's text (a `/compact` run reports "Compaction failed · …" in it)."""
+    compacted: tuple[int | None, int | None] | None = None
+    """(tokens before, tokens after) when claude compacted the session in this run."""
 
 
 def claude_argv(settings: HarnessSettings, *, model: str, resume: bool) -> list[str]:
@@ -150,14 +210,23 @@ async def run_turn(
                 await bus.emit(Note(text=f"non-JSON output: {line[:400]!r}", level="warn"))
                 continue
             await bus.emit(Stream(data=msgspec.Raw(line)))
-            if probe.type == "assistant" and b'"authentication_failed"' in line:
-                outcome.auth_failed = True
+            if probe.type == "assistant":
+                outcome.auth_failed = outcome.auth_failed or b'"authentication_failed"' in line
+                _read_usage(outcome, line)
+            if probe.type == "system" and probe.subtype == "compact_boundary":
+                _read_boundary(outcome, line)
             if probe.type == "result":
                 outcome.saw_result = True
                 outcome.ok = not probe.is_error and probe.subtype == "success"
                 status = probe.api_error_status
+                if status is None and (probe.is_error or probe.num_turns == 0):
+                    # Not the model's answer (which may quote anything): an error or a local
+                    # command's output.
+                    status = _reported_status(probe.result)
                 outcome.auth_failed = outcome.auth_failed or status in (401, 403)
                 outcome.transient = status in (429, 500, 502, 503, 504, 529)
+                outcome.too_long = _is_too_long(probe)
+                outcome.text = (probe.result or "")[:300]
                 if outcome.ok:
                     outcome.note = ""
                 else:
@@ -205,6 +274,23 @@ async def run_turn(
     if not outcome.saw_result and proc.returncode not in (0, None):
         outcome.note = f"{outcome.note} (exit status {proc.returncode})"
     return outcome
+
+
+def _read_usage(outcome: TurnResult, line: bytes) -> None:
+    try:
+        reply = _assistant_probe.decode(line).message
+    except msgspec.DecodeError:
+        return
+    if reply is not None and reply.usage is not None and reply.usage.context > 0:
+        outcome.context_tokens = reply.usage.context
+
+
+def _read_boundary(outcome: TurnResult, line: bytes) -> None:
+    try:
+        meta = _boundary_probe.decode(line).compact_metadata
+    except msgspec.DecodeError:
+        meta = None
+    outcome.compacted = (None, None) if meta is None else (meta.pre_tokens, meta.post_tokens)
 
 
 async def _reap(proc: trio.Process, grace: float) -> None:

@@ -1,4 +1,5 @@
-"""What the agent's page may steer about the harness's turns: the model, a fresh session, cancel."""
+"""What the agent's page may steer about the harness's turns: the model, a fresh session, a
+compaction, cancel."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from contextlib import contextmanager
 
 import trio
 
+from hyperhive.agent.compaction import compact_at
 from hyperhive.agent.settings import HarnessSettings
 from hyperhive.protocol.text import check_model
 
@@ -17,14 +19,17 @@ log = logging.getLogger(__name__)
 class Controls:
     """The one owner of the turn loop's steerable state (the page's `AgentControls`).
 
-    The page calls `set_model`, `request_new_session` and `cancel_turn`; the turn loop runs each
-    turn inside `with controls.turn() as cancel:` and asks `take_new_session()` before it.
+    The page calls `set_model`, `request_new_session`, `request_compact` and `cancel_turn`; the
+    turn loop runs each turn inside `with controls.turn() as cancel:` and asks
+    `take_new_session()` before it, `take_compact()` between turns.
     """
 
     def __init__(self, settings: HarnessSettings) -> None:
         self._settings = settings
         self._model = self._read_model() or settings.model
         self._new_session = False
+        self._compact = False
+        self._compact_asked = trio.Event()
         self._turn_scope: trio.CancelScope | None = None
         self._turns = 0
 
@@ -55,6 +60,27 @@ class Controls:
         """Was a fresh session asked for since the last call? (The request is used up.)"""
         asked, self._new_session = self._new_session, False
         return asked
+
+    @property
+    def compact_at(self) -> int:
+        """The watermark: above this context (tokens) the harness compacts between turns."""
+        return compact_at(self._model, self._settings.compact_at_tokens)
+
+    def request_compact(self) -> None:
+        """Compact claude's context now if no turn is running, else right after the turn."""
+        self._compact = True
+        self._compact_asked.set()
+
+    def take_compact(self) -> bool:
+        """Was a compaction asked for since the last call? (The request is used up.)"""
+        asked, self._compact = self._compact, False
+        if self._compact_asked.is_set():
+            self._compact_asked = trio.Event()
+        return asked
+
+    async def wait_compact_asked(self) -> None:
+        """Return once a compaction is asked for (at once if one is pending)."""
+        await self._compact_asked.wait()
 
     @property
     def turns(self) -> int:

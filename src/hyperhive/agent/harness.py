@@ -8,8 +8,14 @@ from functools import partial
 
 import trio
 
-from hyperhive.agent.bus import LiveBus, Note, TurnEnd, TurnStart, open_history
+from hyperhive.agent.bus import Compacted, LiveBus, Note, TurnEnd, TurnStart, open_history
 from hyperhive.agent.claude import CLAUDE_DEFAULTS, TurnResult, run_turn
+from hyperhive.agent.compaction import (
+    CompactionKind,
+    checkpoint_prompt,
+    handoff_prompt,
+    read_notes,
+)
 from hyperhive.agent.controls import Controls
 from hyperhive.agent.login import LOGIN_ARGS, ClaudeLogin, LoginSession
 from hyperhive.agent.settings import HarnessSettings, write_claude_files
@@ -26,6 +32,13 @@ LOGIN_POLL = 5.0
 RECONNECT_MAX = 10.0
 RETRY_INITIAL = 5.0
 RETRY_MAX = 300.0
+
+
+RETRY_NOTE = (
+    "(Your context ran out during this turn, so it was compacted and the turn runs again: the"
+    " try before may have done part of it already. Check before you repeat anything, such as a"
+    " message you sent.)\n"
+)
 
 
 def wake_prompt(msg: wire.Message, unread: int) -> str:
@@ -64,6 +77,7 @@ class Harness:
         self.controls = controls
         self.login = login
         self.backoff = 0.0
+        self._between_turns = trio.Lock()
 
     def _has_session(self) -> bool:
         projects = self.settings.claude_config_dir / "projects"
@@ -106,13 +120,64 @@ class Harness:
         await self.bus.set_state("idle")
         while True:
             await self.wait_for_login()
-            reply = await client.call(wire.Recv(wait_seconds=RECV_WAIT, lease=True))
-            if reply.message is None:
+            await self.between_turns()
+            msg = await self._receive(client)
+            if msg is None:
                 continue
-            msg = reply.message
             status = await client.call(wire.Status())
             result = await self.turn(msg, status.unread)
             await self.settle(client, msg, result)
+
+    async def _receive(self, client: Client) -> wire.Message | None:
+        """Wait for the next message; an operator's compaction asked for meanwhile runs at once
+        (a message arriving during it waits, leased, until it is done)."""
+
+        async def compact_when_asked() -> None:
+            while True:
+                await self.controls.wait_compact_asked()
+                await self.between_turns()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(compact_when_asked)
+            reply = await client.call(wire.Recv(wait_seconds=RECV_WAIT, lease=True))
+            async with self._between_turns:
+                nursery.cancel_scope.cancel()
+        return reply.message
+
+    async def between_turns(self) -> None:
+        """Compact when the operator asked for it or the last turn's context passed the
+        watermark (then after a checkpoint turn that writes the agent's notes)."""
+        async with self._between_turns:
+            forced = self.controls.take_compact()
+            tokens = self.bus.context_tokens
+            over = tokens is not None and tokens > self.controls.compact_at
+            if not (forced or over):
+                return
+            if not await trio.to_thread.run_sync(self._has_session):
+                await self.bus.emit(Note(text="no claude session to compact yet"))
+                return
+            # The operator's cancel ends the checkpoint and the compaction alike.
+            with self.controls.turn() as cancel, cancel:
+                await self.bus.set_state("compacting")
+                if over and not forced:
+                    await self.bus.emit(
+                        Note(
+                            text=f"context at {tokens} tokens, above {self.controls.compact_at}:"
+                            f" checkpoint to {self.settings.notes_path}, then compaction"
+                        )
+                    )
+                    checkpoint = await self._run(
+                        checkpoint_prompt(self.settings.notes_path), resume=True
+                    )
+                    if not checkpoint.ok:
+                        await self.bus.emit(
+                            Note(text=f"checkpoint turn failed: {checkpoint.note}", level="warn")
+                        )
+                compacted, _ = await self.compact("operator" if forced else "watermark")
+                if not compacted:
+                    # Measured again by the next turn; no retry before every message.
+                    self.bus.context_tokens = None
+            await self.bus.set_state("idle")
 
     async def settle(self, client: Client, msg: wire.Message, result: TurnResult) -> None:
         """Ack a completed turn; give the message back when the turn did not complete."""
@@ -149,18 +214,15 @@ class Harness:
         resume = not self.controls.take_new_session() and await trio.to_thread.run_sync(
             self._has_session
         )
-        with self.controls.turn() as cancel:
-            try:
-                result = await run_turn(
-                    self.settings,
-                    self.bus,
-                    wake_prompt(msg, unread),
-                    model=self.controls.model,
-                    resume=resume,
-                    cancel=cancel,
-                )
-            except OSError as exc:
-                result = TurnResult(ok=False, note=f"cannot run claude: {exc}", transient=True)
+        prompt = wake_prompt(msg, unread)
+        # One cancel scope over every claude run of the turn (a retry, a compaction included).
+        result = TurnResult(ok=False, note="not run")
+        with self.controls.turn() as cancel, cancel:
+            result = await self._run(prompt, resume=resume)
+            if result.too_long:
+                result = await self._overflowed(prompt)
+        if cancel.cancelled_caught:
+            result = TurnResult(ok=False, note="turn cancelled", cancelled=True)
         await self.bus.emit(
             TurnEnd(
                 ok=result.ok,
@@ -170,6 +232,77 @@ class Harness:
         )
         await self.bus.set_state("idle")
         return result
+
+    async def _run(self, prompt: str, *, resume: bool) -> TurnResult:
+        """One claude run; the context it measured is remembered for the watermark. Run it
+        inside the cancel scope of `controls.turn()`: a cancel ends it with `trio.Cancelled`
+        (after claude is stopped)."""
+        try:
+            result = await run_turn(
+                self.settings,
+                self.bus,
+                prompt,
+                model=self.controls.model,
+                resume=resume,
+                cancel=trio.CancelScope(),
+            )
+        except OSError as exc:
+            return TurnResult(ok=False, note=f"cannot run claude: {exc}", transient=True)
+        if result.context_tokens is not None:
+            self.bus.context_tokens = result.context_tokens
+        return result
+
+    async def _overflowed(self, prompt: str) -> TurnResult:
+        """The turn did not fit the context: compact and retry once; failing that, hand the
+        message over to a fresh session with the agent's notes. A failed compaction costs the
+        message nothing: only the last attempt's outcome settles it."""
+        await self.bus.emit(Note(text="prompt is too long: compacting the context", level="warn"))
+        compacted, run = await self.compact("reactive")
+        if not compacted and (run.transient or run.auth_failed):
+            # The API is away or the login lapsed: keep the session, retry the message later.
+            return TurnResult(
+                ok=False,
+                note=f"compaction failed: {run.note or run.text}",
+                transient=run.transient,
+                auth_failed=run.auth_failed,
+            )
+        if compacted:
+            await self.bus.set_state("thinking")
+            result = await self._run(prompt + RETRY_NOTE, resume=True)
+            if not result.too_long:
+                return result
+        await self.bus.emit(
+            Note(
+                text="the context does not fit even compacted: a fresh session takes over,"
+                f" with {self.settings.notes_path} and this message",
+                level="warn",
+            )
+        )
+        notes = await trio.to_thread.run_sync(read_notes, self.settings.notes_path)
+        await self.bus.set_state("thinking")
+        self.bus.context_tokens = None
+        handoff = handoff_prompt(prompt, self.settings.notes_path, notes)
+        return await self._run(handoff, resume=False)
+
+    async def compact(self, trigger: CompactionKind) -> tuple[bool, TurnResult]:
+        """Run claude's `/compact` on the session: whether it compacted, and the run."""
+        await self.bus.set_state("compacting")
+        before = self.bus.context_tokens
+        result = await self._run("/compact", resume=True)
+        ok = result.ok and result.compacted is not None
+        pre, post = result.compacted or (None, None)
+        if ok:
+            self.bus.context_tokens = post
+        await self.bus.emit(
+            Compacted(
+                trigger=trigger,
+                ok=ok,
+                tokens_before=pre if pre is not None else before,
+                tokens_after=post,
+                note="" if ok else result.note or result.text or "nothing was compacted",
+            )
+        )
+        return ok, result
 
 
 async def serve(settings: HarnessSettings) -> None:

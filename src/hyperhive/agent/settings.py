@@ -49,6 +49,8 @@ class HarnessSettings:
     """From agent.toml: whom `send` may reach besides the manager (empty: anyone)."""
     extra_mcp: dict[str, McpServer] = field(default_factory=dict)
     """From agent.toml: extra stdio MCP servers claude starts next to `hyperhive`."""
+    compact_at_tokens: int | None = None
+    """From agent.toml: the context watermark (None: 75 % of the model's window)."""
     first_event_timeout: float = 300.0
     idle_timeout: float = 900.0
     result_exit_grace: float = 10.0
@@ -73,6 +75,7 @@ class HarnessSettings:
             claude_config_dir=Path(env.get("CLAUDE_CONFIG_DIR", "/root/.claude")),
             allowed_recipients=hive.allowed_recipients,
             extra_mcp={k: v for k, v in hive.extra_mcp.items() if k != MCP_SERVER},
+            compact_at_tokens=hive.compact_at_tokens,
             env=env,
         )
 
@@ -104,6 +107,11 @@ class HarnessSettings:
     @property
     def model_file(self) -> Path:
         return self.state_dir / "hyperhive-model"
+
+    @property
+    def notes_path(self) -> Path:
+        """The agent's own notes: written at a checkpoint, handed to a fresh session."""
+        return self.state_dir / "notes.md"
 
     @property
     def events_db(self) -> Path:

@@ -36,6 +36,11 @@ class AgentControls(Protocol):
 
     def request_new_session(self) -> None: ...
 
+    def request_compact(self) -> None: ...
+
+    @property
+    def compact_at(self) -> int: ...
+
     async def cancel_turn(self) -> bool: ...
 
 
@@ -45,6 +50,10 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     turn_state: str
     turn_state_since: float
+    context_tokens: int | None = None
+    """claude's context as of the last model reply, in tokens."""
+    compact_at_tokens: int = 0
+    """The watermark above which the harness compacts before the next turn."""
     login_state: str
     inbox: list[wire.Message]
     unread: int | None
@@ -145,6 +154,8 @@ def create_agent_app(
             model=controls.model,
             turn_state=bus.state,
             turn_state_since=bus.state_since,
+            context_tokens=bus.context_tokens,
+            compact_at_tokens=controls.compact_at,
             login_state=login.state,
             inbox=inbox,
             unread=unread,
@@ -177,6 +188,11 @@ def create_agent_app(
     @app.post("/api/cancel")
     async def cancel() -> Response:
         return json_response(Cancelled(cancelled=await controls.cancel_turn()))
+
+    @app.post("/api/compact")
+    async def compact() -> Response:
+        controls.request_compact()
+        return json_response(wire.Done())
 
     @app.post("/api/new-session")
     async def new_session() -> Response:

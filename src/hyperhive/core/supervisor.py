@@ -253,6 +253,7 @@ class Supervisor:
                 claude=cfg.claude_bin,
                 allowed_recipients=tuple(config.allowed_recipients),
                 extra_mcp=dict(config.extra_mcp_servers),
+                compact_at_tokens=config.context.compact_at_tokens,
             ).encode(),
             **cfg.claude_env,
             # The agent's own variables never replace the hive's.

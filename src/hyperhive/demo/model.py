@@ -16,6 +16,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from hyperhive.demo.context import answer, context_tokens
 from hyperhive.demo.script import (
     ContentBlock,
     Decision,
@@ -25,7 +26,6 @@ from hyperhive.demo.script import (
     StopReason,
     Text,
     ToolUse,
-    decide,
     error_type_for,
     new_tool_use_id,
     request_decoder,
@@ -122,11 +122,6 @@ class MessageStop(StreamEvent, frozen=True, tag="message_stop"):
 _encoder = msgspec.json.Encoder()
 
 
-def rough_token_count(body: bytes) -> int:
-    """About four bytes of JSON per token: enough for claude's context bookkeeping."""
-    return max(1, len(body) // 4)
-
-
 def _output_tokens(blocks: tuple[Text | ToolUse, ...]) -> int:
     return max(1, sum(len(_encoder.encode(block)) for block in blocks) // 4)
 
@@ -192,8 +187,11 @@ def _json_response(payload: msgspec.Struct) -> Response:
 # The app.
 
 
-def create_app(*, new_id: Callable[[], str] = new_tool_use_id) -> QuartTrio:
-    """A fresh app; each request is decided by `script.decide` on its own."""
+def create_app(
+    *, new_id: Callable[[], str] = new_tool_use_id, context_limit: int | None = None
+) -> QuartTrio:
+    """A fresh app; each request is decided by `script.decide` on its own, within a context
+    window of `context_limit` tokens (None: unlimited; see `context.answer`)."""
     app = QuartTrio(__name__)
     # claude's requests carry its whole tool catalogue and, with --continue, every earlier
     # turn; and a scripted `!sleep` may legitimately outlast Quart's default timeouts.
@@ -207,14 +205,17 @@ def create_app(*, new_id: Callable[[], str] = new_tool_use_id) -> QuartTrio:
             parsed = request_decoder.decode(body)
         except msgspec.DecodeError as exc:
             return error_response(400, f"invalid request body: {exc}")
-        decision: Decision = decide(parsed, new_id=new_id)
+        tokens = context_tokens(body)
+        decision: Decision = answer(
+            parsed, tokens=tokens, context_limit=context_limit, new_id=new_id
+        )
         if decision.delay > 0:
             await trio.sleep(decision.delay)
         match decision:
             case Failure(status=status, error_type=error_type, message=message, retry=retry):
                 return error_response(status, message, error_type, retry=retry)
             case Reply() as reply:
-                return _reply_response(parsed, reply, rough_token_count(body))
+                return _reply_response(parsed, reply, tokens)
 
     async def count_tokens() -> Response:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
@@ -222,7 +223,7 @@ def create_app(*, new_id: Callable[[], str] = new_tool_use_id) -> QuartTrio:
             request_decoder.decode(body)
         except msgspec.DecodeError as exc:
             return error_response(400, f"invalid request body: {exc}")
-        return _json_response(TokenCount(rough_token_count(body)))
+        return _json_response(TokenCount(context_tokens(body)))
 
     async def root() -> Response:
         return Response(b"ok", status=200, content_type="text/plain")
@@ -256,6 +257,7 @@ async def serve_model(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    context_limit: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve the scripted model; `task_status.started(base_url)` once it is listening."""
@@ -264,6 +266,8 @@ async def serve_model(
     config.accesslog = None
     config.errorlog = logging.getLogger(__name__)
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(partial(hypercorn.trio.serve, create_app(), config))
+        binds: list[str] = await nursery.start(
+            partial(hypercorn.trio.serve, create_app(context_limit=context_limit), config)
+        )
         task_status.started(binds[0])
     raise RuntimeError("the scripted model's HTTP server stopped")

@@ -359,6 +359,12 @@ def _answer(context: _Context, body: str, *, delay: float) -> Decision:
             return _directive_sleep(context, argument, rest, delay)
         case "!error":
             return _directive_error(argument, delay)
+        case "!nocompact":
+            # Marks the session as one the model refuses to summarise (demo/context.py).
+            if argument.isdigit():
+                argument = ""
+            remaining = "\n".join(part for part in (argument, rest) if part).strip()
+            return _answer(context, remaining, delay=delay) if remaining else _text("Noted.", delay)
         case _:
             return _converse(context, body, delay)
 

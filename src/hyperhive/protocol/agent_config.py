@@ -59,6 +59,14 @@ class Network(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     reachable inside as 127.0.0.1:port; in `anthropic` mode other hosts are allowed out."""
 
 
+class Context(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The agent's claude context (SPEC-compaction): when the harness compacts it."""
+
+    compact_at_tokens: Annotated[int, msgspec.Meta(ge=1000, le=10_000_000)] | None = None
+    """Compact before the next turn once a turn's context (input + cache tokens of its last
+    model reply) is above this; default 75 % of the model's context window."""
+
+
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     model: Annotated[str, msgspec.Meta(pattern=_MODEL)] | None = None
     allowed_recipients: list[Annotated[str, msgspec.Meta(min_length=1, max_length=16)]] = []
@@ -69,6 +77,7 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     private_network: bool = False
     """Kept for old configs: true is `[network] mode = "none"`."""
     network: Network = Network()
+    context: Context = Context()
 
     @property
     def network_mode(self) -> NetworkMode:
@@ -90,6 +99,10 @@ DEFAULT_TOML = """\
 # memory_max = "4G"             # systemd MemoryMax syntax
 # cpu_quota = "200%"            # systemd CPUQuota syntax (200% = two cores)
 # state_max = "10G"             # /state as its own volume of that size (bwrap, nspawn)
+
+[context]
+# compact_at_tokens = 150000    # compact before the next turn above this (default: 75 % of
+#                               # the model's context window)
 
 [env]
 # EXAMPLE = "value"             # extra environment for the agent's claude

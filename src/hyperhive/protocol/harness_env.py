@@ -48,6 +48,9 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
     """HIVE_ALLOWED_RECIPIENTS, comma-separated (empty: anyone)."""
     extra_mcp: dict[str, McpServer] = {}
     """HIVE_EXTRA_MCP, JSON: agent.toml's extra MCP servers."""
+    compact_at_tokens: int | None = None
+    """HIVE_COMPACT_AT_TOKENS: agent.toml's `[context] compact_at_tokens` (empty: the model's
+    default watermark)."""
 
     def encode(self) -> dict[str, str]:
         """The environment variables (the daemon's side)."""
@@ -65,6 +68,7 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
             "HIVE_CLAUDE": self.claude,
             "HIVE_ALLOWED_RECIPIENTS": ",".join(self.allowed_recipients),
             "HIVE_EXTRA_MCP": msgspec.json.encode(self.extra_mcp).decode(),
+            "HIVE_COMPACT_AT_TOKENS": str(self.compact_at_tokens or ""),
         }
         if self.runtime is not None:
             env["HIVE_RUNTIME"] = self.runtime
@@ -93,6 +97,7 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
             claude=env.get("HIVE_CLAUDE", "claude"),
             allowed_recipients=listed("HIVE_ALLOWED_RECIPIENTS"),
             extra_mcp=_servers(env.get("HIVE_EXTRA_MCP", "")),
+            compact_at_tokens=_positive(env.get("HIVE_COMPACT_AT_TOKENS", "")),
         )
 
 
@@ -104,3 +109,12 @@ def _servers(text: str) -> dict[str, McpServer]:
         return msgspec.json.decode(text, type=dict[str, McpServer])
     except msgspec.DecodeError:
         return {}
+
+
+def _positive(text: str) -> int | None:
+    """A positive integer, or None for anything else (the harness then uses its default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value > 0 else None

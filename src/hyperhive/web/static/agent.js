@@ -10,6 +10,7 @@
   const STATE_LABELS = {
     idle: "● idle",
     thinking: "◉ thinking",
+    compacting: "◌ compacting",
     needs_login: "⚠ needs login",
     offline: "✗ offline",
   };
@@ -19,6 +20,7 @@
     "/cancel": "cancel the running turn",
     "/model": "/model <name> · switch the model for the next turn",
     "/new-session": "start a fresh claude session on the next turn",
+    "/compact": "compact claude's context now (or right after the running turn)",
   };
 
   const term = Hive.terminal(
@@ -41,7 +43,7 @@
     stateSince = since || Date.now() / 1000;
     badge.className = `badge state state-${state}`;
     badge.textContent = STATE_LABELS[state] || state;
-    cancelBtn.hidden = state !== "thinking";
+    cancelBtn.hidden = state !== "thinking" && state !== "compacting";
     tickAge();
   }
   function tickAge() {
@@ -61,6 +63,9 @@
         ? "needs_login" : s.turn_state;
       setState(state, s.turn_state_since);
       modelChip.textContent = `model · ${s.model}`;
+      if (s.context_tokens !== null) {
+        modelChip.title = `context ${s.context_tokens} tokens · compacts above ${s.compact_at_tokens}`;
+      }
       showLogin(s.login_state === "needs_login");
       if (s.unread !== null) setUnread(s.unread);
       renderInbox(s.inbox);
@@ -283,6 +288,14 @@
         }
         break;
       }
+      case "compacted": {
+        const size = (n) => (n === null || n === undefined ? "?" : `${n}`);
+        const what = `${ev.trigger} compaction ${ev.ok ? "done" : "failed"}`;
+        const parts = [what, `context ${size(ev.tokens_before)} → ${size(ev.tokens_after)} tokens`];
+        if (ev.note) parts.push(ev.note);
+        add(ts, ev.ok ? "◌" : "✗", `k-note ${ev.ok ? "info" : "warn"}`, text(parts.join(" · ")));
+        break;
+      }
       case "state":
         setState(ev.state, ev.since);
         if (ev.state !== "offline") showLogin(ev.state === "needs_login");
@@ -355,6 +368,11 @@
     localNote("a fresh session starts with the next turn");
   }
 
+  async function compact() {
+    await post("/api/compact");
+    localNote("compaction requested · runs now, or right after the running turn");
+  }
+
   async function setModel(model) {
     const r = await post("/api/model", { model });
     modelChip.textContent = `model · ${r.model}`;
@@ -404,6 +422,9 @@
         return;
       case "/new-session":
         await newSession();
+        return;
+      case "/compact":
+        await compact();
         return;
       default:
         localNote(`unknown command ${cmd} · try /help`);
