@@ -42,6 +42,11 @@ async def test_cli_round_trip(hive_root: Path) -> None:
         assert len(msgspec.json.decode(logs.stdout)["lines"]) <= 3
         too_many = await _cli(cfg.run_dir, "logs", "alice", "--lines", "99999")
         assert too_many.returncode == 1 and b"lines" in too_many.stderr
+        stats = await _cli(cfg.run_dir, "stats", "alice")
+        assert stats.returncode == 0 and stats.stdout.decode().startswith("alice: no turns yet")
+        assert "today 0 turns, 0 tokens, $0.0000" in stats.stdout.decode()
+        ghost = await _cli(cfg.run_dir, "stats", "ghost")
+        assert ghost.returncode == 1 and b"ghost" in ghost.stderr
         sent = await _cli(cfg.run_dir, "send", "alice", "hello", "there")
         assert sent.returncode == 0 and b"to alice" in sent.stdout
 

@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--backend", choices=("bwrap", "nspawn", "nixos"), default="bwrap")
     doctor.add_argument("--agent-uid-base", type=int, default=300000)
     sub.add_parser("list", help="list agents")
+    stats = sub.add_parser("stats", help="turns, tokens and cost per agent")
+    stats.add_argument("name", nargs="?", default=None)
     for verb, text in (
         ("spawn", "create and start an agent (no approval)"),
         ("kill", "stop an agent gracefully"),
@@ -233,6 +235,8 @@ def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
     match args.command:
         case "list":
             return wire.ListAgents()
+        case "stats":
+            return wire.Stats(name=args.name)
         case "spawn":
             return wire.Spawn(name=args.name)
         case "kill":
@@ -295,6 +299,23 @@ def _question(q: wire.QuestionInfo) -> str:
     return "\n".join(lines)
 
 
+def _usage(u: wire.Usage) -> str:
+    tokens = u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens
+    return f"{u.turns} turns, {tokens:,} tokens, ${u.cost_usd:.4f}"
+
+
+def _stats(a: wire.AgentStats) -> str:
+    last = "no turns yet"
+    if a.last_turn is not None:
+        t = a.last_turn
+        took = t.ended_at - t.started_at
+        last = f"last {_when(t.ended_at)} ({t.outcome}, {took:.1f}s, ${t.cost_usd:.4f})"
+    return (
+        f"{a.name}: {last}\n  today {_usage(a.today)}\n  7 days {_usage(a.week)}"
+        f"\n  total {_usage(a.total)}"
+    )
+
+
 def _dashboard_line(dashboard: wire.ListenerStatus | None) -> str:
     """Said only when the dashboard does not serve: why, and when it is tried again."""
     if dashboard is None or dashboard.state == "serving":
@@ -350,6 +371,8 @@ def render(reply: wire.Reply) -> str:
             )
         case wire.Received(message=m):
             return "(nothing)" if m is None else f"#{m.id} {m.sender} → {m.to}: {m.state}"
+        case wire.StatsReply(agents=agents):
+            return "\n".join(_stats(a) for a in agents) or "no turns recorded yet"
         case wire.LogLines(lines=lines):
             return "\n".join(lines)
         case wire.Done():

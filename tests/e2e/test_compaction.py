@@ -279,7 +279,8 @@ async def test_a_compaction_the_api_fails_keeps_the_session_and_counts_nothing(
     hive_root: Path,
 ) -> None:
     """A server error during the compaction is not the message's fault: it goes back uncounted
-    (leased again with the same attempt number), and no fresh session is started."""
+    (leased again as the next attempt, a redelivery, but no failure counted towards the dead
+    letters), and no fresh session is started."""
     async with (
         open_limited_hive(hive_root, context_limit=5500) as hive,
         subscription(hive.sock) as events,
@@ -296,12 +297,14 @@ async def test_a_compaction_the_api_fails_keeps_the_session_and_counts_nothing(
             )
             assert isinstance(lease, wire.MessageLeased)
             leases.append(lease.attempt)
-        assert leases == [1, 1]
+        assert leases == [1, 2]
         with sqlite3.connect(hive.cfg.db_path) as conn:
-            state, error = conn.execute(
-                "SELECT state, last_error FROM messages WHERE id = ?", (mid,)
+            state, error, counted = conn.execute(
+                "SELECT state, last_error, attempts - uncounted FROM messages WHERE id = ?",
+                (mid,),
             ).fetchone()
         assert state == "leased" and error.startswith("compaction failed: ")
+        assert counted == 1  # the lease it has now; the failed one did not count
     steps = history(hive.cfg)
     show(steps)
     failed = compactions(steps)[0]

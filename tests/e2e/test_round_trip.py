@@ -58,3 +58,20 @@ async def test_operator_message_answered_by_agent_through_mcp(hive_root: Path) -
         types = _stream_types(db)
         assert types[0] == "system" and "assistant" in types and types[-1] == "result"
         assert "user" in types  # the tool_result of the MCP send
+
+        # Both turns (the spawn kick, then hello) are reported to the daemon with what claude
+        # said they took, for `list` and `stats`.
+        def two_turns(e: wire.HiveEvent) -> bool:
+            return isinstance(e, wire.AgentChanged) and e.agent.name == "alice"
+
+        while True:
+            [stats] = (await hive.call(wire.Stats(name="alice"))).agents
+            [info] = (await hive.call(wire.ListAgents())).agents
+            if stats.total.turns >= 2 and info.turn_state == "idle":
+                break
+            await wait_for_event(events, two_turns)
+        assert stats.last_turn is not None and stats.last_turn.outcome == "ok"
+        assert stats.last_turn.message_id == sent.ids[0]
+        assert stats.total.input_tokens > 0 and stats.total.output_tokens > 0
+        assert stats.today.turns == stats.total.turns
+        assert info.last_turn_at == stats.last_turn.ended_at

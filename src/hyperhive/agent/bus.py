@@ -14,8 +14,7 @@ import trio
 
 from hyperhive.protocol.fanout import FanOut
 from hyperhive.protocol.sqlite_thread import SqliteThread, open_sqlite_thread
-
-TurnState = Literal["idle", "thinking", "compacting", "needs_login", "offline"]
+from hyperhive.protocol.wire import TurnState
 
 HISTORY_LIMIT = 2000
 
@@ -91,7 +90,33 @@ def _connect(path: str) -> sqlite3.Connection:
         "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL,"
         " kind TEXT NOT NULL, payload_json BLOB NOT NULL) STRICT"
     )
+    # Finished turns the daemon has not stored yet (`report_turns`): kept across restarts.
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS turn_outbox (id TEXT PRIMARY KEY, record BLOB NOT NULL) STRICT"
+    )
     return conn
+
+
+def _prune(conn: sqlite3.Connection, before: float, keep: int) -> int:
+    """Drop events older than `before`, and all but the newest `keep`; how many went."""
+    cur = conn.execute(
+        "DELETE FROM events WHERE ts < ? OR id <= (SELECT COALESCE(MAX(id), 0) FROM events) - ?",
+        (before, keep),
+    )
+    return cur.rowcount
+
+
+def _put_turn(conn: sqlite3.Connection, tid: str, record: bytes) -> None:
+    conn.execute("INSERT OR REPLACE INTO turn_outbox (id, record) VALUES (?, ?)", (tid, record))
+
+
+def _pending_turns(conn: sqlite3.Connection, limit: int) -> list[tuple[str, bytes]]:
+    rows = conn.execute("SELECT id, record FROM turn_outbox ORDER BY rowid LIMIT ?", (limit,))
+    return [(row[0], row[1]) for row in rows]
+
+
+def _drop_turns(conn: sqlite3.Connection, ids: list[str]) -> None:
+    conn.executemany("DELETE FROM turn_outbox WHERE id = ?", [(i,) for i in ids])
 
 
 def _append(conn: sqlite3.Connection, seq: int, ts: float, kind: str, payload: bytes) -> None:
@@ -129,6 +154,18 @@ class History:
     async def last_id(self) -> int:
         return await self._db.run(_last_id)
 
+    async def prune(self, *, keep_days: float, keep_events: int) -> int:
+        return await self._db.run(_prune, time.time() - keep_days * 86_400, keep_events)
+
+    async def put_turn(self, tid: str, record: bytes) -> None:
+        await self._db.run(_put_turn, tid, record)
+
+    async def pending_turns(self, limit: int) -> list[tuple[str, bytes]]:
+        return await self._db.run(_pending_turns, limit)
+
+    async def drop_turns(self, ids: list[str]) -> None:
+        await self._db.run(_drop_turns, ids)
+
 
 @asynccontextmanager
 async def open_history(path: str) -> AsyncIterator[History]:
@@ -149,6 +186,8 @@ class LiveBus:
     state_since: float = field(default_factory=time.time)
     context_tokens: int | None = None
     """claude's context as of the last model reply (tokens); written by the turn loop only."""
+    state_changed: trio.Event = field(default_factory=trio.Event)
+    """Set (and replaced) whenever `state` changes: the daemon is told (agent/turns.py)."""
     _fanout: FanOut[bytes] = field(init=False)
     _seq: int = 0
     _lock: trio.Lock = field(default_factory=trio.Lock)
@@ -178,6 +217,8 @@ class LiveBus:
             return
         self.state = state
         self.state_since = time.time()
+        changed, self.state_changed = self.state_changed, trio.Event()
+        changed.set()
         await self.emit(StateChanged(state=state, since=self.state_since))
 
     def subscribe(self) -> trio.MemoryReceiveChannel[bytes]:

@@ -6,7 +6,7 @@ import logging
 import re
 import signal
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import trio
@@ -34,6 +34,15 @@ MAX_EVENT = 16 * 1024 * 1024
 """The largest single stream-json line accepted from claude."""
 
 
+class _ResultUsage(msgspec.Struct):
+    """A `result` event's usage: what the whole run took (every model call of it)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
 class _Probe(msgspec.Struct):
     """Just enough of a stream-json event to follow the turn; everything else is kept raw."""
 
@@ -45,6 +54,8 @@ class _Probe(msgspec.Struct):
     terminal_reason: str | None = None
     api_error_status: int | None = None
     num_turns: int | None = None
+    total_cost_usd: float | None = None
+    usage: _ResultUsage | None = None
 
 
 class _Usage(msgspec.Struct):
@@ -101,6 +112,24 @@ def _is_too_long(probe: _Probe) -> bool:
 
 
 @dataclass
+class Spent:
+    """Tokens and cost of claude runs, as their `result` events report them."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, other: Spent) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cache_read_tokens += other.cache_read_tokens
+        self.cache_write_tokens += other.cache_write_tokens
+        self.cost_usd += other.cost_usd
+
+
+@dataclass
 class TurnResult:
     ok: bool
     note: str
@@ -117,6 +146,10 @@ class TurnResult:
     """The result's text (a `/compact` run reports "Compaction failed · …" in it)."""
     compacted: tuple[int | None, int | None] | None = None
     """(tokens before, tokens after) when claude compacted the session in this run."""
+    abandoned: bool = False
+    """claude said nothing for too long: the run was given up (and claude stopped)."""
+    spent: Spent = field(default_factory=Spent)
+    """What the run took, from its `result` event (nothing when it never got there)."""
 
 
 def claude_argv(settings: HarnessSettings, *, model: str, resume: bool) -> list[str]:
@@ -197,6 +230,7 @@ async def run_turn(
                     return
             if idle.cancelled_caught:
                 outcome.note = f"claude was silent for {timeout:.0f}s; turn abandoned"
+                outcome.abandoned = True
                 await bus.emit(Note(text=outcome.note, level="error"))
                 return
             if line is None:
@@ -227,6 +261,16 @@ async def run_turn(
                 outcome.transient = status in (429, 500, 502, 503, 504, 529)
                 outcome.too_long = _is_too_long(probe)
                 outcome.text = (probe.result or "")[:300]
+                if probe.usage is not None:
+                    outcome.spent = Spent(
+                        input_tokens=probe.usage.input_tokens,
+                        output_tokens=probe.usage.output_tokens,
+                        cache_read_tokens=probe.usage.cache_read_input_tokens,
+                        cache_write_tokens=probe.usage.cache_creation_input_tokens,
+                        cost_usd=probe.total_cost_usd or 0.0,
+                    )
+                elif probe.total_cost_usd:
+                    outcome.spent = Spent(cost_usd=probe.total_cost_usd)
                 if outcome.ok:
                     outcome.note = ""
                 else:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import html
 import logging
+import time
 from functools import partial
 
 import trio
 
 from hyperhive.agent.bus import Compacted, LiveBus, Note, TurnEnd, TurnStart, open_history
-from hyperhive.agent.claude import CLAUDE_DEFAULTS, TurnResult, run_turn
+from hyperhive.agent.claude import CLAUDE_DEFAULTS, Spent, TurnResult, run_turn
 from hyperhive.agent.compaction import (
     CompactionKind,
     checkpoint_prompt,
@@ -19,6 +20,7 @@ from hyperhive.agent.compaction import (
 from hyperhive.agent.controls import Controls
 from hyperhive.agent.login import LOGIN_ARGS, ClaudeLogin, LoginSession
 from hyperhive.agent.settings import HarnessSettings, write_claude_files
+from hyperhive.agent.turns import TurnReporter, make_record, outcome_of
 from hyperhive.agent.ui_login import UiLogin
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, open_client
@@ -70,14 +72,37 @@ def wake_prompt(msg: wire.Message, unread: int) -> str:
 
 class Harness:
     def __init__(
-        self, settings: HarnessSettings, bus: LiveBus, controls: Controls, login: ClaudeLogin
+        self,
+        settings: HarnessSettings,
+        bus: LiveBus,
+        controls: Controls,
+        login: ClaudeLogin,
+        reporter: TurnReporter | None = None,
     ) -> None:
         self.settings = settings
         self.bus = bus
         self.controls = controls
         self.login = login
+        self.reporter = reporter
         self.backoff = 0.0
         self._between_turns = trio.Lock()
+        self._spent = Spent()
+        """What the claude runs of the current turn (or compaction) took so far."""
+
+    async def _report(
+        self, started_at: float, outcome: wire.TurnOutcome, message_id: int | None
+    ) -> None:
+        """The finished turn's record, for the daemon (agent/turns.py)."""
+        if self.reporter is None:
+            return
+        record = make_record(
+            started_at=started_at,
+            model=self.controls.model,
+            spent=self._spent,
+            outcome=outcome,
+            message_id=message_id,
+        )
+        await self.reporter.record(record)
 
     def _has_session(self) -> bool:
         projects = self.settings.claude_config_dir / "projects"
@@ -157,6 +182,7 @@ class Harness:
                 await self.bus.emit(Note(text="no claude session to compact yet"))
                 return
             # The operator's cancel ends the checkpoint and the compaction alike.
+            self._spent, started_at, compacted = Spent(), time.time(), False
             with self.controls.turn() as cancel, cancel:
                 await self.bus.set_state("compacting")
                 if over and not forced:
@@ -177,6 +203,10 @@ class Harness:
                 if not compacted:
                     # Measured again by the next turn; no retry before every message.
                     self.bus.context_tokens = None
+            outcome: wire.TurnOutcome = "compacted" if compacted else "error"
+            await self._report(
+                started_at, "cancelled" if cancel.cancelled_caught else outcome, None
+            )
             await self.bus.set_state("idle")
 
     async def settle(self, client: Client, msg: wire.Message, result: TurnResult) -> None:
@@ -211,6 +241,7 @@ class Harness:
         )
         await self.bus.set_state("thinking")
         started = trio.current_time()
+        self._spent, started_at = Spent(), time.time()
         resume = not self.controls.take_new_session() and await trio.to_thread.run_sync(
             self._has_session
         )
@@ -223,6 +254,7 @@ class Harness:
                 result = await self._overflowed(prompt)
         if cancel.cancelled_caught:
             result = TurnResult(ok=False, note="turn cancelled", cancelled=True)
+        await self._report(started_at, outcome_of(result), msg.id)
         await self.bus.emit(
             TurnEnd(
                 ok=result.ok,
@@ -250,6 +282,7 @@ class Harness:
             return TurnResult(ok=False, note=f"cannot run claude: {exc}", transient=True)
         if result.context_tokens is not None:
             self.bus.context_tokens = result.context_tokens
+        self._spent.add(result.spent)
         return result
 
     async def _overflowed(self, prompt: str) -> TurnResult:
@@ -321,7 +354,15 @@ async def serve(settings: HarnessSettings) -> None:
                 cwd=str(settings.state_dir) if settings.state_dir.is_dir() else None,
             )
             login = ClaudeLogin(settings.logged_in, session)
-            harness = Harness(settings, bus, controls, login)
+            reporter = TurnReporter(
+                settings.socket,
+                bus,
+                history,
+                keep_days=settings.history_keep_days,
+                keep_events=settings.history_keep_events,
+            )
+            await nursery.start(reporter.serve)
+            harness = Harness(settings, bus, controls, login, reporter)
             if settings.port:
                 # Started, not start_soon: the UI is up before the first turn is taken.
                 await nursery.start(_serve_ui, settings, bus, controls, login)

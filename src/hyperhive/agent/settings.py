@@ -51,6 +51,9 @@ class HarnessSettings:
     """From agent.toml: extra stdio MCP servers claude starts next to `hyperhive`."""
     compact_at_tokens: int | None = None
     """From agent.toml: the context watermark (None: 75 % of the model's window)."""
+    history_keep_days: int = 21
+    history_keep_events: int = 200_000
+    """From agent.toml's `[history]`: how much of the live event history is kept."""
     first_event_timeout: float = 300.0
     idle_timeout: float = 900.0
     result_exit_grace: float = 10.0
@@ -76,6 +79,8 @@ class HarnessSettings:
             allowed_recipients=hive.allowed_recipients,
             extra_mcp={k: v for k, v in hive.extra_mcp.items() if k != MCP_SERVER},
             compact_at_tokens=hive.compact_at_tokens,
+            history_keep_days=hive.history_keep_days,
+            history_keep_events=hive.history_keep_events,
             env=env,
         )
 

@@ -13,6 +13,7 @@ from hyperhive.core.questions import Questions
 from hyperhive.core.reminders import Reminders
 from hyperhive.core.server import EventStream, Handler, Peer
 from hyperhive.core.tokens import LoginTokens
+from hyperhive.core.turns import Turns
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import AgentConfig
 from hyperhive.protocol.codec import AGENT_DECODER, MANAGER_DECODER, RequestDecoder
@@ -39,10 +40,12 @@ class AgentHandler:
         questions: Questions,
         reminders: Reminders,
         *,
+        turns: Turns,
         applied_config: AppliedConfig,
         ui_token: str,
     ) -> None:
         self.rec = rec
+        self.turns = turns
         self.broker = broker
         self.registry = registry
         self.questions = questions
@@ -133,6 +136,11 @@ class AgentHandler:
                 return wire.ReminderQueued(id=rid, due_at=due)
             case wire.FetchUiToken():
                 return wire.UiToken(token=self.ui_token)
+            case wire.ReportTurns(turns=turns):
+                return wire.TurnsStored(ids=await self.turns.record(self.rec, turns))
+            case wire.ReportState(state=state, since=since):
+                self.registry.note(self.rec, turn_state=state, turn_since=since)
+                return wire.Done()
         raise BadParams(f"unsupported request {type(request).__name__}")
 
 
@@ -153,6 +161,7 @@ class ManagerHandler(AgentHandler):
         lifecycle: Lifecycle,
         queue: ApprovalQueue,
         *,
+        turns: Turns,
         applied_config: AppliedConfig,
         ui_token: str,
     ) -> None:
@@ -162,6 +171,7 @@ class ManagerHandler(AgentHandler):
             registry,
             questions,
             reminders,
+            turns=turns,
             applied_config=applied_config,
             ui_token=ui_token,
         )
@@ -209,6 +219,7 @@ class AgentServices:
     reminders: Reminders
     lifecycle: Lifecycle
     queue: ApprovalQueue
+    turns: Turns
     applied_config: AppliedConfig
     tokens: LoginTokens
 
@@ -220,9 +231,12 @@ class AgentServices:
                 *common,
                 self.lifecycle,
                 self.queue,
+                turns=self.turns,
                 applied_config=self.applied_config,
                 ui_token=token,
             )
             return MANAGER_DECODER, manager
-        agent = AgentHandler(*common, applied_config=self.applied_config, ui_token=token)
+        agent = AgentHandler(
+            *common, turns=self.turns, applied_config=self.applied_config, ui_token=token
+        )
         return AGENT_DECODER, agent

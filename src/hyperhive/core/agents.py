@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 PORT_SPAN = 900
 
+
+def day_start(now: float) -> float:
+    """Midnight UTC of the day `now` is in (what `cost_today` and `stats` call today)."""
+    return now - now % 86_400.0
+
+
 _LIVE: frozenset[wire.ContainerState] = frozenset(get_args(wire.ContainerState)) - {"destroyed"}
 TRANSITIONS: dict[wire.ContainerState, frozenset[wire.ContainerState]] = {
     "spawning": frozenset({"stopped"}),
@@ -68,6 +74,13 @@ class AgentRecord:
     port_conflict: bool = False
     network: str | None = None
     """Its network as last started (see wire.AgentInfo.network)."""
+    turn_state: wire.TurnState | None = None
+    """What its harness last reported doing (`report_state`), and since when."""
+    turn_since: float | None = None
+    last_turn_at: float | None = None
+    cost_today: float = 0.0
+    cost_day: float = 0.0
+    """The day (its midnight UTC) `cost_today` adds up."""
 
     @property
     def container(self) -> str:
@@ -248,6 +261,10 @@ class Registry:
             port_conflict=rec.port_conflict,
             deployed=self.deployed.get(rec.name),
             network=rec.network,
+            turn_state=rec.turn_state,
+            turn_since=rec.turn_since,
+            last_turn_at=rec.last_turn_at,
+            cost_today=rec.cost_today if rec.cost_day == day_start(time.time()) else 0.0,
             needs_update=rec.state == "running"
             and self.revision is not None
             and rec.built_rev != self.revision,

@@ -42,6 +42,7 @@ from hyperhive.core.sockets import AgentSockets
 from hyperhive.core.store import Store, open_store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.core.tokens import LoginTokens, remove_login_files
+from hyperhive.core.turns import Turns
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import HOST_DECODER
 from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name
@@ -147,6 +148,8 @@ async def run(
     async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
         hub = EventHub()
         registry = await _open_registry(cfg, store, hub, backend)
+        turns = Turns(store, registry)
+        await turns.load()
         faults = Faults.parse(cfg.crash_at, raises=cfg.crash_raises)
         broker = _broker(cfg, store, hub, registry, faults)
         await nursery.start(broker.serve)
@@ -171,6 +174,7 @@ async def run(
             reminders,
             lifecycle,
             queue,
+            turns,
             supervisor.applied_config,
             tokens,
         )
@@ -178,7 +182,17 @@ async def run(
         approvals = Approvals(queue, lifecycle, deploys, faults)
         await nursery.start(approvals.serve)
         host = HostHandler(
-            cfg, registry, broker, hub, lifecycle, queue, approvals, questions, supervisor, forge
+            cfg,
+            registry,
+            broker,
+            hub,
+            lifecycle,
+            queue,
+            approvals,
+            questions,
+            supervisor,
+            forge,
+            turns,
         )
         # A deploy a crash interrupted is rolled back before any container starts on it.
         rolled_back = await approvals.recover()

@@ -23,6 +23,7 @@ from hyperhive.core.logins import needs_login
 from hyperhive.core.questions import Questions
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
+from hyperhive.core.turns import Turns
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import encode_line
 from hyperhive.protocol.errors import BadParams
@@ -44,6 +45,7 @@ class HostHandler:
         questions: Questions,
         supervisor: Supervisor,
         forge: Forge | None,
+        turns: Turns,
     ) -> None:
         self.cfg = cfg
         self.registry = registry
@@ -55,6 +57,7 @@ class HostHandler:
         self.questions = questions
         self.supervisor = supervisor
         self.forge = forge
+        self.turns = turns
         """The hive-forge, when the daemon runs with one (its health for `list`)."""
         self.dashboard: wire.ListenerStatus | None = None
         """The dashboard's port, as its server reports it (None without a dashboard)."""
@@ -66,6 +69,15 @@ class HostHandler:
         # The broker mirrors queue depths in memory: no sqlite round trip per agent.
         return [self.registry.info(r, unread=self.broker.queued(r.recipient)) for r in recs]
 
+    async def _stats(self, name: str | None) -> list[wire.AgentStats]:
+        known = await self.turns.agents()
+        if name is not None:
+            if check_name(name) not in known:
+                self.registry.get(name)  # not_found for a name the hive never had
+            return [await self.turns.stats(name)]
+        names = sorted({*known, *self.registry.live_names()})
+        return [await self.turns.stats(n) for n in names]
+
     def _agent(self, rec: AgentRecord) -> wire.AgentReply:
         return wire.AgentReply(agent=self.registry.info(rec))
 
@@ -76,6 +88,8 @@ class HostHandler:
                 return wire.AgentList(
                     agents=await self.agent_infos(), forge=forge, dashboard=self.dashboard
                 )
+            case wire.Stats(name=name):
+                return wire.StatsReply(agents=await self._stats(name))
             case wire.Spawn(name=name):
                 return self._agent(await self.lifecycle.spawn(name))
             case wire.Kill(name=name):

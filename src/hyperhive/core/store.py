@@ -82,6 +82,22 @@ CREATE TABLE IF NOT EXISTS reminders (
     delivered_at REAL
 ) STRICT;
 CREATE INDEX IF NOT EXISTS reminders_due ON reminders (delivered_at, due_at);
+CREATE TABLE IF NOT EXISTS turns (
+    agent        TEXT    NOT NULL,
+    id           TEXT    NOT NULL,
+    message_id   INTEGER,
+    started_at   REAL    NOT NULL,
+    ended_at     REAL    NOT NULL,
+    model        TEXT    NOT NULL,
+    input        INTEGER NOT NULL,
+    output       INTEGER NOT NULL,
+    cache_read   INTEGER NOT NULL,
+    cache_write  INTEGER NOT NULL,
+    cost_usd     REAL    NOT NULL,
+    outcome      TEXT    NOT NULL,
+    PRIMARY KEY (agent, id)
+) STRICT;
+CREATE INDEX IF NOT EXISTS turns_by_end ON turns (agent, ended_at);
 CREATE INDEX IF NOT EXISTS questions_pending ON questions (answered_at, deadline_at);
 """
 

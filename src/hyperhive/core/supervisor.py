@@ -254,6 +254,8 @@ class Supervisor:
                 allowed_recipients=tuple(config.allowed_recipients),
                 extra_mcp=dict(config.extra_mcp_servers),
                 compact_at_tokens=config.context.compact_at_tokens,
+                history_keep_days=config.history.keep_days,
+                history_keep_events=config.history.keep_events,
             ).encode(),
             **cfg.claude_env,
             # The agent's own variables never replace the hive's.

@@ -67,6 +67,14 @@ class Context(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     model reply) is above this; default 75 % of the model's context window."""
 
 
+class History(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How much of its live event history (`/state/hyperhive-events.sqlite`) the harness keeps
+    (SPEC §6.2); turn records, kept by the daemon, are not pruned with it."""
+
+    keep_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 21
+    keep_events: Annotated[int, msgspec.Meta(ge=1000, le=10_000_000)] = 200_000
+
+
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     model: Annotated[str, msgspec.Meta(pattern=_MODEL)] | None = None
     allowed_recipients: list[Annotated[str, msgspec.Meta(min_length=1, max_length=16)]] = []
@@ -78,6 +86,7 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Kept for old configs: true is `[network] mode = "none"`."""
     network: Network = Network()
     context: Context = Context()
+    history: History = History()
 
     @property
     def network_mode(self) -> NetworkMode:
@@ -103,6 +112,10 @@ DEFAULT_TOML = """\
 [context]
 # compact_at_tokens = 150000    # compact before the next turn above this (default: 75 % of
 #                               # the model's context window)
+
+[history]
+# keep_days = 21                # the agent page's event history: days kept
+# keep_events = 200000          # and at most this many events (turn records are kept apart)
 
 [env]
 # EXAMPLE = "value"             # extra environment for the agent's claude

@@ -51,6 +51,10 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
     compact_at_tokens: int | None = None
     """HIVE_COMPACT_AT_TOKENS: agent.toml's `[context] compact_at_tokens` (empty: the model's
     default watermark)."""
+    history_keep_days: int = 21
+    """HIVE_HISTORY_KEEP_DAYS: agent.toml's `[history] keep_days`."""
+    history_keep_events: int = 200_000
+    """HIVE_HISTORY_KEEP_EVENTS: agent.toml's `[history] keep_events`."""
 
     def encode(self) -> dict[str, str]:
         """The environment variables (the daemon's side)."""
@@ -69,6 +73,8 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
             "HIVE_ALLOWED_RECIPIENTS": ",".join(self.allowed_recipients),
             "HIVE_EXTRA_MCP": msgspec.json.encode(self.extra_mcp).decode(),
             "HIVE_COMPACT_AT_TOKENS": str(self.compact_at_tokens or ""),
+            "HIVE_HISTORY_KEEP_DAYS": str(self.history_keep_days),
+            "HIVE_HISTORY_KEEP_EVENTS": str(self.history_keep_events),
         }
         if self.runtime is not None:
             env["HIVE_RUNTIME"] = self.runtime
@@ -98,6 +104,8 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
             allowed_recipients=listed("HIVE_ALLOWED_RECIPIENTS"),
             extra_mcp=_servers(env.get("HIVE_EXTRA_MCP", "")),
             compact_at_tokens=_positive(env.get("HIVE_COMPACT_AT_TOKENS", "")),
+            history_keep_days=_positive(env.get("HIVE_HISTORY_KEEP_DAYS", "")) or 21,
+            history_keep_events=_positive(env.get("HIVE_HISTORY_KEEP_EVENTS", "")) or 200_000,
         )
 
 

@@ -51,6 +51,50 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ForgeState = Literal["absent", "running", "failed"]
+TurnState = Literal["idle", "thinking", "compacting", "needs_login", "offline"]
+"""What an agent's harness is doing (SPEC §6): reported by the harness itself."""
+TurnOutcome = Literal["ok", "error", "cancelled", "compacted", "abandoned"]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+UnixTime = Annotated[float, msgspec.Meta(ge=0, le=2**40)]
+
+
+class TurnRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One finished turn of an agent (SPEC §6.2), as its harness reports it."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    """The harness's own id for the turn: a report sent twice is stored once."""
+    started_at: UnixTime
+    ended_at: UnixTime
+    model: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    cache_read_tokens: Count = 0
+    cache_write_tokens: Count = 0
+    cost_usd: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 0.0
+    outcome: TurnOutcome = "ok"
+    message_id: Count | None = None
+    """The message that started it (None: a checkpoint or compaction of the harness's own)."""
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Turns and what they took, over some period."""
+
+    turns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class AgentStats(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    last_turn: TurnRecord | None = None
+    today: Usage = Usage()
+    """Since midnight UTC."""
+    week: Usage = Usage()
+    """The last 7 days (168 hours)."""
+    total: Usage = Usage()
 
 
 class ForgeStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,6 +156,13 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Its network as enforced (bwrap/nspawn, SPEC §4.1b): `open`, `anthropic`, `none` or
     `host`, with `+N` when its config allows N more host:port destinations; None: the
     backend's own (nixos) or not started yet."""
+    turn_state: TurnState | None = None
+    """What its harness reports doing (None: it has not reported since the daemon started)."""
+    turn_since: float | None = None
+    last_turn_at: float | None = None
+    """When its last reported turn ended."""
+    cost_today: float = 0.0
+    """USD its turns cost since midnight UTC, as claude reports it."""
 
 
 # --------------------------------------------------------------------------- replies
@@ -244,6 +295,15 @@ class ReminderQueued(Reply, frozen=True):
     due_at: float
 
 
+class TurnsStored(Reply, frozen=True):
+    ids: list[str]
+    """The reported turns the daemon has (stored now or before): the harness forgets them."""
+
+
+class StatsReply(Reply, frozen=True):
+    agents: list[AgentStats]
+
+
 class UiToken(Reply, frozen=True):
     token: str
     """The UI's token (`Authorization: Bearer` on its pages); the agent's own, no one else's."""
@@ -282,6 +342,13 @@ class AgentRequest(Request[R_co], frozen=True, tag_field="cmd", kw_only=True):
 
 class ListAgents(HostRequest[AgentList], frozen=True, tag="list"):
     pass
+
+
+class Stats(HostRequest[StatsReply], frozen=True, tag="stats"):
+    """Turns, tokens and cost per agent: its last turn, today, the last 7 days, all time."""
+
+    name: str | None = None
+    """One agent (None: every agent the daemon has turn records of, and every live one)."""
 
 
 class Spawn(HostRequest[AgentReply], frozen=True, tag="spawn"):
@@ -489,6 +556,19 @@ class FetchUiToken(AgentRequest[UiToken], frozen=True, tag="ui_token"):
     """
 
 
+class ReportTurns(AgentRequest[TurnsStored], frozen=True, tag="report_turns"):
+    """The harness reports finished turns (again after a restart, until they are stored)."""
+
+    turns: Annotated[list[TurnRecord], msgspec.Meta(max_length=100)]
+
+
+class ReportState(AgentRequest[Done], frozen=True, tag="report_state"):
+    """The harness reports what it is doing, when that changes (SPEC §6)."""
+
+    state: TurnState
+    since: UnixTime
+
+
 class RequestSpawn(AgentRequest[ApprovalQueued], frozen=True, tag="request_spawn"):
     """Manager only: ask the operator to approve a new agent."""
 
@@ -584,6 +664,7 @@ class Dropped(HiveEvent, frozen=True, tag="dropped"):
 
 HostRequests = (
     ListAgents
+    | Stats
     | Spawn
     | Kill
     | Start
@@ -606,7 +687,19 @@ HostRequests = (
     | CancelQuestion
 )
 AgentRequests = (
-    Send | Recv | Ack | Nack | Status | Recent | Wake | Ask | Answer | Remind | FetchUiToken
+    Send
+    | Recv
+    | Ack
+    | Nack
+    | Status
+    | Recent
+    | Wake
+    | Ask
+    | Answer
+    | Remind
+    | FetchUiToken
+    | ReportTurns
+    | ReportState
 )
 ManagerOnlyRequests = (
     RequestSpawn | RequestApplyCommit | KillAgent | StartAgent | RestartAgent | UpdateAgent

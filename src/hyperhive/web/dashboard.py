@@ -21,6 +21,7 @@ from hyperhive.web.serving import serve_app
 BRIDGE_COMMANDS = frozenset(
     {
         "list",
+        "stats",
         "recent",
         "flow",
         "send",

@@ -97,6 +97,16 @@ function renderAgent(agent) {
     top.appendChild(el("span", "state", agent.state));
   }
   if (agent.needs_login) top.appendChild(el("span", "badge login", "⚠ needs login"));
+  if (agent.turn_state && agent.state === "running") {
+    // What its harness reports doing (SPEC §6.2); compacting is a wait worth seeing.
+    const busy = agent.turn_state === "thinking" || agent.turn_state === "compacting";
+    const badge = el("span", `badge turn turn-${agent.turn_state}`,
+      busy ? `${agent.turn_state}…` : agent.turn_state);
+    if (agent.turn_since) {
+      badge.title = `${agent.turn_state} since ${new Date(agent.turn_since * 1000).toLocaleString()}`;
+    }
+    top.appendChild(badge);
+  }
   if (agent.unread > 0) top.appendChild(el("span", "badge unread", `✉ ${agent.unread} unread`));
   if (agent.port) top.appendChild(el("span", "port", `:${agent.port}`));
   if (agent.network) {
@@ -119,6 +129,10 @@ function renderAgent(agent) {
   const meta = [agent.backend, agent.container];
   if (agent.pid) meta.push(`pid ${agent.pid}`);
   if (agent.restarts) meta.push(`↻ ${agent.restarts}`);
+  if (agent.last_turn_at) {
+    meta.push(`last turn ${new Date(agent.last_turn_at * 1000).toLocaleTimeString()}`);
+  }
+  if (agent.cost_today) meta.push(`$${agent.cost_today.toFixed(2)} today`);
   bottom.appendChild(el("span", "meta", meta.filter(Boolean).join(" · ")));
   const actions = el("span", "actions");
   const name = agent.name;
