@@ -81,6 +81,33 @@ in
       description = "Whom `send` may reach besides the manager (agent.toml `allowed_recipients`); empty: anyone.";
     };
 
+    effort = lib.mkOption {
+      type = types.enum [
+        "low"
+        "medium"
+        "high"
+      ];
+      default = "medium";
+      description = "claude's effort level for this agent's turns (agent.toml `effort`).";
+    };
+
+    allowedBashPatterns = lib.mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "git status"
+        "npm run test:*"
+      ];
+      description = "Bash only for commands matching these claude `Bash(...)` allow rules (agent.toml `allowed_bash_patterns`); empty: any command.";
+    };
+
+    claudePlugins = lib.mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "code-review@claude-plugins-official" ];
+      description = "claude plugins the harness installs at start (agent.toml `claude_plugins`); a failure is shown, not fatal.";
+    };
+
     extraMcpServers = lib.mkOption {
       type = types.attrsOf mcpServer;
       default = { };
@@ -149,6 +176,9 @@ in
         HIVE_CLAUDE = lib.getExe pkgs.claude-code;
         HIVE_ALLOWED_RECIPIENTS = lib.concatStringsSep "," cfg.allowedRecipients;
         HIVE_EXTRA_MCP = builtins.toJSON (lib.mapAttrs harnessServer cfg.extraMcpServers);
+        HIVE_EFFORT = cfg.effort;
+        HIVE_BASH_PATTERNS = builtins.toJSON cfg.allowedBashPatterns;
+        HIVE_CLAUDE_PLUGINS = builtins.toJSON cfg.claudePlugins;
         HOME = "/root";
         LANG = "C.UTF-8";
         CLAUDE_CONFIG_DIR = "/root/.claude";

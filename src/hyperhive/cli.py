@@ -160,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a socket client may take over a line or a reply (default %(default)s)",
     )
     serve.add_argument(
+        "--deploy-health-window",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long an approved deploy is watched for a crash loop or failing turns, which"
+        " roll it back (default %(default)s)",
+    )
+    serve.add_argument(
         "--inbox-quota",
         type=_byte_size,
         default=64 * 1024**2,
@@ -419,6 +427,7 @@ def daemon_config(args: argparse.Namespace, claude: str | None) -> DaemonConfig:
         claude_bin=claude or "claude",
         crash_at=os.environ.get("HIVE_CRASH_AT") or None,
         line_timeout=args.line_timeout,
+        deploy_health_window=args.deploy_health_window,
         group_commit=not args.no_group_commit,
         inbox_quota=args.inbox_quota,
         sender_quota=args.sender_quota,

@@ -166,3 +166,42 @@ def _running(name: str, not_pid: int | None = None) -> Callable[[wire.HiveEvent]
 
 def pending_is_empty(approvals: wire.ApprovalList) -> bool:
     return approvals.approvals == []
+
+
+async def test_open_threads_next_turn_and_list_agents_tools(hive_root: Path) -> None:
+    async with open_hive(hive_config(hive_root, start_manager=True)) as hive:
+        await hive.call(wire.Kill(name="hm1nd"))
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Kill(name="alice"))
+        alice = HarnessSettings(label="alice", role="agent", socket=hive.agent_sock("alice"))
+        manager = HarnessSettings(label="hm1nd", role="manager", socket=hive.agent_sock("hm1nd"))
+        async with Client(build_server(alice)) as a, Client(build_server(manager)) as m:
+            assert _text(await a.call_tool("get_open_threads", {})) == "nothing open"
+            await a.call_tool("ask", {"question": "Ship it?"})
+            await a.call_tool("remind", {"message": "check CI", "delay_seconds": 3600})
+            await m.call_tool("request_spawn", {"name": "bob"})
+            mine = _text(await a.call_tool("get_open_threads", {}))
+            assert "question #1 alice → operator: 'Ship it?'" in mine
+            assert "reminder #1 due" in mine and "check CI" in mine
+            assert "approval" not in mine  # bob's spawn does not involve alice
+            hive_wide = _text(await m.call_tool("get_open_threads", {}))
+            assert "approval #1 (pending): spawn bob" in hive_wide and "question #1" in hive_wide
+
+            listed = _text(await m.call_tool("list_agents", {}))
+            assert "alice: stopped" in listed and "hm1nd: stopped" in listed
+            assert "list_agents" not in {t.name for t in (await a.list_tools()).tools}
+
+            # request_next_turn: a `continue` from self, 20 in a row at most, then refused
+            # until alice receives a real message.
+            while True:
+                asked = await a.call_tool("request_next_turn", {})
+                if asked.is_error:
+                    break
+            assert "20 turns in a row" in _text(asked)
+            inbox = await hive.call(wire.HostRecent(name="alice", limit=100))
+            selfs = [msg for msg in inbox.messages if msg.sender == "self"]
+            assert len(selfs) == 20 and {msg.body for msg in selfs} == {"continue"}
+            await hive.call(wire.OperatorSend(to="alice", body="a real message"))
+            while "a real message" not in _text(await a.call_tool("recv", {})):
+                pass
+            assert not (await a.call_tool("request_next_turn", {})).is_error

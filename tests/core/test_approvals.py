@@ -408,3 +408,44 @@ async def test_a_spawn_that_fails_leaves_a_tombstone_and_says_why(hive_root: Pat
                 is_running("bob"),  # type: ignore[arg-type]
                 approval_is(again.id, "deployed"),  # type: ignore[arg-type]
             )
+
+
+async def test_an_unhealthy_deploy_rolls_itself_back(hive_root: Path) -> None:
+    """A deploy that builds but makes the harness exit at start (its Python cannot even
+    start) crash-loops: within the health window the daemon rolls it back by itself."""
+    async with hive_with_alice(hive_root) as (hive, proposed, applied, _pid):
+        before = await git(applied, "rev-parse", "main")
+        sha = await propose(proposed, '[env]\nPYTHONHOME = "/nonexistent"\n', "break python")
+        queued = await request_apply(hive, sha)
+        async with subscription(hive.sock) as events:
+            done = await hive.call(wire.Approve(id=queued.id))
+            assert done.approval.status == "deployed"
+            back = await wait_for_event(events, approval_is(queued.id, "rolled_back"))  # type: ignore[arg-type]
+            # The rollback's rebuild, then alice up on the old config.
+            await wait_for_event(
+                events,
+                lambda e: isinstance(e, wire.AgentChanged) and e.agent.state == "rebuilding",
+            )
+            running = await wait_for_event(events, is_running("alice"))  # type: ignore[arg-type]
+        assert isinstance(back, wire.ApprovalChanged)
+        assert back.approval.note.startswith("rolled back: crash-looping after the deploy")
+        # The attempt is tagged failed/<id> with the reason; main and the meta repo are back.
+        assert {f"deployed/{queued.id}", f"failed/{queued.id}"} <= await tags(applied)
+        message = await git(applied, "tag", "-l", "--format=%(contents)", f"failed/{queued.id}")
+        assert "crash-looping" in message
+        assert await git(applied, "rev-parse", "main") == before
+        assert "PYTHONHOME" not in (applied / "agent.toml").read_text()
+        assert await meta_pin(hive, "alice") == {"rev": before, "tag": "deployed/0"}
+        assert (await meta_log(hive))[0].startswith(f"rollback alice deployed/0 {before[:12]}")
+        # alice runs the old config again; the manager and the operator were told.
+        assert isinstance(running, wire.AgentChanged) and running.agent.pid is not None
+        seen = await manager_events(hive)
+        resolved = [e for e in seen if e["event"] == "approval_resolved"]
+        assert (resolved[-1]["status"], resolved[-1]["tag"]) == (
+            "rolled_back",
+            f"failed/{queued.id}",
+        )
+        after = seen[seen.index(resolved[-1]) :]
+        assert any(e["event"] == "rebuilt" and e["ok"] for e in after), after
+        inbox = await hive.call(wire.HostRecent(name="operator", limit=20))
+        assert any(f"Deploy #{queued.id} of alice" in m.body for m in inbox.messages)

@@ -27,6 +27,9 @@ FULL_TOML = """\
 model = "claude-sonnet-4.5"
 allowed_recipients = ["bob", "carol"]
 private_network = true
+effort = "high"
+allowed_bash_patterns = ["git status", "npm run test:*"]
+claude_plugins = ["code-review@claude-plugins-official"]
 
 [limits]
 memory_max = "4G"
@@ -136,6 +139,9 @@ def harness_view(config: AgentConfig) -> dict[str, object]:
         "role": "agent",
         "model": config.model,
         "allowedRecipients": config.allowed_recipients,
+        "effort": config.effort,
+        "allowedBashPatterns": config.allowed_bash_patterns,
+        "claudePlugins": config.claude_plugins,
         "env": config.env,
         "privateNetwork": config.private_network,
         "extraMcpServers": {

@@ -367,7 +367,40 @@ async def serve(settings: HarnessSettings) -> None:
                 # Started, not start_soon: the UI is up before the first turn is taken.
                 await nursery.start(_serve_ui, settings, bus, controls, login)
             await bus.emit(Note(text=f"{settings.label} harness up (model {controls.model})"))
+            await install_plugins(settings, bus)
             await harness.run()
+
+
+PLUGIN_TIMEOUT = 120.0
+
+
+async def install_plugins(settings: HarnessSettings, bus: LiveBus) -> None:
+    """agent.toml's `claude_plugins`, each `claude plugin install`ed; a failure is shown on
+    the agent's page and the agent works on without that plugin."""
+    env = {**CLAUDE_DEFAULTS, **settings.env, "HOME": settings.env.get("HOME", "/root")}
+    for spec in settings.plugins:
+        done = None
+        with trio.move_on_after(PLUGIN_TIMEOUT):
+            try:
+                done = await trio.run_process(
+                    [settings.claude, "plugin", "install", spec],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env=env,
+                )
+            except OSError as exc:
+                await bus.emit(Note(text=f"plugin {spec}: cannot run claude: {exc}", level="warn"))
+                continue
+        if done is None:
+            await bus.emit(
+                Note(text=f"plugin {spec}: not installed after {PLUGIN_TIMEOUT:g}s", level="warn")
+            )
+        elif done.returncode != 0:
+            why = (done.stderr or done.stdout).decode("utf-8", "replace").strip()[-500:]
+            await bus.emit(Note(text=f"plugin {spec} not installed: {why}", level="warn"))
+        else:
+            await bus.emit(Note(text=f"plugin {spec} installed"))
 
 
 async def _serve_ui(

@@ -150,9 +150,64 @@ def build_server(settings: HarnessSettings) -> MCPServer:
         when = datetime.datetime.fromtimestamp(reply.due_at, datetime.UTC)
         return f"reminder #{reply.id} due {when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
+    @server.tool(
+        description=(
+            "What is still open that involves you: pending approvals, unanswered questions (yours"
+            " and those routed to you) and reminders not yet due. The manager sees the hive's."
+        )
+    )
+    async def get_open_threads() -> str:
+        return format_threads(await call(wire.OpenThreads()))
+
+    @server.tool(
+        description=(
+            "Ask for another turn right after this one, even with an empty inbox: your next wake"
+            " is from `self` with body `continue`. At most 20 in a row; after that, wait for a"
+            " real message (or set a reminder)."
+        )
+    )
+    async def request_next_turn() -> str:
+        await call(wire.NextTurn())
+        return "another turn follows this one"
+
     if settings.role == "manager":
         _add_manager_tools(server, call)
     return server
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_threads(threads: wire.Threads) -> str:
+    lines = []
+    for a in threads.approvals:
+        what = f"spawn {a.agent}" if a.kind == "spawn" else f"deploy {a.sha[:12]} to {a.agent}"
+        lines.append(f"approval #{a.id} ({a.status}): {what}, asked {_when(a.requested_at)}")
+    for q in threads.questions:
+        to = q.target or "operator"
+        lines.append(
+            f"question #{q.id} {q.asker} → {to}: {q.question[:200]!r}"
+            f" (unanswered, deadline {_when(q.deadline_at)})"
+        )
+    for r in threads.reminders:
+        lines.append(f"reminder #{r.id} due {_when(r.due_at)}: {r.message[:200]!r}")
+    return "\n".join(lines) or "nothing open"
+
+
+def format_agents(listed: wire.AgentList) -> str:
+    lines = []
+    for a in listed.agents:
+        parts = [f"{a.name}: {a.state}", f"{a.unread} unread"]
+        if a.turn_state:
+            parts.append(a.turn_state)
+        if a.deployed:
+            parts.append(a.deployed)
+        if a.last_turn_at:
+            parts.append(f"last turn {_when(a.last_turn_at)}")
+        parts.append(f"${a.cost_today:.2f} today")
+        lines.append(", ".join(parts))
+    return "\n".join(lines) or "no agents"
 
 
 def _add_manager_tools(server: MCPServer, call: _Call) -> None:
@@ -182,6 +237,15 @@ def _add_manager_tools(server: MCPServer, call: _Call) -> None:
     async def lifecycle(request: wire.AgentRequest[wire.AgentReply]) -> str:
         reply = await call(request)
         return f"{reply.agent.name}: {reply.agent.state}"
+
+    @server.tool(
+        description=(
+            "Every agent of the hive: state, unread messages, what it is doing, the deploy it"
+            " runs, its last turn and what its turns cost today."
+        )
+    )
+    async def list_agents() -> str:
+        return format_agents(await call(wire.ManagerListAgents()))
 
     @server.tool(description="Stop an agent gracefully (it stays stopped until started).")
     async def kill(name: str) -> str:

@@ -15,7 +15,16 @@ from hyperhive.protocol.harness_env import HarnessEnv
 BUILTIN_TOOLS = ("Bash", "Edit", "Glob", "Grep", "Read", "Write")
 """Built-in claude tools an agent may use; WebFetch, WebSearch, Task and friends stay off."""
 
-AGENT_TOOLS = ("send", "recv", "ask", "answer", "remind", "whoami")
+AGENT_TOOLS = (
+    "send",
+    "recv",
+    "ask",
+    "answer",
+    "remind",
+    "whoami",
+    "get_open_threads",
+    "request_next_turn",
+)
 MANAGER_TOOLS = (
     *AGENT_TOOLS,
     "request_spawn",
@@ -24,6 +33,7 @@ MANAGER_TOOLS = (
     "start",
     "restart",
     "update",
+    "list_agents",
 )
 MCP_SERVER = "hyperhive"
 
@@ -53,6 +63,11 @@ class HarnessSettings:
     """From agent.toml: the context watermark (None: 75 % of the model's window)."""
     history_keep_days: int = 21
     history_keep_events: int = 200_000
+    effort: str = "medium"
+    bash_patterns: tuple[str, ...] = ()
+    """From agent.toml: Bash limited to these allow rules (empty: any command)."""
+    plugins: tuple[str, ...] = ()
+    """From agent.toml: claude plugins installed at harness start."""
     """From agent.toml's `[history]`: how much of the live event history is kept."""
     first_event_timeout: float = 300.0
     idle_timeout: float = 900.0
@@ -81,6 +96,9 @@ class HarnessSettings:
             compact_at_tokens=hive.compact_at_tokens,
             history_keep_days=hive.history_keep_days,
             history_keep_events=hive.history_keep_events,
+            effort=hive.effort,
+            bash_patterns=hive.bash_patterns,
+            plugins=hive.plugins,
             env=env,
         )
 
@@ -95,7 +113,10 @@ class HarnessSettings:
             for key, server in sorted(self.extra_mcp.items())
             for tool in (server.allowed_tools or [""])
         ]
-        return [*BUILTIN_TOOLS, *(f"mcp__{MCP_SERVER}__{t}" for t in self.tools), *extra]
+        # With bash patterns, Bash is allowed only through its rules in the settings file
+        # (`permissions.allow`): claude denies a Bash call no rule matches.
+        builtin = [t for t in BUILTIN_TOOLS if t != "Bash" or not self.bash_patterns]
+        return [*builtin, *(f"mcp__{MCP_SERVER}__{t}" for t in self.tools), *extra]
 
     @property
     def mcp_config_path(self) -> Path:
@@ -163,8 +184,11 @@ def write_claude_files(settings: HarnessSettings) -> None:
     claude_settings = {
         "autoCompactEnabled": False,
         "autoMemoryEnabled": False,
-        "effortLevel": "medium",
-        "permissions": {"deny": ["WebFetch", "WebSearch", "Task"]},
+        "effortLevel": settings.effort,
+        "permissions": {
+            "deny": ["WebFetch", "WebSearch", "Task"],
+            "allow": [f"Bash({pattern})" for pattern in settings.bash_patterns],
+        },
     }
     _write(settings.mcp_config_path, json.dumps(mcp, indent=2))
     _write(settings.settings_path, json.dumps(claude_settings, indent=2))

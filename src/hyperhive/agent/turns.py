@@ -37,6 +37,8 @@ def outcome_of(result: TurnResult) -> wire.TurnOutcome:
         return "cancelled"
     if result.abandoned:
         return "abandoned"
+    if result.transient or result.auth_failed:
+        return "transient"  # not the agent's doing: rate limited, overloaded, logged out
     return "ok" if result.ok else "error"
 
 

@@ -17,15 +17,19 @@ from hyperhive.core.turns import Turns
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import AgentConfig
 from hyperhive.protocol.codec import AGENT_DECODER, MANAGER_DECODER, RequestDecoder
-from hyperhive.protocol.errors import BadParams, Forbidden, HiveError
+from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, HiveError
 from hyperhive.protocol.names import (
     BROADCAST,
     MANAGER,
     MANAGER_NAME,
+    SELF,
     canonical_label,
     canonical_recipient,
     check_name,
 )
+
+NEXT_TURN_LIMIT = 20
+"""`next_turn`s an agent may ask for in a row before it must wait for a real message."""
 
 AppliedConfig = Callable[[AgentRecord], Awaitable[AgentConfig]]
 """The agent.toml in force for an agent's container (`Supervisor.applied_config`)."""
@@ -41,11 +45,13 @@ class AgentHandler:
         reminders: Reminders,
         *,
         turns: Turns,
+        queue: ApprovalQueue,
         applied_config: AppliedConfig,
         ui_token: str,
     ) -> None:
         self.rec = rec
         self.turns = turns
+        self.queue = queue
         self.broker = broker
         self.registry = registry
         self.questions = questions
@@ -95,6 +101,8 @@ class AgentHandler:
                 return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
             case wire.Recv(wait_seconds=wait, lease=lease):
                 msg = await self.broker.recv(self.principal, wait, lease=lease)
+                if msg is not None and msg.sender != SELF and self.rec.next_turns:
+                    self.registry.note_quietly(self.rec, next_turns=0)
                 return wire.Received(message=msg)
             case wire.Ack(id=mid, attempt=attempt):
                 acked = await self.broker.ack(self.principal, mid, attempt)
@@ -136,12 +144,39 @@ class AgentHandler:
                 return wire.ReminderQueued(id=rid, due_at=due)
             case wire.FetchUiToken():
                 return wire.UiToken(token=self.ui_token)
+            case wire.OpenThreads():
+                return await self._open_threads()
+            case wire.NextTurn():
+                return await self._next_turn()
             case wire.ReportTurns(turns=turns):
                 return wire.TurnsStored(ids=await self.turns.record(self.rec, turns))
             case wire.ReportState(state=state, since=since):
                 self.registry.note(self.rec, turn_state=state, turn_since=since)
                 return wire.Done()
         raise BadParams(f"unsupported request {type(request).__name__}")
+
+    async def _open_threads(self) -> wire.Threads:
+        """What is open that involves this agent; the manager sees the hive's."""
+        hive = self.rec.role == "manager"
+        rows = await self.queue.rows("status = 'pending'")
+        approvals = [r.info() for r in rows if hive or r.agent == self.rec.name]
+        questions = [
+            q
+            for q in await self.questions.pending()
+            if hive or self.principal in (q.asker, q.target)
+        ]
+        reminders = await self.reminders.pending(self.principal)
+        return wire.Threads(approvals=approvals, questions=questions, reminders=reminders)
+
+    async def _next_turn(self) -> wire.Sent:
+        if self.rec.next_turns >= NEXT_TURN_LIMIT:
+            raise Conflict(
+                f"{NEXT_TURN_LIMIT} turns in a row were asked for: wait for a message (or set a"
+                " reminder) before asking for another"
+            )
+        msgs = await self.broker.send(SELF, self.principal, "continue", origin=self.rec.name)
+        self.registry.note_quietly(self.rec, next_turns=self.rec.next_turns + 1)
+        return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
 
 
 class ManagerHandler(AgentHandler):
@@ -172,11 +207,11 @@ class ManagerHandler(AgentHandler):
             questions,
             reminders,
             turns=turns,
+            queue=queue,
             applied_config=applied_config,
             ui_token=ui_token,
         )
         self.lifecycle = lifecycle
-        self.queue = queue
 
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
         life = self.lifecycle
@@ -195,6 +230,12 @@ class ManagerHandler(AgentHandler):
                 return self._agent(await life.restart(refuse_manager_target(name)))
             case wire.UpdateAgent(name=name):
                 return self._agent(await life.rebuild(refuse_manager_target(name)))
+            case wire.ManagerListAgents():
+                infos = [
+                    self.registry.info(r, unread=self.broker.queued(r.recipient))
+                    for r in self.registry.all()
+                ]
+                return wire.AgentList(agents=infos)
         return await super().handle(request, peer)
 
     def _agent(self, rec: AgentRecord) -> wire.AgentReply:
@@ -237,6 +278,10 @@ class AgentServices:
             )
             return MANAGER_DECODER, manager
         agent = AgentHandler(
-            *common, turns=self.turns, applied_config=self.applied_config, ui_token=token
+            *common,
+            turns=self.turns,
+            queue=self.queue,
+            applied_config=self.applied_config,
+            ui_token=token,
         )
         return AGENT_DECODER, agent

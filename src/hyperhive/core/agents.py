@@ -80,6 +80,10 @@ class AgentRecord:
     last_turn_at: float | None = None
     cost_today: float = 0.0
     cost_day: float = 0.0
+    turn_failures: int = 0
+    next_turns: int = 0
+    """`next_turn`s in a row since it last received a message from someone else."""
+    """Turns in a row that failed (outcome `error`) since its last good one: a deploy's health."""
     """The day (its midnight UTC) `cost_today` adds up."""
 
     @property

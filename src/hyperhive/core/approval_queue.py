@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from hyperhive.core.agents import Registry
@@ -18,7 +19,7 @@ from hyperhive.core.events import ApprovalResolved, Notices
 from hyperhive.core.gitops import GitOps
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
-from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, NotFound
+from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, Internal, NotFound
 from hyperhive.protocol.names import check_name, check_new_agent_name
 from hyperhive.protocol.text import check_text
 
@@ -126,7 +127,9 @@ class ApprovalQueue:
         self, row: Approval, status: wire.ApprovalStatus, note: str = "", old_sha: str | None = None
     ) -> None:
         """Store `row`'s new status (before and after the git steps of a transition)."""
-        resolved_at = time.time() if status in ("deployed", "failed", "denied") else None
+        resolved_at = (
+            time.time() if status in ("deployed", "failed", "denied", "rolled_back") else None
+        )
         await self.store.run(_set, row.id, status, note, old_sha, resolved_at)
         row.status, row.note, row.resolved_at = status, note, resolved_at
         if old_sha is not None:
@@ -152,6 +155,12 @@ class ApprovalQueue:
                 tag=tag,
             )
         )
+
+    def hub_stream(self) -> AsyncGenerator[wire.HiveEvent, None]:
+        """The hive's events (for watching a deploy's health)."""
+        if self.hub is None:
+            raise Internal("no event hub")
+        return self.hub.stream()
 
     # ------------------------------------------------------------------ requests
 

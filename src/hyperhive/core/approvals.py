@@ -16,6 +16,7 @@ stages the agent's new pin in the meta repo before the rebuild and commits it on
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 from typing import NoReturn
 
 import trio
@@ -27,7 +28,7 @@ from hyperhive.core.deploys import DeployLog
 from hyperhive.core.faults import Faults
 from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.meta import deploy_message
-from hyperhive.protocol import agent_config
+from hyperhive.protocol import agent_config, wire
 from hyperhive.protocol.agent_config import AGENT_TOML
 from hyperhive.protocol.errors import BadParams, Conflict, HiveError, Internal, StorageFull
 from hyperhive.protocol.text import check_text
@@ -35,6 +36,10 @@ from hyperhive.protocol.text import check_text
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted"
+CRASH_LOOP = 2
+"""Container exits within the health window that make a deploy unhealthy."""
+FAILED_TURNS = 2
+"""Failed turns in a row within the health window that make a deploy unhealthy."""
 
 
 class Approvals:
@@ -42,7 +47,13 @@ class Approvals:
     finishes or undoes what a killed daemon left half done."""
 
     def __init__(
-        self, queue: ApprovalQueue, lifecycle: Lifecycle, deploys: DeployLog, faults: Faults
+        self,
+        queue: ApprovalQueue,
+        lifecycle: Lifecycle,
+        deploys: DeployLog,
+        faults: Faults,
+        *,
+        health_window: float = 120.0,
     ) -> None:
         self.queue = queue
         self.lifecycle = lifecycle
@@ -50,7 +61,10 @@ class Approvals:
         self.gitops = deploys.gitops
         self.meta = deploys.meta
         self.faults = faults
+        self.health_window = health_window
         self._nursery: trio.Nursery | None = None
+        self._watches: dict[str, trio.CancelScope] = {}
+        """The deploy being watched per agent (a newer deploy or a rebuild replaces it)."""
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> NoReturn:
         """The nursery approved spawns finish in (in the background), until cancelled."""
@@ -64,6 +78,88 @@ class Approvals:
         if self._nursery is None:
             raise Internal("approvals are not being served")
         self._nursery.start_soon(self._finish_spawn, row, rec, revived)
+
+    # ------------------------------------------------------------------ health after a deploy
+
+    def _watch(self, row: Approval, rec: AgentRecord) -> None:
+        """Watch a fresh deploy for `health_window` seconds, in the background."""
+        old = self._watches.pop(rec.name, None)
+        if old is not None:
+            old.cancel()
+        if self._nursery is None or self.health_window <= 0:
+            return
+        scope = trio.CancelScope()
+        self._watches[rec.name] = scope
+        self._nursery.start_soon(self._watch_deploy, row, rec, scope)
+
+    async def _watch_deploy(self, row: Approval, rec: AgentRecord, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                reason = await self._unhealthy(rec)
+                if reason is not None:
+                    # Not cancellable from here on: a rollback half done is worse than none.
+                    scope.shield = True
+                    await self._heal(row, rec, reason)
+        except HiveError as exc:
+            log.error("%s: rolling back deploy #%d failed: %s", rec.name, row.id, exc.message)
+        finally:
+            if self._watches.get(rec.name) is scope:
+                del self._watches[rec.name]
+
+    async def _unhealthy(self, rec: AgentRecord) -> str | None:
+        """Why the freshly deployed agent is unhealthy, once it is within the window: its
+        container exited `CRASH_LOOP` times, or `FAILED_TURNS` turns in a row failed."""
+        crashes, failures = rec.restarts, rec.turn_failures
+
+        def verdict() -> str | None:
+            if rec.restarts - crashes >= CRASH_LOOP:
+                return (
+                    f"crash-looping after the deploy ({rec.restarts - crashes} exits within"
+                    f" {self.health_window:g}s): {rec.last_error or 'no error'}"
+                )
+            if rec.turn_failures - failures >= FAILED_TURNS:
+                return f"its first {FAILED_TURNS} turns after the deploy failed"
+            return None
+
+        with trio.move_on_after(self.health_window):
+            async with aclosing(self.queue.hub_stream()) as events:
+                if (reason := verdict()) is not None:
+                    return reason
+                async for event in events:
+                    if isinstance(event, wire.AgentRemoved) and event.name == rec.name:
+                        return None
+                    if not isinstance(event, wire.AgentChanged) or event.agent.name != rec.name:
+                        continue
+                    if not rec.alive:
+                        return None  # destroyed: nothing to roll back
+                    if (reason := verdict()) is not None:
+                        return reason
+        return None
+
+    async def _heal(self, row: Approval, rec: AgentRecord, reason: str) -> None:
+        """Back to the deploy before `row`: its config, its pin in the meta repo, a rebuild;
+        the attempt is tagged `failed/<id>` with the reason and everyone is told."""
+        name = rec.name
+        log.warning("%s: deploy #%d is unhealthy (%s): rolling back", name, row.id, reason)
+        async with self.deploys.lock:
+            if await self.gitops.resolve(self.gitops.applied(name), "main") != row.sha:
+                return  # something newer was deployed meanwhile: not ours to undo
+            await self.gitops.tag(name, f"failed/{row.id}", row.sha, f"rolled back: {reason}")
+            await self.gitops.move_main(name, row.old_sha)
+            tag = await self.deploys.deployed_tag(name, row.old_sha)
+            await self.meta.prepare(name, row.old_sha, tag)
+            await self.meta.finalize(f"rollback {name} {tag} {row.old_sha[:12]} (#{row.id})")
+            await self.queue.set(row, "rolled_back", f"rolled back: {reason}")
+        await self.queue.resolved(row, f"failed/{row.id}")
+        ok, note = await self.lifecycle.rebuild_container(rec)
+        await self.queue.notices.tell_operator(
+            f"Deploy #{row.id} of {name} ({row.sha[:12]}) was rolled back to {tag}: {reason}."
+            + ("" if ok else f" The rebuild on the old config failed too: {note}")
+        )
+        if ok:
+            await self.lifecycle.kick(
+                rec, f"Your config was rolled back to {tag}: the deploy #{row.id} was unhealthy."
+            )
 
     # ------------------------------------------------------------------ decisions
 
@@ -129,6 +225,7 @@ class Approvals:
             await self.queue.set(row, "deployed", note)
             await self.queue.resolved(row, f"deployed/{row.id}")
             await self.lifecycle.kick(rec, "Config update applied: your agent.toml changed.")
+            self._watch(row, rec)
             return
         await self._rollback(row, note)
         if rebuilt:

@@ -47,6 +47,8 @@ class DaemonConfig:
     claude_bin: str = "claude"
     restart_initial: float = 10.0
     restart_max: float = 300.0
+    deploy_health_window: float = 120.0
+    """Seconds an approved deploy is watched: a crash loop or failing turns roll it back."""
     restart_reset_after: float = 600.0
     stop_grace: float = 5.0
     max_attempts: int = 5

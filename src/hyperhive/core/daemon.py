@@ -179,7 +179,9 @@ async def run(
             tokens,
         )
         await nursery.start(sockets.serve, services.handler_for)
-        approvals = Approvals(queue, lifecycle, deploys, faults)
+        approvals = Approvals(
+            queue, lifecycle, deploys, faults, health_window=cfg.deploy_health_window
+        )
         await nursery.start(approvals.serve)
         host = HostHandler(
             cfg,

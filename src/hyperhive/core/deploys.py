@@ -30,15 +30,19 @@ class DeployLog:
         sha = await self.gitops.resolve(repo, BRANCH)
         if sha is None:
             return
-        tag = "deployed/0"
-        if revived:
-            tags = await self.gitops.out(repo, "tag", "--points-at", BRANCH, "--list", "deployed/*")
-            ids = [int(t.split("/")[1]) for t in tags.split() if t.split("/")[1].isdigit()]
-            tag = f"deployed/{max(ids, default=0)}"
+        tag = await self.deployed_tag(rec.name, BRANCH) if revived else "deployed/0"
         message = spawn_message(rec.name, tag, sha)
         if revived:
             message = f"revive {rec.name} {tag} {sha[:12]}"
         await self.meta.record(message, rec.name, Pin(rev=sha, tag=tag), self.meta_agent(rec))
+
+    async def deployed_tag(self, name: str, sha: str) -> str:
+        """The newest `deployed/<id>` tag at `sha` in the agent's applied repo (`deployed/0`,
+        its first config, when none is)."""
+        repo = self.gitops.applied(name)
+        tags = await self.gitops.out(repo, "tag", "--points-at", sha, "--list", "deployed/*")
+        ids = [int(t.split("/")[1]) for t in tags.split() if t.split("/")[1].isdigit()]
+        return f"deployed/{max(ids, default=0)}"
 
     async def record_rebuild(self, name: str) -> None:
         """A rebuild outside approvals may relock the agent's input (nixos): commit that alone.

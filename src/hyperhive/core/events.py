@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from hyperhive.protocol.errors import HiveError
-from hyperhive.protocol.names import MANAGER, SYSTEM
+from hyperhive.protocol.names import MANAGER, OPERATOR, SYSTEM
 
 if TYPE_CHECKING:
     from hyperhive.core.broker import Broker
@@ -104,3 +104,10 @@ class Notices:
             await self._broker.send(SYSTEM, MANAGER, encode(event), origin=SYSTEM)
         except HiveError as exc:
             log.error("could not tell the manager about %s: %s", event, exc.message)
+
+    async def tell_operator(self, text: str) -> None:
+        """A message from `system` in the operator's inbox (best effort, as `tell`)."""
+        try:
+            await self._broker.send(SYSTEM, OPERATOR, text, origin=SYSTEM)
+        except HiveError as exc:
+            log.error("could not tell the operator %r: %s", text[:200], exc.message)

@@ -21,6 +21,7 @@ import trio
 from hyperhive.core.broker import Broker
 from hyperhive.core.storage import storage_full
 from hyperhive.core.store import Store, transaction
+from hyperhive.protocol import wire
 from hyperhive.protocol.errors import BadParams, Conflict, HiveError, StorageFull
 from hyperhive.protocol.names import REMINDER
 from hyperhive.protocol.text import MAX_BODY, check_text
@@ -170,6 +171,14 @@ def _next_due(conn: sqlite3.Connection) -> float | None:
     return float(due) if due is not None else None
 
 
+def _pending(conn: sqlite3.Connection, recipient: str) -> list[tuple[int, float, str]]:
+    return conn.execute(
+        "SELECT id, due_at, message FROM reminders WHERE recipient = ? AND delivered_at IS NULL"
+        " ORDER BY due_at, id",
+        (recipient,),
+    ).fetchall()
+
+
 class Reminders:
     def __init__(
         self,
@@ -217,6 +226,13 @@ class Reminders:
         if due < self._next:
             self._wake.set()
         return rid, due
+
+    async def pending(self, recipient: str) -> list[wire.ReminderInfo]:
+        """`recipient`'s reminders not delivered yet, soonest first."""
+        rows = await self.store.run(_pending, recipient)
+        return [
+            wire.ReminderInfo(id=rid, due_at=due, message=text[:500]) for rid, due, text in rows
+        ]
 
     async def deliver_due(self) -> int:
         """Send every due reminder; each is marked delivered once the broker stored it.

@@ -145,7 +145,15 @@ class Turns:
             last = max(t.ended_at for t in new)
             if rec.last_turn_at is not None:
                 last = max(last, rec.last_turn_at)
-            self._registry.note(rec, last_turn_at=last, cost_today=cost, cost_day=today)
+            failures = rec.turn_failures
+            for t in sorted(new, key=lambda t: t.ended_at):
+                if t.outcome == "error":
+                    failures += 1
+                elif t.outcome in ("ok", "compacted"):
+                    failures = 0
+            self._registry.note(
+                rec, last_turn_at=last, cost_today=cost, cost_day=today, turn_failures=failures
+            )
         return [t.id for t in turns]
 
     async def stats(self, agent: str) -> wire.AgentStats:

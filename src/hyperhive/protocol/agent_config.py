@@ -22,6 +22,14 @@ _ENV_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _SERVER = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 _MODEL = rf"^[A-Za-z0-9._:-]{{1,{MAX_MODEL}}}$"
 
+Effort = Literal["low", "medium", "high"]
+BashPattern = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^(),\x00-\x1f]+$")
+]
+"""A claude `Bash(...)` allow rule's inside, e.g. `git status` or `npm run test:*`."""
+PluginSpec = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@/:-]{0,199}$")]
+"""What `claude plugin install` takes: `name` or `name@marketplace`."""
+
 EnvKey = Annotated[str, msgspec.Meta(pattern=_ENV_KEY, max_length=128)]
 
 
@@ -87,6 +95,14 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     network: Network = Network()
     context: Context = Context()
     history: History = History()
+    effort: Effort = "medium"
+    """claude's effort level for this agent's turns (its `effortLevel` setting)."""
+    allowed_bash_patterns: list[BashPattern] = []
+    """Empty: Bash may run any command. Otherwise only commands matching one of these claude
+    `Bash(<pattern>)` allow rules (e.g. `git status`, `npm run test:*`)."""
+    claude_plugins: Annotated[list[PluginSpec], msgspec.Meta(max_length=32)] = []
+    """Plugins the harness installs at start (`claude plugin install`); a failure is shown on
+    the agent's page and its turns go on without the plugin."""
 
     @property
     def network_mode(self) -> NetworkMode:
@@ -99,6 +115,9 @@ DEFAULT_TOML = """\
 
 # model = "sonnet"              # claude model for this agent's turns
 # allowed_recipients = []       # whom `send` may reach besides the manager (empty: anyone)
+# effort = "medium"             # low | medium | high: claude's effort level
+# allowed_bash_patterns = []    # e.g. ["git status", "npm run test:*"] (empty: any command)
+# claude_plugins = []           # e.g. ["code-review@claude-plugins-official"]
 
 [network]
 # mode = "open"                 # open | anthropic | none | host (see SPEC §4.1b)

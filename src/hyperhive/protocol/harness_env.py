@@ -51,6 +51,12 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
     compact_at_tokens: int | None = None
     """HIVE_COMPACT_AT_TOKENS: agent.toml's `[context] compact_at_tokens` (empty: the model's
     default watermark)."""
+    effort: str = "medium"
+    """HIVE_EFFORT: agent.toml's `effort`."""
+    bash_patterns: tuple[str, ...] = ()
+    """HIVE_BASH_PATTERNS, JSON: agent.toml's `allowed_bash_patterns`."""
+    plugins: tuple[str, ...] = ()
+    """HIVE_CLAUDE_PLUGINS, JSON: agent.toml's `claude_plugins`."""
     history_keep_days: int = 21
     """HIVE_HISTORY_KEEP_DAYS: agent.toml's `[history] keep_days`."""
     history_keep_events: int = 200_000
@@ -74,6 +80,9 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
             "HIVE_EXTRA_MCP": msgspec.json.encode(self.extra_mcp).decode(),
             "HIVE_COMPACT_AT_TOKENS": str(self.compact_at_tokens or ""),
             "HIVE_HISTORY_KEEP_DAYS": str(self.history_keep_days),
+            "HIVE_EFFORT": self.effort,
+            "HIVE_BASH_PATTERNS": msgspec.json.encode(list(self.bash_patterns)).decode(),
+            "HIVE_CLAUDE_PLUGINS": msgspec.json.encode(list(self.plugins)).decode(),
             "HIVE_HISTORY_KEEP_EVENTS": str(self.history_keep_events),
         }
         if self.runtime is not None:
@@ -105,8 +114,21 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
             extra_mcp=_servers(env.get("HIVE_EXTRA_MCP", "")),
             compact_at_tokens=_positive(env.get("HIVE_COMPACT_AT_TOKENS", "")),
             history_keep_days=_positive(env.get("HIVE_HISTORY_KEEP_DAYS", "")) or 21,
+            effort=env.get("HIVE_EFFORT", "") or "medium",
+            bash_patterns=_strings(env.get("HIVE_BASH_PATTERNS", "")),
+            plugins=_strings(env.get("HIVE_CLAUDE_PLUGINS", "")),
             history_keep_events=_positive(env.get("HIVE_HISTORY_KEEP_EVENTS", "")) or 200_000,
         )
+
+
+def _strings(text: str) -> tuple[str, ...]:
+    """A JSON list of strings the daemon validated; anything else is none."""
+    if not text:
+        return ()
+    try:
+        return tuple(msgspec.json.decode(text, type=list[str]))
+    except msgspec.DecodeError:
+        return ()
 
 
 def _servers(text: str) -> dict[str, McpServer]:

@@ -18,9 +18,11 @@ MANAGER_NAME = "hm1nd"
 OPERATOR = "operator"
 SYSTEM = "system"
 REMINDER = "reminder"
+SELF = "self"
+"""The sender of `next_turn`'s message: the agent asked for another turn itself."""
 BROADCAST = "*"
 
-RESERVED = frozenset({MANAGER, OPERATOR, SYSTEM, REMINDER, "self", "all", "core", "hive-forge"})
+RESERVED = frozenset({MANAGER, OPERATOR, SYSTEM, REMINDER, SELF, "all", "core", "hive-forge"})
 """Names no sub-agent may take: they are principals of the broker or of the host."""
 
 

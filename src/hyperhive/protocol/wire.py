@@ -53,7 +53,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
 ForgeState = Literal["absent", "running", "failed"]
 TurnState = Literal["idle", "thinking", "compacting", "needs_login", "offline"]
 """What an agent's harness is doing (SPEC §6): reported by the harness itself."""
-TurnOutcome = Literal["ok", "error", "cancelled", "compacted", "abandoned"]
+TurnOutcome = Literal["ok", "error", "transient", "cancelled", "compacted", "abandoned"]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0, le=2**40)]
 
@@ -230,7 +230,9 @@ class Subscribed(Reply, frozen=True):
 
 
 ApprovalKind = Literal["apply_commit", "spawn"]
-ApprovalStatus = Literal["pending", "building", "spawning", "deployed", "failed", "denied"]
+ApprovalStatus = Literal[
+    "pending", "building", "spawning", "deployed", "failed", "denied", "rolled_back"
+]
 
 
 class ApprovalInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -293,6 +295,21 @@ class QuestionReply(Reply, frozen=True):
 class ReminderQueued(Reply, frozen=True):
     id: int
     due_at: float
+
+
+class ReminderInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    due_at: float
+    message: str
+    """Its text (the first 500 characters)."""
+
+
+class Threads(Reply, frozen=True):
+    """What is still open that involves the caller (the manager: the whole hive)."""
+
+    approvals: list[ApprovalInfo]
+    questions: list[QuestionInfo]
+    reminders: list[ReminderInfo]
 
 
 class TurnsStored(Reply, frozen=True):
@@ -556,6 +573,20 @@ class FetchUiToken(AgentRequest[UiToken], frozen=True, tag="ui_token"):
     """
 
 
+class OpenThreads(AgentRequest[Threads], frozen=True, tag="open_threads"):
+    """Pending approvals, unanswered questions and reminders that involve the caller (the
+    manager: every pending approval and question of the hive)."""
+
+
+class NextTurn(AgentRequest[Sent], frozen=True, tag="next_turn"):
+    """Another turn right after this one, inbox empty or not: a message from `self` ("continue")
+    in the caller's own inbox. At most `NEXT_TURN_LIMIT` in a row (SPEC §4.2)."""
+
+
+class ManagerListAgents(AgentRequest[AgentList], frozen=True, tag="list_agents"):
+    """Manager only: every agent, as host `list` shows it."""
+
+
 class ReportTurns(AgentRequest[TurnsStored], frozen=True, tag="report_turns"):
     """The harness reports finished turns (again after a restart, until they are stored)."""
 
@@ -700,9 +731,17 @@ AgentRequests = (
     | FetchUiToken
     | ReportTurns
     | ReportState
+    | OpenThreads
+    | NextTurn
 )
 ManagerOnlyRequests = (
-    RequestSpawn | RequestApplyCommit | KillAgent | StartAgent | RestartAgent | UpdateAgent
+    RequestSpawn
+    | RequestApplyCommit
+    | KillAgent
+    | StartAgent
+    | RestartAgent
+    | UpdateAgent
+    | ManagerListAgents
 )
 ManagerRequests = AgentRequests | ManagerOnlyRequests
 HiveEvents = (

@@ -224,6 +224,9 @@ async def test_agent_nix_reads_agent_toml_into_hyperhive_options(tmp_path: Path)
 async def test_agent_nix_defaults(tmp_path: Path, toml: str | None) -> None:
     assert await eval_agent_nix(tmp_path, toml) == {
         "allowedRecipients": [],
+        "effort": "medium",
+        "allowedBashPatterns": [],
+        "claudePlugins": [],
         "env": {},
         "extraMcpServers": {},
         "privateNetwork": False,

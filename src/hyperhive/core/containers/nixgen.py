@@ -88,6 +88,9 @@ in
   hyperhive =
     {
       allowedRecipients = lib.mkDefault (settings.allowed_recipients or [ ]);
+      effort = lib.mkDefault (settings.effort or "medium");
+      allowedBashPatterns = lib.mkDefault (settings.allowed_bash_patterns or [ ]);
+      claudePlugins = lib.mkDefault (settings.claude_plugins or [ ]);
       extraMcpServers = lib.mkDefault (
         builtins.mapAttrs server (settings.extra_mcp_servers or { })
       );
@@ -315,6 +318,9 @@ NIX_OWNED_ENV = frozenset(
         "HIVE_CLAUDE",
         "HIVE_ALLOWED_RECIPIENTS",
         "HIVE_EXTRA_MCP",
+        "HIVE_EFFORT",
+        "HIVE_BASH_PATTERNS",
+        "HIVE_CLAUDE_PLUGINS",
     }
 )
 """What the container's own configuration sets (nix/templates, the meta flake, agent.nix)."""

@@ -6,7 +6,7 @@
 import { request as host } from "./bridge.js";
 import { el, fmtTime, longText, toast, whoClass } from "./hive.js";
 
-const FINAL = new Set(["deployed", "failed", "denied"]);
+const FINAL = new Set(["deployed", "failed", "denied", "rolled_back"]);
 // Replies and events race (a `pending` listing can be older than an event): never go back.
 const rank = (status) => (status === "pending" ? 0 : FINAL.has(status) ? 2 : 1);
 const BUSY_LABEL = { apply_commit: "building", spawn: "spawning" };
