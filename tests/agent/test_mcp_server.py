@@ -47,6 +47,15 @@ async def test_send_and_recv_tools_act_as_the_socket_owner(hive_root: Path) -> N
             bad = await client.call_tool("send", {"to": "nobody", "body": "x"})
             assert bad.is_error and "unknown recipient" in _text(bad)
 
+            # A reply names the message it answers; the recipient sees the thread.
+            kick = await hive.call(wire.HostRecent(name="alice", limit=5))
+            replied = await client.call_tool(
+                "send", {"to": "alice", "body": "re", "in_reply_to": kick.messages[0].id}
+            )
+            assert not replied.is_error, _text(replied)
+            back = await client.call_tool("recv", {})
+            assert f"in reply to: {kick.messages[0].id}" in _text(back)
+
         inbox = await hive.call(wire.HostRecent(name="operator", limit=5))
         assert [(m.sender, m.body) for m in inbox.messages] == [("alice", "hi from mcp")]
 

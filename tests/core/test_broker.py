@@ -347,3 +347,16 @@ async def test_a_broker_stopping_while_a_dead_letter_is_reported_stops(tmp_path:
             assert await broker.recv("bob", None, lease=True) is None
             # One more round trip: the report task has submitted its send when the block ends.
             assert len(await broker.recent("bob", 10, state="dead")) == 1
+
+
+async def test_a_reply_carries_the_message_it_answers(tmp_path: Path) -> None:
+    """`in_reply_to` is stored with the message and handed out, listed and leased with it."""
+    async with open_broker(tmp_path / "b.sqlite") as (_, broker, _):
+        [question] = await broker.send("alice", "bob", "which branch?")
+        [answer] = await broker.send("bob", "alice", "main", in_reply_to=question.id)
+        assert answer.in_reply_to == question.id
+        got = await lease(broker, "alice")
+        assert (got.id, got.in_reply_to) == (answer.id, question.id)
+        [listed] = await broker.recent("alice", 10)
+        assert listed.in_reply_to == question.id
+        assert (await lease(broker, "bob")).in_reply_to is None

@@ -31,6 +31,7 @@ class TurnStart(LiveEvent, frozen=True, tag="turn_start"):
     message_id: int = 0
     attempt: int = 1
     redelivery: bool = False
+    in_reply_to: int | None = None
 
 
 class Stream(LiveEvent, frozen=True, tag="stream"):

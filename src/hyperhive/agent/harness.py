@@ -51,6 +51,8 @@ def wake_prompt(msg: wire.Message, unread: int) -> str:
     )
     if msg.origin and msg.origin != msg.sender:
         attrs += f' via="{html.escape(msg.origin, quote=True)}"'
+    if msg.in_reply_to is not None:
+        attrs += f' in_reply_to="{msg.in_reply_to}"'
 
     body = msg.body.replace("</hive-message>", "</hive-message\u200b>")
     lines = [f"<hive-message {attrs}>", body, "</hive-message>"]
@@ -237,6 +239,7 @@ class Harness:
                 message_id=msg.id,
                 attempt=msg.attempt,
                 redelivery=msg.redelivery,
+                in_reply_to=msg.in_reply_to,
             )
         )
         await self.bus.set_state("thinking")

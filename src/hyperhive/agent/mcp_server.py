@@ -34,6 +34,8 @@ INSTRUCTIONS = (
 def format_message(msg: wire.Message) -> str:
     when = datetime.datetime.fromtimestamp(msg.sent_at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     head = f"from: {msg.sender}\nid: {msg.id}\nsent: {when}"
+    if msg.in_reply_to is not None:
+        head += f"\nin reply to: {msg.in_reply_to}"
     if msg.broadcast:
         head += "\n(broadcast — may not need any action from you)"
     return f"{head}\n\n{msg.body}"
@@ -52,17 +54,18 @@ def build_server(settings: HarnessSettings) -> MCPServer:
     @server.tool(
         description=(
             "Send a message. `to` is an agent name, `manager`, `operator` (the human, via the "
-            "dashboard) or `*` (every agent). Returns the stored message ids."
+            "dashboard) or `*` (every agent). With `in_reply_to` (the id of the message you "
+            "answer) it joins that thread. Returns the stored message ids."
         )
     )
-    async def send(to: str, body: str) -> str:
+    async def send(to: str, body: str, in_reply_to: int | None = None) -> str:
         allowed = settings.allowed_recipients
         if allowed and canonical_recipient(to) not in (*allowed, MANAGER):
             raise ToolError(
                 f"{to!r} is not among your allowed recipients ({', '.join(allowed)}, manager);"
                 " ask the manager if you need to reach someone else"
             )
-        reply = await call(wire.Send(to=to, body=body))
+        reply = await call(wire.Send(to=to, body=body, in_reply_to=in_reply_to))
         return f"sent to {', '.join(reply.recipients)} (id {', '.join(map(str, reply.ids))})"
 
     @server.tool(

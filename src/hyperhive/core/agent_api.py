@@ -93,10 +93,14 @@ class AgentHandler:
 
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
         match request:
-            case wire.Send(to=to, body=body):
+            case wire.Send(to=to, body=body, in_reply_to=reply_to):
                 await self._check_recipient(canonical_recipient(to))
                 msgs = await self.broker.send(
-                    self.principal, canonical_recipient(to), body, origin=self.rec.name
+                    self.principal,
+                    canonical_recipient(to),
+                    body,
+                    origin=self.rec.name,
+                    in_reply_to=reply_to,
                 )
                 return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
             case wire.Recv(wait_seconds=wait, lease=lease):

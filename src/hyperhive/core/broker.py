@@ -372,7 +372,7 @@ class Broker:
         return pending.op.released
 
     async def send(
-        self, sender: str, to: str, body: str, *, origin: str = ""
+        self, sender: str, to: str, body: str, *, origin: str = "", in_reply_to: int | None = None
     ) -> list[wire.Message]:
         """Store a message durably (committed before this returns) and wake its readers."""
         if not isinstance(body, str):
@@ -394,7 +394,7 @@ class Broker:
         self.quotas.check(recipients, origin, size)
         for recipient in recipients:
             self.quotas.add(recipient, origin, size)
-        op = m.Insert(sender, recipients, body, to == BROADCAST, origin)
+        op = m.Insert(sender, recipients, body, to == BROADCAST, origin, in_reply_to)
         try:
             await self._submit(op)
         except BaseException:

@@ -115,9 +115,9 @@ class HostHandler:
             case wire.Destroy(name=name, purge=purge):
                 await self.lifecycle.destroy(name, purge)
                 return wire.Done()
-            case wire.OperatorSend(to=to, body=body):
+            case wire.OperatorSend(to=to, body=body, in_reply_to=reply_to):
                 msgs = await self.broker.send(
-                    OPERATOR, canonical_recipient(to), body, origin=OPERATOR
+                    OPERATOR, canonical_recipient(to), body, origin=OPERATOR, in_reply_to=reply_to
                 )
                 return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
             case wire.HostRecent(name=name, limit=limit):

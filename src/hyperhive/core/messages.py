@@ -12,9 +12,9 @@ from hyperhive.core.store import transaction
 from hyperhive.protocol import wire
 from hyperhive.protocol.names import OPERATOR
 
-COLUMNS = "id, sender, recipient, body, sent_at, attempts, broadcast, state, origin"
+COLUMNS = "id, sender, recipient, body, sent_at, attempts, broadcast, state, origin, in_reply_to"
 
-Row = tuple[int, str, str, str, float, int, int, str, str]
+Row = tuple[int, str, str, str, float, int, int, str, str, int | None]
 
 DAY = 86400.0
 
@@ -24,7 +24,7 @@ _FREED = "origin, length(CAST(body AS BLOB))"
 
 
 def to_message(row: Row, *, handed_out: bool = False) -> wire.Message:
-    mid, sender, recipient, body, sent_at, attempts, broadcast, state, origin = row
+    mid, sender, recipient, body, sent_at, attempts, broadcast, state, origin, reply_to = row
     return wire.Message(
         id=mid,
         sender=sender,
@@ -36,6 +36,7 @@ def to_message(row: Row, *, handed_out: bool = False) -> wire.Message:
         broadcast=bool(broadcast),
         state=state,
         origin=origin,
+        in_reply_to=reply_to,
     )
 
 
@@ -58,6 +59,7 @@ class Insert(_Op):
     body: str
     broadcast: bool
     origin: str
+    in_reply_to: int | None = None
     handoffs: list[Handoff] = field(default_factory=list)
     """Per recipient: hand straight to a parked reader (stored leased/delivered, attempt 1)."""
     rows: list[Row] = field(default_factory=list)
@@ -156,7 +158,8 @@ def _insert(conn: sqlite3.Connection, op: Insert, now: float) -> None:
         attempts = 1 if handoff else 0
         cur = conn.execute(
             "INSERT INTO messages (sender, recipient, body, sent_at, broadcast, state, attempts,"
-            " leased_at, delivered_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " leased_at, delivered_at, origin, in_reply_to)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 op.sender,
                 recipient,
@@ -168,6 +171,7 @@ def _insert(conn: sqlite3.Connection, op: Insert, now: float) -> None:
                 now if handoff else None,
                 now if state == "delivered" else None,
                 op.origin,
+                op.in_reply_to,
             ),
         )
         assert cur.lastrowid is not None
@@ -182,28 +186,31 @@ def _insert(conn: sqlite3.Connection, op: Insert, now: float) -> None:
                 int(op.broadcast),
                 state,
                 op.origin,
+                op.in_reply_to,
             )
         )
 
 
 def _take(conn: sqlite3.Connection, op: Take, now: float) -> None:
     while True:
-        found: tuple[int, str, str, str, float, int, int, str, str, int] | None = conn.execute(
-            f"SELECT {COLUMNS}, uncounted FROM messages WHERE recipient = ? AND state = 'queued'"
-            " ORDER BY id LIMIT 1",
-            (op.recipient,),
-        ).fetchone()
+        found: tuple[int, str, str, str, float, int, int, str, str, int | None, int] | None = (
+            conn.execute(
+                f"SELECT {COLUMNS}, uncounted FROM messages"
+                " WHERE recipient = ? AND state = 'queued' ORDER BY id LIMIT 1",
+                (op.recipient,),
+            ).fetchone()
+        )
         if found is None:
             return
-        row: Row = found[:9]
-        counted = row[5] - found[9]
+        row: Row = found[:10]
+        counted = row[5] - found[10]
         if counted >= op.max_attempts:
             conn.execute(
                 "UPDATE messages SET state = 'dead', last_error = COALESCE(last_error, ?)"
                 " WHERE id = ?",
                 (f"no turn completed after {counted} attempts", row[0]),
             )
-            op.dead.append((*row[:5], counted, row[6], "dead", row[8]))
+            op.dead.append((*row[:5], counted, row[6], "dead", row[8], row[9]))
             continue
         state = "leased" if op.lease else "delivered"
         conn.execute(
@@ -211,7 +218,7 @@ def _take(conn: sqlite3.Connection, op: Take, now: float) -> None:
             " delivered_at = ? WHERE id = ?",
             (state, now, None if op.lease else now, row[0]),
         )
-        op.row = (*row[:5], row[5] + 1, row[6], state, row[8])
+        op.row = (*row[:5], row[5] + 1, row[6], state, row[8], row[9])
         return
 
 

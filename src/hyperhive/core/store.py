@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS messages (
     leased_at    REAL,
     delivered_at REAL,
     origin       TEXT    NOT NULL DEFAULT '',
-    last_error   TEXT
+    last_error   TEXT,
+    in_reply_to  INTEGER
 ) STRICT;
 CREATE INDEX IF NOT EXISTS messages_inbox ON messages (recipient, state, id);
 CREATE INDEX IF NOT EXISTS messages_delivered ON messages (state, delivered_at);
@@ -167,7 +168,7 @@ def connect(path: str) -> sqlite3.Connection:
 
 _COLUMNS_ADDED = {
     "agents": {"built_rev": "TEXT"},
-    "messages": {"uncounted": "INTEGER NOT NULL DEFAULT 0"},
+    "messages": {"uncounted": "INTEGER NOT NULL DEFAULT 0", "in_reply_to": "INTEGER"},
 }
 """Columns added after a table was first created: ALTER TABLE on older databases."""
 

@@ -48,6 +48,8 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
     origin: str = ""
     """The socket that accepted it (an agent, `operator`, `system`); differs from `from` only
     for `wake` labels, which an agent may put into its own inbox."""
+    in_reply_to: int | None = None
+    """The message this one answers (its thread), as its sender said."""
 
 
 ForgeState = Literal["absent", "running", "failed"]
@@ -407,6 +409,7 @@ class OperatorSend(HostRequest[Sent], frozen=True, tag="send"):
 
     to: str
     body: str
+    in_reply_to: Annotated[int, msgspec.Meta(ge=1, le=2**53)] | None = None
 
 
 class HostRecent(HostRequest[Inbox], frozen=True, tag="recent"):
@@ -479,9 +482,14 @@ class CancelQuestion(HostRequest[QuestionReply], frozen=True, tag="cancel_questi
     id: Int64
 
 
+MessageId = Annotated[int, msgspec.Meta(ge=1, le=2**53)]
+
+
 class Send(AgentRequest[Sent], frozen=True, tag="send"):
     to: str
     body: str
+    in_reply_to: MessageId | None = None
+    """The message this one answers: replies form threads on the agent page and dashboard."""
 
 
 class Recv(AgentRequest[Received], frozen=True, tag="recv"):

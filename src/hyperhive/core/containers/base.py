@@ -219,9 +219,14 @@ async def run_limited(
 async def _serve_network(pid: int, spec: ContainerSpec) -> None:
     """The container's network wiring; a failure is logged in its log, never fatal."""
     assert spec.egress is not None
+    failed: list[BaseException] = []
     try:
         await netns.serve_network(pid, spec.egress)
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except* (OSError, subprocess.CalledProcessError) as group:
+        # Raised bare or from the wiring's own nursery (e.g. nft into the namespace of a
+        # container that already exited).
+        failed.extend(group.exceptions)
+    for exc in failed:
         log.error("%s: network: %s", spec.container, exc)
         await trio.to_thread.run_sync(
             append_log_line, spec.log_path, f"network set-up failed: {exc}"

@@ -261,6 +261,9 @@
           const head = el("div", "k-turn-head");
           head.appendChild(document.createTextNode("turn · from "));
           head.appendChild(el("span", whoClass(ev.from), ev.from));
+          if (ev.in_reply_to) {
+            head.appendChild(document.createTextNode(` · ↩ in reply to #${ev.in_reply_to}`));
+          }
           if (ev.redelivery) head.appendChild(document.createTextNode(" · redelivery"));
           if (ev.unread) head.appendChild(document.createTextNode(` · ${ev.unread} unread`));
           c.appendChild(head);

@@ -193,6 +193,20 @@ function renderAgents() {
     `${live.length} container${live.length === 1 ? "" : "s"} · ${running} running`;
 }
 
+// ------------------------------------------------------------------ threads
+let replyTo = null;
+
+function threadChip(id) {
+  // A reply names the message it answers (SPEC §4.2 `send`): a link to it in the flow.
+  const chip = el("span", "chip thread", `↩ #${id}`);
+  chip.title = `in reply to message #${id}`;
+  chip.addEventListener("click", () => {
+    const row = document.querySelector(`#flow [data-id="${id}"]`);
+    if (row) row.scrollIntoView({ block: "center" });
+  });
+  return chip;
+}
+
 // ------------------------------------------------------------------ operator inbox
 const inboxList = document.getElementById("inbox");
 
@@ -206,9 +220,13 @@ function inboxItem(msg) {
   reply.title = `reply to ${display(msg.from)}`;
   reply.addEventListener("click", () => {
     setRecipient(display(msg.from));
+    // The next message to them answers this one (its thread), until the recipient changes.
+    replyTo = { id: msg.id, to: display(msg.from) };
+    promptSpan.textContent = `@${display(msg.from)} ↩#${msg.id}>`;
     compose.focus();
   });
   head.appendChild(reply);
+  if (msg.in_reply_to) head.appendChild(threadChip(msg.in_reply_to));
   li.appendChild(head);
   const body = el("div", "body");
   longText(body, msg.body, BODY_PREVIEW);
@@ -245,6 +263,7 @@ function flowRow(msg, fresh) {
   content.appendChild(el("span", "arrow", " → "));
   content.appendChild(nameSpan(msg.to, "to"));
   content.appendChild(el("span", "colon", ":"));
+  if (msg.in_reply_to) content.appendChild(threadChip(msg.in_reply_to));
   longText(content, msg.body, BODY_PREVIEW);
   const tick = el("span", "tick", msg.state === "queued" ? "·" : "✓");
   tick.title = msg.state;
@@ -471,7 +490,9 @@ composeForm.addEventListener("submit", async (ev) => {
   }
   compose.disabled = true;
   try {
-    await host({ cmd: "send", to, body });
+    const thread = replyTo && replyTo.to === to ? { in_reply_to: replyTo.id } : {};
+    await host({ cmd: "send", to, body, ...thread });
+    replyTo = null;
     setRecipient(to);
     compose.value = "";
   } catch (err) {
