@@ -81,6 +81,7 @@ class HarnessSettings:
             compact_at_tokens=hive.compact_at_tokens,
             history_keep_days=hive.history_keep_days,
             history_keep_events=hive.history_keep_events,
+            first_event_timeout=hive.first_event_timeout or 300.0,
             env=env,
         )
 
