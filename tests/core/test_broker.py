@@ -266,6 +266,27 @@ async def test_release_returns_an_inboxs_leases_to_the_queue(tmp_path: Path) -> 
         assert [(await lease(broker, "bob")).body for _ in range(2)] == ["one", "two"]
 
 
+async def test_release_answers_the_receivers_parked_on_the_inbox(tmp_path: Path) -> None:
+    """A harness parked in `recv` when its container stopped: the next message must not be
+    handed to that dead connection, but wait for the next harness."""
+    async with open_broker(tmp_path / "b.sqlite") as (_, broker, nursery):
+        ghost: list[wire.Message | None] = []
+        returned = trio.Event()
+
+        async def parked() -> None:
+            ghost.append(await broker.recv("bob", 180, lease=True))
+            returned.set()
+
+        nursery.start_soon(parked)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await broker.release("bob") == 0
+        with trio.fail_after(5):
+            await returned.wait()
+        assert ghost == [None]
+        await broker.send("alice", "bob", "after the restart")
+        assert (await lease(broker, "bob")).body == "after the restart"
+
+
 async def test_a_parked_receiver_is_woken_by_a_send(tmp_path: Path) -> None:
     async with open_broker(tmp_path / "b.sqlite") as (_, broker, _):
         received: list[wire.Message | None] = []

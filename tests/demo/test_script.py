@@ -283,9 +283,42 @@ def test_directive_error(status: int, kind: str) -> None:
 def test_directive_error_retry_and_usage() -> None:
     decision = play(request("!error 500 retry"))
     assert isinstance(decision, Failure) and decision.retry
-    for body in ("!error", "!error 200", "!error teapot", "!error 500 please"):
+    for body in (
+        "!error",
+        "!error 200",
+        "!error teapot",
+        "!error 500 please",
+        "!error 429 until",
+        "!error 429 until 0",
+        "!error 429 until two",
+        "!error 429 until 2 now",
+    ):
         bad = play(request(body))
         assert isinstance(bad, Reply) and bad.stop_reason == "end_turn"
+        assert isinstance(bad.blocks[0], Text) and bad.blocks[0].text.startswith("!error: usage")
+
+
+def attempt_of(body: str, attempt: int, *earlier: int) -> MessagesRequest:
+    """A prompt at `attempt`, after `earlier` prompts of the same body whose API calls failed:
+    claude merges them all into one user message."""
+    blocks: list[object] = []
+    for n in (*earlier, attempt):
+        wrapped = envelope(body).replace('attempt="1"', f'attempt="{n}"')
+        blocks += [REMINDER, {"type": "text", "text": wrapped}]
+    return request(messages=[{"role": "user", "content": blocks}])
+
+
+def test_directive_error_until_an_attempt_then_the_rest() -> None:
+    body = "!error 429 until 2\nhello"
+    assert play(attempt_of(body, 1)) == Failure(
+        429, "rate_limit_error", "scripted rate_limit_error (429)"
+    )
+    answer = Reply((send("operator", "alice here. You said: hello"),))
+    assert play(attempt_of(body, 2, 1)) == answer
+    assert play(attempt_of(body, 3, 1, 2)) == answer
+    retried = play(attempt_of("!error 529 retry until 3", 2, 1))
+    assert isinstance(retried, Failure) and retried.retry and retried.status == 529
+    assert play(attempt_of("!error 529 retry until 3", 3, 1, 2)) == text("Done.")
 
 
 # --- rule 4: the demo conversation ---------------------------------------------------------------

@@ -22,6 +22,7 @@ FULL = HarnessEnv(
     claude="/usr/bin/claude",
     allowed_recipients=("bob", "carol"),
     extra_mcp={"search": McpServer(command="/bin/search", args=["-q"])},
+    first_event_timeout=2.5,
 )
 
 
@@ -45,6 +46,11 @@ def test_the_harness_settings_come_from_the_contract() -> None:
     assert str(settings.runtime_dir) == "/run/harness"
     assert settings.allowed_recipients == ("bob", "carol")
     assert set(settings.extra_mcp) == {"search"}
+    assert settings.first_event_timeout == 2.5
+    assert HarnessSettings.from_env("agent", {}).first_event_timeout == 300.0
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        decoded = HarnessEnv.decode({"HIVE_FIRST_EVENT_TIMEOUT": bad}, "agent")
+        assert decoded.first_event_timeout is None
 
 
 def test_the_nixos_templates_set_only_names_of_the_contract() -> None:

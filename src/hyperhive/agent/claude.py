@@ -15,7 +15,7 @@ from hyperhive.agent.bus import LiveBus, Note, Stream
 from hyperhive.agent.settings import HarnessSettings
 from hyperhive.protocol.codec import LineStream
 from hyperhive.protocol.errors import LineTooLong
-from hyperhive.protocol.procgroup import killpg, stop_process_group
+from hyperhive.protocol.procgroup import killpg, signal_ladder, stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,12 @@ async def run_turn(
             outcome.note = "turn cancelled"
     finally:
         with trio.CancelScope(shield=True):
-            await _reap(proc, settings.result_exit_grace)
+            stopped_by = await _reap(proc, settings.result_exit_grace)
+            if stopped_by is not None:
+                # A cancel, a silence or a linger: say how claude went (SIGINT lets it flush).
+                await bus.emit(
+                    Note(text=f"claude stopped by {stopped_by} (exit status {proc.returncode})")
+                )
     if not outcome.saw_result and proc.returncode not in (0, None):
         outcome.note = f"{outcome.note} (exit status {proc.returncode})"
     return outcome
@@ -337,8 +342,19 @@ def _read_boundary(outcome: TurnResult, line: bytes) -> None:
     outcome.compacted = (None, None) if meta is None else (meta.pre_tokens, meta.post_tokens)
 
 
-async def _reap(proc: trio.Process, grace: float) -> None:
-    """Make sure nothing of the turn survives it: SIGINT, then SIGTERM, then SIGKILL the group."""
-    await stop_process_group(proc, [(signal.SIGINT, 2.0), (signal.SIGTERM, grace)])
+async def _reap(proc: trio.Process, grace: float) -> str | None:
+    """Make sure nothing of the turn survives it: SIGINT (claude flushes its session and
+    exits), then SIGTERM, then SIGKILL the group. Returns the signal claude exited on, None
+    if it had exited by itself."""
+    stopped_by: str | None = None
+    if proc.returncode is None:
+        stopped_by = "SIGKILL"
+        for sig, wait in ((signal.SIGINT, 2.0), (signal.SIGTERM, grace)):
+            if await signal_ladder(proc.pid, proc.wait, [(sig, wait)]):
+                stopped_by = sig.name
+                break
+        else:
+            await stop_process_group(proc, [])
     # Grandchildren that outlived claude (e.g. a stray MCP server) share its process group.
     killpg(proc.pid, signal.SIGKILL)
+    return stopped_by

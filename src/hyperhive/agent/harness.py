@@ -219,6 +219,9 @@ class Harness:
             self.backoff = 0.0
             return
         blameless = result.transient or result.auth_failed
+        if blameless:
+            # Said before the nack: whoever sees the redelivery has seen why it waited.
+            await self.bus.set_state("needs_login" if result.auth_failed else "rate_limited")
         await client.call(
             wire.Nack(id=msg.id, attempt=msg.attempt, error=result.note, count=not blameless),
         )
@@ -229,6 +232,7 @@ class Harness:
                 Note(text=f"will retry in {self.backoff:.0f}s: {result.note}", level="warn")
             )
             await trio.sleep(self.backoff)
+            await self.bus.set_state("idle")
 
     async def turn(self, msg: wire.Message, unread: int) -> TurnResult:
         await self.bus.emit(

@@ -99,6 +99,7 @@ class HarnessSettings:
             effort=hive.effort,
             bash_patterns=hive.bash_patterns,
             plugins=hive.plugins,
+            first_event_timeout=hive.first_event_timeout or 300.0,
             env=env,
         )
 

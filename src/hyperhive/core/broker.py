@@ -461,9 +461,16 @@ class Broker:
         return pending.op.done
 
     async def release(self, recipient: str) -> int:
-        """Return an inbox's in-flight messages to the queue (its reader is gone)."""
+        """Return an inbox's in-flight messages to the queue (its reader is gone).
+
+        The `recv`s parked on it are answered with nothing: they belong to the process that
+        is gone (a harness parked in `recv` when its container stopped), and one left parked
+        would be handed the next message, leased to a connection nobody reads any more.
+        """
         pending = await self._submit(m.Release(recipient))
         assert isinstance(pending.op, m.Release)
+        for reader in self._parked.pop(recipient, None) or ():
+            self._answer(reader, None)
         return pending.op.released
 
     async def requeue(self, mid: int) -> wire.Message:

@@ -170,9 +170,10 @@ def find_identity(texts: Iterable[str]) -> Identity | None:
     return None
 
 
-def parse_envelope(text: str) -> Envelope | None:
-    """The first `<hive-message from=…>body</hive-message>` envelope in `text`."""
-    match = _ENVELOPE.search(text)
+def parse_envelope(text: str, *, last: bool = False) -> Envelope | None:
+    """The first (or `last`) `<hive-message from=…>body</hive-message>` envelope in `text`."""
+    matches = list(_ENVELOPE.finditer(text)) if last else [_ENVELOPE.search(text)]
+    match = matches[-1] if matches else None
     if match is None:
         return None
     attrs = _attrs(match.group(1))
@@ -310,6 +311,8 @@ class _Context:
     sender: str
     tools: Sequence[ToolSpec]
     new_id: Callable[[], str]
+    attempt: int = 1
+    """The delivery attempt the envelope names (`!error … until N`)."""
 
     def call(self, short: str, arguments: JsonObject) -> ToolUse:
         return ToolUse(id=self.new_id(), name=resolve_tool(short, self.tools), input=arguments)
@@ -336,10 +339,15 @@ def decide(request: MessagesRequest, *, new_id: Callable[[], str] = new_tool_use
             return _text("Done.")
         context = _Context(identity, "", request.tools, new_id)
         return _after_tools(context, tool_outcomes(request, turn))
-    envelope = parse_envelope("\n".join(message_texts(turn)))
+    # The last envelope: a turn whose API call failed leaves its prompt in the session, and
+    # claude merges it with the next one into one user message.
+    envelope = parse_envelope("\n".join(message_texts(turn)), last=True)
     if envelope is None or identity is None:
         return _text("ok")
-    context = _Context(identity, envelope.sender, request.tools, new_id)
+    attempt = envelope.attrs.get("attempt", "1")
+    context = _Context(
+        identity, envelope.sender, request.tools, new_id, int(attempt) if attempt.isdigit() else 1
+    )
     return _answer(context, envelope.body, delay=0.0)
 
 
@@ -358,7 +366,7 @@ def _answer(context: _Context, body: str, *, delay: float) -> Decision:
         case "!sleep":
             return _directive_sleep(context, argument, rest, delay)
         case "!error":
-            return _directive_error(argument, delay)
+            return _directive_error(context, argument, rest, delay)
         case "!nocompact":
             # Marks the session as one the model refuses to summarise (demo/context.py).
             if argument.isdigit():
@@ -405,16 +413,27 @@ def _directive_sleep(context: _Context, argument: str, rest: str, delay: float) 
     return _answer(context, remaining, delay=delay + pause)
 
 
-def _directive_error(argument: str, delay: float) -> Decision:
+def _directive_error(context: _Context, argument: str, rest: str, delay: float) -> Decision:
+    """`!error <status> [retry] [until N]`: fail with that HTTP status; with `until N` only
+    while the envelope's attempt is below N, and from then on answer the rest of the body."""
     words = argument.split()
     try:
         status = int(words[0])
     except (IndexError, ValueError):
         status = 0
-    if not 400 <= status <= 599 or words[1:] not in ([], ["retry"]):
-        return _text("!error: usage is `!error <status 400-599> [retry]`", delay)
+    options = words[1:]
+    retry = options[:1] == ["retry"]
+    options = options[1:] if retry else options
+    until: int | None = None
+    if len(options) == 2 and options[0] == "until" and options[1].isdigit():
+        until, options = int(options[1]), []
+    if not 400 <= status <= 599 or options or until == 0:
+        return _text("!error: usage is `!error <status 400-599> [retry] [until <attempt>]`", delay)
+    if until is not None and context.attempt >= until:
+        remaining = rest.strip()
+        return _answer(context, remaining, delay=delay) if remaining else _text("Done.", delay)
     kind = error_type_for(status)
-    return Failure(status, kind, f"scripted {kind} ({status})", delay, retry=words[1:] == ["retry"])
+    return Failure(status, kind, f"scripted {kind} ({status})", delay, retry=retry)
 
 
 def _converse(context: _Context, body: str, delay: float) -> Decision:

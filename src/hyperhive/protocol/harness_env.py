@@ -61,6 +61,10 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
     """HIVE_HISTORY_KEEP_DAYS: agent.toml's `[history] keep_days`."""
     history_keep_events: int = 200_000
     """HIVE_HISTORY_KEEP_EVENTS: agent.toml's `[history] keep_events`."""
+    first_event_timeout: float | None = None
+    """HIVE_FIRST_EVENT_TIMEOUT: seconds claude may run without printing its first event
+    before the turn is abandoned (unset: the harness's default, 300). The daemon does not
+    set it; an operator can, with `--claude-env HIVE_FIRST_EVENT_TIMEOUT=…`."""
 
     def encode(self) -> dict[str, str]:
         """The environment variables (the daemon's side)."""
@@ -87,6 +91,8 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
         }
         if self.runtime is not None:
             env["HIVE_RUNTIME"] = self.runtime
+        if self.first_event_timeout is not None:
+            env["HIVE_FIRST_EVENT_TIMEOUT"] = str(self.first_event_timeout)
         return env
 
     @classmethod
@@ -118,6 +124,7 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
             bash_patterns=_strings(env.get("HIVE_BASH_PATTERNS", "")),
             plugins=_strings(env.get("HIVE_CLAUDE_PLUGINS", "")),
             history_keep_events=_positive(env.get("HIVE_HISTORY_KEEP_EVENTS", "")) or 200_000,
+            first_event_timeout=_seconds(env.get("HIVE_FIRST_EVENT_TIMEOUT", "")),
         )
 
 
@@ -148,3 +155,12 @@ def _positive(text: str) -> int | None:
     except ValueError:
         return None
     return value if value > 0 else None
+
+
+def _seconds(text: str) -> float | None:
+    """A positive, finite number of seconds, or None for anything else (the default then)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None

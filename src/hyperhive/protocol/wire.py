@@ -53,8 +53,10 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ForgeState = Literal["absent", "running", "failed"]
-TurnState = Literal["idle", "thinking", "compacting", "needs_login", "offline"]
-"""What an agent's harness is doing (SPEC §6): reported by the harness itself."""
+TurnState = Literal["idle", "thinking", "compacting", "rate_limited", "needs_login", "offline"]
+"""What an agent's harness is doing (SPEC §6): reported by the harness itself. `rate_limited`:
+the API refused a turn as rate limited or overloaded and the harness waits to retry it;
+`needs_login`: no credentials, or the API refused them (401/403)."""
 TurnOutcome = Literal["ok", "error", "transient", "cancelled", "compacted", "abandoned"]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0, le=2**40)]

@@ -11,6 +11,7 @@
     idle: "● idle",
     thinking: "◉ thinking",
     compacting: "◌ compacting",
+    rate_limited: "⏸ rate limited",
     needs_login: "⚠ needs login",
     offline: "✗ offline",
   };
@@ -302,7 +303,7 @@
       case "state":
         setState(ev.state, ev.since);
         if (ev.state !== "offline") showLogin(ev.state === "needs_login");
-        if (ev.state === "needs_login" || ev.state === "offline") {
+        if (ev.state === "needs_login" || ev.state === "offline" || ev.state === "rate_limited") {
           add(ts, "!", "k-state", text(`state → ${ev.state}`));
         }
         break;

@@ -101,7 +101,7 @@ function renderAgent(agent) {
     // What its harness reports doing (SPEC §6.2); compacting is a wait worth seeing.
     const busy = agent.turn_state === "thinking" || agent.turn_state === "compacting";
     const badge = el("span", `badge turn turn-${agent.turn_state}`,
-      busy ? `${agent.turn_state}…` : agent.turn_state);
+      busy ? `${agent.turn_state}…` : agent.turn_state.replace("_", " "));
     if (agent.turn_since) {
       badge.title = `${agent.turn_state} since ${new Date(agent.turn_since * 1000).toLocaleString()}`;
     }
