@@ -75,11 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
     parser.add_argument(
-        "--remote",
+        "--url",
         metavar="URL",
-        default=os.environ.get("HIVE_REMOTE"),
-        help="act on the hive behind this dashboard login URL (what `hive-c0re url` prints on"
-        " its host; or $HIVE_REMOTE) instead of host.sock: the dashboard's requests only",
+        default=os.environ.get("HIVE_URL"),
+        help="act on the hive behind this dashboard (https://host:7000; or $HIVE_URL) instead of"
+        " host.sock, with the dashboard's requests only; the token comes from --token-file or"
+        " $HIVE_TOKEN (or the #token= of the login URL `hive-c0re url` prints)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=os.environ.get("HIVE_TOKEN_FILE"),
+        help="a file holding the dashboard's login token, for --url",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -495,10 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_doctor(args)
     sock = str(Path(args.run_dir) / "host.sock")
     try:
-        if args.remote:
-            from hyperhive.remote import call_remote
+        if args.url:
+            from hyperhive.remote import Remote, call_remote
 
-            reply: wire.Reply = trio.run(call_remote, args.remote, _request(args))
+            remote = Remote.from_sources(
+                args.url, token_file=args.token_file, env_token=os.environ.get("HIVE_TOKEN")
+            )
+            reply: wire.Reply = trio.run(call_remote, remote, _request(args))
         else:
             reply = trio.run(call_once, sock, _request(args))
     except HiveError as err:

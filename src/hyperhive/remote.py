@@ -1,15 +1,18 @@
 """The operator CLI from another machine: host.sock's protocol over the dashboard's `/ws` bridge.
 
-`hive-c0re --remote URL …` takes the dashboard's login URL (what `hive-c0re url` prints on the
-host: `http://HOST:7000/#token=…`), opens one websocket to `/ws` with the token as a bearer
-header (never in the URL, so never in a proxy's log), sends the request with a `ref` and returns
-the reply with that `ref`. The bridge forwards the requests the dashboard makes (SPEC §7); any
-other is answered `unknown_command` without reaching the daemon.
+`hive-c0re --url https://HOST:7000 …` (or `$HIVE_URL`) with the dashboard's login token from
+`--token-file` or `$HIVE_TOKEN` (or the `#token=` of the login URL `hive-c0re url` prints) opens
+one websocket to `/ws` with the token as a bearer header (never in the URL, so never in a
+proxy's log), sends the request with a `ref` and returns the reply with that `ref`. The bridge
+forwards the requests the dashboard makes (SPEC §7); any other is answered `unknown_command`
+without reaching the daemon.
 """
 
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -32,26 +35,53 @@ TIMEOUT = 60.0
 _ref = msgspec.json.Decoder(dict[str, object])
 
 
-def remote_endpoint(url: str) -> tuple[str, str]:
-    """(the websocket URL of `/ws`, the login token) from a dashboard login URL."""
+@dataclass(frozen=True)
+class Remote:
+    """Where the dashboard's /ws is, and the login token to show it."""
+
+    ws_url: str
+    token: str = field(repr=False)
+
+    @classmethod
+    def from_sources(
+        cls, url: str, *, token_file: str | None = None, env_token: str | None = None
+    ) -> Remote:
+        """The token from `token_file`, else `$HIVE_TOKEN`, else the URL's `#token=` (the login
+        URL `hive-c0re url` prints): never needed in argv."""
+        ws_url, in_url = remote_endpoint(url)
+        token = None
+        if token_file:
+            try:
+                token = Path(token_file).read_text("utf-8").strip()
+            except OSError as exc:
+                raise BadParams(f"--token-file {token_file}: {exc.strerror or exc}") from None
+        token = token or env_token or in_url
+        if not token:
+            raise BadParams(
+                "no token for --url: give --token-file, set $HIVE_TOKEN, or use the login URL"
+                " `hive-c0re url` prints on the hive's host"
+            )
+        return cls(ws_url, token)
+
+
+def remote_endpoint(url: str) -> tuple[str, str | None]:
+    """(the websocket URL of `/ws`, the token in the URL if any) from a dashboard URL."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BadParams(f"--remote {url[:80]!r}: give the dashboard's http(s) login URL")
+        raise BadParams(f"--url {url[:80]!r}: give the dashboard's http(s) address")
     token = next(
         iter(parse_qs(parts.fragment).get("token", []) + parse_qs(parts.query).get("token", [])),
         None,
     )
-    if not token:
-        raise BadParams(
-            "--remote: the URL carries no token (use what `hive-c0re url` prints on the host)"
-        )
     scheme = "wss" if parts.scheme == "https" else "ws"
     return f"{scheme}://{parts.netloc}/ws", token
 
 
-async def call_remote(url: str, request: wire.Request[R]) -> R:
+async def call_remote(remote: Remote | str, request: wire.Request[R]) -> R:
     """One request over the dashboard's `/ws` bridge; its reply, typed as for `Client.call`."""
-    ws_url, token = remote_endpoint(url)
+    if isinstance(remote, str):
+        remote = Remote.from_sources(remote)
+    ws_url, token = remote.ws_url, remote.token
     frame = msgspec.to_builtins(request)
     frame["ref"] = REF
     context = ssl.create_default_context() if ws_url.startswith("wss:") else None

@@ -1,7 +1,8 @@
-"""The operator CLI from another machine: `hive-c0re --remote URL` over the dashboard's /ws."""
+"""The operator CLI from another machine: `hive-c0re --url URL` over the dashboard's /ws."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,45 +18,56 @@ from hyperhive.remote import call_remote, remote_endpoint
 from tests.hive import hive_config, open_hive
 
 
-async def _remote(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    # No --run-dir: the remote CLI never touches host.sock.
+async def _remote(
+    url: str, *args: str, token: str | None = None, token_file: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    # No --run-dir: the remote CLI never touches host.sock. The token is not in argv.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVE_")}
+    if token is not None:
+        env["HIVE_TOKEN"] = token
+    extra = ["--token-file", str(token_file)] if token_file is not None else []
     return await trio.run_process(
-        [sys.executable, "-m", "hyperhive.cli", "--remote", url, *args],
+        [sys.executable, "-m", "hyperhive.cli", "--url", url, *extra, *args],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
+        env=env,
     )
 
 
 async def test_remote_cli_acts_on_the_hive_through_the_dashboard(hive_root: Path) -> None:
     cfg = hive_config(hive_root, dashboard_port=0)
     async with open_hive(cfg) as hive:
-        url = hive.info.login_url
-        assert url is not None
-        queued = await _remote(url, "request-spawn", "alice", "--description", "a helper")
+        login = hive.info.login_url
+        assert login is not None
+        url, token = login.split("#token=")
+        queued = await _remote(
+            url, "request-spawn", "alice", "--description", "a helper", token=token
+        )
         assert queued.returncode == 0, queued.stderr
-        pending = await _remote(url, "--json", "pending")
+        pending = await _remote(url, "--json", "pending", token=token)
         assert pending.returncode == 0, pending.stderr
         rows = msgspec.json.decode(pending.stdout)["approvals"]
         assert [(r["kind"], r["agent"]) for r in rows] == [("spawn", "alice")]
         # What the remote CLI did is what host.sock sees.
         assert [a.agent for a in (await hive.call(wire.Pending())).approvals] == ["alice"]
 
-        sent = await _remote(url, "send", "operator", "note to self")
+        token_file = hive_root / "token"
+        token_file.write_text(token + "\n")
+        sent = await _remote(url, "send", "operator", "note to self", token_file=token_file)
         assert sent.returncode == 0 and b"to operator" in sent.stdout
-        listed = await _remote(url, "--json", "list")
+        listed = await _remote(login, "--json", "list")  # the login URL works as it is
         assert msgspec.json.decode(listed.stdout)["agents"] == []
 
         # Beyond what the dashboard does: refused by the bridge, with the reason.
-        dead = await _remote(url, "dead-letters")
+        dead = await _remote(url, "dead-letters", token=token)
         assert dead.returncode == 1 and b"dead_letters" in dead.stderr
         with pytest.raises(UnknownCommand):
-            await call_remote(url, wire.DeadLetters())
+            await call_remote(login, wire.DeadLetters())
 
-        wrong = url.replace("token=", "token=x")
-        refused = await _remote(wrong, "list")
+        refused = await _remote(url, "list", token="x" + token)
         assert refused.returncode == 1 and b"log in" in refused.stderr.lower(), refused.stderr
-        no_token = await _remote(url.split("#")[0], "list")
+        no_token = await _remote(url, "list")
         assert no_token.returncode == 1 and b"no token" in no_token.stderr
 
 
@@ -99,6 +111,7 @@ async def test_a_browser_handshake_still_needs_its_origin_and_csrf(hive_root: Pa
 
 def test_remote_urls_are_checked() -> None:
     assert remote_endpoint("https://hive.lan:7000/#token=abc") == ("wss://hive.lan:7000/ws", "abc")
-    for bad in ("ftp://x/#token=a", "http://hive.lan:7000/", "not a url"):
+    assert remote_endpoint("http://hive.lan:7000") == ("ws://hive.lan:7000/ws", None)
+    for bad in ("ftp://x/#token=a", "not a url"):
         with pytest.raises(HiveError):
             remote_endpoint(bad)
