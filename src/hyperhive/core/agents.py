@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from hyperhive.core.meta import Pin
 
 PORT_SPAN = 900
+STALL_SECONDS = 600.0
+"""A turn without end, or unread messages while idle, for this long: `stalled`."""
 
 
 def day_start(now: float) -> float:
@@ -82,6 +84,10 @@ class AgentRecord:
     cost_day: float = 0.0
     turn_failures: int = 0
     next_turns: int = 0
+    waiting_on: tuple[str, ...] = ()
+    """Whom it waits on for an answer: `operator` (its question, or an approval it asked for)
+    or peers it asked (core/attention.py keeps it current)."""
+    waiting_since: float | None = None
     """`next_turn`s in a row since it last received a message from someone else."""
     """Turns in a row that failed (outcome `error`) since its last good one: a deploy's health."""
     """The day (its midnight UTC) `cost_today` adds up."""
@@ -98,6 +104,38 @@ class AgentRecord:
     @property
     def alive(self) -> bool:
         return self.destroyed_at is None
+
+
+def attention_of(
+    rec: AgentRecord, unread: int, needs_login: bool, now: float
+) -> tuple[wire.AttentionState, float | None, str]:
+    """What the agent needs (SPEC §4.4), the first that holds: crash-looping, stopped, needs
+    login, rate limited, compacting, waiting on the operator, waiting on an agent, stalled,
+    working, idle. Returns (state, since, detail)."""
+    if rec.state == "crashed":
+        return "crash_looping", None, rec.last_error or ""
+    if rec.state != "running":
+        return "stopped", None, rec.state
+    turn, since = rec.turn_state, rec.turn_since
+    if needs_login or turn == "needs_login":
+        return "needs_login", since, ""
+    if turn == "rate_limited":
+        return "rate_limited", since, ""
+    if turn == "compacting":
+        return "compacting", since, ""
+    if "operator" in rec.waiting_on:
+        return "waiting_on_operator", rec.waiting_since, "operator"
+    if rec.waiting_on:
+        return "waiting_on_agent", rec.waiting_since, ", ".join(rec.waiting_on)
+    age = 0.0 if since is None else now - since
+    stuck = age >= STALL_SECONDS
+    if turn == "thinking":
+        if stuck:
+            return "stalled", since, f"in a turn for {int(age // 60)} min"
+        return "working", since, ""
+    if stuck and unread:
+        return "stalled", since, f"{unread} unread while idle"
+    return "idle", since, ""
 
 
 def _load(
@@ -249,14 +287,19 @@ class Registry:
         await self.save(rec)
 
     def info(self, rec: AgentRecord, unread: int = 0) -> wire.AgentInfo:
+        needs_login = self.login_check.get(rec.name, False)
+        attention, since, detail = attention_of(rec, unread, needs_login, time.time())
         return wire.AgentInfo(
+            attention=attention,
+            attention_since=since,
+            attention_detail=detail,
             name=rec.name,
             role=rec.role,
             container=rec.container,
             state=rec.state,
             backend=self._backend,
             port=rec.port,
-            needs_login=self.login_check.get(rec.name, False),
+            needs_login=needs_login,
             pid=rec.pid,
             restarts=rec.restarts,
             unread=unread,
@@ -284,8 +327,8 @@ class Registry:
             if rec is not None:
                 self.changed(rec)
 
-    def changed(self, rec: AgentRecord) -> None:
-        info = self.info(rec)
+    def changed(self, rec: AgentRecord, unread: int = 0) -> None:
+        info = self.info(rec, unread)
         self._hub.publish(lambda seq: wire.AgentChanged(seq=seq, agent=info))
 
     def resolve(self, to: str, sender: str) -> list[str]:

@@ -17,6 +17,7 @@ from hyperhive.core.agent_api import AgentServices
 from hyperhive.core.agents import Registry
 from hyperhive.core.approval_queue import ApprovalQueue
 from hyperhive.core.approvals import Approvals
+from hyperhive.core.attention import AttentionWatch
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers import netns
@@ -205,6 +206,7 @@ async def run(
         await nursery.start(reminders.serve)
         logins = LoginWatch(cfg, registry, hub, notices.tell, interval=cfg.login_check_interval)
         await nursery.start(logins.serve)
+        await nursery.start(AttentionWatch(registry, questions, queue, broker, hub).serve)
         await nursery.start(_host_server(cfg, host, admin_gid).serve)
         if cfg.start_manager:
             await lifecycle.ensure_manager()

@@ -57,6 +57,19 @@ TurnState = Literal["idle", "thinking", "compacting", "rate_limited", "needs_log
 """What an agent's harness is doing (SPEC §6): reported by the harness itself. `rate_limited`:
 the API refused a turn as rate limited or overloaded and the harness waits to retry it;
 `needs_login`: no credentials, or the API refused them (401/403)."""
+AttentionState = Literal[
+    "working",
+    "idle",
+    "waiting_on_operator",
+    "waiting_on_agent",
+    "stalled",
+    "needs_login",
+    "rate_limited",
+    "crash_looping",
+    "compacting",
+    "stopped",
+]
+"""What an agent needs, as the daemon derives it (SPEC §4.4): one badge per agent."""
 TurnOutcome = Literal["ok", "error", "transient", "cancelled", "compacted", "abandoned"]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0, le=2**40)]
@@ -167,6 +180,10 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     """When its last reported turn ended."""
     cost_today: float = 0.0
     """USD its turns cost since midnight UTC, as claude reports it."""
+    attention: AttentionState = "stopped"
+    attention_since: float | None = None
+    attention_detail: str = ""
+    """Whom it waits on (`operator`, an agent), or why it is stalled."""
 
 
 # --------------------------------------------------------------------------- replies

@@ -96,16 +96,24 @@ function renderAgent(agent) {
   } else {
     top.appendChild(el("span", "state", agent.state));
   }
-  if (agent.needs_login) top.appendChild(el("span", "badge login", "⚠ needs login"));
-  if (agent.turn_state && agent.state === "running") {
-    // What its harness reports doing (SPEC §6.2); compacting is a wait worth seeing.
-    const busy = agent.turn_state === "thinking" || agent.turn_state === "compacting";
-    const badge = el("span", `badge turn turn-${agent.turn_state}`,
-      busy ? `${agent.turn_state}…` : agent.turn_state.replace("_", " "));
-    if (agent.turn_since) {
-      badge.title = `${agent.turn_state} since ${new Date(agent.turn_since * 1000).toLocaleString()}`;
+  if (agent.needs_login && agent.attention !== "needs_login") {
+    top.appendChild(el("span", "badge login", "⚠ needs login"));
+  }
+  if (agent.attention) {
+    // What it needs, as the daemon derives it (SPEC §4.4), with its age.
+    const label = {
+      working: "working…", idle: "idle", waiting_on_operator: "⚑ waiting on you",
+      waiting_on_agent: `waiting on ${agent.attention_detail}`, stalled: "⚠ stalled",
+      needs_login: "⚠ needs login", rate_limited: "rate limited", crash_looping: "✗ crash-looping",
+      compacting: "compacting…", stopped: "",
+    }[agent.attention];
+    if (label) {
+      const badge = el("span", `badge attention att-${agent.attention}`, label);
+      const since = agent.attention_since ? new Date(agent.attention_since * 1000) : null;
+      badge.title = [agent.attention_detail, since ? `since ${since.toLocaleString()}` : ""]
+        .filter(Boolean).join(" · ");
+      top.appendChild(badge);
     }
-    top.appendChild(badge);
   }
   if (agent.unread > 0) top.appendChild(el("span", "badge unread", `✉ ${agent.unread} unread`));
   if (agent.port) top.appendChild(el("span", "port", `:${agent.port}`));
