@@ -31,6 +31,7 @@ let
     python3Packages.hypercorn
     python3Packages.mcp
     python3Packages.msgspec
+    python3Packages.prometheus-client
     python3Packages.quart
     python3Packages.quart-trio
     python3Packages.sh

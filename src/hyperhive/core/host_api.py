@@ -20,6 +20,7 @@ from hyperhive.core.config import DaemonConfig
 from hyperhive.core.forge import Forge
 from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.logins import needs_login
+from hyperhive.core.metrics import HiveMetrics
 from hyperhive.core.questions import Questions
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
@@ -58,6 +59,7 @@ class HostHandler:
         self.supervisor = supervisor
         self.forge = forge
         self.turns = turns
+        self.metrics = HiveMetrics(registry, broker, turns, queue)
         """The hive-forge, when the daemon runs with one (its health for `list`)."""
         self.dashboard: wire.ListenerStatus | None = None
         """The dashboard's port, as its server reports it (None without a dashboard)."""
@@ -88,6 +90,8 @@ class HostHandler:
                 return wire.AgentList(
                     agents=await self.agent_infos(), forge=forge, dashboard=self.dashboard
                 )
+            case wire.Metrics():
+                return wire.MetricsText(text=(await self.metrics.render()).decode())
             case wire.Stats(name=name):
                 return wire.StatsReply(agents=await self._stats(name))
             case wire.Spawn(name=name):

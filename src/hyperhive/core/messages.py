@@ -345,6 +345,21 @@ def undelivered_bytes(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
     return [(str(r), str(o), int(n)) for r, o, n in rows]
 
 
+def census(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, float]]:
+    """Messages per state, and each inbox's oldest queued message's send time (for metrics)."""
+    states = {
+        str(s): int(n)
+        for s, n in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state")
+    }
+    oldest = {
+        str(r): float(t)
+        for r, t in conn.execute(
+            "SELECT recipient, MIN(sent_at) FROM messages WHERE state = 'queued' GROUP BY recipient"
+        )
+    }
+    return states, oldest
+
+
 def queued_counts(conn: sqlite3.Connection) -> dict[str, int]:
     rows = conn.execute(
         "SELECT recipient, COUNT(*) FROM messages WHERE state = 'queued' GROUP BY recipient"

@@ -338,6 +338,11 @@ class TurnsStored(Reply, frozen=True):
     """The reported turns the daemon has (stored now or before): the harness forgets them."""
 
 
+class MetricsText(Reply, frozen=True):
+    text: str
+    """Prometheus' text exposition format, as prometheus-client writes it."""
+
+
 class StatsReply(Reply, frozen=True):
     agents: list[AgentStats]
 
@@ -380,6 +385,10 @@ class AgentRequest(Request[R_co], frozen=True, tag_field="cmd", kw_only=True):
 
 class ListAgents(HostRequest[AgentList], frozen=True, tag="list"):
     pass
+
+
+class Metrics(HostRequest[MetricsText], frozen=True, tag="metrics"):
+    """The hive's Prometheus metrics (SPEC §7.4), as the dashboard's `/metrics` serves them."""
 
 
 class Stats(HostRequest[StatsReply], frozen=True, tag="stats"):
@@ -723,6 +732,7 @@ class Dropped(HiveEvent, frozen=True, tag="dropped"):
 HostRequests = (
     ListAgents
     | Stats
+    | Metrics
     | Spawn
     | Kill
     | Start

@@ -9,10 +9,12 @@ from typing import NoReturn
 
 import msgspec
 import trio
-from quart import render_template, websocket
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Response, render_template, websocket
 from quart_trio import QuartTrio
 
 from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once
 from hyperhive.web import security
 from hyperhive.web.edge import install_error_handlers
 from hyperhive.web.relay import bridge_websocket
@@ -111,6 +113,13 @@ def create_dashboard_app(
     @app.get("/")
     async def index() -> str:
         return await render_template("dashboard.html", csrf_token=guard.csrf_token)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """The hive's Prometheus metrics (SPEC §7.4), behind the login token like every route
+        but the page shell: `Authorization: Bearer <token>` (Prometheus' `authorization`)."""
+        text = (await call_once(host_socket, wire.Metrics())).text
+        return Response(text, content_type=CONTENT_TYPE_LATEST)
 
     @app.websocket("/ws")
     async def ws() -> None:

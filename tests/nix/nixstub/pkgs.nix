@@ -41,6 +41,7 @@ let
     "msgspec"
     "mypy"
     "playwright"
+    "prometheus-client"
     "pytest"
     "pytest-trio"
     "quart"
