@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,8 +18,8 @@ import msgspec
 import trio
 
 from hyperhive.protocol import wire
-from hyperhive.protocol.client import call_once
-from hyperhive.protocol.errors import HiveError
+from hyperhive.protocol.client import call_once, open_client
+from hyperhive.protocol.errors import ConnectionLost, HiveError
 
 if TYPE_CHECKING:
     from hyperhive.core.config import DaemonConfig
@@ -201,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--backend", choices=("bwrap", "nspawn", "nixos"), default="bwrap")
     doctor.add_argument("--agent-uid-base", type=int, default=300000)
     sub.add_parser("list", help="list agents")
+    watch = sub.add_parser("watch", help="follow the notifications: what needs you, as it happens")
+    watch.add_argument(
+        "--recent", action="store_true", help="print the recent ones first (up to 100)"
+    )
     stats = sub.add_parser("stats", help="turns, tokens and cost per agent")
     stats.add_argument("name", nargs="?", default=None)
     for verb, text in (
@@ -478,6 +483,44 @@ def login_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def _notification(note: wire.NotificationSent) -> str:
+    lines = [f"{_when(note.at)}  {note.title}"]
+    if len(note.items) > 1:
+        lines += [f"  - [{item.kind}] {item.text}" for item in note.items]
+    return "\n".join(lines)
+
+
+async def _watch(sock: str, recent: bool, as_json: bool) -> None:
+    def show(note: wire.NotificationSent) -> None:
+        print(msgspec.json.encode(note).decode() if as_json else _notification(note), flush=True)
+
+    async with open_client(sock) as client:
+        if recent:
+            for note in (await client.call(wire.Notifications())).notifications:
+                show(note)
+        await client.call(wire.Subscribe())
+        async with aclosing(client.events()) as events:
+            async for event in events:
+                if isinstance(event, wire.NotificationSent):
+                    show(event)
+    raise ConnectionLost("the daemon closed the event stream")
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    """`hive-c0re watch`: the notification stream of host.sock, until interrupted."""
+    if args.url:
+        print("hive-c0re: watch works on host.sock only (not with --url)", file=sys.stderr)
+        return 1
+    try:
+        trio.run(_watch, str(Path(args.run_dir) / "host.sock"), args.recent, args.json)
+    except HiveError as err:
+        print(f"hive-c0re: {err.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def run_doctor(args: argparse.Namespace) -> int:
     """`hive-c0re doctor`: exit status 1 when a check failed (warnings do not)."""
     from hyperhive.doctor import doctor, render
@@ -500,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return login_url(args)
     if args.command == "doctor":
         return run_doctor(args)
+    if args.command == "watch":
+        return run_watch(args)
     sock = str(Path(args.run_dir) / "host.sock")
     try:
         if args.url:

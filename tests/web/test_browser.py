@@ -430,3 +430,67 @@ async def test_agent_page_renders_a_turn_and_sends(hive_root: Path, tokens: Logi
             (m.sender, m.body) for m in recent.messages
         ]
         servers.cancel_scope.cancel()
+
+
+RECORD_NOTIFICATIONS = """
+window.__notes = [];
+const Real = window.Notification;
+class Recording extends Real {
+  constructor(title, options) {
+    super(title, options);
+    window.__notes.push({ title, body: (options || {}).body || "", tag: (options || {}).tag });
+  }
+}
+Object.defineProperty(Recording, "permission", { get: () => Real.permission });
+Recording.requestPermission = (...args) => Real.requestPermission(...args);
+window.Notification = Recording;
+"""
+
+
+def drive_notifications(port: int, tokens: LoginTokens, trigger: Callable[[], None]) -> Any:
+    """The operator opts in; a hive notification becomes a browser notification."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context()
+            context.grant_permissions(["notifications"], origin=f"http://127.0.0.1:{port}")
+            context.add_init_script(RECORD_NOTIFICATIONS)
+            page = context.new_page()
+            page.goto(login_url("127.0.0.1", port, tokens.dashboard))
+            expect(page.locator("#link")).to_have_text("● l1nk up", timeout=15_000)
+            button = page.locator("#notify")
+            expect(button).to_have_text("🔔 on")  # permission granted: on, nothing to ask
+            trigger()
+            page.wait_for_function("window.__notes.length > 0", timeout=15_000)
+            return page.evaluate("window.__notes")
+        finally:
+            browser.close()
+
+
+async def test_a_notification_reaches_the_browser(
+    hive: Hive, tokens: LoginTokens, nursery: trio.Nursery
+) -> None:
+    port = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
+    token = trio.lowlevel.current_trio_token()
+
+    def trigger() -> None:
+        trio.from_thread.run(
+            call_once,
+            hive.agent_sock(MANAGER_NAME),
+            wire.RequestSpawn(name="bob", description="a helper"),
+            trio_token=token,
+        )
+
+    notes = await trio.to_thread.run_sync(drive_notifications, port, tokens, trigger)
+    assert notes[0]["title"] == "approval #1 requested: spawn bob"
+    assert notes[0]["tag"].startswith("hyperhive-")

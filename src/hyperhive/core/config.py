@@ -48,6 +48,8 @@ class DaemonConfig:
     restart_initial: float = 10.0
     restart_max: float = 300.0
     deploy_health_window: float = 120.0
+    notify_digest_window: float = 60.0
+    """Seconds after a notification in which further ones are gathered into one (SPEC §4.3)."""
     """Seconds an approved deploy is watched: a crash loop or failing turns roll it back."""
     restart_reset_after: float = 600.0
     stop_grace: float = 5.0

@@ -33,6 +33,7 @@ from hyperhive.core.host_api import HostHandler
 from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.logins import LoginWatch
 from hyperhive.core.meta import MetaRepo, flake_renderer
+from hyperhive.core.notifications import Notifier
 from hyperhive.core.questions import Questions
 from hyperhive.core.quotas import Quotas
 from hyperhive.core.reminders import Reminders
@@ -184,6 +185,7 @@ async def run(
             queue, lifecycle, deploys, faults, health_window=cfg.deploy_health_window
         )
         await nursery.start(approvals.serve)
+        notifier = Notifier(hub, digest_window=cfg.notify_digest_window)
         host = HostHandler(
             cfg,
             registry,
@@ -196,6 +198,7 @@ async def run(
             supervisor,
             forge,
             turns,
+            notifier,
         )
         # A deploy a crash interrupted is rolled back before any container starts on it.
         rolled_back = await approvals.recover()
@@ -207,6 +210,7 @@ async def run(
         logins = LoginWatch(cfg, registry, hub, notices.tell, interval=cfg.login_check_interval)
         await nursery.start(logins.serve)
         await nursery.start(AttentionWatch(registry, questions, queue, broker, hub).serve)
+        await nursery.start(notifier.serve)
         await nursery.start(_host_server(cfg, host, admin_gid).serve)
         if cfg.start_manager:
             await lifecycle.ensure_manager()

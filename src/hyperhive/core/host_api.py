@@ -21,6 +21,7 @@ from hyperhive.core.forge import Forge
 from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.logins import needs_login
 from hyperhive.core.metrics import HiveMetrics
+from hyperhive.core.notifications import Notifier
 from hyperhive.core.questions import Questions
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
@@ -47,6 +48,7 @@ class HostHandler:
         supervisor: Supervisor,
         forge: Forge | None,
         turns: Turns,
+        notifier: Notifier,
     ) -> None:
         self.cfg = cfg
         self.registry = registry
@@ -59,6 +61,7 @@ class HostHandler:
         self.supervisor = supervisor
         self.forge = forge
         self.turns = turns
+        self.notifier = notifier
         self.metrics = HiveMetrics(registry, broker, turns, queue)
         """The hive-forge, when the daemon runs with one (its health for `list`)."""
         self.dashboard: wire.ListenerStatus | None = None
@@ -90,6 +93,8 @@ class HostHandler:
                 return wire.AgentList(
                     agents=await self.agent_infos(), forge=forge, dashboard=self.dashboard
                 )
+            case wire.Notifications():
+                return wire.NotificationList(notifications=list(self.notifier.recent))
             case wire.Metrics():
                 return wire.MetricsText(text=(await self.metrics.render()).decode())
             case wire.Stats(name=name):

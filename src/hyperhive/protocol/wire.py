@@ -387,6 +387,14 @@ class ListAgents(HostRequest[AgentList], frozen=True, tag="list"):
     pass
 
 
+class NotificationList(Reply, frozen=True):
+    notifications: list[NotificationSent]
+
+
+class Notifications(HostRequest[NotificationList], frozen=True, tag="notifications"):
+    """The most recent notifications (up to 100), oldest first."""
+
+
 class Metrics(HostRequest[MetricsText], frozen=True, tag="metrics"):
     """The hive's Prometheus metrics (SPEC §7.4), as the dashboard's `/metrics` serves them."""
 
@@ -723,6 +731,29 @@ class QuestionChanged(HiveEvent, frozen=True, tag="question_changed"):
     question: QuestionInfo
 
 
+NotificationKind = Literal[
+    "approval", "question", "needs_login", "stalled", "crash_looping", "system", "reminder"
+]
+
+
+class NotificationItem(msgspec.Struct, frozen=True, kw_only=True):
+    kind: NotificationKind
+    agent: str = ""
+    text: str
+    ref: int | None = None
+    """The approval's or question's id, where there is one."""
+
+
+class NotificationSent(HiveEvent, frozen=True, tag="notification"):
+    """Something needs the operator (SPEC §4.3): one cause once until it is resolved; several
+    within the digest window come as one notification."""
+
+    id: int
+    at: float
+    title: str
+    items: list[NotificationItem]
+
+
 class Dropped(HiveEvent, frozen=True, tag="dropped"):
     """Sent (best effort) just before a subscriber that fell behind is disconnected."""
 
@@ -733,6 +764,7 @@ HostRequests = (
     ListAgents
     | Stats
     | Metrics
+    | Notifications
     | Spawn
     | Kill
     | Start
@@ -789,6 +821,7 @@ HiveEvents = (
     | AgentRemoved
     | ApprovalChanged
     | QuestionChanged
+    | NotificationSent
     | Dropped
 )
 

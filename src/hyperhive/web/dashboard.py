@@ -24,6 +24,7 @@ BRIDGE_COMMANDS = frozenset(
     {
         "list",
         "stats",
+        "notifications",
         "recent",
         "flow",
         "send",

@@ -377,6 +377,35 @@ async function sync() {
   await Decisions.sync();
 }
 
+// ------------------------------------------------------------------ notifications
+// What needs the operator, as the daemon tells it (SPEC §4.3): a browser notification when she
+// opted in (it shows while the tab is in the background), a toast otherwise.
+const notifyButton = document.getElementById("notify");
+
+function showNotifyState() {
+  const state = "Notification" in window ? Notification.permission : "unsupported";
+  notifyButton.textContent = state === "granted" ? "🔔 on" : "🔔 notify me";
+  notifyButton.disabled = state === "granted" || state === "denied" || state === "unsupported";
+  notifyButton.title = state === "denied" ? "notifications are blocked for this page" : notifyButton.title;
+}
+
+notifyButton.addEventListener("click", async () => {
+  if (!("Notification" in window)) return;
+  await Notification.requestPermission();
+  showNotifyState();
+});
+showNotifyState();
+
+function notify(ev) {
+  const body = ev.items.length > 1 ? ev.items.map((i) => `• ${i.text}`).join("\n") : "";
+  if ("Notification" in window && Notification.permission === "granted") {
+    // One per notification id: a reconnect that replays it does not show it twice.
+    new Notification(ev.title, { body, tag: `hyperhive-${ev.id}` });
+  } else {
+    toast(ev.title, "warn");
+  }
+}
+
 function onEvent(ev) {
   switch (ev.event) {
     case "message_sent":
@@ -401,6 +430,9 @@ function onEvent(ev) {
       break;
     case "dropped":
       systemRow(`event stream dropped (${ev.reason}); reconnecting…`);
+      break;
+    case "notification":
+      notify(ev);
       break;
     default:
       Decisions.onEvent(ev);
