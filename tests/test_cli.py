@@ -182,3 +182,30 @@ async def test_doctor_fails_with_the_fix_when_a_tool_is_missing(
     assert "FAIL  claude CLI" in out and "npm install -g @anthropic-ai/claude-code@" in out
     assert "ok    git" in out
     assert "warn  daemon" in out  # nothing serves host.sock there
+
+
+async def test_cli_reminders_and_history(hive_root: Path) -> None:
+    cfg = hive_config(hive_root)
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Kill(name="alice"))
+        queued = await call_once(
+            hive.agent_sock("alice"), wire.Remind(message="check the build", delay_seconds=3600)
+        )
+        listed = await _cli(cfg.run_dir, "reminders", "alice")
+        assert listed.returncode == 0
+        assert f"#{queued.id} alice due " in listed.stdout.decode()
+        assert "check the build" in listed.stdout.decode()
+        cancelled = await _cli(cfg.run_dir, "cancel-reminder", str(queued.id))
+        assert cancelled.returncode == 0, cancelled.stderr
+        again = await _cli(cfg.run_dir, "reminders")
+        assert again.stdout.decode().strip() == "no pending reminders"
+        gone = await _cli(cfg.run_dir, "cancel-reminder", str(queued.id))
+        assert gone.returncode == 1 and b"no pending reminder" in gone.stderr
+
+        history = await _cli(cfg.run_dir, "--json", "history", "alice")
+        assert history.returncode == 0, history.stderr
+        tags = msgspec.json.decode(history.stdout)["tags"]
+        assert [t["tag"] for t in tags] == ["deployed/0"] and len(tags[0]["sha"]) == 40
+        text = (await _cli(cfg.run_dir, "history", "alice")).stdout.decode()
+        assert text.startswith("alice: 1 tags") and "deployed/0" in text

@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--recent", action="store_true", help="print the recent ones first (up to 100)"
     )
+    reminders = sub.add_parser("reminders", help="reminders not yet delivered, soonest first")
+    reminders.add_argument("name", nargs="?", default=None)
+    sub.add_parser("cancel-reminder", help="drop a pending reminder").add_argument("id", type=int)
+    sub.add_parser(
+        "history", help="an agent's config history: its applied repo's tags, oldest first"
+    ).add_argument("name")
     stats = sub.add_parser("stats", help="turns, tokens and cost per agent")
     stats.add_argument("name", nargs="?", default=None)
     for verb, text in (
@@ -257,6 +263,12 @@ def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
             return wire.ListAgents()
         case "stats":
             return wire.Stats(name=args.name)
+        case "reminders":
+            return wire.ListReminders(name=args.name)
+        case "cancel-reminder":
+            return wire.CancelReminder(id=args.id)
+        case "history":
+            return wire.History(name=args.name)
         case "spawn":
             return wire.Spawn(name=args.name)
         case "kill":
@@ -391,6 +403,19 @@ def render(reply: wire.Reply) -> str:
             )
         case wire.Received(message=m):
             return "(nothing)" if m is None else f"#{m.id} {m.sender} → {m.to}: {m.state}"
+        case wire.ReminderList(reminders=reminders):
+            return (
+                "\n".join(
+                    f"#{r.id} {r.to} due {_when(r.due_at)}: {r.message[:200]}" for r in reminders
+                )
+                or "no pending reminders"
+            )
+        case wire.TagHistory(name=name, tags=tags):
+            lines = [f"{name}: {len(tags)} tags"]
+            for t in tags:
+                note = f"  — {t.note.splitlines()[0][:160]}" if t.note else ""
+                lines.append(f"{_when(t.at)}  {t.tag:<16} {t.sha[:12]}{note}")
+            return "\n".join(lines)
         case wire.StatsReply(agents=agents):
             return "\n".join(_stats(a) for a in agents) or "no turns recorded yet"
         case wire.LogLines(lines=lines):

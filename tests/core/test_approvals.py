@@ -191,6 +191,10 @@ async def test_a_broken_agent_toml_fails_and_rolls_back(hive_root: Path) -> None
         assert f"deployed/{queued.id}" not in await tags(applied)
         message = await git(applied, "tag", "-l", "--format=%(contents)", f"failed/{queued.id}")
         assert "unknown field `modle`" in message
+        # `history` shows the same: each tag, an annotation only where the tag has one.
+        notes = {t.tag: t.note for t in (await hive.call(wire.History(name="alice"))).tags}
+        assert "unknown field `modle`" in notes[f"failed/{queued.id}"]
+        assert notes[f"proposal/{queued.id}"] == ""
         assert await git(applied, "rev-parse", "main") == before
         assert await git(applied, "status", "--porcelain") == ""
         assert "modle" not in (applied / "agent.toml").read_text()

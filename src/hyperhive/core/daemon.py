@@ -199,6 +199,7 @@ async def run(
             forge,
             turns,
             notifier,
+            reminders,
         )
         # A deploy a crash interrupted is rolled back before any container starts on it.
         rolled_back = await approvals.recover()

@@ -155,6 +155,26 @@ class GitOps:
             check=check,
         )
 
+    async def tag_history(self, name: str) -> list[tuple[str, str, float, str]]:
+        """(tag, commit, unix time, annotation) of the agent's applied repo, oldest first."""
+        sep = "\x1f"
+        text = await self.out(
+            self.applied(name),
+            "for-each-ref",
+            "--sort=creatordate",
+            f"--format=%(refname:short){sep}%(*objectname)%(objectname){sep}%(creatordate:unix)"
+            f"{sep}%(objecttype){sep}%(contents)\x1e",
+            "refs/tags",
+        )
+        found = []
+        for record in text.split("\x1e"):
+            parts = record.strip("\n").split(sep)
+            if len(parts) == 5 and parts[0]:
+                tag, sha, at, kind, note = parts
+                # Only an annotated tag has a note of its own (a light one shows its commit's).
+                found.append((tag, sha[:40], float(at or 0), note.strip() if kind == "tag" else ""))
+        return found
+
     async def out(self, repo: Path, *args: str) -> str:
         return (await self.git(repo, *args)).stdout.strip()
 

@@ -23,6 +23,7 @@ from hyperhive.core.logins import needs_login
 from hyperhive.core.metrics import HiveMetrics
 from hyperhive.core.notifications import Notifier
 from hyperhive.core.questions import Questions
+from hyperhive.core.reminders import Reminders
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.core.turns import Turns
@@ -49,6 +50,7 @@ class HostHandler:
         forge: Forge | None,
         turns: Turns,
         notifier: Notifier,
+        reminders: Reminders,
     ) -> None:
         self.cfg = cfg
         self.registry = registry
@@ -62,6 +64,7 @@ class HostHandler:
         self.forge = forge
         self.turns = turns
         self.notifier = notifier
+        self.reminders = reminders
         self.metrics = HiveMetrics(registry, broker, turns, queue)
         """The hive-forge, when the daemon runs with one (its health for `list`)."""
         self.dashboard: wire.ListenerStatus | None = None
@@ -92,6 +95,19 @@ class HostHandler:
                 forge = self.forge.last if self.forge is not None else None
                 return wire.AgentList(
                     agents=await self.agent_infos(), forge=forge, dashboard=self.dashboard
+                )
+            case wire.ListReminders(name=name):
+                inbox = None if name is None else self.registry.get(check_name(name)).recipient
+                return wire.ReminderList(reminders=await self.reminders.pending(inbox))
+            case wire.CancelReminder(id=rid):
+                await self.reminders.cancel(rid)
+                return wire.Done()
+            case wire.History(name=name):
+                rec = self.registry.get(check_name(name))
+                tags = await self.lifecycle.deploys.gitops.tag_history(rec.name)
+                return wire.TagHistory(
+                    name=rec.name,
+                    tags=[wire.TagInfo(tag=t, sha=s, at=a, note=n) for t, s, a, n in tags],
                 )
             case wire.Notifications():
                 return wire.NotificationList(notifications=list(self.notifier.recent))

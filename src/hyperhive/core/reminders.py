@@ -22,7 +22,7 @@ from hyperhive.core.broker import Broker
 from hyperhive.core.storage import storage_full
 from hyperhive.core.store import Store, transaction
 from hyperhive.protocol import wire
-from hyperhive.protocol.errors import BadParams, Conflict, HiveError, StorageFull
+from hyperhive.protocol.errors import BadParams, Conflict, HiveError, NotFound, StorageFull
 from hyperhive.protocol.names import REMINDER
 from hyperhive.protocol.text import MAX_BODY, check_text
 
@@ -171,12 +171,18 @@ def _next_due(conn: sqlite3.Connection) -> float | None:
     return float(due) if due is not None else None
 
 
-def _pending(conn: sqlite3.Connection, recipient: str) -> list[tuple[int, float, str]]:
+def _pending(conn: sqlite3.Connection, recipient: str | None) -> list[tuple[int, float, str, str]]:
+    where = "delivered_at IS NULL" + (" AND recipient = ?" if recipient is not None else "")
     return conn.execute(
-        "SELECT id, due_at, message FROM reminders WHERE recipient = ? AND delivered_at IS NULL"
-        " ORDER BY due_at, id",
-        (recipient,),
+        f"SELECT id, due_at, message, recipient FROM reminders WHERE {where} ORDER BY due_at, id",
+        () if recipient is None else (recipient,),
     ).fetchall()
+
+
+def _cancel(conn: sqlite3.Connection, rid: int) -> int:
+    return conn.execute(
+        "DELETE FROM reminders WHERE id = ? AND delivered_at IS NULL", (rid,)
+    ).rowcount
 
 
 class Reminders:
@@ -227,12 +233,17 @@ class Reminders:
             self._wake.set()
         return rid, due
 
-    async def pending(self, recipient: str) -> list[wire.ReminderInfo]:
-        """`recipient`'s reminders not delivered yet, soonest first."""
+    async def pending(self, recipient: str | None) -> list[wire.ReminderInfo]:
+        """`recipient`'s reminders not delivered yet (None: everyone's), soonest first."""
         rows = await self.store.run(_pending, recipient)
         return [
-            wire.ReminderInfo(id=rid, due_at=due, message=text[:500]) for rid, due, text in rows
+            wire.ReminderInfo(id=rid, due_at=due, message=text[:500], to=to)
+            for rid, due, text, to in rows
         ]
+
+    async def cancel(self, rid: int) -> None:
+        if not await self.store.run(_cancel, rid):
+            raise NotFound(f"no pending reminder #{rid}")
 
     async def deliver_due(self) -> int:
         """Send every due reminder; each is marked delivered once the broker stored it.

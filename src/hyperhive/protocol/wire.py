@@ -323,6 +323,26 @@ class ReminderInfo(msgspec.Struct, frozen=True, kw_only=True):
     due_at: float
     message: str
     """Its text (the first 500 characters)."""
+    to: str = ""
+    """Whose inbox it goes to (`manager` for the manager)."""
+
+
+class ReminderList(Reply, frozen=True):
+    reminders: list[ReminderInfo]
+
+
+class TagInfo(msgspec.Struct, frozen=True, kw_only=True):
+    tag: str
+    """`proposal/<id>`, `approved/<id>`, `building/<id>`, `deployed/<id>`, `failed/<id>`, …"""
+    sha: str
+    at: float
+    note: str = ""
+    """The annotation (a failure's error, a denial's note), if the tag has one."""
+
+
+class TagHistory(Reply, frozen=True):
+    name: str
+    tags: list[TagInfo]
 
 
 class Threads(Reply, frozen=True):
@@ -397,6 +417,24 @@ class Notifications(HostRequest[NotificationList], frozen=True, tag="notificatio
 
 class Metrics(HostRequest[MetricsText], frozen=True, tag="metrics"):
     """The hive's Prometheus metrics (SPEC §7.4), as the dashboard's `/metrics` serves them."""
+
+
+class ListReminders(HostRequest[ReminderList], frozen=True, tag="reminders"):
+    """Reminders not yet delivered, soonest first: one agent's, or the whole hive's."""
+
+    name: str | None = None
+
+
+class CancelReminder(HostRequest[Done], frozen=True, tag="cancel_reminder"):
+    """Drop a reminder before it is due (`not_found` when it is unknown or delivered)."""
+
+    id: Annotated[int, msgspec.Meta(ge=1, le=2**53)]
+
+
+class History(HostRequest[TagHistory], frozen=True, tag="history"):
+    """An agent's applied-repo tag history (its config's approvals and deploys), oldest first."""
+
+    name: str
 
 
 class Stats(HostRequest[StatsReply], frozen=True, tag="stats"):
@@ -765,6 +803,9 @@ HostRequests = (
     | Stats
     | Metrics
     | Notifications
+    | ListReminders
+    | CancelReminder
+    | History
     | Spawn
     | Kill
     | Start
