@@ -494,3 +494,97 @@ async def test_a_notification_reaches_the_browser(
     notes = await trio.to_thread.run_sync(drive_notifications, port, tokens, trigger)
     assert notes[0]["title"] == "approval #1 requested: spawn bob"
     assert notes[0]["tag"].startswith("hyperhive-")
+
+
+def drive_phone(
+    port: int, tokens: LoginTokens, dead_letters: int
+) -> tuple[list[str], dict[str, bool]]:
+    """The dashboard at 390 by 844 CSS pixels: every panel reachable, and its actions work."""
+    from playwright.sync_api import expect, sync_playwright
+
+    errors: list[str] = []
+    reached: dict[str, bool] = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(
+                viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+            )
+            page = context.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(login_url("127.0.0.1", port, tokens.dashboard))
+            expect(page.locator("#link")).to_have_text("● l1nk up", timeout=15_000)
+            for panel in (
+                "#approvals-section",
+                "#questions-section",
+                "#dead-section",
+                "#reminders-section",
+                "#containers",
+                "#inbox-section",
+                "#flow-section",
+            ):
+                section = page.locator(panel)
+                section.scroll_into_view_if_needed()
+                box = section.bounding_box()
+                # On screen once scrolled to, and no wider than the phone.
+                reached[panel] = bool(box and box["width"] <= 390 and section.is_visible())
+            # A dead letter: requeue it. A reminder: cancel it. A question: answer it.
+            dead = page.locator("#dead li")
+            expect(dead).to_have_count(dead_letters, timeout=15_000)
+            for left in range(dead_letters - 1, -1, -1):
+                dead.first.get_by_role("button", name="↺ requeue").tap()
+                expect(dead).to_have_count(left, timeout=15_000)
+            expect(page.locator("#dead-empty")).to_be_visible(timeout=15_000)
+            reminder = page.locator("#reminders li")
+            expect(reminder).to_have_count(1)
+            reminder.get_by_role("button", name="✗ cancel").tap()
+            expect(page.locator("#reminders-empty")).to_be_visible(timeout=15_000)
+            question = page.locator("#questions li")
+            expect(question).to_have_count(1)
+            question.locator("input").fill("yes, from my phone")
+            question.locator("input").press("Enter")
+            expect(page.locator("#questions-empty")).to_be_visible(timeout=15_000)
+            compose = page.locator("#compose")
+            compose.scroll_into_view_if_needed()
+            compose.fill(f"@{MANAGER_NAME} sent from a phone")
+            compose.press("Enter")
+            expect(compose).to_have_value("", timeout=15_000)
+            page.screenshot(path="/tmp/dashboard-phone.png", full_page=True)
+        finally:
+            browser.close()
+    return errors, reached
+
+
+async def test_the_dashboard_works_on_a_phone(
+    hive: Hive, tokens: LoginTokens, nursery: trio.Nursery
+) -> None:
+    manager = hive.agent_sock(MANAGER_NAME)
+    # A dead letter in the manager's inbox (five counted failures), a reminder, a question.
+    await call_once(manager, wire.Wake(sender="webhook", body="poison"))
+    while True:
+        got = (await call_once(manager, wire.Recv(lease=True))).message
+        if got is None:
+            break
+        await call_once(manager, wire.Nack(id=got.id, attempt=got.attempt, error="boom"))
+    dead_letters = len((await hive.call(wire.DeadLetters())).messages)
+    assert dead_letters >= 1
+    await call_once(manager, wire.Remind(message="look again", delay_seconds=3600))
+    await call_once(manager, wire.Ask(question="Proceed?"))
+    port = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
+    errors, reached = await trio.to_thread.run_sync(drive_phone, port, tokens, dead_letters)
+    assert errors == []
+    assert all(reached.values()), reached
+    # What the phone did reached the daemon.
+    assert (await hive.call(wire.DeadLetters())).messages == []
+    assert (await hive.call(wire.ListReminders())).reminders == []
+    assert (await hive.call(wire.ListQuestions())).questions == []
+    flow = await hive.call(wire.Flow(limit=50))
+    assert any(m.body == "sent from a phone" and m.sender == "operator" for m in flow.messages)

@@ -12,7 +12,9 @@ Hive.host = host;
 
 const MANAGER = "manager";
 const MANAGER_NAME = "hm1nd";
-const TRANSIENT = new Set(["spawning", "starting", "stopping", "restarting", "destroying"]);
+const TRANSIENT = new Set([
+  "spawning", "starting", "stopping", "restarting", "rebuilding", "destroying",
+]);
 const FLOW_LIMIT = 500;
 const HISTORY_LIMIT = 200;
 const INBOX_LIMIT = 50;
@@ -153,6 +155,10 @@ function renderAgent(agent) {
     actions.appendChild(
       actionButton("↻ restart", `restart ${name}`, "btn-warn", lifecycle("restart", name)),
     );
+    if (agent.role !== "manager") {
+      actions.appendChild(actionButton("⟳ rebuild", `re-apply ${name}'s config and restart it`,
+        agent.needs_update ? "btn-warn" : "", lifecycle("rebuild", name)));
+    }
   }
   if (agent.role !== "manager" && agent.state === "destroyed") {
     // A tombstone comes back only through a spawn approval, with its kept state.
@@ -183,6 +189,13 @@ function renderAgent(agent) {
   bottom.appendChild(actions);
   li.appendChild(bottom);
 
+  if (agent.needs_update) {
+    li.appendChild(el("div", "limits", "↑ runs an older hyperhive than the daemon: rebuild it"));
+  }
+  if (agent.port_conflict) {
+    li.appendChild(el("div", "problem",
+      `✗ its UI port :${agent.port} is held by a process outside the hive`));
+  }
   if (agent.last_error) li.appendChild(el("div", "problem", `✗ ${agent.last_error}`));
   if (agent.limits_note) li.appendChild(el("div", "limits", `! ${agent.limits_note}`));
   return li;
@@ -197,8 +210,70 @@ function renderAgents() {
   document.getElementById("agents-empty").hidden = sorted.length > 0;
   const live = sorted.filter((a) => a.state !== "destroyed");
   const running = live.filter((a) => a.state === "running").length;
+  renderTotals();
+}
+
+// Hive totals for the header: containers, running, cost today, messages in the last minute.
+const sentTimes = [];
+
+function renderTotals() {
+  const live = [...agents.values()].filter((a) => a.state !== "destroyed");
+  const running = live.filter((a) => a.state === "running").length;
+  const cost = live.reduce((sum, a) => sum + (a.cost_today || 0), 0);
+  const cutoff = Date.now() - 60_000;
+  while (sentTimes.length && sentTimes[0] < cutoff) sentTimes.shift();
   document.getElementById("counts").textContent =
-    `${live.length} container${live.length === 1 ? "" : "s"} · ${running} running`;
+    `${live.length} container${live.length === 1 ? "" : "s"} · ${running} running` +
+    ` · $${cost.toFixed(2)} today · ${sentTimes.length} msg/min`;
+}
+setInterval(renderTotals, 10_000);
+
+// ------------------------------------------------------------------ dead letters, reminders
+function renderDead(messages) {
+  const list = document.getElementById("dead");
+  list.replaceChildren(...messages.map((m) => {
+    const li = el("li", "card");
+    const head = el("div", "head");
+    head.appendChild(el("span", "ts", `#${m.id} ${fmtTime(m.sent_at)}`));
+    head.appendChild(nameSpan(m.from, "from"));
+    head.appendChild(el("span", "arrow", " → "));
+    head.appendChild(nameSpan(m.to, "to"));
+    head.appendChild(actionButton("↺ requeue", `give #${m.id} another round of attempts`, "",
+      async () => {
+        await host({ cmd: "requeue", id: m.id });
+        toast(`#${m.id} requeued`, "ok");
+        refreshState();
+      }));
+    li.appendChild(head);
+    const body = el("div", "body");
+    longText(body, m.body, BODY_PREVIEW);
+    li.appendChild(body);
+    return li;
+  }));
+  document.getElementById("dead-empty").hidden = messages.length > 0;
+  document.getElementById("dead-count").textContent = messages.length ? `(${messages.length})` : "";
+}
+
+function renderReminders(reminders) {
+  const list = document.getElementById("reminders");
+  list.replaceChildren(...reminders.map((r) => {
+    const li = el("li", "card");
+    const head = el("div", "head");
+    head.appendChild(el("span", "ts", `#${r.id} due ${fmtTime(r.due_at)}`));
+    head.appendChild(nameSpan(r.to, "to"));
+    head.appendChild(actionButton("✗ cancel", `drop reminder #${r.id}`, "btn-danger",
+      async () => {
+        await host({ cmd: "cancel_reminder", id: r.id });
+        toast(`reminder #${r.id} cancelled`, "ok");
+        refreshState();
+      }));
+    li.appendChild(head);
+    li.appendChild(el("div", "body", r.message));
+    return li;
+  }));
+  document.getElementById("reminders-empty").hidden = reminders.length > 0;
+  document.getElementById("reminders-count").textContent =
+    reminders.length ? `(${reminders.length})` : "";
 }
 
 // ------------------------------------------------------------------ threads
@@ -318,10 +393,14 @@ function systemRow(text) {
 let refreshTimer = null;
 /** The containers (with their UI links) and the operator's inbox, as the daemon has them. */
 async function loadState() {
-  const [listed, inbox] = await Promise.all([
+  const [listed, inbox, dead, reminders] = await Promise.all([
     host({ cmd: "list" }),
     host({ cmd: "recent", name: OPERATOR, limit: INBOX_LIMIT }),
+    host({ cmd: "dead_letters", limit: 100 }),
+    host({ cmd: "reminders" }),
   ]);
+  renderDead(dead.messages);
+  renderReminders(reminders.reminders);
   agents.clear();
   for (const a of listed.agents) agents.set(a.name, a);
   renderAgents();
@@ -409,6 +488,7 @@ function notify(ev) {
 function onEvent(ev) {
   switch (ev.event) {
     case "message_sent":
+      sentTimes.push(Date.now());
       addMessage(ev.message, true);
       refreshSoon(); // unread counts moved
       break;
