@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import msgspec
 import pytest
 import trio
 
-from hyperhive.cli import build_parser, daemon_config
+from hyperhive.cli import build_parser, daemon_config, new_lines
 from hyperhive.core.config import DaemonConfig
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
@@ -209,3 +210,48 @@ async def test_cli_reminders_and_history(hive_root: Path) -> None:
         assert [t["tag"] for t in tags] == ["deployed/0"] and len(tags[0]["sha"]) == 40
         text = (await _cli(cfg.run_dir, "history", "alice")).stdout.decode()
         assert text.startswith("alice: 1 tags") and "deployed/0" in text
+
+
+async def test_cli_config_diff_and_following_logs(hive_root: Path) -> None:
+    cfg = hive_config(hive_root)
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Kill(name="alice"))
+        shown = await _cli(cfg.run_dir, "config", "alice")
+        out = shown.stdout.decode()
+        assert shown.returncode == 0 and out.startswith("alice: deployed/0 ")
+        assert "--- agent.toml" in out and "[network]" in out and "--- agent.nix" in out
+        same = await _cli(cfg.run_dir, "config", "alice", "--diff", "deployed/0")
+        assert same.returncode == 0 and same.stdout.decode().strip() == "(no change)"
+        hostile = await _cli(cfg.run_dir, "config", "alice", "--diff", "main~1", "main")
+        assert hostile.returncode == 1 and b"not a tag or commit" in hostile.stderr
+
+        # The container's log as its output makes it; `logs -f` prints it, then what follows.
+        log = cfg.agent_root("alice") / "container.log"
+        with log.open("a") as fh:
+            fh.write("first line\n")
+        argv = [sys.executable, "-m", "hyperhive.cli", "--run-dir", str(cfg.run_dir)]
+        proc = await trio.lowlevel.open_process(
+            [*argv, "logs", "-f", "alice"], stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        seen = b""
+        with trio.fail_after(30):
+            while b"first line\n" not in seen:
+                seen += await proc.stdout.receive_some(4096)
+            with log.open("a") as fh:
+                fh.write("second line\n")
+            while b"second line\n" not in seen:
+                seen += await proc.stdout.receive_some(4096)
+        assert seen.count(b"first line") == 1
+        proc.send_signal(signal.SIGINT)
+        assert await proc.wait() == 0
+        await proc.stdout.aclose()
+
+
+def test_following_prints_only_what_is_new() -> None:
+    assert new_lines([], ["a", "b"]) == ["a", "b"]
+    assert new_lines(["a", "b"], ["a", "b", "c"]) == ["c"]
+    assert new_lines(["x", "a", "b"], ["a", "b", "c", "d"]) == ["c", "d"]
+    assert new_lines(["a", "b"], ["a", "b"]) == []
+    assert new_lines(["old"], ["new 1", "new 2"]) == ["new 1", "new 2"]  # started over

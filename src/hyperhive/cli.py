@@ -212,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "history", help="an agent's config history: its applied repo's tags, oldest first"
     ).add_argument("name")
+    config = sub.add_parser("config", help="an agent's config as deployed (agent.toml, agent.nix)")
+    config.add_argument("name")
+    config.add_argument(
+        "--diff",
+        nargs="+",
+        metavar="REF",
+        help="instead, the change between two deploys: OLD [NEW=main] (tags or shas)",
+    )
     stats = sub.add_parser("stats", help="turns, tokens and cost per agent")
     stats.add_argument("name", nargs="?", default=None)
     for verb, text in (
@@ -225,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="an agent's container output, most recent last")
     logs.add_argument("name")
     logs.add_argument("--lines", type=int, default=200, help="how many (1-5000)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     destroy = sub.add_parser("destroy", help="remove an agent (state kept unless --purge)")
     destroy.add_argument("name")
     destroy.add_argument("--purge", action="store_true")
@@ -269,6 +278,11 @@ def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
             return wire.CancelReminder(id=args.id)
         case "history":
             return wire.History(name=args.name)
+        case "config" if args.diff:
+            old, new = [*args.diff, "main"][:2]
+            return wire.DiffConfig(name=args.name, old=old, new=new)
+        case "config":
+            return wire.Config(name=args.name)
         case "spawn":
             return wire.Spawn(name=args.name)
         case "kill":
@@ -410,6 +424,13 @@ def render(reply: wire.Reply) -> str:
                 )
                 or "no pending reminders"
             )
+        case wire.ConfigView(name=name, agent_toml=toml, agent_nix=nix, deployed=deployed):
+            return (
+                f"{name}: {deployed or 'not in the meta repo'}\n--- agent.toml\n{toml.rstrip()}"
+                f"\n--- agent.nix\n{nix.rstrip()}"
+            )
+        case wire.ConfigDiff(diff=diff):
+            return diff.rstrip()
         case wire.TagHistory(name=name, tags=tags):
             lines = [f"{name}: {len(tags)} tags"]
             for t in tags:
@@ -531,6 +552,45 @@ async def _watch(sock: str, recent: bool, as_json: bool) -> None:
     raise ConnectionLost("the daemon closed the event stream")
 
 
+FOLLOW_EVERY = 1.0
+
+
+def new_lines(seen: list[str], got: list[str]) -> list[str]:
+    """The lines of `got` (a log's latest tail) after what `seen` (the previous tail) ended
+    with: found by the last lines of `seen` as a run in `got`; all of `got` if it is not there
+    (the log started over)."""
+    for k in range(min(len(seen), 20), 0, -1):
+        tail = seen[-k:]
+        for end in range(len(got), k - 1, -1):
+            if got[end - k : end] == tail:
+                return got[end:]
+    return got
+
+
+async def _follow_logs(sock: str, name: str, lines: int) -> None:
+    """Print the container's log, then what it adds (its tail fetched again every second)."""
+    seen: list[str] = []
+    async with open_client(sock) as client:
+        while True:
+            got = (await client.call(wire.Logs(name=name, lines=5000 if seen else lines))).lines
+            for line in new_lines(seen, got):
+                print(line, flush=True)
+            seen = got
+            await trio.sleep(FOLLOW_EVERY)
+
+
+def run_follow_logs(args: argparse.Namespace) -> int:
+    """`hive-c0re logs -f NAME`: until interrupted."""
+    try:
+        trio.run(_follow_logs, str(Path(args.run_dir) / "host.sock"), args.name, args.lines)
+    except HiveError as err:
+        print(f"hive-c0re: {err.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def run_watch(args: argparse.Namespace) -> int:
     """`hive-c0re watch`: the notification stream of host.sock, until interrupted."""
     if args.url:
@@ -570,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_doctor(args)
     if args.command == "watch":
         return run_watch(args)
+    if args.command == "logs" and args.follow and not args.url:
+        return run_follow_logs(args)
     sock = str(Path(args.run_dir) / "host.sock")
     try:
         if args.url:

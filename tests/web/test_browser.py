@@ -588,3 +588,56 @@ async def test_the_dashboard_works_on_a_phone(
     assert (await hive.call(wire.ListQuestions())).questions == []
     flow = await hive.call(wire.Flow(limit=50))
     assert any(m.body == "sent from a phone" and m.sender == "operator" for m in flow.messages)
+
+
+def drive_viewers(port: int, tokens: LoginTokens, log: Path) -> list[str]:
+    """The logs viewer (filter, follow) and the config viewer (files, history, diff)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(login_url("127.0.0.1", port, tokens.dashboard))
+            row = page.locator("#agents li[data-name='alice']")
+            expect(row).to_be_visible(timeout=15_000)
+            row.get_by_role("button", name="▤ logs").click()
+            text = page.locator("#logs-text")
+            expect(text).to_contain_text("alpha line", timeout=15_000)
+            page.locator("#logs-filter").fill("beta")
+            expect(text).to_have_text("beta line")
+            page.locator("#logs-filter").fill("")
+            with log.open("a") as fh:
+                fh.write("gamma line\n")
+            expect(text).to_contain_text("gamma line", timeout=15_000)  # followed
+            row.get_by_role("button", name="⚙ config").click()
+            expect(page.locator("#config-toml")).to_contain_text("[network]", timeout=15_000)
+            expect(page.locator("#config-tags")).to_contain_text("deployed/0")
+            page.locator("#diff-old").select_option("deployed/0")
+            page.locator("#config-diff-form button").click()
+            expect(page.locator("#config-diff")).to_have_text("(no change)", timeout=15_000)
+        finally:
+            browser.close()
+    return errors
+
+
+async def test_logs_and_config_viewers(
+    hive: Hive, tokens: LoginTokens, nursery: trio.Nursery
+) -> None:
+    await hive.call(wire.Spawn(name="alice"))
+    await hive.call(wire.Kill(name="alice"))
+    log = hive.cfg.agent_root("alice") / "container.log"
+    await trio.Path(log).write_text("alpha line\nbeta line\n")
+    port = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
+    errors = await trio.to_thread.run_sync(drive_viewers, port, tokens, log)
+    assert errors == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ from hyperhive.core.containers import rootfs
 from hyperhive.core.containers.nixgen import AGENT_FLAKE_NIX, DEFAULT_AGENT_NIX
 from hyperhive.core.runner import Completed, Runner
 from hyperhive.protocol.agent_config import AGENT_TOML, DEFAULT_TOML
-from hyperhive.protocol.errors import Conflict
+from hyperhive.protocol.errors import BadParams, Conflict, NotFound
 
 AGENT_NIX = "agent.nix"
 FLAKE_NIX = "flake.nix"
@@ -99,6 +100,13 @@ def _place(staged: Path, proposed_dir: Path, name: str, uid: int | None) -> bool
         os.close(top)
 
 
+_REF = re.compile(
+    r"(main|(proposal|approved|building|deployed|failed|denied)/[0-9]{1,12}|[0-9a-f]{7,40})"
+)
+"""What a config diff may name: the applied repo's main, one of its tags, or a sha (never an
+option or a revision expression)."""
+
+
 class GitOps:
     def __init__(self, runner: Runner, state_dir: Path, *, proposed_uid: int | None = None) -> None:
         self.runner = runner
@@ -156,7 +164,10 @@ class GitOps:
         )
 
     async def tag_history(self, name: str) -> list[tuple[str, str, float, str]]:
-        """(tag, commit, unix time, annotation) of the agent's applied repo, oldest first."""
+        """(tag, commit, unix time, annotation) of the agent's applied repo, oldest first (none
+        for an agent without one: the manager)."""
+        if not await trio.Path(self.applied(name) / ".git").exists():
+            return []
         sep = "\x1f"
         text = await self.out(
             self.applied(name),
@@ -346,6 +357,19 @@ class GitOps:
     async def show(self, name: str, rev: str, path: str) -> str | None:
         done = await self.git(self.applied(name), "show", f"{rev}:{path}", check=False)
         return done.stdout if done.returncode == 0 else None
+
+    async def diff_between(self, name: str, old: str, new: str, cap: int) -> str:
+        """`git diff old..new` of the agent's applied repo (refs must be its tags or shas)."""
+        for ref in (old, new):
+            if not _REF.fullmatch(ref):
+                raise BadParams(f"{ref[:60]!r} is not a tag or commit of the applied repo")
+        done = await self.git(self.applied(name), "diff", f"{old}..{new}", "--", check=False)
+        if done.returncode != 0:
+            raise NotFound(f"no diff between {old} and {new}: {done.stderr.strip()[:300]}")
+        text = done.stdout or "(no change)"
+        if len(text.encode()) > cap:
+            return text.encode()[:cap].decode("utf-8", "ignore") + "\n… (diff truncated)\n"
+        return text
 
     async def diff(self, name: str, rev: str, cap: int) -> str:
         done = await self.git(self.applied(name), "diff", f"{BRANCH}..{rev}", check=False)

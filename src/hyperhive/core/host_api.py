@@ -13,7 +13,7 @@ from contextlib import aclosing
 import trio
 
 from hyperhive.core.agents import AgentRecord, Registry
-from hyperhive.core.approval_queue import ApprovalQueue
+from hyperhive.core.approval_queue import DIFF_CAP, ApprovalQueue
 from hyperhive.core.approvals import Approvals
 from hyperhive.core.broker import Broker, EventHub
 from hyperhive.core.config import DaemonConfig
@@ -86,6 +86,10 @@ class HostHandler:
         names = sorted({*known, *self.registry.live_names()})
         return [await self.turns.stats(n) for n in names]
 
+    async def _tags(self, name: str) -> list[wire.TagInfo]:
+        tags = await self.lifecycle.deploys.gitops.tag_history(name)
+        return [wire.TagInfo(tag=t, sha=s, at=a, note=n) for t, s, a, n in tags]
+
     def _agent(self, rec: AgentRecord) -> wire.AgentReply:
         return wire.AgentReply(agent=self.registry.info(rec))
 
@@ -104,11 +108,21 @@ class HostHandler:
                 return wire.Done()
             case wire.History(name=name):
                 rec = self.registry.get(check_name(name))
-                tags = await self.lifecycle.deploys.gitops.tag_history(rec.name)
-                return wire.TagHistory(
+                return wire.TagHistory(name=rec.name, tags=await self._tags(rec.name))
+            case wire.Config(name=name):
+                rec = self.registry.get(check_name(name))
+                gitops = self.lifecycle.deploys.gitops
+                return wire.ConfigView(
                     name=rec.name,
-                    tags=[wire.TagInfo(tag=t, sha=s, at=a, note=n) for t, s, a, n in tags],
+                    agent_toml=await gitops.show(rec.name, "main", "agent.toml") or "",
+                    agent_nix=await gitops.show(rec.name, "main", "agent.nix") or "",
+                    deployed=self.registry.deployed.get(rec.name),
+                    tags=await self._tags(rec.name),
                 )
+            case wire.DiffConfig(name=name, old=old, new=new):
+                rec = self.registry.get(check_name(name))
+                gitops = self.lifecycle.deploys.gitops
+                return wire.ConfigDiff(diff=await gitops.diff_between(rec.name, old, new, DIFF_CAP))
             case wire.Notifications():
                 return wire.NotificationList(notifications=list(self.notifier.recent))
             case wire.Metrics():

@@ -340,6 +340,19 @@ class TagInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The annotation (a failure's error, a denial's note), if the tag has one."""
 
 
+class ConfigView(Reply, frozen=True):
+    name: str
+    agent_toml: str
+    """agent.toml as deployed (the applied repo's `main`)."""
+    agent_nix: str
+    deployed: str | None
+    tags: list[TagInfo]
+
+
+class ConfigDiff(Reply, frozen=True):
+    diff: str
+
+
 class TagHistory(Reply, frozen=True):
     name: str
     tags: list[TagInfo]
@@ -429,6 +442,20 @@ class CancelReminder(HostRequest[Done], frozen=True, tag="cancel_reminder"):
     """Drop a reminder before it is due (`not_found` when it is unknown or delivered)."""
 
     id: Annotated[int, msgspec.Meta(ge=1, le=2**53)]
+
+
+class Config(HostRequest[ConfigView], frozen=True, tag="config"):
+    """An agent's config as deployed, with its tag history."""
+
+    name: str
+
+
+class DiffConfig(HostRequest[ConfigDiff], frozen=True, tag="config_diff"):
+    """The change between two of an agent's deploys (tags such as `deployed/3`, or shas)."""
+
+    name: str
+    old: Annotated[str, msgspec.Meta(max_length=64)]
+    new: Annotated[str, msgspec.Meta(max_length=64)] = "main"
 
 
 class History(HostRequest[TagHistory], frozen=True, tag="history"):
@@ -806,6 +833,8 @@ HostRequests = (
     | ListReminders
     | CancelReminder
     | History
+    | Config
+    | DiffConfig
     | Spawn
     | Kill
     | Start

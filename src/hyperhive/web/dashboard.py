@@ -31,6 +31,8 @@ BRIDGE_COMMANDS = frozenset(
         "reminders",
         "cancel_reminder",
         "history",
+        "config",
+        "config_diff",
         "logs",
         "recent",
         "flow",

@@ -155,6 +155,10 @@ function renderAgent(agent) {
     actions.appendChild(
       actionButton("↻ restart", `restart ${name}`, "btn-warn", lifecycle("restart", name)),
     );
+    actions.appendChild(actionButton("▤ logs", `${name}'s container log`, "",
+      async () => inspectLogs(name)));
+    actions.appendChild(actionButton("⚙ config", `${name}'s deployed config and history`, "",
+      async () => inspectConfig(name)));
     if (agent.role !== "manager") {
       actions.appendChild(actionButton("⟳ rebuild", `re-apply ${name}'s config and restart it`,
         agent.needs_update ? "btn-warn" : "", lifecycle("rebuild", name)));
@@ -227,6 +231,95 @@ function renderTotals() {
     ` · $${cost.toFixed(2)} today · ${sentTimes.length} msg/min`;
 }
 setInterval(renderTotals, 10_000);
+
+// ------------------------------------------------------------------ logs and config viewers
+const inspect = document.getElementById("inspect");
+let inspecting = null; // { kind, name }
+let logLines = [];
+
+function openInspect(kind, name) {
+  inspecting = { kind, name };
+  inspect.hidden = false;
+  document.getElementById("inspect-what").textContent = `${name} · ${kind}`;
+  document.getElementById("inspect-logs").hidden = kind !== "logs";
+  document.getElementById("inspect-config").hidden = kind !== "config";
+  inspect.scrollIntoView({ block: "start" });
+}
+
+document.getElementById("inspect-close").addEventListener("click", () => {
+  inspecting = null;
+  inspect.hidden = true;
+});
+
+function showLogs() {
+  const filter = document.getElementById("logs-filter").value.toLowerCase();
+  const shown = filter ? logLines.filter((l) => l.toLowerCase().includes(filter)) : logLines;
+  const pre = document.getElementById("logs-text");
+  pre.textContent = shown.join("\n");
+  if (document.getElementById("logs-follow").checked) pre.scrollTop = pre.scrollHeight;
+}
+document.getElementById("logs-filter").addEventListener("input", showLogs);
+
+async function inspectLogs(name) {
+  openInspect("logs", name);
+  const reply = await host({ cmd: "logs", name, lines: 2000 });
+  logLines = reply.lines;
+  showLogs();
+}
+
+// While the log panel is open and follows, it fetches the tail again every 3 s.
+setInterval(async () => {
+  if (!inspecting || inspecting.kind !== "logs") return;
+  if (!document.getElementById("logs-follow").checked) return;
+  try {
+    logLines = (await host({ cmd: "logs", name: inspecting.name, lines: 2000 })).lines;
+    showLogs();
+  } catch (err) {
+    // The link is down or the agent is gone: the next tick tries again.
+  }
+}, 3000);
+
+async function inspectConfig(name) {
+  openInspect("config", name);
+  const view = await host({ cmd: "config", name });
+  document.getElementById("config-deployed").textContent =
+    view.deployed ? `runs ${view.deployed}` : "not deployed through approvals";
+  document.getElementById("config-toml").textContent = view.agent_toml || "(none)";
+  document.getElementById("config-nix").textContent = view.agent_nix || "(none)";
+  document.getElementById("config-tags").replaceChildren(...view.tags.map((t) => {
+    const li = el("li", `tag tag-${t.tag.split("/")[0]}`);
+    li.appendChild(el("span", "ts", fmtTime(t.at)));
+    li.appendChild(el("span", "name", ` ${t.tag} `));
+    li.appendChild(el("code", "sha", t.sha.slice(0, 12)));
+    if (t.note) li.appendChild(el("span", "note", ` — ${t.note}`));
+    return li;
+  }));
+  const deploys = [...view.tags.filter((t) => t.tag.startsWith("deployed/")).map((t) => t.tag),
+    "main"];
+  for (const [id, pick] of [["diff-old", deploys[0]], ["diff-new", "main"]]) {
+    const select = document.getElementById(id);
+    select.replaceChildren(...deploys.map((d) => {
+      const option = el("option", "", d);
+      option.value = d;
+      return option;
+    }));
+    select.value = pick;
+  }
+  document.getElementById("config-diff").textContent = "";
+}
+
+document.getElementById("config-diff-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  if (!inspecting) return;
+  const old = document.getElementById("diff-old").value;
+  const next = document.getElementById("diff-new").value;
+  try {
+    const reply = await host({ cmd: "config_diff", name: inspecting.name, old, new: next });
+    document.getElementById("config-diff").textContent = reply.diff;
+  } catch (err) {
+    toast(`diff: ${err.message}`, "error");
+  }
+});
 
 // ------------------------------------------------------------------ dead letters, reminders
 function renderDead(messages) {
