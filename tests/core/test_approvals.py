@@ -225,6 +225,10 @@ async def test_deny_tags_the_note(hive_root: Path) -> None:
         assert resolved[-1]["status"] == "denied" and resolved[-1]["note"] == note
         with pytest.raises(Exception, match="not pending"):
             await hive.call(wire.Approve(id=queued.id))
+        # The decided ones, newest first, with the note.
+        [decided] = (await hive.call(wire.ApprovalHistory())).approvals
+        assert (decided.id, decided.status, decided.note) == (queued.id, "denied", note)
+        assert decided.resolved_at is not None
 
 
 async def test_an_amend_after_the_proposal_changes_nothing(hive_root: Path) -> None:

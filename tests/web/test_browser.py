@@ -541,6 +541,7 @@ def drive_phone(
             expect(page.locator("#reminders-empty")).to_be_visible(timeout=15_000)
             question = page.locator("#questions li")
             expect(question).to_have_count(1)
+            expect(question.locator(".ttl")).to_contain_text("⏳")  # the live TTL countdown
             question.locator("input").fill("yes, from my phone")
             question.locator("input").press("Enter")
             expect(page.locator("#questions-empty")).to_be_visible(timeout=15_000)

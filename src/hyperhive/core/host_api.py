@@ -137,6 +137,11 @@ class HostHandler:
                 return self._agent(await self.lifecycle.start(name))
             case wire.Restart(name=name):
                 return self._agent(await self.lifecycle.restart(name))
+            case wire.ApprovalHistory(limit=limit):
+                rows = await self.queue.rows(
+                    "status IN ('deployed', 'failed', 'denied', 'rolled_back')"
+                )
+                return wire.ApprovalList(approvals=[r.info() for r in reversed(rows[-limit:])])
             case wire.Pending():
                 return wire.ApprovalList(approvals=await self.queue.pending())
             case wire.Approve(id=aid):

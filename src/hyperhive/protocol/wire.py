@@ -428,6 +428,12 @@ class Notifications(HostRequest[NotificationList], frozen=True, tag="notificatio
     """The most recent notifications (up to 100), oldest first."""
 
 
+class ApprovalHistory(HostRequest[ApprovalList], frozen=True, tag="approval_history"):
+    """Decided approvals (deployed, failed, denied, rolled back), newest first."""
+
+    limit: Limit = 50
+
+
 class Metrics(HostRequest[MetricsText], frozen=True, tag="metrics"):
     """The hive's Prometheus metrics (SPEC §7.4), as the dashboard's `/metrics` serves them."""
 
@@ -835,6 +841,7 @@ HostRequests = (
     | History
     | Config
     | DiffConfig
+    | ApprovalHistory
     | Spawn
     | Kill
     | Start

@@ -33,6 +33,7 @@ BRIDGE_COMMANDS = frozenset(
         "history",
         "config",
         "config_diff",
+        "approval_history",
         "logs",
         "recent",
         "flow",

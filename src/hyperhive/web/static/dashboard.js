@@ -322,6 +322,19 @@ document.getElementById("config-diff-form").addEventListener("submit", async (e)
 });
 
 // ------------------------------------------------------------------ dead letters, reminders
+function renderDecided(approvals) {
+  // Who decided is always the operator (host.sock's only principal) or the daemon itself
+  // (a rollback): the status and note say which.
+  document.getElementById("decided-list").replaceChildren(...approvals.map((a) => {
+    const what = a.kind === "spawn" ? `spawn ${a.agent}` : `${a.agent} ${a.sha.slice(0, 12)}`;
+    const li = el("li", `tag tag-${a.status}`);
+    li.appendChild(el("span", "ts", fmtTime(a.resolved_at || a.requested_at)));
+    li.appendChild(el("span", "name", ` #${a.id} ${what} · ${a.status}`));
+    if (a.note) li.appendChild(el("span", "note", ` — ${a.note}`));
+    return li;
+  }));
+}
+
 function renderDead(messages) {
   const list = document.getElementById("dead");
   list.replaceChildren(...messages.map((m) => {
@@ -486,12 +499,14 @@ function systemRow(text) {
 let refreshTimer = null;
 /** The containers (with their UI links) and the operator's inbox, as the daemon has them. */
 async function loadState() {
-  const [listed, inbox, dead, reminders] = await Promise.all([
+  const [listed, inbox, dead, reminders, decided] = await Promise.all([
     host({ cmd: "list" }),
     host({ cmd: "recent", name: OPERATOR, limit: INBOX_LIMIT }),
     host({ cmd: "dead_letters", limit: 100 }),
     host({ cmd: "reminders" }),
+    host({ cmd: "approval_history", limit: 50 }),
   ]);
+  renderDecided(decided.approvals);
   renderDead(dead.messages);
   renderReminders(reminders.reminders);
   agents.clear();
@@ -609,6 +624,7 @@ function onEvent(ev) {
       break;
     default:
       Decisions.onEvent(ev);
+      if (ev.event === "approval_changed") refreshSoon(); // the decided list
       break;
   }
 }

@@ -253,6 +253,11 @@ function questionCard(info) {
   const ts = el("span", "ts", fmtTime(info.asked_at));
   ts.title = `expires ${new Date(info.deadline_at * 1000).toLocaleString()}`;
   head.appendChild(ts);
+  // A live countdown to the question's deadline (its TTL), updated every second.
+  const ttl = el("span", "ttl");
+  ttl.dataset.deadline = String(info.deadline_at);
+  head.appendChild(ttl);
+  tickTtl(ttl);
   const status = el("span", "pill status st-pending", "pending");
   head.appendChild(status);
   li.appendChild(head);
@@ -448,3 +453,17 @@ export function onEvent(ev) {
 
 countApprovals();
 countQuestions();
+
+function tickTtl(span) {
+  const left = Number(span.dataset.deadline) - Date.now() / 1000;
+  if (left <= 0) {
+    span.textContent = "⏳ expiring";
+    return;
+  }
+  const h = Math.floor(left / 3600);
+  const m = Math.floor((left % 3600) / 60);
+  const sec = Math.floor(left % 60);
+  span.textContent = `⏳ ${h ? `${h}h ` : ""}${h || m ? `${m}m ` : ""}${sec}s`;
+}
+
+setInterval(() => document.querySelectorAll(".ttl[data-deadline]").forEach(tickTtl), 1000);
