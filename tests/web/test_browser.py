@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -642,3 +643,48 @@ async def test_logs_and_config_viewers(
     )
     errors = await trio.to_thread.run_sync(drive_viewers, port, tokens, log)
     assert errors == []
+
+
+def drive_usage(port: int, tokens: LoginTokens) -> str:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(login_url("127.0.0.1", port, tokens.dashboard))
+            meta = page.locator(f"#agents li[data-name='{MANAGER_NAME}'] .meta")
+            expect(meta).to_contain_text("total", timeout=15_000)
+            return str(meta.text_content())
+        finally:
+            browser.close()
+
+
+async def test_the_dashboard_shows_what_turns_cost(
+    hive: Hive, tokens: LoginTokens, nursery: trio.Nursery
+) -> None:
+    now = time.time()
+    turns = [
+        wire.TurnRecord(
+            id=f"t{i}",
+            started_at=now - 8 * 86_400 * i - 5,
+            ended_at=now - 8 * 86_400 * i,
+            input_tokens=1000,
+            output_tokens=200,
+            cost_usd=0.5,
+        )
+        for i in range(2)
+    ]
+    await call_once(hive.agent_sock(MANAGER_NAME), wire.ReportTurns(turns=turns))
+    port = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
+    text = await trio.to_thread.run_sync(drive_usage, port, tokens)
+    assert "$0.50 today · $0.50 7d · $1.00 total" in text
+    assert "2,400 tokens in 2 turns" in text

@@ -12,6 +12,8 @@ Hive.host = host;
 
 const MANAGER = "manager";
 const MANAGER_NAME = "hm1nd";
+// Per agent: its turn records' aggregates (host `stats`), fetched with every snapshot.
+const usage = new Map();
 const TRANSIENT = new Set([
   "spawning", "starting", "stopping", "restarting", "rebuilding", "destroying",
 ]);
@@ -142,7 +144,16 @@ function renderAgent(agent) {
   if (agent.last_turn_at) {
     meta.push(`last turn ${new Date(agent.last_turn_at * 1000).toLocaleTimeString()}`);
   }
-  if (agent.cost_today) meta.push(`$${agent.cost_today.toFixed(2)} today`);
+  const spent = usage.get(agent.name);
+  if (spent && spent.total.turns) {
+    // Tokens and cost from the turn records: today / 7 days / total.
+    const tokens = (u) => u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens;
+    const cost = (u) => `$${u.cost_usd.toFixed(2)}`;
+    meta.push(`${cost(spent.today)} today · ${cost(spent.week)} 7d · ${cost(spent.total)} total`);
+    meta.push(`${tokens(spent.total).toLocaleString()} tokens in ${spent.total.turns} turns`);
+  } else if (agent.cost_today) {
+    meta.push(`$${agent.cost_today.toFixed(2)} today`);
+  }
   bottom.appendChild(el("span", "meta", meta.filter(Boolean).join(" · ")));
   const actions = el("span", "actions");
   const name = agent.name;
@@ -499,13 +510,16 @@ function systemRow(text) {
 let refreshTimer = null;
 /** The containers (with their UI links) and the operator's inbox, as the daemon has them. */
 async function loadState() {
-  const [listed, inbox, dead, reminders, decided] = await Promise.all([
+  const [listed, inbox, dead, reminders, decided, stats] = await Promise.all([
     host({ cmd: "list" }),
     host({ cmd: "recent", name: OPERATOR, limit: INBOX_LIMIT }),
     host({ cmd: "dead_letters", limit: 100 }),
     host({ cmd: "reminders" }),
     host({ cmd: "approval_history", limit: 50 }),
+    host({ cmd: "stats" }),
   ]);
+  usage.clear();
+  for (const s of stats.agents) usage.set(s.name, s);
   renderDecided(decided.approvals);
   renderDead(dead.messages);
   renderReminders(reminders.reminders);
