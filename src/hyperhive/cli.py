@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -579,16 +579,22 @@ async def _follow_logs(sock: str, name: str, lines: int) -> None:
             await trio.sleep(FOLLOW_EVERY)
 
 
-def run_follow_logs(args: argparse.Namespace) -> int:
-    """`hive-c0re logs -f NAME`: until interrupted."""
+def _until_interrupted(fn: Callable[..., Awaitable[None]], *args: object) -> int:
+    """Run a following command until ^C (exit 0) or a daemon error (exit 1, said why)."""
     try:
-        trio.run(_follow_logs, str(Path(args.run_dir) / "host.sock"), args.name, args.lines)
+        trio.run(fn, *args)
     except HiveError as err:
         print(f"hive-c0re: {err.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def run_follow_logs(args: argparse.Namespace) -> int:
+    """`hive-c0re logs -f NAME`: until interrupted."""
+    sock = str(Path(args.run_dir) / "host.sock")
+    return _until_interrupted(_follow_logs, sock, args.name, args.lines)
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -596,14 +602,7 @@ def run_watch(args: argparse.Namespace) -> int:
     if args.url:
         print("hive-c0re: watch works on host.sock only (not with --url)", file=sys.stderr)
         return 1
-    try:
-        trio.run(_watch, str(Path(args.run_dir) / "host.sock"), args.recent, args.json)
-    except HiveError as err:
-        print(f"hive-c0re: {err.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    return _until_interrupted(_watch, str(Path(args.run_dir) / "host.sock"), args.recent, args.json)
 
 
 def run_doctor(args: argparse.Namespace) -> int:

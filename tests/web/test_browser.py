@@ -52,6 +52,20 @@ pytestmark = [
 ]
 
 
+async def start_dashboard(hive: Hive, tokens: LoginTokens, nursery: trio.Nursery) -> int:
+    """The dashboard on an ephemeral port, in `nursery`; its port."""
+    port: int = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
+    return port
+
+
 def drive(port: int, tokens: LoginTokens) -> list[str]:
     """Runs in a worker thread (Playwright's sync API); returns the page's console errors."""
     from playwright.sync_api import Page, expect, sync_playwright
@@ -140,15 +154,7 @@ async def test_compose_box_sends_as_operator(
     manager = hive.agent_sock(MANAGER_NAME)
     await call_once(manager, wire.Send(to="operator", body="hm1nd online. awaiting orders."))
     await call_once(manager, wire.Send(to="operator", body="<img src=x onerror=alert(1)>"))
-    port = await nursery.start(
-        partial(
-            serve_dashboard,
-            host_socket=hive.sock,
-            port=0,
-            login_token=tokens.dashboard,
-            agent_token=tokens.agent,
-        )
-    )
+    port = await start_dashboard(hive, tokens, nursery)
 
     errors = await trio.to_thread.run_sync(drive, port, tokens)
 
@@ -473,15 +479,7 @@ def drive_notifications(port: int, tokens: LoginTokens, trigger: Callable[[], No
 async def test_a_notification_reaches_the_browser(
     hive: Hive, tokens: LoginTokens, nursery: trio.Nursery
 ) -> None:
-    port = await nursery.start(
-        partial(
-            serve_dashboard,
-            host_socket=hive.sock,
-            port=0,
-            login_token=tokens.dashboard,
-            agent_token=tokens.agent,
-        )
-    )
+    port = await start_dashboard(hive, tokens, nursery)
     token = trio.lowlevel.current_trio_token()
 
     def trigger() -> None:
@@ -572,15 +570,7 @@ async def test_the_dashboard_works_on_a_phone(
     assert dead_letters >= 1
     await call_once(manager, wire.Remind(message="look again", delay_seconds=3600))
     await call_once(manager, wire.Ask(question="Proceed?"))
-    port = await nursery.start(
-        partial(
-            serve_dashboard,
-            host_socket=hive.sock,
-            port=0,
-            login_token=tokens.dashboard,
-            agent_token=tokens.agent,
-        )
-    )
+    port = await start_dashboard(hive, tokens, nursery)
     errors, reached = await trio.to_thread.run_sync(drive_phone, port, tokens, dead_letters)
     assert errors == []
     assert all(reached.values()), reached
@@ -632,15 +622,7 @@ async def test_logs_and_config_viewers(
     await hive.call(wire.Kill(name="alice"))
     log = hive.cfg.agent_root("alice") / "container.log"
     await trio.Path(log).write_text("alpha line\nbeta line\n")
-    port = await nursery.start(
-        partial(
-            serve_dashboard,
-            host_socket=hive.sock,
-            port=0,
-            login_token=tokens.dashboard,
-            agent_token=tokens.agent,
-        )
-    )
+    port = await start_dashboard(hive, tokens, nursery)
     errors = await trio.to_thread.run_sync(drive_viewers, port, tokens, log)
     assert errors == []
 
@@ -676,15 +658,7 @@ async def test_the_dashboard_shows_what_turns_cost(
         for i in range(2)
     ]
     await call_once(hive.agent_sock(MANAGER_NAME), wire.ReportTurns(turns=turns))
-    port = await nursery.start(
-        partial(
-            serve_dashboard,
-            host_socket=hive.sock,
-            port=0,
-            login_token=tokens.dashboard,
-            agent_token=tokens.agent,
-        )
-    )
+    port = await start_dashboard(hive, tokens, nursery)
     text = await trio.to_thread.run_sync(drive_usage, port, tokens)
     assert "$0.50 today · $0.50 7d · $1.00 total" in text
     assert "2,400 tokens in 2 turns" in text
