@@ -183,7 +183,7 @@ async def test_bad_frames_are_answered_and_only_the_dashboards_requests_pass(
         await bridge.ws.send('{"ref": 1}')
         assert (await bridge.frame())["code"] == "invalid_request"
         # Host requests the dashboard does not make never reach the daemon.
-        for cmd in ("logs", "rebuild", "requeue", "dead_letters", "recv", "ui_token"):
+        for cmd in ("metrics", "nack", "ack", "report_turns", "recv", "ui_token"):
             reply = await bridge.call({"cmd": cmd, "name": MANAGER_NAME, "id": 1})
             assert (reply["ok"], reply["code"]) == (False, "unknown_command"), reply
             assert cmd in reply["error"]
