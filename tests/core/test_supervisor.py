@@ -40,6 +40,7 @@ class ScriptedBackend:
     """A container that runs until the test says it crashed."""
 
     name: str = "scripted"
+    start_runs_current: bool = True
     starts: trio.MemorySendChannel[float] | None = None
     exits: list[trio.Event] = field(default_factory=list)
 
@@ -179,3 +180,28 @@ async def test_transient_states_of_a_rebuild_and_a_crash(
         ]
         events = [msgspec.json.decode(m.body) for m in await w.broker.recent("manager", 10)]
         assert [e["event"] for e in events] == ["rebuilt", "container_crash"]
+
+
+async def test_which_hyperhive_a_container_runs(
+    hive_root: Path, clock: trio.testing.MockClock
+) -> None:
+    """bwrap/nspawn: a fresh start runs this daemon's hyperhive. nixos (a start runs the closure
+    the container was built with): only a create or a rebuild makes it current."""
+    async with world(hive_root) as w:
+        w.registry.revision = "rev-2"
+        rec = await w.registry.add("alice", "agent")
+        await w.supervisor.launch(rec)
+        await w.starts.receive()
+        assert rec.built_rev == "rev-2"
+        await w.supervisor.stop(rec)
+
+        w.backend.start_runs_current = False
+        w.registry.revision = "rev-3"
+        await w.supervisor.launch(rec)
+        await w.starts.receive()
+        assert rec.built_rev == "rev-2"  # started, but still the old closure
+        assert w.registry.info(rec).needs_update
+        ok, _ = await w.supervisor.rebuild(rec)
+        await w.starts.receive()
+        assert ok and rec.built_rev == "rev-3"
+        assert not w.registry.info(rec).needs_update

@@ -359,10 +359,13 @@ def _refresh_adopted(
 ) -> None:
     """Adopted containers from before an upgrade are rebuilt (auto-update, one at a time),
     and so are those that may run a config a recovery rolled back; in the background."""
+    # bwrap/nspawn: only an adopted container can run an older hyperhive; nixos: any container
+    # built before the upgrade (its start runs the old closure).
+    every = not lifecycle.supervisor.start_runs_current
     stale = [
         r.name
         for r in registry.all()
-        if r.recipient in adopted and r.built_rev != registry.revision
+        if r.alive and r.built_rev != registry.revision and (every or r.recipient in adopted)
     ]
     if stale:
         nursery.start_soon(_logged, "auto-update", lifecycle.update_stale, stale)

@@ -386,6 +386,19 @@ class Supervisor:
         else:
             self.registry.move(rec, state, **fields)
 
+    @property
+    def start_runs_current(self) -> bool:
+        """Whether starting a container runs this daemon's hyperhive (bwrap, nspawn: the host's
+        Python and source), or the closure it was last built with (nixos: only a create or a
+        rebuild brings a new hyperhive into it)."""
+        return bool(getattr(self.backend, "start_runs_current", True))
+
+    def _built_now(self, rec: AgentRecord) -> None:
+        """The agent's container now carries this daemon's hyperhive (`built_rev`, persisted)."""
+        if rec.built_rev != self.registry.revision:
+            self.registry.note_quietly(rec, built_rev=self.registry.revision)
+            self.nursery.start_soon(self._save_in_background, rec)
+
     async def _save_in_background(self, rec: AgentRecord) -> None:
         """A record saved by no request: a failure (a full disk) is logged, never the daemon's
         end; the next save of the record writes it."""
@@ -402,6 +415,7 @@ class Supervisor:
         try:
             config = await self._load(rec)
             await self.backend.rebuild(self.spec_for(rec, config))
+            self._built_now(rec)
         except HiveError as exc:
             ok, note = False, exc.message
         else:
@@ -425,6 +439,7 @@ class Supervisor:
             log.error("%s: not created: %s", rec.container, exc.message)
             return
         await self.backend.create(self.spec_for(rec, config))
+        self._built_now(rec)
 
     async def destroy(self, rec: AgentRecord) -> None:
         """Remove the backend's container (the agent's state is kept unless purged)."""
@@ -486,10 +501,10 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
 
             def started(pid: int) -> None:
-                if not adopting and rec.built_rev != self.registry.revision:
-                    # A fresh container runs this daemon's hyperhive; an adopted one its own.
-                    self.registry.note_quietly(rec, built_rev=self.registry.revision)
-                    self.nursery.start_soon(self._save_in_background, rec)
+                if not adopting and self.start_runs_current:
+                    # A fresh container runs this daemon's hyperhive; an adopted one its own
+                    # (and a nixos container the closure it was last built with).
+                    self._built_now(rec)
                 self._observed(rec, "running", pid=pid)
                 if spec.egress is not None:
                     nursery.start_soon(self._serve_ui, rec, pid)

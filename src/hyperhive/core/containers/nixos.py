@@ -54,6 +54,9 @@ class NixosBackend:
     """
 
     name = "nixos"
+    start_runs_current = False
+    """`nixos-container start` runs the closure the container was built with: only create and
+    rebuild bring in a new hyperhive (SPEC §4.1a)."""
 
     def __init__(
         self,
