@@ -32,6 +32,7 @@ from hyperhive.core.containers.rootfs import ETC_BOUND, ETC_COPIED, UID_BASE, ru
 from hyperhive.core.gitops import GitOps
 from hyperhive.core.runner import Runner
 from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once
 from hyperhive.protocol.names import MANAGER_NAME
 from tests.conftest import needs_bwrap, needs_claude
 from tests.hive import Hive, hive_config, open_hive, subscription, wait_for_event
@@ -563,3 +564,68 @@ async def test_a_slirp4netns_serving_no_container_is_swept(hive_root: Path) -> N
     for proc in (slirps[1], holders[1]):
         proc.kill()
         await proc.wait()
+
+
+SOCKET_PROBE = r"""
+import json, socket
+def call(req):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect("/run/hive/mcp.sock")
+    f = s.makefile("rwb")
+    f.write(json.dumps(req).encode() + b"\n"); f.flush()
+    reply = json.loads(f.readline())
+    s.close()
+    return reply
+turn = {"id": "forged", "started_at": 1, "ended_at": 2, "cost_usd": 5.0, "outcome": "ok"}
+seen = {
+    # Forged records only ever count for the socket's own agent; bad ones are refused.
+    "own_turn": call({"cmd": "report_turns", "turns": [turn]}),
+    "bad_id": call({"cmd": "report_turns", "turns": [dict(turn, id="../bob")]}),
+    "too_many": call({"cmd": "report_turns", "turns": [dict(turn, id=str(i)) for i in range(101)]}),
+    "huge_cost": call({"cmd": "report_turns", "turns": [dict(turn, id="x", cost_usd=1e12)]}),
+    "as_bob": call({"cmd": "report_turns", "agent": "bob", "turns": [dict(turn, id="b")]}),
+    "state": call({"cmd": "report_state", "state": "compacting", "since": 1}),
+    "threads": call({"cmd": "open_threads"}),
+    "reply_to": call({"cmd": "send", "to": "manager", "body": "x", "in_reply_to": -1}),
+    # Host and manager requests are not the agent's.
+    "history": call({"cmd": "history", "name": "bob"}),
+    "config": call({"cmd": "config", "name": "bob"}),
+    "list_agents": call({"cmd": "list_agents"}),
+}
+seen["next_turn"] = [call({"cmd": "next_turn"}).get("ok") for _ in range(21)]
+json.dump(seen, open("/state/socket-probe.json", "w"))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_new_socket_commands_cannot_reach_beyond_the_agent(
+    hive_root: Path, backend: str
+) -> None:
+    """From inside alice's container: turn reports, state reports, open threads, replies and
+    next_turn act as alice only, refuse what is malformed, and host/manager requests stay out."""
+    cfg = hive_config(hive_root, demo=True, backend=backend)
+    async with open_hive(cfg) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Spawn(name="bob"))
+        await hive.call(wire.Kill(name="bob"))
+        bob_question = await call_once(hive.agent_sock("bob"), wire.Ask(question="bob's secret?"))
+        (cfg.agent_root("alice") / "state" / "socket_probe.py").write_text(SOCKET_PROBE)
+        await bash_turn(hive, "alice", "python3 /state/socket_probe.py > /state/sp.out 2>&1")
+        out = cfg.agent_root("alice") / "state" / "socket-probe.json"
+        assert out.exists(), (cfg.agent_root("alice") / "state" / "sp.out").read_text()
+        seen = json.loads(out.read_text())
+        [alice] = (await hive.call(wire.Stats(name="alice"))).agents
+        [bob] = (await hive.call(wire.Stats(name="bob"))).agents
+        listed = {a.name: a for a in (await hive.call(wire.ListAgents())).agents}
+    assert seen["own_turn"] == {"ok": True, "ids": ["forged"]}
+    for refused in ("bad_id", "too_many", "huge_cost", "reply_to"):
+        assert seen[refused]["ok"] is False and seen[refused]["code"] == "invalid_request", refused
+    # An "agent" field is no field of the request: the socket is the identity, so it is alice's.
+    assert seen["as_bob"] == {"ok": True, "ids": ["b"]}
+    assert bob.total.turns == 0 and alice.total.turns >= 2
+    assert seen["state"]["ok"] is True and listed["bob"].turn_state is None
+    assert seen["threads"]["ok"] is True
+    assert bob_question.id not in [q["id"] for q in seen["threads"]["questions"]]
+    for host_only in ("history", "config", "list_agents"):
+        assert seen[host_only]["code"] == "unknown_command", (host_only, seen[host_only])
+    assert seen["next_turn"].count(True) <= 20 and seen["next_turn"][-1] is False
