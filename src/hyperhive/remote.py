@@ -103,15 +103,10 @@ async def call_remote(remote: Remote | str, request: wire.Request[R]) -> R:
         raise ConnectionLost(f"no reply from {ws_url} within {TIMEOUT:g}s") from None
 
 
-class _ErrorBody(msgspec.Struct):
-    code: str
-    error: str
-
-
 def _rejected(exc: ConnectionRejected) -> HiveError:
     """The dashboard's refusal (its JSON error body: not logged in, host not served...)."""
     try:
-        body = msgspec.json.decode(exc.body or b"", type=_ErrorBody)
+        body = msgspec.json.decode(exc.body or b"", type=wire.ErrorReply)
     except msgspec.DecodeError:
         return ConnectionLost(f"the dashboard refused the websocket (HTTP {exc.status_code})")
     return error_from_wire(body.code, f"{body.error} (HTTP {exc.status_code})")

@@ -48,19 +48,32 @@ def _environ(pid: int) -> dict[str, str]:
 
 
 def _harness_env(container_pid: int) -> dict[str, str]:
-    return _environ(harness_pid(container_pid))
-
-
-def harness_pid(container_pid: int, label: str = "alice") -> int:
-    """The harness process of a container (its environment names the agent)."""
+    """The environment the container's processes run with (the container manager's, which the
+    harness inherits: readable as soon as the container runs, before the harness has exec'd)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 env = _environ(int(entry))
             except OSError:
                 continue
-            if env.get("HIVE_LABEL") == label and os.getpgid(int(entry)) == container_pid:
-                return int(entry)
+            if env.get("HIVE_LABEL") and os.getpgid(int(entry)) == container_pid:
+                return env
+    raise AssertionError("no process of the container found")
+
+
+def harness_pid(container_pid: int) -> int:
+    """The harness's python (`-m hyperhive.agent serve`) among a container's processes (the
+    container manager's own command line names it too, so the command must start with it)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            group = os.getpgid(int(entry))
+        except OSError:
+            continue
+        if group == container_pid and cmdline[1:4] == [b"-m", b"hyperhive.agent", b"serve"]:
+            return int(entry)
     raise AssertionError("harness not found")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from pathlib import Path
 
@@ -11,24 +10,10 @@ import trio
 
 from hyperhive.protocol import wire
 from tests.conftest import needs_bwrap
+from tests.core.test_agent_config import harness_pid
 from tests.hive import hive_config, open_hive, subscription, wait_for_event
 
 pytestmark = needs_bwrap
-
-
-def _harness(container_pid: int) -> int:
-    """The harness's python (`hyperhive.agent serve`) among the container's processes."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            group = os.getpgid(int(entry))
-        except OSError:
-            continue
-        if group == container_pid and cmdline[1:4] == [b"-m", b"hyperhive.agent", b"serve"]:
-            return int(entry)
-    raise AssertionError("no harness process")
 
 
 def _notes(db: Path) -> list[str]:
@@ -57,7 +42,7 @@ async def test_effort_bash_rules_and_plugins_reach_the_harness(hive_root: Path) 
             ),
         )
         assert isinstance(thinking, wire.AgentChanged) and thinking.agent.pid is not None
-        harness = _harness(thinking.agent.pid)
+        harness = harness_pid(thinking.agent.pid)
         written = trio.Path(f"/proc/{harness}/root/run/harness/claude-settings.json")
         settings = json.loads(await written.read_text())
         assert settings["effortLevel"] == "high"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -19,6 +20,10 @@ from quart.typing import (
 from quart_trio.testing import TrioClient
 from trio_websocket import open_websocket_url
 from werkzeug.datastructures import Headers
+
+from hyperhive.core.tokens import LoginTokens
+from hyperhive.web.dashboard import serve_dashboard
+from tests.hive import Hive
 
 _META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
 
@@ -209,3 +214,17 @@ async def bridge_request(port: int, token: str, request: object) -> Any:
     async with open_websocket_url(url, extra_headers=origin) as ws:
         await ws.send_message(msgspec.json.encode(request).decode())
         return json_of(await ws.get_message())
+
+
+async def start_dashboard(hive: Hive, tokens: LoginTokens, nursery: trio.Nursery) -> int:
+    """The dashboard on an ephemeral port, served in `nursery`; its port."""
+    port: int = await nursery.start(
+        partial(
+            serve_dashboard,
+            host_socket=hive.sock,
+            port=0,
+            login_token=tokens.dashboard,
+            agent_token=tokens.agent,
+        )
+    )
+    return port

@@ -25,6 +25,7 @@ from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.dashboard import serve_dashboard
 from tests.agent.test_ui import Controls, logged_in
 from tests.hive import Hive, hive_config, open_hive
+from tests.web.pages import start_dashboard
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -50,20 +51,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
 ]
-
-
-async def start_dashboard(hive: Hive, tokens: LoginTokens, nursery: trio.Nursery) -> int:
-    """The dashboard on an ephemeral port, in `nursery`; its port."""
-    port: int = await nursery.start(
-        partial(
-            serve_dashboard,
-            host_socket=hive.sock,
-            port=0,
-            login_token=tokens.dashboard,
-            agent_token=tokens.agent,
-        )
-    )
-    return port
 
 
 def drive(port: int, tokens: LoginTokens) -> list[str]:

@@ -20,7 +20,7 @@ from hyperhive.protocol import wire
 from hyperhive.protocol.names import MANAGER_NAME
 from hyperhive.web.dashboard import serve_dashboard
 from tests.hive import Hive
-from tests.web.pages import json_of, login, open_post, page_token, take_ticket
+from tests.web.pages import json_of, login, open_post, page_token, start_dashboard, take_ticket
 
 # trio-websocket 0.12.2 leaves the TCP socket of a handshake the server rejected to the garbage
 # collector (ConnectionRejected is raised before its stream is closed): the warning is the
@@ -37,16 +37,7 @@ def _collect_rejected_sockets() -> Iterator[None]:
 
 @pytest.fixture
 async def port(hive: Hive, tokens: LoginTokens, nursery: trio.Nursery) -> int:
-    bound: int = await nursery.start(
-        partial(
-            serve_dashboard,
-            host_socket=hive.sock,
-            port=0,
-            login_token=tokens.dashboard,
-            agent_token=tokens.agent,
-        )
-    )
-    return bound
+    return await start_dashboard(hive, tokens, nursery)
 
 
 @pytest.fixture

@@ -235,11 +235,7 @@ class ManagerHandler(AgentHandler):
             case wire.UpdateAgent(name=name):
                 return self._agent(await life.rebuild(refuse_manager_target(name)))
             case wire.ManagerListAgents():
-                infos = [
-                    self.registry.info(r, unread=self.broker.queued(r.recipient))
-                    for r in self.registry.all()
-                ]
-                return wire.AgentList(agents=infos)
+                return wire.AgentList(agents=self.registry.infos(self.broker.queued))
         return await super().handle(request, peer)
 
     def _agent(self, rec: AgentRecord) -> wire.AgentReply:

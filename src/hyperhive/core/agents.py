@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, get_args
 
@@ -316,6 +316,10 @@ class Registry:
             and self.revision is not None
             and rec.built_rev != self.revision,
         )
+
+    def infos(self, queued: Callable[[str], int]) -> list[wire.AgentInfo]:
+        """Every agent's info, its unread count from `queued` (the broker's in-memory depths)."""
+        return [self.info(r, unread=queued(r.recipient)) for r in self.all()]
 
     def set_deployed(self, pins: Mapping[str, Pin]) -> None:
         """The meta repo's committed pins changed: agents whose pin moved are `changed`."""

@@ -74,8 +74,7 @@ class HostHandler:
         recs = self.registry.all()
         logins = await trio.to_thread.run_sync(needs_login, self.cfg, [r.name for r in recs])
         self.registry.login_check.update(logins)
-        # The broker mirrors queue depths in memory: no sqlite round trip per agent.
-        return [self.registry.info(r, unread=self.broker.queued(r.recipient)) for r in recs]
+        return self.registry.infos(self.broker.queued)
 
     async def _stats(self, name: str | None) -> list[wire.AgentStats]:
         known = await self.turns.agents()

@@ -43,9 +43,7 @@ class HiveMetrics:
     async def render(self) -> bytes:
         """The exposition text (prometheus-client's text format) of the hive as it is now."""
         now = time.time()
-        infos = [
-            self.registry.info(r, self.broker.queued(r.recipient)) for r in self.registry.all()
-        ]
+        infos = self.registry.infos(self.broker.queued)
         states, oldest = await self.broker.census()
         pending = await self.queue.rows("status = 'pending'")
         stats = [await self.turns.stats(name) for name in await self.turns.agents()]
