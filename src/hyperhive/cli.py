@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -176,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         " roll it back (default %(default)s)",
     )
     serve.add_argument(
+        "--no-auto-update",
+        action="store_true",
+        help="after an upgrade, only mark agents built from an older hyperhive `needs update`"
+        " instead of rebuilding them one at a time",
+    )
+    serve.add_argument(
         "--inbox-quota",
         type=_byte_size,
         default=64 * 1024**2,
@@ -263,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     request_spawn = sub.add_parser("request-spawn", help="queue a spawn approval")
     request_spawn.add_argument("name")
     request_spawn.add_argument("--description", default="")
+    sub.add_parser(
+        "meta-inputs", help="the meta flake's inputs, their locked revisions and ages (nixos)"
+    )
+    flake_update = sub.add_parser(
+        "flake-update",
+        help="queue a flake_update approval: update meta flake inputs (all when none named),"
+        " then rebuild the agents they reach one at a time (nixos)",
+    )
+    flake_update.add_argument("inputs", nargs="*", metavar="INPUT")
+    flake_update.add_argument("--description", default="")
     return parser
 
 
@@ -313,6 +330,10 @@ def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
             return wire.Deny(id=args.id, note=args.note)
         case "request-spawn":
             return wire.HostRequestSpawn(name=args.name, description=args.description)
+        case "meta-inputs":
+            return wire.MetaInputs()
+        case "flake-update":
+            return wire.HostRequestFlakeUpdate(inputs=args.inputs, description=args.description)
         case "questions":
             return wire.ListQuestions()
         case "answer":
@@ -328,10 +349,19 @@ def _when(ts: float) -> str:
 
 def _approval(a: wire.ApprovalInfo) -> str:
     what = f"{a.sha[:12]}" if a.kind == "apply_commit" else a.description
+    if a.kind == "flake_update":
+        what = f"{a.commit_ref or 'all inputs'} {a.description}".rstrip()
     head = f"#{a.id} {a.kind} {a.agent} {a.status} {_when(a.requested_at)} {what}".rstrip()
     if a.note:
         head += f"\n  note: {a.note}"
     return head + (f"\n{a.diff.rstrip()}" if a.diff else "")
+
+
+def _age(now: float, then: float | None) -> str:
+    if then is None:
+        return "-"
+    days = (now - then) / 86400
+    return f"{days:.0f} days" if days >= 1 else f"{(now - then) / 3600:.0f} hours"
 
 
 def _question(q: wire.QuestionInfo) -> str:
@@ -453,6 +483,15 @@ def render(reply: wire.Reply) -> str:
             return "\n\n".join(map(_question, questions)) if questions else "no pending questions"
         case wire.QuestionReply(question=q):
             return _question(q)
+        case wire.MetaInputList(inputs=inputs, updatable=updatable):
+            if not inputs:
+                return "the meta flake has no lock yet" if updatable else "no meta flake lock"
+            now = time.time()
+            lines = [
+                f"{i.name:<24} {i.rev:<12} {_age(now, i.last_modified):>9}  {i.url}" for i in inputs
+            ]
+            note = "" if updatable else "\n(not updatable: this hive's backend is not nixos)"
+            return "\n".join(lines) + note
         case wire.ApprovalQueued(id=aid, sha=sha):
             return f"approval #{aid} queued" + (f" ({sha[:12]})" if sha else "")
     return msgspec.json.encode(reply).decode()
@@ -486,6 +525,7 @@ def daemon_config(args: argparse.Namespace, claude: str | None) -> DaemonConfig:
         crash_at=os.environ.get("HIVE_CRASH_AT") or None,
         line_timeout=args.line_timeout,
         deploy_health_window=args.deploy_health_window,
+        auto_update=not args.no_auto_update,
         group_commit=not args.no_group_commit,
         inbox_quota=args.inbox_quota,
         sender_quota=args.sender_quota,

@@ -237,6 +237,20 @@ def _add_manager_tools(server: MCPServer, call: _Call) -> None:
         reply = await call(wire.RequestApplyCommit(agent=agent, commit_ref=commit_ref))
         return f"{reply.sha[:12]} pinned as proposal/{reply.id}, waiting for the operator"
 
+    @server.tool(
+        description=(
+            "NixOS hives only: ask the operator to update inputs of the hive's meta flake (e.g."
+            " `hyperhive`, `hyperhive/nixpkgs`, `agent-<name>`; none = all), after which every"
+            " agent they reach is rebuilt one at a time; a rebuilt agent that is unhealthy rolls"
+            " the update back. `git -C /meta show HEAD:flake.lock` shows what is locked now."
+            " The outcome arrives as an `approval_resolved` message."
+        )
+    )
+    async def request_flake_update(inputs: list[str] | None = None, description: str = "") -> str:
+        reply = await call(wire.RequestFlakeUpdate(inputs=inputs or [], description=description))
+        what = ", ".join(inputs or []) or "every input"
+        return f"update of {what} queued for the operator as approval #{reply.id}"
+
     async def lifecycle(request: wire.AgentRequest[wire.AgentReply]) -> str:
         reply = await call(request)
         return f"{reply.agent.name}: {reply.agent.state}"

@@ -29,6 +29,7 @@ MANAGER_TOOLS = (
     *AGENT_TOOLS,
     "request_spawn",
     "request_apply_commit",
+    "request_flake_update",
     "kill",
     "start",
     "restart",

@@ -14,6 +14,7 @@ from hyperhive.core.reminders import Reminders
 from hyperhive.core.server import EventStream, Handler, Peer
 from hyperhive.core.tokens import LoginTokens
 from hyperhive.core.turns import Turns
+from hyperhive.core.upgrades import Upgrades
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import AgentConfig
 from hyperhive.protocol.codec import AGENT_DECODER, MANAGER_DECODER, RequestDecoder
@@ -200,10 +201,12 @@ class ManagerHandler(AgentHandler):
         lifecycle: Lifecycle,
         queue: ApprovalQueue,
         *,
+        upgrades: Upgrades,
         turns: Turns,
         applied_config: AppliedConfig,
         ui_token: str,
     ) -> None:
+        self.upgrades = upgrades
         super().__init__(
             rec,
             broker,
@@ -226,6 +229,9 @@ class ManagerHandler(AgentHandler):
             case wire.RequestApplyCommit(agent=agent, commit_ref=ref):
                 row = await self.queue.request_apply_commit(agent, ref)
                 return wire.ApprovalQueued(id=row.id, sha=row.sha)
+            case wire.RequestFlakeUpdate(inputs=inputs, description=description):
+                row = await self.upgrades.request(inputs, description)
+                return wire.ApprovalQueued(id=row.id)
             case wire.KillAgent(name=name):
                 return self._agent(await life.kill(refuse_manager_target(name)))
             case wire.StartAgent(name=name):
@@ -260,6 +266,7 @@ class AgentServices:
     reminders: Reminders
     lifecycle: Lifecycle
     queue: ApprovalQueue
+    upgrades: Upgrades
     turns: Turns
     applied_config: AppliedConfig
     tokens: LoginTokens
@@ -272,6 +279,7 @@ class AgentServices:
                 *common,
                 self.lifecycle,
                 self.queue,
+                upgrades=self.upgrades,
                 turns=self.turns,
                 applied_config=self.applied_config,
                 ui_token=token,

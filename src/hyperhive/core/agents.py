@@ -73,6 +73,10 @@ class AgentRecord:
     limits_note: str | None = None
     built_rev: str | None = None
     """The hyperhive revision the running container was started from."""
+    built_closure: str | None = None
+    """nixos: the system closure its container was last built to (the per-container profile)."""
+    built_lock: str | None = None
+    """nixos: the meta flake's locked hyperhive input it was last built from (rev or narHash)."""
     port_conflict: bool = False
     network: str | None = None
     """Its network as last started (see wire.AgentInfo.network)."""
@@ -138,21 +142,23 @@ def attention_of(
     return "idle", since, ""
 
 
-def _load(
-    conn: sqlite3.Connection,
-) -> list[tuple[str, str, int, float, str, float | None, str | None]]:
+_Row = tuple[str, str, int, float, str, float | None, str | None, str | None, str | None]
+
+
+def _load(conn: sqlite3.Connection) -> list[_Row]:
     return conn.execute(
-        "SELECT name, role, port, created_at, desired, destroyed_at, built_rev FROM agents"
-        " ORDER BY name"
+        "SELECT name, role, port, created_at, desired, destroyed_at, built_rev, built_closure,"
+        " built_lock FROM agents ORDER BY name"
     ).fetchall()
 
 
 def _upsert(conn: sqlite3.Connection, rec: AgentRecord) -> None:
     conn.execute(
-        "INSERT INTO agents (name, role, created_at, port, desired, destroyed_at, built_rev)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET role = excluded.role,"
-        " port = excluded.port, desired = excluded.desired, destroyed_at = excluded.destroyed_at,"
-        " built_rev = excluded.built_rev",
+        "INSERT INTO agents (name, role, created_at, port, desired, destroyed_at, built_rev,"
+        " built_closure, built_lock) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO"
+        " UPDATE SET role = excluded.role, port = excluded.port, desired = excluded.desired,"
+        " destroyed_at = excluded.destroyed_at, built_rev = excluded.built_rev,"
+        " built_closure = excluded.built_closure, built_lock = excluded.built_lock",
         (
             rec.name,
             rec.role,
@@ -161,6 +167,8 @@ def _upsert(conn: sqlite3.Connection, rec: AgentRecord) -> None:
             rec.desired,
             rec.destroyed_at,
             rec.built_rev,
+            rec.built_closure,
+            rec.built_lock,
         ),
     )
 
@@ -183,7 +191,8 @@ class Registry:
         """The hyperhive revision new containers start from (see core/revision.py)."""
 
     async def load(self) -> None:
-        for name, role, port, created, desired, destroyed, built in await self._store.run(_load):
+        for row in await self._store.run(_load):
+            name, role, port, created, desired, destroyed, built, closure, lock = row
             assert role in ("agent", "manager")
             self._agents[name] = AgentRecord(
                 name=name,
@@ -194,6 +203,8 @@ class Registry:
                 destroyed_at=destroyed,
                 state="destroyed" if destroyed is not None else "stopped",
                 built_rev=built,
+                built_closure=closure,
+                built_lock=lock,
             )
 
     def get(self, name: str) -> AgentRecord:
@@ -312,10 +323,15 @@ class Registry:
             turn_since=rec.turn_since,
             last_turn_at=rec.last_turn_at,
             cost_today=rec.cost_today if rec.cost_day == day_start(time.time()) else 0.0,
-            needs_update=rec.state == "running"
-            and self.revision is not None
-            and rec.built_rev != self.revision,
+            needs_update=self.stale(rec) and rec.state == "running",
+            built_rev=rec.built_rev,
+            built_closure=rec.built_closure,
+            built_lock=rec.built_lock,
         )
+
+    def stale(self, rec: AgentRecord) -> bool:
+        """Its container was built from (or started with) another hyperhive than the daemon's."""
+        return rec.alive and self.revision is not None and rec.built_rev != self.revision
 
     def infos(self, queued: Callable[[str], int]) -> list[wire.AgentInfo]:
         """Every agent's info, its unread count from `queued` (the broker's in-memory depths)."""

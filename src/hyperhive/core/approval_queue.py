@@ -201,6 +201,24 @@ class ApprovalQueue:
         self._publish(row)
         return row
 
+    async def request_flake_update(self, inputs: list[str], description: str = "") -> Approval:
+        """A hive-wide update of the meta flake's `inputs` (all when empty): `commit_ref` holds
+        them, space-separated; the row names no agent. One at a time may wait."""
+        check_text(description, "description", MAX_TEXT)
+        async with self.deploys.lock:
+            waiting = await self.rows("kind = 'flake_update' AND status IN ('pending', 'building')")
+            if waiting:
+                raise Conflict(
+                    f"flake update #{waiting[0].id} is already {waiting[0].status}: decide it"
+                    " (or let it finish) first"
+                )
+            aid = await self.store.run(
+                _insert, "", "flake_update", " ".join(inputs), "", description
+            )
+        row = await self.get(aid)
+        self._publish(row)
+        return row
+
     async def pending(self) -> list[wire.ApprovalInfo]:
         infos = []
         for row in await self.rows("status = 'pending'"):

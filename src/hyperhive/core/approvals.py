@@ -28,6 +28,7 @@ from hyperhive.core.deploys import DeployLog
 from hyperhive.core.faults import Faults
 from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.meta import deploy_message
+from hyperhive.core.upgrades import Upgrades
 from hyperhive.protocol import agent_config, wire
 from hyperhive.protocol.agent_config import AGENT_TOML
 from hyperhive.protocol.errors import BadParams, Conflict, HiveError, Internal, StorageFull
@@ -53,6 +54,7 @@ class Approvals:
         deploys: DeployLog,
         faults: Faults,
         *,
+        upgrades: Upgrades | None = None,
         health_window: float = 120.0,
     ) -> None:
         self.queue = queue
@@ -62,6 +64,7 @@ class Approvals:
         self.meta = deploys.meta
         self.faults = faults
         self.health_window = health_window
+        self.upgrades = upgrades
         self._nursery: trio.Nursery | None = None
         self._watches: dict[str, trio.CancelScope] = {}
         """The deploy being watched per agent (a newer deploy or a rebuild replaces it)."""
@@ -171,6 +174,13 @@ class Approvals:
                 raise Conflict(f"approval #{aid} is {row.status}, not pending")
             if row.kind == "spawn":
                 await self._spawn(row)
+            elif row.kind == "flake_update":
+                if self.upgrades is None:
+                    raise Conflict("flake updates are not available in this hive")
+                # `building` once it has the deploy lock, in the background: it rebuilds
+                # every agent the inputs reach, one at a time.
+                await self.queue.set(row, "building")
+                self.upgrades.start(row)
             else:
                 await self._deploy(row)
             return row
@@ -289,7 +299,13 @@ class Approvals:
         rolled_back: list[str] = []
         async with self.deploys.lock:
             for row in await self.queue.rows("status IN ('building', 'spawning')"):
-                if row.kind == "spawn":
+                if row.kind == "flake_update":
+                    if self.upgrades is not None:
+                        rolled_back.extend(await self.upgrades.recover(row))
+                    else:
+                        await self.queue.set(row, "failed", INTERRUPTED)
+                        await self.queue.resolved(row, "")
+                elif row.kind == "spawn":
                     rec = self.queue.registry.find(row.agent)
                     if rec is not None and rec.alive:
                         self._in_background(row, rec, False)

@@ -48,6 +48,9 @@ class DaemonConfig:
     restart_initial: float = 10.0
     restart_max: float = 300.0
     deploy_health_window: float = 120.0
+    auto_update: bool = True
+    """After an upgrade, rebuild the agents built from an older hyperhive (one at a time, each
+    gated on its health); off: they are only marked `needs_update` (SPEC §4.4a)."""
     notify_digest_window: float = 60.0
     """Seconds after a notification in which further ones are gathered into one (SPEC §4.3)."""
     """Seconds an approved deploy is watched: a crash loop or failing turns roll it back."""

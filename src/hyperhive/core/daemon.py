@@ -45,6 +45,7 @@ from hyperhive.core.store import Store, open_store
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.core.tokens import LoginTokens, remove_login_files
 from hyperhive.core.turns import Turns
+from hyperhive.core.upgrades import Upgrades
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import HOST_DECODER
 from hyperhive.protocol.names import MANAGER, MANAGER_NAME, check_name
@@ -139,13 +140,17 @@ def sd_notify(state: str) -> None:
 
 
 async def run(
-    cfg: DaemonConfig, *, task_status: trio.TaskStatus[CoreInfo] = trio.TASK_STATUS_IGNORED
+    cfg: DaemonConfig,
+    *,
+    backend: Backend | None = None,
+    task_status: trio.TaskStatus[CoreInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the core daemon until cancelled; started(CoreInfo) once its sockets serve and its
     containers are launched (the dashboard and the demo model are app.py's). The services are
-    built in dependency order, each long-lived one started as soon as it exists."""
+    built in dependency order, each long-lived one started as soon as it exists. `backend`:
+    cfg.backend's unless given (tests drive the nixos one through a fake NixOS host)."""
     admin_gid = await trio.to_thread.run_sync(_prepare, cfg)
-    backend = make_backend(cfg)
+    backend = backend or make_backend(cfg)
     await _check_host(cfg, backend)
     async with open_store(str(cfg.db_path)) as store, trio.open_nursery() as nursery:
         hub = EventHub()
@@ -168,6 +173,16 @@ async def run(
         sockets = _agent_sockets(cfg, supervisor)
         forge = _forge(cfg)
         lifecycle = Lifecycle(registry, broker, supervisor, sockets, deploys, queue, notices, forge)
+        upgrades = Upgrades(
+            lifecycle,
+            queue,
+            deploys,
+            hub,
+            update_inputs=getattr(backend, "update_inputs", None),
+            auto_update=cfg.auto_update,
+            health_window=cfg.deploy_health_window,
+        )
+        await nursery.start(upgrades.serve)
         tokens = await _fresh_tokens(cfg)
         services = AgentServices(
             broker,
@@ -176,13 +191,19 @@ async def run(
             reminders,
             lifecycle,
             queue,
+            upgrades,
             turns,
             supervisor.applied_config,
             tokens,
         )
         await nursery.start(sockets.serve, services.handler_for)
         approvals = Approvals(
-            queue, lifecycle, deploys, faults, health_window=cfg.deploy_health_window
+            queue,
+            lifecycle,
+            deploys,
+            faults,
+            upgrades=upgrades,
+            health_window=cfg.deploy_health_window,
         )
         await nursery.start(approvals.serve)
         notifier = Notifier(hub, digest_window=cfg.notify_digest_window)
@@ -200,6 +221,7 @@ async def run(
             turns,
             notifier,
             reminders,
+            upgrades,
         )
         # A deploy a crash interrupted is rolled back before any container starts on it.
         rolled_back = await approvals.recover()
@@ -223,7 +245,8 @@ async def run(
                 _keep_serving, "the forge", partial(forge.serve, registry.live_names)
             )
         await lifecycle.resume()
-        _refresh_adopted(nursery, lifecycle, registry, adopted, rolled_back)
+        # After an upgrade: stale containers rebuilt one at a time (SPEC §4.4a), in the background.
+        nursery.start_soon(_logged, "auto-update", upgrades.at_start, adopted, rolled_back)
         log.info("hive-c0re core ready: host socket %s", cfg.host_socket)
         task_status.started(_core_info(cfg, host, tokens, admin_gid))
 
@@ -348,31 +371,6 @@ def _host_server(
         peer_check=require_uid(cfg.allowed_uids(), admin_gid),
         name="host",
     )
-
-
-def _refresh_adopted(
-    nursery: trio.Nursery,
-    lifecycle: Lifecycle,
-    registry: Registry,
-    adopted: tuple[str, ...],
-    rolled_back: list[str],
-) -> None:
-    """Adopted containers from before an upgrade are rebuilt (auto-update, one at a time),
-    and so are those that may run a config a recovery rolled back; in the background."""
-    # bwrap/nspawn: only an adopted container can run an older hyperhive; nixos: any container
-    # built before the upgrade (its start runs the old closure).
-    every = not lifecycle.supervisor.start_runs_current
-    stale = [
-        r.name
-        for r in registry.all()
-        if r.alive and r.built_rev != registry.revision and (every or r.recipient in adopted)
-    ]
-    if stale:
-        nursery.start_soon(_logged, "auto-update", lifecycle.update_stale, stale)
-    for name in rolled_back:
-        back = registry.find(name)
-        if back is not None and back.alive and back.recipient in adopted:
-            nursery.start_soon(_logged, f"rebuild of {name}", lifecycle.rebuild_container, back)
 
 
 def _core_info(

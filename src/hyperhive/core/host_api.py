@@ -27,6 +27,7 @@ from hyperhive.core.reminders import Reminders
 from hyperhive.core.server import EventStream, Peer
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.core.turns import Turns
+from hyperhive.core.upgrades import Upgrades
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import encode_line
 from hyperhive.protocol.errors import BadParams
@@ -51,6 +52,7 @@ class HostHandler:
         turns: Turns,
         notifier: Notifier,
         reminders: Reminders,
+        upgrades: Upgrades,
     ) -> None:
         self.cfg = cfg
         self.registry = registry
@@ -65,6 +67,7 @@ class HostHandler:
         self.turns = turns
         self.notifier = notifier
         self.reminders = reminders
+        self.upgrades = upgrades
         self.metrics = HiveMetrics(registry, broker, turns, queue)
         """The hive-forge, when the daemon runs with one (its health for `list`)."""
         self.dashboard: wire.ListenerStatus | None = None
@@ -149,6 +152,11 @@ class HostHandler:
                 return wire.ApprovalReply(approval=(await self.approvals.deny(aid, note)).info())
             case wire.HostRequestSpawn(name=name, description=description):
                 row = await self.queue.request_spawn(name, description)
+                return wire.ApprovalQueued(id=row.id)
+            case wire.MetaInputs():
+                return await self.upgrades.inputs()
+            case wire.HostRequestFlakeUpdate(inputs=inputs, description=description):
+                row = await self.upgrades.request(inputs, description)
                 return wire.ApprovalQueued(id=row.id)
             case wire.Rebuild(name=name):
                 return self._agent(await self.lifecycle.rebuild(name))

@@ -241,20 +241,6 @@ class Lifecycle:
         if rec.desired == "running":
             await self.launch(rec)
 
-    async def update_stale(self, names: list[str]) -> None:
-        """Rebuild adopted containers that run an older hyperhive, one at a time."""
-        for name in names:
-            rec = self.registry.find(name)
-            if rec is None or not rec.alive or rec.built_rev == self.registry.revision:
-                continue
-            await self.notices.tell(
-                events.NeedsUpdate(
-                    agent=name,
-                    note=f"runs hyperhive {rec.built_rev}, the daemon {self.registry.revision}",
-                )
-            )
-            await self.rebuild_container(rec)
-
     # ------------------------------------------------------------------ ending
 
     async def destroy(self, name: str, purge: bool) -> None:

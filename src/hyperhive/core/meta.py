@@ -95,6 +95,29 @@ class MetaRepo:
         done = await self.gitops.git(self.dir, "show", f"HEAD:{LOCK_FILE}", check=False)
         return _lock_decoder.decode(done.stdout) if done.returncode == 0 else {}
 
+    async def head(self) -> str | None:
+        """The meta repo's HEAD commit (None before it exists)."""
+        if not await self.gitops.is_repo(self.dir):
+            return None
+        return await self.gitops.resolve(self.dir, "HEAD")
+
+    async def flake_lock(self, rev: str | None = None) -> bytes:
+        """flake.lock as in the working tree, or as committed at `rev` (b"" when absent)."""
+        if rev is None:
+            path = self.dir / FLAKE_LOCK
+            return await trio.to_thread.run_sync(
+                lambda: path.read_bytes() if path.exists() else b""
+            )
+        done = await self.gitops.git(self.dir, "show", f"{rev}:{FLAKE_LOCK}", check=False)
+        return done.stdout.encode() if done.returncode == 0 else b""
+
+    async def restore_lock(self, rev: str, message: str) -> None:
+        """flake.lock back to what it was at `rev`, committed with `message` (no-op if same)."""
+        async with self._lock:
+            if await self.gitops.has_ref(self.dir, f"{rev}:{FLAKE_LOCK}"):
+                await self.gitops.git(self.dir, "checkout", rev, "--", FLAKE_LOCK)
+            await self._commit_locked(message, (FLAKE_LOCK,))
+
     async def log(self, limit: int = 50) -> list[str]:
         """Commit subjects, newest first."""
         if not await self.gitops.is_repo(self.dir):

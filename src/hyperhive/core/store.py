@@ -167,7 +167,7 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 _COLUMNS_ADDED = {
-    "agents": {"built_rev": "TEXT"},
+    "agents": {"built_rev": "TEXT", "built_closure": "TEXT", "built_lock": "TEXT"},
     "messages": {"uncounted": "INTEGER NOT NULL DEFAULT 0", "in_reply_to": "INTEGER"},
 }
 """Columns added after a table was first created: ALTER TABLE on older databases."""

@@ -39,6 +39,7 @@ from hyperhive.protocol.harness_env import HarnessEnv
 
 log = logging.getLogger(__name__)
 
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CONTAINER_SOCKET = "/run/hive/mcp.sock"
 HARNESS_RUNTIME = "/run/harness"
@@ -266,6 +267,12 @@ class Supervisor:
             # No UI token here: any process in the container could read it from the harness's
             # /proc/<pid>/environ. The harness asks for it over its socket (`ui_token`).
         }
+        if self.start_runs_current:
+            # bwrap/nspawn: the harness imports exactly the hyperhive this daemon runs (the
+            # root its package was loaded from, bound read-only into the container), whatever
+            # the interpreter's own path says (a checkout run with PYTHONPATH, a venv upgraded
+            # in place); last, so no agent.toml [env] can point it elsewhere.
+            env["PYTHONPATH"] = rootfs.HYPERHIVE_ROOT
         command = (cfg.harness_python, "-m", "hyperhive.agent", "serve", "--role", rec.role)
         return ContainerSpec(
             name=rec.name,
@@ -354,6 +361,7 @@ class Supervisor:
                         rec,
                         "crashed",
                         pid=None,
+                        turn_state=None,
                         restarts=rec.restarts + 1,
                         last_error=what + (": " + "\n".join(tail) if tail else ""),
                     )
@@ -374,7 +382,9 @@ class Supervisor:
                 await self.broker.release(rec.recipient)
             self._containers.pop(rec.name, None)
             if rec.state != "destroying":
-                self.registry.move(rec, "stopped", pid=None)
+                # Its harness is gone: what it reported no longer holds (an upgrade's health
+                # check waits for the new harness's first report).
+                self.registry.move(rec, "stopped", pid=None, turn_state=None)
             task.done.set()
 
     def _observed(self, rec: AgentRecord, state: wire.ContainerState, **fields: object) -> None:
@@ -399,6 +409,50 @@ class Supervisor:
             self.registry.note_quietly(rec, built_rev=self.registry.revision)
             self.nursery.start_soon(self._save_in_background, rec)
 
+    async def _record_build(self, rec: AgentRecord, spec: ContainerSpec) -> None:
+        """After a create or rebuild: this daemon's revision, and (nixos) the closure and the
+        locked hyperhive the container was built from, persisted."""
+        built = getattr(self.backend, "built", None)
+        closure, lock = (None, None) if built is None else await built(spec)
+        self.registry.note_quietly(
+            rec, built_rev=self.registry.revision, built_closure=closure, built_lock=lock
+        )
+        await self.registry.save(rec)
+
+    @property
+    def can_roll_back(self) -> bool:
+        """Whether the backend keeps the container's previous build (nixos: its profile's
+        previous generation); bwrap/nspawn run the host's hyperhive, which has no older one."""
+        return hasattr(self.backend, "roll_back")
+
+    async def roll_back(self, rec: AgentRecord, built_rev: str | None) -> tuple[bool, str]:
+        """Back to the container's previous build (it ran `built_rev`): stop, switch, start.
+        Returns (ok, note)."""
+        roll_back = getattr(self.backend, "roll_back", None)
+        if roll_back is None:
+            return False, f"the {self.backend.name} backend keeps no previous build"
+        self.registry.move(rec, "rebuilding")
+        await self.stop(rec)
+        self.registry.move(rec, "rebuilding")
+        try:
+            spec = self.spec_for(rec, await self._load(rec))
+            await roll_back(spec)
+            built = getattr(self.backend, "built", None)
+            closure, lock = (None, None) if built is None else await built(spec)
+            self.registry.note_quietly(
+                rec, built_rev=built_rev, built_closure=closure, built_lock=lock
+            )
+            await self.registry.save(rec)
+        except HiveError as exc:
+            ok, note = False, exc.message
+        else:
+            ok, note = True, "rolled back to its previous build"
+        if rec.desired == "running":
+            await self.launch(rec)
+        else:
+            self.registry.move(rec, "stopped")
+        return ok, note
+
     async def _save_in_background(self, rec: AgentRecord) -> None:
         """A record saved by no request: a failure (a full disk) is logged, never the daemon's
         end; the next save of the record writes it."""
@@ -413,9 +467,9 @@ class Supervisor:
         await self.stop(rec)
         self.registry.move(rec, "rebuilding")
         try:
-            config = await self._load(rec)
-            await self.backend.rebuild(self.spec_for(rec, config))
-            self._built_now(rec)
+            spec = self.spec_for(rec, await self._load(rec))
+            await self.backend.rebuild(spec)
+            await self._record_build(rec, spec)
         except HiveError as exc:
             ok, note = False, exc.message
         else:
@@ -438,8 +492,9 @@ class Supervisor:
         except HiveError as exc:
             log.error("%s: not created: %s", rec.container, exc.message)
             return
-        await self.backend.create(self.spec_for(rec, config))
-        self._built_now(rec)
+        spec = self.spec_for(rec, config)
+        await self.backend.create(spec)
+        await self._record_build(rec, spec)
 
     async def destroy(self, rec: AgentRecord) -> None:
         """Remove the backend's container (the agent's state is kept unless purged)."""

@@ -158,7 +158,14 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     port: int
     needs_login: bool = False
     needs_update: bool = False
-    """The container runs an older hyperhive than the daemon's (adopted across an upgrade)."""
+    """The container runs an older hyperhive than the daemon's (adopted across an upgrade;
+    nixos: built before it)."""
+    built_rev: str | None = None
+    """The hyperhive revision (core/revision.py) its container was built from or started with."""
+    built_closure: str | None = None
+    """nixos: the system closure its container was last built to."""
+    built_lock: str | None = None
+    """nixos: the meta flake's locked hyperhive input (rev or narHash) it was last built from."""
     pid: int | None = None
     restarts: int = 0
     unread: int = 0
@@ -250,7 +257,7 @@ class Subscribed(Reply, frozen=True):
     subscribed: bool = True
 
 
-ApprovalKind = Literal["apply_commit", "spawn"]
+ApprovalKind = Literal["apply_commit", "spawn", "flake_update"]
 ApprovalStatus = Literal[
     "pending", "building", "spawning", "deployed", "failed", "denied", "rolled_back"
 ]
@@ -270,6 +277,33 @@ class ApprovalInfo(msgspec.Struct, frozen=True, kw_only=True):
     note: str = ""
     diff: str = ""
     """`git diff main..proposal/<id>` of the applied repo (in `pending` only; capped)."""
+
+
+_INPUT = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"
+InputName = Annotated[str, msgspec.Meta(pattern=f"^{_INPUT}(/{_INPUT}){{0,3}}$")]
+"""A flake input of the meta flake, or a path to an input of one of them (`hyperhive/nixpkgs`)."""
+
+
+class MetaInput(msgspec.Struct, frozen=True, kw_only=True):
+    """One input of the hive's meta flake as its flake.lock pins it (SPEC §4.4)."""
+
+    name: str
+    """`hyperhive`, `agent-alice`, or an input of an input: `hyperhive/nixpkgs`."""
+    rev: str
+    """The locked revision (12 hex digits), or the start of its narHash when it has none."""
+    last_modified: float | None = None
+    """Unix time of the locked revision (its commit's date)."""
+    url: str = ""
+    """Where it comes from (the flake reference it follows when updated)."""
+    agents: list[str] = msgspec.field(default_factory=list)
+    """The agents an update of it rebuilds."""
+
+
+class MetaInputList(Reply, frozen=True):
+    inputs: list[MetaInput]
+    updatable: bool = False
+    """Whether this hive's backend builds from the meta flake (nixos): only then can its
+    inputs be updated (`request_flake_update`)."""
 
 
 class ApprovalQueued(Reply, frozen=True):
@@ -572,6 +606,20 @@ class HostRequestSpawn(HostRequest[ApprovalQueued], frozen=True, tag="request_sp
     description: str = ""
 
 
+class MetaInputs(HostRequest[MetaInputList], frozen=True, tag="meta_inputs"):
+    """The meta flake's inputs with their locked revisions and ages (SPEC §4.4)."""
+
+
+class HostRequestFlakeUpdate(HostRequest[ApprovalQueued], frozen=True, tag="request_flake_update"):
+    """Queue a `flake_update` approval from the operator's side: update `inputs` of the meta
+    flake (all of them when empty), then rebuild the agents they reach, one at a time."""
+
+    inputs: Annotated[list[InputName], msgspec.Meta(max_length=64)] = msgspec.field(
+        default_factory=list
+    )
+    description: str = ""
+
+
 class ListQuestions(HostRequest[QuestionList], frozen=True, tag="questions"):
     """The questions nobody has resolved yet, oldest first."""
 
@@ -732,6 +780,16 @@ class RequestApplyCommit(AgentRequest[ApprovalQueued], frozen=True, tag="request
     commit_ref: str
 
 
+class RequestFlakeUpdate(AgentRequest[ApprovalQueued], frozen=True, tag="request_flake_update"):
+    """Manager only: ask the operator to approve an update of the meta flake's `inputs` (all of
+    them when empty); approved, the agents they reach are rebuilt one at a time."""
+
+    inputs: Annotated[list[InputName], msgspec.Meta(max_length=64)] = msgspec.field(
+        default_factory=list
+    )
+    description: str = ""
+
+
 class KillAgent(AgentRequest[AgentReply], frozen=True, tag="kill"):
     """Manager only: stop an agent (never the manager itself)."""
 
@@ -859,6 +917,8 @@ HostRequests = (
     | Approve
     | Deny
     | HostRequestSpawn
+    | MetaInputs
+    | HostRequestFlakeUpdate
     | ListQuestions
     | HostAnswer
     | CancelQuestion
@@ -883,6 +943,7 @@ AgentRequests = (
 ManagerOnlyRequests = (
     RequestSpawn
     | RequestApplyCommit
+    | RequestFlakeUpdate
     | KillAgent
     | StartAgent
     | RestartAgent

@@ -48,6 +48,8 @@ BRIDGE_COMMANDS = frozenset(
         "approve",
         "deny",
         "request_spawn",
+        "meta_inputs",
+        "request_flake_update",
         "questions",
         "answer",
         "cancel_question",

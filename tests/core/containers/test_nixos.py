@@ -4,6 +4,7 @@ that behaves like nixos-container, systemctl and journalctl) and the exact files
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -768,3 +769,59 @@ async def test_meta_files_are_staged_in_the_meta_repo(host: Host) -> None:
 async def test_without_a_meta_repo_nothing_is_staged(host: Host) -> None:
     await host.backend.create(host.spec())
     assert not any(c[0] == "git" for c in host.fake.calls)
+
+
+# ---------------------------------------------------------------------- upgrades
+
+
+async def test_flake_update_of_meta_inputs_is_one_nix_command(host: Host) -> None:
+    await host.backend.update_inputs(["hyperhive", "agent-alice"])
+    await host.backend.update_inputs([])
+    meta = f"{host.state}/meta"
+    nix = ("nix", "--extra-experimental-features", "nix-command flakes", "flake", "update")
+    assert host.fake.calls == [
+        (*nix, "hyperhive", "agent-alice", "--flake", meta),
+        (*nix, "--flake", meta),
+    ]
+    env = host.fake.envs[0]
+    assert env is not None and "nix-command flakes" in env["NIX_CONFIG"]
+
+
+async def test_what_a_container_was_built_from_and_its_rollback(tmp_path: Path) -> None:
+    fake = FakeHost(tmp_path / "nixos-containers")
+    backend = NixosBackend(
+        Runner(executor=fake),
+        tmp_path / "state",
+        hyperhive_flake="git+file:///etc/hyperhive",
+        containers_conf_dir=fake.conf_dir,
+        systemd_dir=tmp_path / "systemd",
+        profiles_dir=tmp_path / "profiles",
+        system="x86_64-linux",
+    )
+    spec = Host(tmp_path, fake, backend).spec()
+    assert await backend.built(spec) == (None, None)  # never built: nothing to say
+
+    closure = tmp_path / "store" / "abc-nixos-system-h-alice"
+    closure.mkdir(parents=True)
+    (tmp_path / "profiles" / "h-alice").mkdir(parents=True)
+    (tmp_path / "profiles" / "h-alice" / "system-1-link").symlink_to(closure)
+    (tmp_path / "profiles" / "h-alice" / "system").symlink_to("system-1-link")
+    meta = tmp_path / "state" / "meta"
+    meta.mkdir(parents=True)
+    lock = {
+        "nodes": {
+            "root": {"inputs": {"hyperhive": "hyperhive_2", "nixpkgs": ["hyperhive", "x"]}},
+            "hyperhive_2": {"locked": {"rev": "f" * 40, "narHash": "sha256-x"}},
+        },
+        "root": "root",
+    }
+    (meta / "flake.lock").write_text(json.dumps(lock))
+    assert await backend.built(spec) == (str(closure), "f" * 40)
+    del lock["nodes"]["hyperhive_2"]["locked"]["rev"]  # type: ignore[index]
+    (meta / "flake.lock").write_text(json.dumps(lock))
+    assert await backend.built(spec) == (str(closure), "sha256-x")
+    (meta / "flake.lock").write_text("{broken")
+    assert await backend.built(spec) == (str(closure), None)
+
+    await backend.roll_back(spec)
+    assert fake.calls == [("nix-env", "-p", f"{tmp_path}/profiles/h-alice/system", "--rollback")]

@@ -70,6 +70,7 @@ class NixosBackend:
         # On NixOS /etc/systemd/system is a read-only link into the store; system.control is
         # where `systemctl set-property` keeps its persistent drop-ins.
         systemd_dir: Path = Path("/etc/systemd/system.control"),
+        profiles_dir: Path = Path("/nix/var/nix/profiles/per-container"),
         system: str | None = None,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
@@ -85,6 +86,7 @@ class NixosBackend:
         self.dashboard_port = dashboard_port
         self.containers_conf_dir = containers_conf_dir
         self.systemd_dir = systemd_dir
+        self.profiles_dir = profiles_dir
         self.system = system or host_system()
         self.poll_interval = poll_interval
         self._meta_lock = trio.Lock()
@@ -103,6 +105,11 @@ class NixosBackend:
 
     def conf_path(self, spec: ContainerSpec) -> Path:
         return self.containers_conf_dir / f"{spec.container}.conf"
+
+    def profile(self, spec: ContainerSpec) -> Path:
+        """The container's system profile: `nixos-container update` sets a new generation of
+        it, `start` runs the one it points to."""
+        return self.profiles_dir / spec.container / "system"
 
     def dropin_path(self, spec: ContainerSpec) -> Path:
         return self.systemd_dir / f"{self.unit(spec)}.d" / DROPIN_NAME
@@ -164,6 +171,42 @@ class NixosBackend:
                 env=_nix_env(),
             )
         await self._apply_host_config(spec, host)
+
+    async def built(self, spec: ContainerSpec) -> tuple[str | None, str | None]:
+        """What the container was last built from: its closure (the profile's target) and the
+        meta flake's locked hyperhive input."""
+
+        def read() -> tuple[str | None, str | None]:
+            try:
+                closure: str | None = os.path.realpath(self.profile(spec), strict=True)
+            except OSError:
+                closure = None
+            return closure, locked_hyperhive(self.meta_dir / FLAKE_LOCK)
+
+        return await trio.to_thread.run_sync(read)
+
+    async def roll_back(self, spec: ContainerSpec) -> None:
+        """Back to the container's previous system generation (the container is stopped; its
+        next start runs it). Fails when there is none."""
+        await self.runner.run(["nix-env", "-p", str(self.profile(spec)), "--rollback"])
+
+    async def update_inputs(self, inputs: Iterable[str]) -> None:
+        """`nix flake update` of the meta flake's `inputs` (all of them when empty), staged."""
+        async with self._meta_lock:
+            await self.runner.run(
+                [
+                    "nix",
+                    "--extra-experimental-features",
+                    NIX_FEATURES,
+                    "flake",
+                    "update",
+                    *inputs,
+                    "--flake",
+                    str(self.meta_dir),
+                ],
+                env=_nix_env(),
+            )
+            await self._stage_meta(FLAKE_LOCK)
 
     async def destroy(self, spec: ContainerSpec) -> None:
         await self.runner.run(["nixos-container", "destroy", spec.container])
@@ -340,6 +383,17 @@ def write_agent_flake(applied: Path) -> None:
         _set_file(flake, AGENT_FLAKE_NIX)
     if not (applied / "agent.nix").exists():
         _set_file(applied / "agent.nix", DEFAULT_AGENT_NIX)
+
+
+def locked_hyperhive(lock_path: Path) -> str | None:
+    """The meta flake.lock's locked hyperhive input: its rev, else its narHash (blocking)."""
+    try:
+        lock = msgspec.json.decode(lock_path.read_bytes())
+        node = lock["nodes"][lock["nodes"][lock.get("root", "root")]["inputs"]["hyperhive"]]
+        locked = node["locked"]
+        return str(locked.get("rev") or locked["narHash"])
+    except (OSError, msgspec.DecodeError, KeyError, TypeError):
+        return None
 
 
 def harness_env_dir(spec: ContainerSpec) -> Path | None:

@@ -44,6 +44,10 @@ ETC_BOUND = ("ssl", "ca-certificates", "alternatives", "pki")
 MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 """Top-level names that are links into /usr on a merged-usr host (real dirs elsewhere)."""
 
+HYPERHIVE_ROOT = str(Path(hyperhive.__file__).parent.parent)
+"""Where the daemon's hyperhive package was imported from: bound into every container, and
+the harness's PYTHONPATH (bwrap/nspawn run the daemon's own hyperhive)."""
+
 
 def agent_uid(port: int, ui_port_base: int, uid_base: int = UID_BASE) -> int:
     """The agent's uid: derived from its UI port, which the registry keeps unique per agent
@@ -178,7 +182,7 @@ def masked_paths(hidden: tuple[Path, ...], shown: list[str]) -> list[str]:
 def runtime_paths() -> list[str]:
     """Host paths the harness needs outside /usr: the venv, Python, hyperhive's own source,
     the claude CLI and node, /nix/store when it exists, and real (non-link) /bin, /lib..."""
-    candidates = {sys.prefix, sys.base_prefix, str(Path(hyperhive.__file__).parent.parent)}
+    candidates = {sys.prefix, sys.base_prefix, HYPERHIVE_ROOT}
     for tool in ("claude", "node"):
         found = shutil.which(tool)
         if found:

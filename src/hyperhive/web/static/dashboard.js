@@ -337,7 +337,9 @@ function renderDecided(approvals) {
   // Who decided is always the operator (host.sock's only principal) or the daemon itself
   // (a rollback): the status and note say which.
   document.getElementById("decided-list").replaceChildren(...approvals.map((a) => {
-    const what = a.kind === "spawn" ? `spawn ${a.agent}` : `${a.agent} ${a.sha.slice(0, 12)}`;
+    const what = a.kind === "spawn" ? `spawn ${a.agent}`
+      : a.kind === "flake_update" ? `update ${a.commit_ref || "all inputs"}`
+        : `${a.agent} ${a.sha.slice(0, 12)}`;
     const li = el("li", `tag tag-${a.status}`);
     li.appendChild(el("span", "ts", fmtTime(a.resolved_at || a.requested_at)));
     li.appendChild(el("span", "name", ` #${a.id} ${what} · ${a.status}`));
@@ -345,6 +347,39 @@ function renderDecided(approvals) {
     return li;
   }));
 }
+
+/** The meta flake's inputs (nixos): locked rev and age, each with its update request. */
+function renderMetaInputs(listed) {
+  const section = document.getElementById("meta-section");
+  section.hidden = !listed.updatable && listed.inputs.length === 0;
+  document.getElementById("meta-update-all").hidden = !listed.updatable;
+  const now = Date.now() / 1000;
+  document.getElementById("meta-inputs").replaceChildren(...listed.inputs.map((i) => {
+    const li = el("li", "tag meta-input");
+    li.dataset.input = i.name;
+    li.appendChild(el("span", "name", i.name));
+    li.appendChild(el("span", "sha", ` ${i.rev}`));
+    const age = i.last_modified ? ` · ${fmtAge(now - i.last_modified)} old` : "";
+    li.appendChild(el("span", "ts", age));
+    li.appendChild(el("span", "note", ` ${i.url}`));
+    if (i.agents.length) li.title = `an update rebuilds: ${i.agents.join(", ")}`;
+    if (listed.updatable) {
+      li.appendChild(actionButton("↻ update", `queue an update of ${i.name}`, "",
+        () => requestFlakeUpdate([i.name])));
+    }
+    return li;
+  }));
+}
+
+async function requestFlakeUpdate(inputs) {
+  try {
+    const queued = await host({ cmd: "request_flake_update", inputs });
+    toast(`flake update queued as approval #${queued.id}`, "ok");
+  } catch (err) {
+    toast(`flake update: ${err.message}`, "error");
+  }
+}
+document.getElementById("meta-update-all").addEventListener("click", () => requestFlakeUpdate([]));
 
 function renderDead(messages) {
   const list = document.getElementById("dead");
@@ -510,14 +545,16 @@ function systemRow(text) {
 let refreshTimer = null;
 /** The containers (with their UI links) and the operator's inbox, as the daemon has them. */
 async function loadState() {
-  const [listed, inbox, dead, reminders, decided, stats] = await Promise.all([
+  const [listed, inbox, dead, reminders, decided, stats, metaInputs] = await Promise.all([
     host({ cmd: "list" }),
     host({ cmd: "recent", name: OPERATOR, limit: INBOX_LIMIT }),
     host({ cmd: "dead_letters", limit: 100 }),
     host({ cmd: "reminders" }),
     host({ cmd: "approval_history", limit: 50 }),
     host({ cmd: "stats" }),
+    host({ cmd: "meta_inputs" }),
   ]);
+  renderMetaInputs(metaInputs);
   usage.clear();
   for (const s of stats.agents) usage.set(s.name, s);
   renderDecided(decided.approvals);

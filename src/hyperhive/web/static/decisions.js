@@ -69,7 +69,10 @@ function approvalCard(info) {
   const head = el("div", "line head");
   head.appendChild(el("span", "aid", `#${info.id}`));
   head.appendChild(el("span", "chip kind", info.kind));
-  head.appendChild(nameSpan(info.agent));
+  head.appendChild(nameSpan(info.agent || "hive"));
+  if (info.kind === "flake_update") {
+    head.appendChild(el("span", "chip inputs", info.commit_ref || "all inputs"));
+  }
   if (info.sha) {
     const sha = el("span", "sha", info.sha.slice(0, 10));
     sha.title = info.sha;
