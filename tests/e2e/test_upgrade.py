@@ -1,0 +1,150 @@
+"""Upgrading a hive for real: two checkouts of hyperhive, the daemon restarted from the newer.
+
+Containers outlive a killed daemon (that is how a host upgrade finds them, still running the old
+harness); the new daemon adopts them, finds them built from the older revision and rebuilds each
+once, one at a time, on its own hyperhive.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+import hyperhive
+from hyperhive.core.containers.nspawn import nspawn_available
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import call_once, open_client
+from tests.conftest import needs_bwrap
+from tests.core.test_agent_config import _harness_env
+from tests.e2e.test_lifecycle import CLAUDE, _list
+from tests.hive import daemon_process, wait_for_event
+
+pytestmark = needs_bwrap
+
+BACKENDS = [
+    "bwrap",
+    pytest.param(
+        "nspawn",
+        marks=pytest.mark.skipif(not nspawn_available(), reason="systemd-nspawn not installed"),
+    ),
+]
+
+
+def checkout(root: Path, name: str, *, change: str = "") -> Path:
+    """A copy of this hyperhive's source as another revision would have it."""
+    src = root / name / "src"
+    shutil.copytree(
+        Path(hyperhive.__file__).parent.parent,
+        src,
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
+    if change:
+        harness = src / "hyperhive" / "agent" / "__init__.py"
+        harness.write_text(harness.read_text() + f"\n# {change}\n")
+    return src
+
+
+async def revision_of(src: Path) -> str:
+    done = await trio.run_process(
+        [
+            sys.executable,
+            "-c",
+            "from hyperhive.core.revision import current_revision; print(current_revision())",
+        ],
+        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+        capture_stdout=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return done.stdout.decode().strip()
+
+
+def kill_leftovers(root: Path) -> None:
+    """Containers outlive their daemon on purpose: a failed test must not leave any."""
+    subprocess.run(["pkill", "-9", "-f", f"{root}/run/agents/"], check=False)
+    subprocess.run(["pkill", "-9", "-f", f"{root}/state/agents/"], check=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_upgrading_the_daemon_rebuilds_every_agent_once_on_the_new_hyperhive(
+    hive_root: Path, backend: str
+) -> None:
+    try:
+        await _upgrade(hive_root, backend)
+    finally:
+        kill_leftovers(hive_root)
+
+
+async def _upgrade(root: Path, backend: str) -> None:
+    old = checkout(root, "v1")
+    new = checkout(root, "v2", change="the next release")
+    old_rev, new_rev = await revision_of(old), await revision_of(new)
+    assert old_rev != new_rev
+    host = str(root / "run" / "host.sock")
+    args = (*CLAUDE, "--backend", backend)
+    names = {"alice", "bob"}
+
+    async with daemon_process(root, env={"PYTHONPATH": str(old)}, args=args) as daemon:
+        async with open_client(host) as client:
+            await client.call(wire.Subscribe())
+            for name in sorted(names):
+                await call_once(host, wire.Spawn(name=name))
+            taken: set[str] = set()
+            while taken != names:  # each harness took its start-up notice: it runs
+                leased = await wait_for_event(client, lambda e: isinstance(e, wire.MessageLeased))
+                assert isinstance(leased, wire.MessageLeased)
+                taken.add(leased.to)
+        before = await _list(root)
+        daemon.send_signal(signal.SIGKILL)  # the old daemon goes; its containers stay
+        await daemon.wait()
+    for name in names:
+        assert before[name].built_rev == old_rev and not before[name].needs_update
+        pid = before[name].pid
+        assert pid is not None
+        if backend == "bwrap":  # its harness runs the old checkout
+            assert _harness_env(pid)["PYTHONPATH"] == str(old)
+
+    async with (
+        daemon_process(root, env={"PYTHONPATH": str(new)}, args=args),
+        open_client(host) as client,
+    ):
+        await client.call(wire.Subscribe())
+        adopted = await _list(root)
+        assert {n for n, a in adopted.items() if a.needs_update} <= names
+        done = await wait_for_event(
+            client,
+            lambda e: (
+                isinstance(e, wire.MessageSent)
+                and e.message.to == "operator"
+                and e.message.body.startswith("The hive was upgraded")
+            ),
+        )
+        assert isinstance(done, wire.MessageSent)
+        after = await _list(root)
+        inbox = await call_once(host, wire.HostRecent(name="manager", limit=100))
+        paths = {
+            name: _harness_env(pid)["PYTHONPATH"]
+            for name, a in after.items()
+            if backend == "bwrap" and (pid := a.pid) is not None
+        }
+
+    assert done.message.body == (
+        f"The hive was upgraded to hyperhive {new_rev}: alice, bob rebuilt, one at a time,"
+        " each healthy."
+    )
+    events = [msgspec.json.decode(m.body) for m in inbox.messages if m.body.startswith("{")]
+    for name in names:
+        info = after[name]
+        assert info.state == "running" and info.built_rev == new_rev and not info.needs_update
+        assert info.pid not in (None, before[name].pid)
+        # Rebuilt exactly once, announced once.
+        assert [e["event"] for e in events if e.get("agent") == name].count("rebuilt") == 1
+        assert [e["event"] for e in events if e.get("agent") == name].count("needs_update") == 1
+        if backend == "bwrap":  # its harness runs the new checkout
+            assert paths[name] == str(new)
