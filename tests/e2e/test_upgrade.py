@@ -148,3 +148,63 @@ async def _upgrade(root: Path, backend: str) -> None:
         assert [e["event"] for e in events if e.get("agent") == name].count("needs_update") == 1
         if backend == "bwrap":  # its harness runs the new checkout
             assert paths[name] == str(new)
+
+
+async def test_an_unhealthy_upgrade_stops_at_the_first_agent_and_says_so(
+    hive_root: Path,
+) -> None:
+    try:
+        await _broken_upgrade(hive_root)
+    finally:
+        kill_leftovers(hive_root)
+
+
+async def _broken_upgrade(root: Path) -> None:
+    """bwrap runs the host's hyperhive: a broken release cannot be rolled back per container,
+    so the roll-out stops at the first agent it breaks and the operator hears it."""
+    old = checkout(root, "v1")
+    new = checkout(root, "v2")
+    main = new / "hyperhive" / "agent" / "main.py"
+    main.write_text(main.read_text() + '\nraise SystemExit("a broken release")\n')
+    host = str(root / "run" / "host.sock")
+    args = (*CLAUDE, "--deploy-health-window", "3")
+    async with daemon_process(root, env={"PYTHONPATH": str(old)}, args=args) as daemon:
+        async with open_client(host) as client:
+            await client.call(wire.Subscribe())
+            for name in ("alice", "bob"):
+                await call_once(host, wire.Spawn(name=name))
+            taken: set[str] = set()
+            while taken != {"alice", "bob"}:
+                leased = await wait_for_event(client, lambda e: isinstance(e, wire.MessageLeased))
+                assert isinstance(leased, wire.MessageLeased)
+                taken.add(leased.to)
+        before = await _list(root)
+        daemon.send_signal(signal.SIGKILL)
+        await daemon.wait()
+
+    async with (
+        daemon_process(root, env={"PYTHONPATH": str(new)}, args=args),
+        open_client(host) as client,
+    ):
+        await client.call(wire.Subscribe())
+        told = await wait_for_event(
+            client,
+            lambda e: (
+                isinstance(e, wire.MessageSent)
+                and e.message.to == "operator"
+                and e.message.body.startswith("The upgrade")
+            ),
+        )
+        after = await _list(root)
+    assert isinstance(told, wire.MessageSent)
+    new_rev = await revision_of(new)
+    assert told.message.body == (
+        f"The upgrade to hyperhive {new_rev} stopped at alice: its harness did not report"
+        " within 3s; the bwrap backend keeps no older hyperhive to go back to: it runs the new"
+        " one. Not upgraded: bob."
+    )
+    # bob was left as it was: its harness outlived the daemon parked in `recv` (it reconnects
+    # rather than dying with the connection), its container adopted, not restarted.
+    assert after["bob"].needs_update and after["bob"].state == "running"
+    assert after["bob"].pid == before["bob"].pid
+    assert after["alice"].built_rev == new_rev

@@ -164,11 +164,21 @@ class Harness:
                 await self.controls.wait_compact_asked()
                 await self.between_turns()
 
+        lost: ConnectionLost | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(compact_when_asked)
-            reply = await client.call(wire.Recv(wait_seconds=RECV_WAIT, lease=True))
-            async with self._between_turns:
+            try:
+                reply = await client.call(wire.Recv(wait_seconds=RECV_WAIT, lease=True))
+            except ConnectionLost as exc:
+                # Raised past the nursery it would come out as an exception group, which
+                # `run` (reconnect when the daemon goes away) would not recognise.
+                lost = exc
                 nursery.cancel_scope.cancel()
+            else:
+                async with self._between_turns:
+                    nursery.cancel_scope.cancel()
+        if lost is not None:
+            raise lost
         return reply.message
 
     async def between_turns(self) -> None:
