@@ -62,6 +62,7 @@ let
     "hive-forge"
   ]
   ++ lib.optional (!cfg.startManager) "--no-manager"
+  ++ lib.optional (!cfg.autoUpdate) "--no-auto-update"
   ++ cfg.extraFlags;
 
   # What nixos-container (and the nix it runs) writes besides the daemon's own directories.
@@ -191,6 +192,18 @@ in
       type = types.bool;
       default = true;
       description = "Create and run the manager agent (`hm1nd`) at start-up.";
+    };
+
+    autoUpdate = lib.mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        After an upgrade of hyperhive (a `nixos-rebuild switch` with a new `package` /
+        `hyperhiveFlake`), update the meta flake's hyperhive input and rebuild every agent
+        container built from the older one, one at a time, each gated on its health (an
+        unhealthy one is rolled back to its previous generation and the roll-out stops). Off:
+        they are only marked `needs update`, for `hive-c0re rebuild` or the manager's `update`.
+      '';
     };
 
     extraFlags = lib.mkOption {

@@ -34,6 +34,7 @@ from hyperhive.protocol.client import Client, call_once, open_client
 from hyperhive.protocol.errors import BadParams, Conflict, InvalidRequest
 from tests.conftest import needs_bwrap
 from tests.hive import EVENT_DEADLINE, Hive, hive_config, open_hive, subscription, wait_for_event
+from tests.test_cli import _cli
 
 _T = TypeVar("_T")
 
@@ -57,6 +58,7 @@ class NixosHost:
     nursery: trio.Nursery | None = None
     socket_of: Callable[[str], Path] | None = None
     store_seq: int = 0
+    hyperhive_flake: str = "git+file:///etc/hyperhive"
     applied_head: str = ""
 
     @property
@@ -75,7 +77,7 @@ class NixosHost:
         return NixosBackend(
             Runner(executor=self),
             self.root / "state",
-            hyperhive_flake="git+file:///etc/hyperhive",
+            hyperhive_flake=self.hyperhive_flake,
             containers_conf_dir=self.conf_dir,
             systemd_dir=self.root / "systemd",
             profiles_dir=self.profiles,
@@ -369,6 +371,7 @@ async def test_an_upgrade_rebuilds_every_nixos_container_once_on_the_new_hyperhi
 
     # The host is upgraded: a new hyperhive for the daemon, and upstream for the meta flake.
     revision["rev"], host.upstream["hyperhive"] = "rev-b", REV_B
+    host.hyperhive_flake = "path:/nix/store/0000-source?narHash=sha256-new"
     host.calls.clear()
     async with nixos_hive(host, cfg) as hive, subscription(hive.sock) as events:
         await until(events, partial(told, hive, "The hive was upgraded"))
@@ -380,6 +383,14 @@ async def test_an_upgrade_rebuilds_every_nixos_container_once_on_the_new_hyperhi
     assert rebuilds(host) == ["h-alice", "h-bob", "hm1nd"]
     # (Their rebuilds relocked nothing else: their configs did not change.)
     assert log[0] == f"update hyperhive {REV_A[:12]}..{REV_B[:12]}"
+    # ... with the meta flake naming the new hyperhive flake, committed with it.
+    done = await trio.run_process(
+        ["git", "-C", str(host.meta), "show", "--name-only", "--format=", "HEAD"],
+        capture_stdout=True,
+    )
+    assert done.stdout.decode().split() == ["flake.lock", "flake.nix"]
+    committed = (host.meta / "flake.nix").read_text()
+    assert 'hyperhive.url = "path:/nix/store/0000-source?narHash=sha256-new";' in committed
     assert agents["alice"].turn_state is not None
     for name, container in (("alice", "h-alice"), ("bob", "h-bob"), ("hm1nd", "hm1nd")):
         info = agents[name]
@@ -659,3 +670,27 @@ def test_what_an_update_rebuilds() -> None:
     assert reached_by(["agent-bob/tools", "agent-alice"], agents) == ["alice", "bob"]
     assert reached_by(["agent-gone"], agents) == []
     assert reached_by(["agent-bob", "hyperhive/nixpkgs"], agents) == agents
+
+
+async def test_the_cli_lists_the_meta_inputs_and_queues_a_flake_update(
+    tmp_path: Path, revision: dict[str, str]
+) -> None:
+    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
+    cfg = config(tmp_path)
+    async with nixos_hive(host, cfg) as hive, subscription(hive.sock) as events:
+        await until_agents(hive, events, reported("hm1nd"))
+        listed = await _cli(cfg.run_dir, "meta-inputs")
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.decode().splitlines()
+        assert lines[1].split()[:2] == ["hyperhive", REV_A[:12]]
+        assert lines[1].endswith("git+file:///hyperhive")
+        assert lines[2].split()[:2] == ["hyperhive/nixpkgs", "e" * 12]
+        assert lines[2].endswith("github:NixOS/nixpkgs")
+        queued = await _cli(cfg.run_dir, "flake-update", "hyperhive", "--description", "monthly")
+        assert queued.returncode == 0, queued.stderr
+        assert queued.stdout.decode().strip() == "approval #1 queued"
+        pending = (await _cli(cfg.run_dir, "pending")).stdout.decode()
+        assert pending.startswith("#1 flake_update  pending ")
+        assert pending.rstrip().endswith("hyperhive monthly")
+        bad = await _cli(cfg.run_dir, "flake-update", "--", "-x")
+        assert bad.returncode == 1 and b"inputs[0]" in bad.stderr

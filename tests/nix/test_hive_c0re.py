@@ -109,6 +109,7 @@ async def test_the_unit_runs_the_nixos_backend_with_the_defaults() -> None:
     assert cfg.admin_group is None
     assert cfg.forge_container is None
     assert cfg.start_manager is True
+    assert cfg.auto_update is True
     assert cfg.allowed_hosts == ()
     assert view["systemPackages"] == ["hyperhive"]
 
@@ -127,6 +128,7 @@ async def test_the_unit_carries_every_configured_flag() -> None:
           agentCpuQuota = "50%";
           adminGroup = "hive-admin";
           startManager = false;
+          autoUpdate = false;
           hyperhiveFlake = "github:example/hyperhive";
           extraFlags = [ "--model" "sonnet" ];
         }}"""
@@ -141,6 +143,7 @@ async def test_the_unit_carries_every_configured_flag() -> None:
     assert "--agent-memory-max" not in argv
     assert cfg.admin_group == "hive-admin"
     assert cfg.start_manager is False
+    assert cfg.auto_update is False
     assert cfg.hyperhive_flake == "github:example/hyperhive"
     assert cfg.model == "sonnet"
     assert view["groups"] == ["hive-admin"]

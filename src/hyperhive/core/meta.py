@@ -166,10 +166,11 @@ class MetaRepo:
 
         await trio.to_thread.run_sync(update)
 
-    async def finalize(self, message: str) -> None:
-        """Commit the staged lock files (only those) with `message`; no-op when unchanged."""
+    async def finalize(self, message: str, also: tuple[str, ...] = ()) -> None:
+        """Commit the staged lock files (only those, and `also`) with `message`; no-op when
+        unchanged."""
         async with self._lock:
-            await self._commit_locked(message, LOCK_FILES)
+            await self._commit_locked(message, LOCK_FILES + also)
 
     async def abort(self) -> None:
         """Throw away staged lock changes: the lock files go back to HEAD."""

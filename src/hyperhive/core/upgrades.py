@@ -302,7 +302,9 @@ class Upgrades:
                 return False
             new = meta_inputs(await self.meta.flake_lock(), [])
             changes = [c for c in _changes(old, new) if c.startswith(HYPERHIVE_INPUT)]
-            await self.meta.finalize("update " + (", ".join(changes) or HYPERHIVE_INPUT))
+            # flake.nix too: it was written again with the daemon's hyperhive flake.
+            message = "update " + (", ".join(changes) or HYPERHIVE_INPUT)
+            await self.meta.finalize(message, also=("flake.nix", "agents.json"))
         return True
 
     # ------------------------------------------------------------------ one at a time

@@ -191,8 +191,15 @@ class NixosBackend:
         await self.runner.run(["nix-env", "-p", str(self.profile(spec)), "--rollback"])
 
     async def update_inputs(self, inputs: Iterable[str]) -> None:
-        """`nix flake update` of the meta flake's `inputs` (all of them when empty), staged."""
+        """`nix flake update` of the meta flake's `inputs` (all of them when empty), staged.
+
+        flake.nix is written again first: after an upgrade it names the new hyperhive flake
+        (`hyperhive_flake`), which is what the update must lock."""
         async with self._meta_lock:
+            await trio.to_thread.run_sync(
+                lambda: self._write_meta(list(self._read_meta().values()))
+            )
+            await self._stage_meta("flake.nix", "agents.json")
             await self.runner.run(
                 [
                     "nix",
