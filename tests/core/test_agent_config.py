@@ -12,6 +12,7 @@ from mcp.types import TextContent
 
 from hyperhive.agent.mcp_server import build_server
 from hyperhive.agent.settings import HarnessSettings
+from hyperhive.core.containers import rootfs
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import DEFAULT_TOML, parse
 from hyperhive.protocol.client import call_once
@@ -84,7 +85,7 @@ async def test_applied_agent_toml_reaches_the_container(hive_root: Path) -> None
     applied.mkdir(parents=True)
     (applied / "agent.toml").write_text(
         'model = "sonnet"\nallowed_recipients = ["bob"]\n'
-        '[env]\nPROJECT = "moon"\nHIVE_LABEL = "mallory"\n'
+        '[env]\nPROJECT = "moon"\nHIVE_LABEL = "mallory"\nPYTHONPATH = "/state/planted"\n'
         '[limits]\nmemory_max = "1G"\n'
     )
     async with open_hive(cfg) as hive, subscription(hive.sock) as events:
@@ -96,6 +97,8 @@ async def test_applied_agent_toml_reaches_the_container(hive_root: Path) -> None
         env = _harness_env(running.agent.pid)
         assert env["HIVE_MODEL"] == "sonnet" and env["PROJECT"] == "moon"
         assert env["HIVE_LABEL"] == "alice"  # an agent's env cannot rename it
+        # ... nor make its harness import other code than the daemon's hyperhive.
+        assert env["PYTHONPATH"] == rootfs.HYPERHIVE_ROOT
         assert env["HIVE_ALLOWED_RECIPIENTS"] == "bob"
         # Enforced: the container runs in its own memory cgroup with the limit.
         assert running.agent.limits_note is None

@@ -28,13 +28,15 @@ from hyperhive.core import daemon
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers.nixos import NixosBackend
 from hyperhive.core.runner import Completed, Runner
+from hyperhive.core.tokens import LoginTokens, login_url
 from hyperhive.core.upgrades import meta_inputs, reached_by
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, call_once, open_client
-from hyperhive.protocol.errors import BadParams, Conflict, InvalidRequest
+from hyperhive.protocol.errors import BadParams, Conflict, InvalidRequest, UnknownCommand
 from tests.conftest import needs_bwrap
 from tests.hive import EVENT_DEADLINE, Hive, hive_config, open_hive, subscription, wait_for_event
 from tests.test_cli import _cli
+from tests.web.pages import start_dashboard
 
 _T = TypeVar("_T")
 
@@ -694,3 +696,59 @@ async def test_the_cli_lists_the_meta_inputs_and_queues_a_flake_update(
         assert pending.rstrip().endswith("hyperhive monthly")
         bad = await _cli(cfg.run_dir, "flake-update", "--", "-x")
         assert bad.returncode == 1 and b"inputs[0]" in bad.stderr
+
+
+def drive_meta_inputs(port: int, tokens: LoginTokens) -> list[str]:
+    """The operator's flake update from the dashboard: the M3T4 1NPUTS panel's ↻, then the
+    approval card's ✓ (runs in a worker thread: Playwright's sync API)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.web.test_browser import CHROMIUM, CHROMIUM_FLAGS
+
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(login_url("127.0.0.1", port, tokens.dashboard))
+            row = page.locator("#meta-inputs li[data-input='hyperhive']")
+            expect(row).to_contain_text(REV_A[:12], timeout=15_000)
+            expect(page.locator("#meta-inputs li[data-input='hyperhive/nixpkgs']")).to_be_visible()
+            row.get_by_role("button", name="↻ update").click()
+            card = page.locator("#approvals li.kind-flake_update")
+            expect(card).to_contain_text("hyperhive", timeout=15_000)
+            card.get_by_role("button", name="✓ APPR0VE").click()
+            decided = page.locator("#decided-list")
+            expect(decided).to_contain_text("update hyperhive · deployed", timeout=30_000)
+            expect(row).to_contain_text(REV_C[:12], timeout=15_000)
+        finally:
+            browser.close()
+    return errors
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="chromium is not installed")
+async def test_the_operator_updates_a_meta_input_from_the_dashboard(
+    tmp_path: Path, revision: dict[str, str], tokens: LoginTokens, nursery: trio.Nursery
+) -> None:
+    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
+    cfg = config(tmp_path)
+    await _hive_of_three(host, cfg)
+    host.upstream["hyperhive"] = REV_C
+    host.calls.clear()
+    async with nixos_hive(host, cfg) as hive:
+        port = await start_dashboard(hive, tokens, nursery)
+        errors = await trio.to_thread.run_sync(drive_meta_inputs, port, tokens)
+    assert errors == []
+    assert flake_updates(host) == [("hyperhive",)]
+    assert rebuilds(host) == ["h-alice", "h-bob", "hm1nd"]
+
+
+@needs_bwrap
+async def test_only_the_manager_may_ask_for_a_flake_update(hive_root: Path) -> None:
+    async with open_hive(hive_config(hive_root)) as hive:
+        await hive.call(wire.Spawn(name="alice"))
+        await hive.call(wire.Kill(name="alice"))
+        with pytest.raises(UnknownCommand):
+            await call_once(hive.agent_sock("alice"), wire.RequestFlakeUpdate(inputs=[]))
