@@ -12,7 +12,18 @@ let
       outPath = "/nix/store/00000000000000000000000000000000-${pname}";
       meta.mainProgram = pname;
     };
-  pythonPackage = pname: stub pname // { pythonModule = true; };
+  # nixpkgs' own Python packages carry a version that tells them apart from pinned ones.
+  pythonPackage =
+    pname:
+    stub pname
+    // {
+      pythonModule = true;
+      version = pythonVersions.${pname} or "nixpkgs";
+    };
+  # Where the version matters to a test: nixpkgs' mcp is 1.x (not the 2.x hyperhive needs).
+  pythonVersions = {
+    mcp = "1.27.1";
+  };
   names = [
     "bash"
     "bubblewrap"
@@ -23,6 +34,7 @@ let
     "forgejo"
     "forgejo-lts"
     "git"
+    "jq"
     "libseccomp"
     "nix"
     "nixos-container"
@@ -34,25 +46,73 @@ let
   ];
   pythonNames = [
     "anyio"
+    "cryptography"
+    "h11"
+    "hatch-fancy-pypi-readme"
     "hatchling"
     "hypercorn"
     "hypothesis"
+    "idna"
+    "jsonschema"
     "mcp"
     "msgspec"
     "mypy"
+    "opentelemetry-api"
     "playwright"
     "prometheus-client"
+    "pydantic"
     "pytest"
     "pytest-trio"
+    "python-multipart"
     "quart"
     "quart-trio"
     "setuptools"
     "sh"
+    "sse-starlette"
+    "starlette"
     "trio"
     "trio-websocket"
+    "truststore"
+    "typing-extensions"
+    "typing-inspection"
+    "uv-dynamic-versioning"
+    "uvicorn"
   ];
+  # nixpkgs' fetchPypi: the URL it computes from its arguments (pkgs/build-support/fetchpypi),
+  # and a hash it cannot do without.
+  fetchPypi =
+    {
+      pname,
+      version,
+      hash,
+      format ? "setuptools",
+      extension ? "tar.gz",
+      dist ? "py2.py3",
+      python ? "py2.py3",
+      abi ? "none",
+      platform ? "any",
+    }@attrs:
+    let
+      initial = builtins.substring 0 1 pname;
+      url =
+        if format == "wheel" then
+          "https://files.pythonhosted.org/packages/${dist}/${initial}/${pname}/${pname}-${version}-${python}-${abi}-${platform}.whl"
+        else if format == "setuptools" then
+          "mirror://pypi/${initial}/${pname}/${pname}-${version}.${extension}"
+        else
+          throw "fetchPypi: unsupported format ${format}";
+    in
+    attrs
+    // {
+      fetchPypi = true;
+      inherit url;
+      outPath = "/nix/store/00000000000000000000000000000000-${baseNameOf url}";
+    };
   python3Packages = lib.genAttrs pythonNames pythonPackage // {
-    fetchPypi = attrs: attrs // { fetchPypi = true; };
+    inherit fetchPypi;
+    pyjwt = pythonPackage "pyjwt" // {
+      optional-dependencies.crypto = [ (pythonPackage "cryptography") ];
+    };
     buildPythonPackage =
       attrs:
       attrs
