@@ -58,7 +58,7 @@
 
       checks = forAllSystems (pkgs: {
         package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
-        vm = import ./nix/tests/vm.nix { inherit pkgs self; };
+        vm = import ./nix/tests/vm.nix { inherit pkgs self nixpkgs; };
       });
     };
 }

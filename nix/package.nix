@@ -23,15 +23,19 @@ let
   #   `httpcore2==2.17.0` exactly. nixpkgs from before mcp 2 has neither.
   # - pyseccomp: not in nixpkgs; the bwrap backend compiles its seccomp filter through it.
   #
-  # Everything else mcp 2.3.0 needs is a lower bound that nixos-unstable has met since late
-  # 2025, so it comes from nixpkgs: pydantic>=2.12 (its Rust core, pydantic-core, must match
-  # it exactly, so pinning one means pinning both), starlette>=0.27, sse-starlette>=3.0,
+  # Everything else mcp 2.3.0 needs is a lower bound on a package nixpkgs has had for years,
+  # and the bounds are old enough (the newest: pydantic 2.12, of October 2025; nixpkgs has
+  # had sse-starlette 3.x beside its mcp 1.x) for a current nixos-unstable to meet, so it
+  # comes from nixpkgs: pydantic>=2.12, starlette>=0.27, sse-starlette>=3.0,
   # uvicorn>=0.31.1, jsonschema>=4.20, python-multipart>=0.0.9, pyjwt[crypto]>=2.10.1,
   # typing-extensions>=4.13, typing-inspection>=0.4.1, opentelemetry-api>=1.28, anyio>=4.9;
-  # httpx2/httpcore2 add truststore>=0.10 and h11>=0.16. The build's runtime-dependency check
-  # (pythonRuntimeDepsCheckHook) holds every pinned package to these bounds, so a nixpkgs too
-  # old for one fails the build instead of the agents. Not needed by mcp 2.x any more, and
-  # so not here: httpx, httpx-sse, pydantic-settings (mcp 1.x's).
+  # httpx2/httpcore2 add truststore>=0.10 and h11>=0.16. Not verified against a locked
+  # nixpkgs here (there is no flake.lock yet), but not left to chance either: the build's
+  # runtime-dependency check (pythonRuntimeDepsCheckHook) holds every pinned package to its
+  # bounds, so a nixpkgs too old for one fails the build, naming it, instead of the agents.
+  # pydantic would be the hardest to pin: its Rust core, pydantic-core, must match it exactly
+  # and needs a vendored-crates hash. Not needed by mcp 2.x any more, and so not here: httpx,
+  # httpx-sse, pydantic-settings (mcp 1.x's).
   #
   # Pinning one of the shared packages (pydantic, starlette, anyio, idna…) would put two
   # versions of it in the closure, which pythonCatchConflictsHook refuses.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything hyperhive needs on Debian/Ubuntu: system packages, the claude CLI, the venv.
 #   scripts/setup.sh          what running a hive needs
-#   scripts/setup.sh --test   plus what the test suite needs (chromium, nspawn, nix)
+#   scripts/setup.sh --test   plus what the test suite needs (chromium, nspawn, nix, jq)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +12,7 @@ want_test=0
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 packages=(bubblewrap slirp4netns nftables util-linux libseccomp2 socat git python3 python3-venv ca-certificates procps)
-[ "$want_test" -eq 1 ] && packages+=(chromium systemd-container nix-bin)
+[ "$want_test" -eq 1 ] && packages+=(chromium systemd-container nix-bin jq)
 command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 
 missing=()

@@ -63,6 +63,7 @@ let
   ]
   ++ lib.optional (!cfg.startManager) "--no-manager"
   ++ lib.optional (!cfg.autoUpdate) "--no-auto-update"
+  ++ lib.optional cfg.demo "--demo"
   ++ cfg.extraFlags;
 
   # What nixos-container (and the nix it runs) writes besides the daemon's own directories.
@@ -203,6 +204,20 @@ in
         container built from the older one, one at a time, each gated on its health (an
         unhealthy one is rolled back to its previous generation and the roll-out stops). Off:
         they are only marked `needs update`, for `hive-c0re rebuild` or the manager's `update`.
+      '';
+    };
+
+    demo = lib.mkOption {
+      type = types.bool;
+      default = false;
+      example = true;
+      description = ''
+        Run every agent against the bundled scripted model (`hive-c0re serve --demo`) instead
+        of the Anthropic API: a local stand-in for the Messages API, served by the daemon on
+        127.0.0.1, that plays deterministic scripts (the manager asks to spawn the demo agent
+        `scout` and pings it once the spawn is approved; an agent answers the operator's
+        messages). No Claude account and no network needed: for trying hyperhive out, and for
+        the VM test. Agents whose `agent.toml` sets `private_network` cannot reach it.
       '';
     };
 

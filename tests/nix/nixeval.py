@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from hyperhive.core.containers.nixgen import nix_string
+
 REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).parent / "nixstub"
 NIX = ["nix-instantiate", "--store", "dummy://"]
@@ -53,6 +55,22 @@ async def nix_eval(expr: str, cwd: Path | None = None) -> object:
     """`expr`, with the PRELUDE's bindings in scope, evaluated strictly to JSON."""
     text = f"let {PRELUDE} in {expr}"
     return json.loads(await nix("--eval", "--strict", "--json", "-E", text, cwd=cwd))
+
+
+def container(root: Path, names: list[str]) -> str:
+    """A Nix expression: `name: config` of each agent's container, built from the meta flake
+    hive-c0re wrote under `root` (meta/flake.nix, applied/<name>/), with this flake as its
+    `hyperhive` input."""
+    inputs = " ".join(
+        f"{nix_string('agent-' + n)} = (import {root}/applied/{n}/flake.nix).outputs"
+        " { self = { }; };"
+        for n in names
+    )
+    return (
+        f"(name: ((import {root}/meta/flake.nix).outputs"
+        f" {{ self = {{ }}; hyperhive = self; inherit nixpkgs; {inputs} }})"
+        ".nixosConfigurations.${name}.config)"
+    )
 
 
 def strings(value: object) -> list[str]:

@@ -141,31 +141,3 @@ async def test_the_dev_shell_has_the_runtime_and_the_test_tools() -> None:
     assert {"trio", "msgspec", "mcp"} <= python
     assert shell["mcp"] == ["2.3.0"]  # the pinned one, not nixpkgs'
     assert {"bubblewrap", "chromium", "git", "nix", "ruff"} <= set(shell["tools"])
-
-
-async def test_the_vm_test_is_a_host_with_the_module() -> None:
-    """The VM test cannot run here: its host evaluates (every option it sets exists, with the
-    right type), and its test script is valid Python."""
-    vm = await nix_eval(
-        """let
-          t = self.checks.x86_64-linux.vm;
-          c = (host [ t.nodes.host ]).config;
-        in {
-          inherit (t) name testScript;
-          enabled = c.services.hive-c0re.enable;
-          adminGroup = c.services.hive-c0re.adminGroup;
-          manager = c.services.hive-c0re.startManager;
-          unit = c.systemd.services.hive-c0re.serviceConfig.Type;
-          alice = c.users.users.alice.extraGroups;
-        }"""
-    )
-    assert isinstance(vm, dict)
-    assert vm["enabled"] is True
-    assert vm["unit"] == "notify"
-    assert vm["alice"] == [vm["adminGroup"]]
-    assert vm["manager"] is False
-    script = str(vm["testScript"])
-    compile(script, "vm-test-script", "exec")
-    assert 'host.wait_for_unit("hive-c0re.service")' in script
-    assert "hive-c0re --json list" in script
-    assert "wait_for_open_port(7000)" in script

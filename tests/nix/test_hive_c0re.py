@@ -110,6 +110,7 @@ async def test_the_unit_runs_the_nixos_backend_with_the_defaults() -> None:
     assert cfg.forge_container is None
     assert cfg.start_manager is True
     assert cfg.auto_update is True
+    assert cfg.demo is False
     assert cfg.allowed_hosts == ()
     assert view["systemPackages"] == ["hyperhive"]
 
@@ -129,6 +130,7 @@ async def test_the_unit_carries_every_configured_flag() -> None:
           adminGroup = "hive-admin";
           startManager = false;
           autoUpdate = false;
+          demo = true;
           hyperhiveFlake = "github:example/hyperhive";
           extraFlags = [ "--model" "sonnet" ];
         }}"""
@@ -144,6 +146,7 @@ async def test_the_unit_carries_every_configured_flag() -> None:
     assert cfg.admin_group == "hive-admin"
     assert cfg.start_manager is False
     assert cfg.auto_update is False
+    assert cfg.demo is True
     assert cfg.hyperhive_flake == "github:example/hyperhive"
     assert cfg.model == "sonnet"
     assert view["groups"] == ["hive-admin"]

@@ -16,10 +16,9 @@ from hyperhive.core.containers.nixgen import (
     NIX_OWNED_ENV,
     MetaAgent,
     meta_flake_nix,
-    nix_string,
 )
 from hyperhive.protocol.agent_config import DEFAULT_TOML, AgentConfig, parse
-from tests.nix.nixeval import NixError, needs_nix, nix_eval, strings
+from tests.nix.nixeval import NixError, container, needs_nix, nix_eval, strings
 
 pytestmark = needs_nix
 
@@ -82,20 +81,6 @@ def write_hive(root: Path, tomls: dict[str, str | None]) -> None:
             dashboard_port=7000,
             operator_pronouns=PRONOUNS,
         )
-    )
-
-
-def container(root: Path, names: list[str]) -> str:
-    """A Nix expression: `name: config` of each agent's container, built from the meta flake."""
-    inputs = " ".join(
-        f"{nix_string('agent-' + n)} = (import {root}/applied/{n}/flake.nix).outputs"
-        " { self = { }; };"
-        for n in names
-    )
-    return (
-        f"(name: ((import {root}/meta/flake.nix).outputs"
-        f" {{ self = {{ }}; hyperhive = self; inherit nixpkgs; {inputs} }})"
-        ".nixosConfigurations.${name}.config)"
     )
 
 

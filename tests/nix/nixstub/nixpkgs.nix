@@ -6,12 +6,18 @@ let
   pkgsFor = system: import ./pkgs.nix { inherit lib system; };
   # What the rest of NixOS would define that hyperhive's modules read.
   base =
-    { pkgs, ... }:
+    { config, pkgs, ... }:
     {
       nix.package = pkgs.nix;
       systemd.package = pkgs.systemd;
       system.stateVersion = lib.mkDefault "24.11";
       networking.hostName = lib.mkDefault "nixos";
+      # The system's store path, named after the host as nixpkgs names it.
+      system.build.toplevel = {
+        type = "derivation";
+        name = "nixos-system-${config.networking.hostName}";
+        outPath = "/nix/store/00000000000000000000000000000000-nixos-system-${config.networking.hostName}";
+      };
     };
   nixosSystem =
     {
@@ -32,6 +38,8 @@ let
     };
 in
 {
+  # The flake's source, as a flake input's outPath.
+  outPath = "/nix/store/00000000000000000000000000000000-nixpkgs-source";
   lib = lib // {
     inherit nixosSystem evalModules;
   };
