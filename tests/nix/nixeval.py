@@ -4,6 +4,7 @@ tests/nix/nixstub (a small lib, package set, module-system evaluator and nixpkgs
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -77,3 +78,21 @@ def strings(value: object) -> list[str]:
     """An evaluated list of strings, checked."""
     assert isinstance(value, list) and all(isinstance(v, str) for v in value), value
     return value
+
+
+_WORD = re.compile(r'"((?:[^"\\]|\\.)*)"(?: |$)')
+
+
+def exec_argv(line: str) -> list[str]:
+    """systemd's reading of an ExecStart= line made of double-quoted words: `%%` and `$$` are
+    a literal `%` and `$`, the quotes hold C escapes (of which JSON's are a subset)."""
+    words, pos = [], 0
+    while pos < len(line):
+        match = _WORD.match(line, pos)
+        assert match, f"not a quoted word at {line[pos:]!r}"
+        inner = match.group(1)
+        bare = inner.replace("%%", "").replace("$$", "")
+        assert "%" not in bare and "$" not in bare, f"systemd would expand {inner!r}"
+        words.append(json.loads('"' + inner.replace("%%", "%").replace("$$", "$") + '"'))
+        pos = match.end()
+    return words

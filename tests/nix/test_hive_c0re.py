@@ -4,7 +4,6 @@ its ExecStart read back by systemd's rules and by hive-c0re's own argument parse
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -17,30 +16,13 @@ from tests.nix.nixeval import (
     SELF_NAR_HASH,
     SELF_OUT_PATH,
     NixError,
+    exec_argv,
     needs_nix,
     nix_eval,
     strings,
 )
 
 pytestmark = needs_nix
-
-_WORD = re.compile(r'"((?:[^"\\]|\\.)*)"(?: |$)')
-
-
-def exec_argv(line: str) -> list[str]:
-    """systemd's reading of an ExecStart= line made of double-quoted words: `%%` and `$$` are
-    a literal `%` and `$`, the quotes hold C escapes (of which JSON's are a subset)."""
-    words, pos = [], 0
-    while pos < len(line):
-        match = _WORD.match(line, pos)
-        assert match, f"not a quoted word at {line[pos:]!r}"
-        inner = match.group(1)
-        bare = inner.replace("%%", "").replace("$$", "")
-        assert "%" not in bare and "$" not in bare, f"systemd would expand {inner!r}"
-        words.append(json.loads('"' + inner.replace("%%", "%").replace("$$", "$") + '"'))
-        pos = match.end()
-    return words
-
 
 UNIT = """
   let
