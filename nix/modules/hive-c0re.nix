@@ -60,6 +60,10 @@ let
   ++ lib.optionals forgeEnabled [
     "--forge-container"
     "hive-forge"
+    "--forge-url"
+    cfg.forgeUrl
+    "--hive-name"
+    cfg.hiveName
   ]
   ++ lib.optional (!cfg.startManager) "--no-manager"
   ++ lib.optional (!cfg.autoUpdate) "--no-auto-update"
@@ -105,6 +109,31 @@ in
       description = ''
         How the agents refer to the operator: free text, passed into every agent's system
         prompt. Running containers pick up a change on their next rebuild.
+      '';
+    };
+
+    hiveName = lib.mkOption {
+      # Forgejo's grammar for an organisation's name (hive-c0re also checks the length, at
+      # most 40, and Forgejo's reserved names).
+      type = types.strMatching "[A-Za-z0-9]+([-._][A-Za-z0-9]+)*";
+      default = if config.networking.hostName != "" then config.networking.hostName else "hive";
+      defaultText = lib.literalExpression ''config.networking.hostName (or "hive" when empty)'';
+      example = "lab";
+      description = ''
+        The hive's name. With services.hive-forge, it is the hive's organisation on the forge:
+        private, holding a read-only mirror of every agent's applied config repo and of the
+        meta repo, which every agent can read (as a member of its team `agents`).
+      '';
+    };
+
+    forgeUrl = lib.mkOption {
+      type = types.strMatching "https?://[^?#]+";
+      default = "http://localhost:3000";
+      example = "https://forge.example.org";
+      description = ''
+        Where services.hive-forge serves, as the host and the agents reach it: hive-c0re pushes
+        the config mirrors there, and agents get it as `hyperhive.forge.url` (tea, their
+        prompt). Only used when services.hive-forge is enabled.
       '';
     };
 

@@ -39,6 +39,9 @@ in
           system.stateVersion = hostStateVersion;
           # The host's network: the firewall is the host's (and nspawn would not let it in).
           networking.firewall.enable = lib.mkDefault false;
+          # hive-c0re makes the hive's organisation, team and repos through the REST API with
+          # curl in here (`nixos-container run hive-forge -- curl …`).
+          environment.systemPackages = [ pkgs.curl ];
 
           services.forgejo = {
             enable = true;

@@ -1,7 +1,8 @@
 # What every hyperhive container shares: the `hyperhive.*` options an agent's agent.nix sets
 # (read from its agent.toml), claude-code, and the harness service (hive-ag3nt, or hive-m1nd for
 # the manager). The meta flake adds who the agent is: HIVE_LABEL, HIVE_PORT,
-# HIVE_DASHBOARD_PORT, HIVE_OPERATOR_PRONOUNS and the git identity.
+# HIVE_DASHBOARD_PORT, HIVE_OPERATOR_PRONOUNS and the git identity, and `hyperhive.forge` when
+# the hive has a forge (then `tea`, logged in by the `tea-login` unit, is installed too).
 {
   config,
   lib,
@@ -12,6 +13,7 @@ let
   cfg = config.hyperhive;
   types = lib.types;
   service = if cfg.role == "manager" then "hive-m1nd" else "hive-ag3nt";
+  forge = cfg.forge.url != null;
   label = config.systemd.services.${service}.environment.HIVE_LABEL or config.networking.hostName;
 
   mcpServer = lib.types.submodule {
@@ -131,6 +133,25 @@ in
         applies it: hive-c0re writes it into the container's .conf from agent.toml.
       '';
     };
+
+    forge = {
+      url = lib.mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "http://localhost:3000";
+        description = ''
+          The hive's forge (services.hive-forge), set by hive-c0re's meta flake when there is
+          one: `tea` is installed and logged in with /state/forge-token (the `tea-login` unit),
+          and the agent's system prompt says what the forge is for (HIVE_FORGE_URL).
+        '';
+      };
+      org = lib.mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "myhost";
+        description = "The hive's organisation on the forge, which holds the config mirrors.";
+      };
+    };
   };
 
   config = {
@@ -149,7 +170,8 @@ in
       pkgs.claude-code
       pkgs.git
       pkgs.procps
-    ];
+    ]
+    ++ lib.optional forge pkgs.tea;
 
     programs.git = {
       enable = true;
@@ -168,7 +190,8 @@ in
         pkgs.git
         pkgs.bash
         pkgs.procps
-      ];
+      ]
+      ++ lib.optional forge pkgs.tea;
       environment = {
         HIVE_ROLE = cfg.role;
         HIVE_SOCKET = "/run/hive/mcp.sock";
@@ -186,6 +209,10 @@ in
         CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1";
       }
       // lib.optionalAttrs (cfg.model != null) { HIVE_MODEL = cfg.model; }
+      // lib.optionalAttrs forge {
+        HIVE_FORGE_URL = cfg.forge.url;
+        HIVE_FORGE_ORG = if cfg.forge.org != null then cfg.forge.org else "";
+      }
       // lib.filterAttrs (name: _: !(lib.hasPrefix "HIVE_" name || name == "PATH")) cfg.env;
       serviceConfig = {
         ExecStart = "${lib.getExe' cfg.package service} serve";
@@ -215,6 +242,43 @@ in
         ProtectKernelLogs = true;
         ProtectControlGroups = true;
       };
+    };
+
+    # tea logged in to the hive's forge as this agent, once. Best-effort: it always exits 0, so
+    # a forge that is down (or a token not provisioned yet) never fails the boot; the prompt
+    # tells the agent how to log in by hand. The token goes in by environment, not argv.
+    systemd.services.tea-login = lib.mkIf forge {
+      description = "log tea in to the hive's forge";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ];
+      path = [
+        pkgs.tea
+        pkgs.coreutils
+        pkgs.gnugrep
+      ];
+      environment.HOME = "/root";
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        TimeoutStartSec = 30;
+      };
+      script = ''
+        token=/state/forge-token
+        if tea login list 2>/dev/null | grep -qw hive; then
+          echo "tea: already logged in as hive"
+          exit 0
+        fi
+        if [ ! -s "$token" ]; then
+          echo "tea: no $token yet, not logged in"
+          exit 0
+        fi
+        if GITEA_SERVER_TOKEN="$(cat "$token")" tea login add --name hive --url ${lib.escapeShellArg cfg.forge.url}; then
+          echo "tea: logged in as hive"
+        else
+          echo "tea: login failed (is the forge up?); not retried until the next boot"
+        fi
+        exit 0
+      '';
     };
   };
 }

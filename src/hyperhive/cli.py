@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -66,6 +67,26 @@ def _container_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,11}", text):
         raise argparse.ArgumentTypeError(f"not a nixos-container name: {text!r}")
     return text
+
+
+def _hive_name(text: str) -> str:
+    from hyperhive.core.forge_org import check_hive_name
+
+    try:
+        return check_hive_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _forge_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0 or parts.query:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL of a forge: {text!r}")
+    return text.rstrip("/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_container_name,
         metavar="NAME",
         help="the nixos-container running the hive's Forgejo (services.hive-forge)",
+    )
+    serve.add_argument(
+        "--forge-url",
+        type=_forge_url,
+        default="http://localhost:3000",
+        metavar="URL",
+        help="where that forge serves: the config mirrors are pushed there, agents are told it"
+        " (default %(default)s)",
+    )
+    serve.add_argument(
+        "--hive-name",
+        type=_hive_name,
+        default="hive",
+        metavar="NAME",
+        help="the hive's name: its organisation on the forge (default %(default)s)",
     )
     serve.add_argument(
         "--line-timeout",
@@ -521,6 +557,8 @@ def daemon_config(args: argparse.Namespace, claude: str | None) -> DaemonConfig:
         agent_uid_base=args.agent_uid_base,
         agent_state_max=args.agent_state_max,
         forge_container=args.forge_container,
+        forge_url=args.forge_url,
+        hive_name=args.hive_name,
         claude_bin=claude or "claude",
         crash_at=os.environ.get("HIVE_CRASH_AT") or None,
         line_timeout=args.line_timeout,

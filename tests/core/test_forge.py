@@ -1,14 +1,12 @@
 """hive-forge provisioning without NixOS: the exact commands the daemon runs inside the forge
 container (answered by a fake host that keeps Forgejo's users and tokens the way `forgejo admin`
-does), the token files it writes, and the database-version failure recognised from Forgejo's own
-log lines."""
+does, tests/core/fake_forge.py), the token files it writes, and the database-version failure
+recognised from Forgejo's own log lines."""
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -20,24 +18,11 @@ from hyperhive.core.forge import (
     Forge,
     diagnose_log,
 )
-from hyperhive.core.runner import Completed, Runner
+from hyperhive.core.runner import Runner
 from hyperhive.protocol import wire
 from tests.conftest import needs_bwrap
+from tests.core.fake_forge import PREFIX, FakeForgeHost
 from tests.hive import hive_config, open_hive
-
-PREFIX = (
-    "nixos-container",
-    "run",
-    "hive-forge",
-    "--",
-    "runuser",
-    "-u",
-    "forgejo",
-    "--",
-    "forgejo",
-    "--work-path",
-    "/var/lib/forgejo",
-)
 
 # Forgejo's own fatal lines (journalctl -o cat), from a state dir that a newer release migrated:
 # the Forgejo-specific migrations, and the legacy (Gitea) migration table.
@@ -49,59 +34,6 @@ NEWER_DB_LINES = [
     " Your database (migration version: 305) is for a newer Forgejo, you can not use the newer"
     " database for this old Forgejo release (304).",
 ]
-
-
-@dataclass
-class FakeForgeHost:
-    """`nixos-container list|run`, `systemctl -M`, `journalctl -M` as a NixOS host with a forge."""
-
-    present: bool = True
-    users: dict[str, bool] = field(default_factory=dict)
-    """Forgejo users and whether each is a site admin."""
-    tokens: list[tuple[str, str, str]] = field(default_factory=list)
-    calls: list[tuple[str, ...]] = field(default_factory=list)
-    fail_tokens_for: set[str] = field(default_factory=set)
-    active: str = "active"
-    journal: list[str] = field(default_factory=list)
-
-    async def __call__(
-        self,
-        argv: Sequence[str],
-        stdin: bytes | None,
-        cwd: Path | None,
-        env: Mapping[str, str] | None,
-    ) -> Completed:
-        argv = tuple(argv)
-        self.calls.append(argv)
-        if argv == ("nixos-container", "list"):
-            return Completed(argv, 0, "hm1nd\nh-alice\nhive-forge\n" if self.present else "", "")
-        if argv[:3] == ("systemctl", "-M", "hive-forge"):
-            return Completed(argv, 0 if self.active == "active" else 3, self.active + "\n", "")
-        if argv[:3] == ("journalctl", "-M", "hive-forge"):
-            return Completed(argv, 0, "".join(line + "\n" for line in self.journal), "")
-        assert argv[: len(PREFIX)] == PREFIX, argv
-        return self.forgejo(argv, list(argv[len(PREFIX) :]))
-
-    def forgejo(self, argv: tuple[str, ...], args: list[str]) -> Completed:
-        def opt(name: str) -> str:
-            return args[args.index(name) + 1]
-
-        if args[:3] == ["admin", "user", "create"]:
-            name = opt("--username")
-            if name in self.users:
-                return Completed(
-                    argv, 1, "", f"Command error: user already exists [name: {name}]\n"
-                )
-            self.users[name] = "--admin" in args
-            return Completed(argv, 0, f"New user '{name}' has been successfully created!\n", "")
-        if args[:3] == ["admin", "user", "generate-access-token"]:
-            name = opt("--username")
-            if name not in self.users or name in self.fail_tokens_for:
-                return Completed(argv, 1, "", "Command error: user does not exist\n")
-            token = f"{len(self.tokens):040x}"
-            self.tokens.append((name, opt("--scopes"), token))
-            return Completed(argv, 0, token + "\n", "")
-        raise AssertionError(f"unexpected forgejo command {args}")
 
 
 def make_forge(tmp_path: Path, host: FakeForgeHost) -> Forge:
@@ -245,14 +177,17 @@ async def test_status_reports_the_failure_with_its_fix(tmp_path: Path) -> None:
 
 
 FAKE_NIXOS_CONTAINER = """#!/bin/sh
-# nixos-container on a host whose hive-forge has users created on demand.
+# nixos-container on a host whose hive-forge has users created on demand, and whose REST API
+# creates whatever it is asked to (curl's standard input, the token header, is logged apart).
 case "$1" in
   list) echo hm1nd; echo hive-forge ;;
   run)
     shift
-    echo "$*" >> "$FAKE_FORGE_LOG"
+    printf '%s\\n' "$*" >> "$FAKE_FORGE_LOG"
     case "$*" in
       *generate-access-token*) echo 0123456789abcdef0123456789abcdef01234567 ;;
+      *"curl "*"--request PUT"*) cat >> "$FAKE_FORGE_LOG.stdin"; printf '\\n204' ;;
+      *"curl "*) cat >> "$FAKE_FORGE_LOG.stdin"; printf '{"id": 7, "name": "agents"}\\n201' ;;
       *) echo "New user has been successfully created!" ;;
     esac ;;
   *) exit 2 ;;
@@ -284,7 +219,13 @@ async def test_the_daemon_provisions_agents_and_reports_a_broken_forge(
     log = hive_root / "forge.log"
     monkeypatch.setenv("FAKE_FORGE_LOG", str(log))
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    cfg = hive_config(hive_root / "hive", forge_container="hive-forge")
+    # Nothing listens on the discard port: every mirror push fails, and no deploy notices.
+    cfg = hive_config(
+        hive_root / "hive",
+        forge_container="hive-forge",
+        forge_url="http://127.0.0.1:9",
+        hive_name="lab",
+    )
     async with open_hive(cfg) as hive:
         listed = await hive.call(wire.ListAgents())
         assert listed.forge is not None and listed.forge.state == "failed"
@@ -293,13 +234,23 @@ async def test_the_daemon_provisions_agents_and_reports_a_broken_forge(
         token = cfg.agent_root("alice") / "state" / "forge-token"
         assert stat.S_IMODE(token.stat().st_mode) == 0o600
     lines = log.read_text().splitlines()
+    admin = [line for line in lines if " curl " not in line]
     assert all(
         line.startswith("hive-forge -- runuser -u forgejo -- forgejo --work-path /var/lib/forgejo")
-        for line in lines
-    )
+        for line in admin
+    ), lines
     assert any("admin user create --username core" in x and x.endswith("--admin") for x in lines)
     assert any("admin user create --username alice" in line for line in lines)
     assert (cfg.state_dir / "forge-core-token").is_file()
+    # The hive's org and team, alice in it, as core: its token only ever on curl's stdin.
+    api = [line for line in lines if line.startswith("hive-forge -- curl ")]
+    assert any(line.endswith("http://127.0.0.1:9/api/v1/orgs") for line in api)
+    assert any(line.endswith("http://127.0.0.1:9/api/v1/orgs/lab/teams") for line in api)
+    assert any(line.endswith("/api/v1/teams/7/members/alice") for line in api)
+    core = (cfg.state_dir / "forge-core-token").read_text().strip()
+    assert core not in log.read_text()
+    sent = hive_root / "forge.log.stdin"
+    assert set(sent.read_text().splitlines()) == {f"Authorization: token {core}"}
 
 
 def test_the_cli_shows_a_failed_forge_with_its_fix() -> None:

@@ -71,6 +71,10 @@ class HarnessSettings:
     """From agent.toml: claude plugins installed at harness start."""
     """From agent.toml's `[history]`: how much of the live event history is kept."""
     first_event_timeout: float = 300.0
+    forge_url: str | None = None
+    """The hive's forge, when it has one: the system prompt says what it is for."""
+    forge_org: str | None = None
+    """The hive's organisation there (the config mirrors)."""
     idle_timeout: float = 900.0
     result_exit_grace: float = 10.0
 
@@ -101,6 +105,8 @@ class HarnessSettings:
             bash_patterns=hive.bash_patterns,
             plugins=hive.plugins,
             first_event_timeout=hive.first_event_timeout or 300.0,
+            forge_url=hive.forge_url,
+            forge_org=hive.forge_org,
             env=env,
         )
 
@@ -152,11 +158,21 @@ class HarnessSettings:
         return (self.claude_config_dir / ".credentials.json").is_file()
 
 
+def _prompt(name: str) -> str:
+    return resources.files("hyperhive.agent").joinpath("prompts", name).read_text("utf-8")
+
+
 def system_prompt(settings: HarnessSettings) -> str:
-    name = "manager.md" if settings.role == "manager" else "agent.md"
-    template = resources.files("hyperhive.agent").joinpath("prompts", name).read_text("utf-8")
-    return template.replace("{label}", settings.label).replace(
-        "{operator_pronouns}", settings.operator_pronouns
+    """The role's prompt, and what the hive's forge is for when there is one."""
+    text = _prompt("manager.md" if settings.role == "manager" else "agent.md")
+    forge = ""
+    if settings.forge_url:
+        forge = "\n" + _prompt("forge.md").replace("{forge_url}", settings.forge_url.rstrip("/"))
+        forge = forge.replace("{forge_org}", settings.forge_org or "hive")
+    return (
+        text.replace("{forge}", forge)
+        .replace("{label}", settings.label)
+        .replace("{operator_pronouns}", settings.operator_pronouns)
     )
 
 

@@ -43,6 +43,10 @@ class DaemonConfig:
     """The /state volume size of each agent whose agent.toml sets none (bwrap, nspawn)."""
     forge_container: str | None = None
     """The nixos-container that runs the hive's Forgejo (services.hive-forge), if there is one."""
+    forge_url: str = "http://localhost:3000"
+    """Where the forge serves (the daemon pushes its mirrors there; agents are told it)."""
+    hive_name: str = "hive"
+    """The hive's name: its organisation on the forge (a Forgejo org name: core/forge_org.py)."""
     harness_python: str = sys.executable
     claude_bin: str = "claude"
     restart_initial: float = 10.0
@@ -77,6 +81,11 @@ class DaemonConfig:
     line_timeout: float = 10.0
     """Seconds a client has to complete a line it started, to send its first one, and to take
     a reply it asked for (one knob for "too slow": `busy`, connection closed)."""
+
+    @property
+    def agent_forge(self) -> tuple[str, str] | None:
+        """(forge URL, organisation) that agents are told about: only when there is a forge."""
+        return (self.forge_url, self.hive_name) if self.forge_container else None
 
     @property
     def db_path(self) -> Path:

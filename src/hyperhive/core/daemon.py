@@ -32,7 +32,8 @@ from hyperhive.core.gitops import GitOps
 from hyperhive.core.host_api import HostHandler
 from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.logins import LoginWatch
-from hyperhive.core.meta import MetaRepo, flake_renderer
+from hyperhive.core.meta import Lock, MetaRepo, flake_renderer
+from hyperhive.core.mirror import ForgeMirror
 from hyperhive.core.notifications import Notifier
 from hyperhive.core.questions import Questions
 from hyperhive.core.quotas import Quotas
@@ -93,6 +94,7 @@ def make_backend(cfg: DaemonConfig) -> Backend:
                 hyperhive_flake=cfg.hyperhive_flake,
                 operator_pronouns=cfg.operator_pronouns,
                 dashboard_port=cfg.dashboard_port,
+                forge=cfg.agent_forge,
             )
     raise ValueError(f"unknown container backend {cfg.backend!r} (available: {BACKENDS})")
 
@@ -168,10 +170,11 @@ async def run(
         await nursery.start(supervisor.serve)
         adopted = await _release_leases(supervisor, broker)
         gitops = GitOps(Runner(), cfg.state_dir, proposed_uid=_manager_uid(cfg, registry, backend))
-        deploys = DeployLog(gitops, _meta_repo(cfg, gitops, backend, registry), registry)
+        forge = _forge(cfg)
+        mirror = ForgeMirror(forge, gitops) if forge is not None else None
+        deploys = DeployLog(gitops, _meta_repo(cfg, gitops, backend, registry, mirror), registry)
         queue = ApprovalQueue(store, gitops, registry, deploys, notices, hub)
         sockets = _agent_sockets(cfg, supervisor)
-        forge = _forge(cfg)
         lifecycle = Lifecycle(registry, broker, supervisor, sockets, deploys, queue, notices, forge)
         upgrades = Upgrades(
             lifecycle,
@@ -244,6 +247,8 @@ async def run(
             await nursery.start(
                 _keep_serving, "the forge", partial(forge.serve, registry.live_names)
             )
+        if mirror is not None:  # the config mirrors, pushed after each meta commit
+            await nursery.start(_keep_serving, "the forge mirror", mirror.serve)
         await lifecycle.resume()
         # After an upgrade: stale containers rebuilt one at a time (SPEC §4.4a), in the background.
         nursery.start_soon(_logged, "auto-update", upgrades.at_start, adopted, rolled_back)
@@ -314,7 +319,13 @@ def _manager_uid(cfg: DaemonConfig, registry: Registry, backend: Backend) -> int
     return agent_uid(port, cfg.ui_port_base, cfg.agent_uid_base)
 
 
-def _meta_repo(cfg: DaemonConfig, gitops: GitOps, backend: Backend, registry: Registry) -> MetaRepo:
+def _meta_repo(
+    cfg: DaemonConfig,
+    gitops: GitOps,
+    backend: Backend,
+    registry: Registry,
+    mirror: ForgeMirror | None,
+) -> MetaRepo:
     render = None
     if backend.name != "nixos":  # the nixos backend writes the meta flake itself
         render = flake_renderer(
@@ -322,8 +333,15 @@ def _meta_repo(cfg: DaemonConfig, gitops: GitOps, backend: Backend, registry: Re
             system=host_system(),
             dashboard_port=cfg.dashboard_port,
             operator_pronouns=cfg.operator_pronouns,
+            forge=cfg.agent_forge,
         )
-    return MetaRepo(gitops, cfg.state_dir, render, on_pins=registry.set_deployed)
+
+    def on_pins(pins: Lock) -> None:
+        registry.set_deployed(pins)
+        if mirror is not None:
+            mirror.on_pins(pins)
+
+    return MetaRepo(gitops, cfg.state_dir, render, on_pins=on_pins)
 
 
 def _limits(cfg: DaemonConfig, max_connections: int) -> SocketLimits:
@@ -347,7 +365,14 @@ def _agent_sockets(cfg: DaemonConfig, supervisor: Supervisor) -> AgentSockets:
 def _forge(cfg: DaemonConfig) -> Forge | None:
     if not cfg.forge_container:
         return None
-    return Forge(Runner(), cfg.state_dir, cfg.agent_root, container=cfg.forge_container)
+    return Forge(
+        Runner(),
+        cfg.state_dir,
+        cfg.agent_root,
+        container=cfg.forge_container,
+        url=cfg.forge_url,
+        hive=cfg.hive_name,
+    )
 
 
 async def _fresh_tokens(cfg: DaemonConfig) -> LoginTokens:

@@ -1,4 +1,5 @@
-"""hive-forge provisioning: a Forgejo user and token per agent, and recognising a broken forge.
+"""hive-forge provisioning: a Forgejo user and token per agent, the hive's organisation that
+they read, and recognising a broken forge.
 
 The forge is a NixOS container (`services.hive-forge`, nix/modules/hive-forge.nix) running
 Forgejo. Every command runs inside it as the `forgejo` user, with the work path given explicitly
@@ -10,7 +11,9 @@ Forgejo. Every command runs inside it as the `forgejo` user, with the work path 
 Provisioning is idempotent and best-effort: an existing user is kept, a token file that exists
 is never replaced, and any failure is logged as a warning (the hive runs without a forge).
 Agents' tokens land in `<agent>/state/forge-token` (the agent's `/state/forge-token`), the
-daemon's own site-admin `core` token in `<state>/forge-core-token`; all files are 0600.
+daemon's own site-admin `core` token in `<state>/forge-core-token`; all files are 0600. With
+`core`'s token the hive's organisation (core/forge_org.py) is made, every agent joins its
+read-only team, and the config mirrors (core/mirror.py) get their repos.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+from hyperhive.core.forge_org import ForgeApi, HiveOrg
 from hyperhive.core.runner import Runner
 from hyperhive.core.tokens import write_private
 from hyperhive.protocol import wire
@@ -36,6 +40,7 @@ CORE_USER = "core"
 TOKEN_FILE = "forge-token"
 CORE_TOKEN_FILE = "forge-core-token"
 EMAIL_DOMAIN = "hyperhive.local"
+DEFAULT_URL = "http://localhost:3000"
 
 AGENT_SCOPES = (
     "read:user,write:user,write:repository,write:issue,write:organization,write:misc,"
@@ -83,6 +88,14 @@ def _write_secret(path: Path, token: str) -> None:
     write_private(path, token + "\n")
 
 
+def _read_token(path: Path) -> str | None:
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    return token or None
+
+
 def _has_token(path: Path) -> bool:
     try:
         return path.is_file() and path.stat().st_size > 0
@@ -100,13 +113,17 @@ class Forge:
         agent_root: Callable[[str], Path],
         *,
         container: str = FORGE_CONTAINER,
+        url: str = DEFAULT_URL,
+        hive: str = "hive",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.runner = runner
         self.state_dir = state_dir
         self.agent_root = agent_root
         self.container = container
+        self.url = url.rstrip("/")
         self.clock = clock
+        self.org = HiveOrg(ForgeApi(runner, container, self.url, self.core_token), hive)
         self._lock = trio.Lock()
         self.last: wire.ForgeStatus | None = None
         """The latest `status()` (what host `list` reports), None before the first check."""
@@ -132,6 +149,9 @@ class Forge:
         if name == CORE_USER:
             return self.state_dir / CORE_TOKEN_FILE
         return self.agent_root(name) / "state" / TOKEN_FILE
+
+    async def core_token(self) -> str | None:
+        return await trio.to_thread.run_sync(_read_token, self.token_path(CORE_USER))
 
     async def present(self) -> bool:
         try:
@@ -174,13 +194,41 @@ class Forge:
             await self.ensure(name)
 
     async def ensure(self, name: str) -> bool:
-        """One user and its token; True when both exist afterwards. Failures only warn."""
+        """One user and its token, and (with `core`'s) the hive's org with that user in its
+        read-only team; True when the user and token exist afterwards. Failures only warn."""
         async with self._lock:
+            return await self._ensure_locked(name)
+
+    async def _ensure_locked(self, name: str) -> bool:
+        try:
+            await self._ensure_user(name)
+            await self._ensure_token(name)
+        except HiveError as exc:
+            log.warning("forge: could not provision %s: %s", name, exc.message)
+            return False
+        try:
+            if name == CORE_USER:
+                await self.org.ensure()
+            else:
+                await self.org.join(name)
+        except HiveError as exc:
+            log.warning("forge: %s: %s", self.org.name, exc.message)
+        return True
+
+    async def prepare_mirror(self, repo: str, description: str) -> bool:
+        """The org's repo `repo` exists for a push (`core` and the org made first, if need be);
+        False (with a warning) when it cannot be had now."""
+        async with self._lock:
+            if not await self.present():
+                log.warning("forge: no %s container: %s is not mirrored", self.container, repo)
+                return False
             try:
-                await self._ensure_user(name)
-                await self._ensure_token(name)
+                if not self.org.ready:  # `core` first: its token is what the API calls take
+                    await self._ensure_user(CORE_USER)
+                    await self._ensure_token(CORE_USER)
+                await self.org.ensure_repo(repo, description)
             except HiveError as exc:
-                log.warning("forge: could not provision %s: %s", name, exc.message)
+                log.warning("forge: %s: %s", self.org.name, exc.message)
                 return False
         return True
 

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import trio
@@ -147,7 +148,9 @@ class GitOps:
     def applied(self, name: str) -> Path:
         return self.state_dir / "applied" / name
 
-    async def git(self, repo: Path, *args: str, check: bool = True) -> Completed:
+    async def git(
+        self, repo: Path, *args: str, check: bool = True, env: Mapping[str, str] | None = None
+    ) -> Completed:
         return await self.runner.run(
             [
                 "git",
@@ -161,6 +164,7 @@ class GitOps:
                 *args,
             ],
             check=check,
+            env=env,
         )
 
     async def tag_history(self, name: str) -> list[tuple[str, str, float, str]]:

@@ -252,7 +252,12 @@ def spawn_message(name: str, tag: str, sha: str) -> str:
 
 
 def flake_renderer(
-    *, hyperhive_flake: str, system: str, dashboard_port: int, operator_pronouns: str
+    *,
+    hyperhive_flake: str,
+    system: str,
+    dashboard_port: int,
+    operator_pronouns: str,
+    forge: tuple[str, str] | None = None,
 ) -> FlakeRenderer:
     def render(agents: list[MetaAgent]) -> str:
         return meta_flake_nix(
@@ -261,6 +266,7 @@ def flake_renderer(
             system=system,
             dashboard_port=dashboard_port,
             operator_pronouns=operator_pronouns,
+            forge=forge,
         )
 
     return render

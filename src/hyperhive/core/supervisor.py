@@ -190,10 +190,13 @@ class Supervisor:
         allow: list[tuple[str, int]] = []
         base_url = {**self.cfg.claude_env, **config.env}.get("ANTHROPIC_BASE_URL")
         entries = list(config.network.allow)
-        if base_url:
-            # The model endpoint is always reachable (a local one, such as the demo model, as
-            # a forwarded host port).
-            parts = urlsplit(base_url)
+        # The model endpoint and the hive's forge are always reachable (a local one, such as
+        # the demo model or hive-forge, as a forwarded host port).
+        urls = [base_url] if base_url else []
+        if self.cfg.agent_forge is not None:
+            urls.append(self.cfg.forge_url)
+        for url in urls:
+            parts = urlsplit(url)
             if parts.hostname:
                 default = 443 if parts.scheme == "https" else 80
                 entries.append(f"{parts.hostname}:{parts.port or default}")
@@ -260,6 +263,8 @@ class Supervisor:
                 bash_patterns=tuple(config.allowed_bash_patterns),
                 plugins=tuple(config.claude_plugins),
                 history_keep_events=config.history.keep_events,
+                forge_url=cfg.agent_forge[0] if cfg.agent_forge else None,
+                forge_org=cfg.agent_forge[1] if cfg.agent_forge else None,
             ).encode(),
             **cfg.claude_env,
             # The agent's own variables never replace the hive's.

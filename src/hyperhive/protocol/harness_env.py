@@ -65,6 +65,10 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
     """HIVE_FIRST_EVENT_TIMEOUT: seconds claude may run without printing its first event
     before the turn is abandoned (unset: the harness's default, 300). The daemon does not
     set it; an operator can, with `--claude-env HIVE_FIRST_EVENT_TIMEOUT=…`."""
+    forge_url: str | None = None
+    """HIVE_FORGE_URL: the hive's forge (Forgejo), when it has one (unset: none)."""
+    forge_org: str | None = None
+    """HIVE_FORGE_ORG: the hive's organisation there, which holds the config mirrors."""
 
     def encode(self) -> dict[str, str]:
         """The environment variables (the daemon's side)."""
@@ -93,6 +97,10 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
             env["HIVE_RUNTIME"] = self.runtime
         if self.first_event_timeout is not None:
             env["HIVE_FIRST_EVENT_TIMEOUT"] = str(self.first_event_timeout)
+        if self.forge_url is not None:
+            env["HIVE_FORGE_URL"] = self.forge_url
+        if self.forge_org is not None:
+            env["HIVE_FORGE_ORG"] = self.forge_org
         return env
 
     @classmethod
@@ -125,6 +133,8 @@ class HarnessEnv(msgspec.Struct, frozen=True, kw_only=True):
             plugins=_strings(env.get("HIVE_CLAUDE_PLUGINS", "")),
             history_keep_events=_positive(env.get("HIVE_HISTORY_KEEP_EVENTS", "")) or 200_000,
             first_event_timeout=_seconds(env.get("HIVE_FIRST_EVENT_TIMEOUT", "")),
+            forge_url=env.get("HIVE_FORGE_URL") or None,
+            forge_org=env.get("HIVE_FORGE_ORG") or None,
         )
 
 

@@ -22,8 +22,11 @@ SELF = "self"
 """The sender of `next_turn`'s message: the agent asked for another turn itself."""
 BROADCAST = "*"
 
-RESERVED = frozenset({MANAGER, OPERATOR, SYSTEM, REMINDER, SELF, "all", "core", "hive-forge"})
-"""Names no sub-agent may take: they are principals of the broker or of the host."""
+RESERVED = frozenset(
+    {MANAGER, OPERATOR, SYSTEM, REMINDER, SELF, "all", "core", "hive-forge", "meta"}
+)
+"""Names no sub-agent may take: they are principals of the broker or of the host (`core`, the
+forge's admin; `meta`, the meta repo's name beside the agents' config mirrors on the forge)."""
 
 
 def is_valid_name(name: str) -> bool:

@@ -29,11 +29,13 @@ let
     "bubblewrap"
     "chromium"
     "claude-code"
+    "coreutils"
     "curl"
     "e2fsprogs"
     "forgejo"
     "forgejo-lts"
     "git"
+    "gnugrep"
     "jq"
     "libseccomp"
     "nix"
@@ -42,6 +44,7 @@ let
     "procps"
     "ruff"
     "systemd"
+    "tea"
     "util-linux"
   ];
   pythonNames = [

@@ -129,8 +129,10 @@ def meta_flake_nix(
     system: str,
     dashboard_port: int,
     operator_pronouns: str,
+    forge: tuple[str, str] | None = None,
 ) -> str:
-    """The meta flake: one input and one `nixosConfigurations.<name>` per agent, sorted by name."""
+    """The meta flake: one input and one `nixosConfigurations.<name>` per agent, sorted by name.
+    With `forge` (its URL and the hive's org) every agent gets `hyperhive.forge`."""
     inputs = [
         f"    hyperhive.url = {nix_string(hyperhive_flake)};",
         '    nixpkgs.follows = "hyperhive/nixpkgs";',
@@ -157,9 +159,21 @@ def meta_flake_nix(
             system=nix_string(system),
             dashboard_port=nix_string(str(int(dashboard_port))),
             operator_pronouns=nix_string(operator_pronouns),
+            forge_binding=_forge_binding(forge),
+            forge_module="" if forge is None else "            { hyperhive.forge = forge; }\n",
         )
         + "".join(line + "\n" for line in configs)
         + _META_TAIL
+    )
+
+
+def _forge_binding(forge: tuple[str, str] | None) -> str:
+    if forge is None:
+        return ""
+    url, org = (nix_string(x) for x in forge)
+    return (
+        "      # The hive's forge (services.hive-forge): every agent knows it.\n"
+        f"      forge = {{ url = {url}; org = {org}; }};\n"
     )
 
 
@@ -181,6 +195,7 @@ _META_MIDDLE = """
       system = {system};
       dashboardPort = {dashboard_port};
       operatorPronouns = {operator_pronouns};
+{forge_binding}\
       # The agent's own module on the hyperhive base, plus who it is and how to reach the hive.
       mkAgent =
         {{ name, container, port, service, base, module }}:
@@ -202,7 +217,7 @@ _META_MIDDLE = """
                 HIVE_OPERATOR_PRONOUNS = operatorPronouns;
               }};
             }}
-          ];
+{forge_module}          ];
         }};
     in
     {{
@@ -321,9 +336,12 @@ NIX_OWNED_ENV = frozenset(
         "HIVE_EFFORT",
         "HIVE_BASH_PATTERNS",
         "HIVE_CLAUDE_PLUGINS",
+        "HIVE_FORGE_URL",
+        "HIVE_FORGE_ORG",
     }
 )
-"""What the container's own configuration sets (nix/templates, the meta flake, agent.nix)."""
+"""What the container's own configuration sets (nix/templates, the meta flake, agent.nix); the
+forge's two only when there is a forge (`hyperhive.forge`), and then from there alone."""
 
 
 def harness_env(spec: ContainerSpec) -> dict[str, str]:

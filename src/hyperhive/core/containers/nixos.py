@@ -66,6 +66,7 @@ class NixosBackend:
         hyperhive_flake: str,
         operator_pronouns: str = "she/her",
         dashboard_port: int = 7000,
+        forge: tuple[str, str] | None = None,
         containers_conf_dir: Path = Path("/etc/nixos-containers"),
         # On NixOS /etc/systemd/system is a read-only link into the store; system.control is
         # where `systemctl set-property` keeps its persistent drop-ins.
@@ -84,6 +85,8 @@ class NixosBackend:
         self.hyperhive_flake = hyperhive_flake
         self.operator_pronouns = operator_pronouns
         self.dashboard_port = dashboard_port
+        self.forge = forge
+        """The hive's forge URL and org, which every agent is built to know (None: no forge)."""
         self.containers_conf_dir = containers_conf_dir
         self.systemd_dir = systemd_dir
         self.profiles_dir = profiles_dir
@@ -327,6 +330,7 @@ class NixosBackend:
             system=self.system,
             dashboard_port=self.dashboard_port,
             operator_pronouns=self.operator_pronouns,
+            forge=self.forge,
         )
         record = msgspec.json.format(msgspec.json.encode(agents), indent=2).decode() + "\n"
         _set_file(self._agents_file(), record)
