@@ -115,7 +115,12 @@ def test_serve_flags_for_the_nixos_module() -> None:
         "200%",
         "--forge-container",
         "hive-forge",
+        "--forge-url",
+        "https://forge.example.org/",
+        "--hive-name",
+        "lab",
     )
+    assert (cfg.forge_url, cfg.hive_name) == ("https://forge.example.org", "lab")
     assert cfg.backend == "nixos"
     assert cfg.admin_group == "hive-admin"
     assert (cfg.agent_memory_max, cfg.agent_cpu_quota) == ("4G", "200%")
@@ -127,6 +132,7 @@ def test_serve_flags_for_the_nixos_module() -> None:
         None,
     )
     assert default.forge_container is None
+    assert (default.forge_url, default.hive_name) == ("http://localhost:3000", "hive")
 
 
 @pytest.mark.parametrize(
@@ -137,6 +143,11 @@ def test_serve_flags_for_the_nixos_module() -> None:
         ("--agent-cpu-quota", "2"),
         ("--forge-container", "hive forge"),
         ("--forge-container", "a-very-long-name"),
+        ("--hive-name", "a--b"),
+        ("--hive-name", "admin"),
+        ("--forge-url", "localhost:3000"),
+        ("--forge-url", "ftp://forge"),
+        ("--forge-url", "http://forge:0"),
     ],
 )
 def test_serve_refuses_limits_and_names_systemd_would_not_take(

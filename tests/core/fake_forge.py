@@ -64,8 +64,11 @@ class FakeForgeHost:
     """`org/name` → its creation body."""
     bare_root: Path | None = None
     """Where a created repo becomes a bare git repo, `<org>/<name>.git` (None: none)."""
+    pushed: list[str] = field(default_factory=list)
+    """The repo (directory name) of every `git push`, in order."""
     push_gate: trio.Event | None = None
-    """While set to an unset event, every `git push` waits for it."""
+    """While set to an unset event, every `git push` waits for it (`at_gate` is set then)."""
+    at_gate: trio.Event = field(default_factory=trio.Event)
 
     async def __call__(
         self,
@@ -88,8 +91,11 @@ class FakeForgeHost:
         if argv[:1] == ("nixos-container",):
             assert argv[: len(PREFIX)] == PREFIX, argv
             return self.forgejo(argv, list(argv[len(PREFIX) :]))
-        if "push" in argv and self.push_gate is not None:
-            await self.push_gate.wait()
+        if argv[0] == "git" and "push" in argv:
+            self.pushed.append(Path(argv[argv.index("-C") + 1]).name)
+            if self.push_gate is not None:
+                self.at_gate.set()
+                await self.push_gate.wait()
         return await _execute(argv, stdin, cwd, env)
 
     # ------------------------------------------------------------------ forgejo admin
@@ -124,7 +130,7 @@ class FakeForgeHost:
         def opt(name: str) -> str | None:
             return args[args.index(name) + 1] if name in args else None
 
-        assert args[-1].startswith(API + "/"), args
+        assert "/api/v1/" in args[-1], args
         assert opt("--write-out") == "\\n%{http_code}"
         if self.api_down:
             return Completed(argv, 7, "", "curl: (7) Failed to connect to localhost port 3000\n")
@@ -137,7 +143,7 @@ class FakeForgeHost:
         method = opt("--request")
         data = opt("--data-raw")
         body = json.loads(data) if data is not None else None
-        path = args[-1][len(API) :].split("?")[0].strip("/").split("/")
+        path = args[-1].split("/api/v1/", 1)[1].split("?")[0].strip("/").split("/")
         status, answer = await self.route(str(method), path, body)
         return self._reply(argv, status, answer)
 
@@ -187,3 +193,40 @@ class FakeForgeHost:
                     await trio.run_process(["git", "init", "--quiet", "--bare", str(bare)])
                 return 201, {"name": body["name"], "private": body["private"]}
         raise AssertionError(f"unexpected API call {method} {path}")
+
+
+@dataclass
+class FakeGitHttp:
+    """An HTTP server standing in for the forge's git endpoint: it notes the head of every
+    request (what git sent, its headers included) and refuses each with a 404."""
+
+    heads: list[str] = field(default_factory=list)
+    _arrived: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve on a free loopback port (started with it) until cancelled."""
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, self._answer, listeners)
+            task_status.started(port)
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            head += chunk
+        self.heads.append(head.decode())
+        self._arrived.unpark_all()
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+
+    async def wait_for(self, request_line: str) -> str:
+        """The head of the first request whose line starts so (the caller owns the timeout)."""
+        while True:
+            for head in self.heads:
+                if head.startswith(request_line):
+                    return head
+            await self._arrived.park()

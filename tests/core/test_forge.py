@@ -5,12 +5,17 @@ recognised from Forgejo's own log lines."""
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 from pathlib import Path
 
 import pytest
+import trio
 
+from hyperhive.core.agents import AgentRecord
+from hyperhive.core.config import DaemonConfig
+from hyperhive.core.containers.bwrap import BwrapBackend
 from hyperhive.core.forge import (
     AGENT_SCOPES,
     CORE_SCOPES,
@@ -19,9 +24,11 @@ from hyperhive.core.forge import (
     diagnose_log,
 )
 from hyperhive.core.runner import Runner
+from hyperhive.core.supervisor import Supervisor
 from hyperhive.protocol import wire
+from hyperhive.protocol.agent_config import AgentConfig, parse
 from tests.conftest import needs_bwrap
-from tests.core.fake_forge import PREFIX, FakeForgeHost
+from tests.core.fake_forge import PREFIX, FakeForgeHost, FakeGitHttp
 from tests.hive import hive_config, open_hive
 
 # Forgejo's own fatal lines (journalctl -o cat), from a state dir that a newer release migrated:
@@ -204,8 +211,9 @@ exit 3
 async def test_the_daemon_provisions_agents_and_reports_a_broken_forge(
     hive_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The wiring, on a fake NixOS host (PATH): provisioning at start and after a spawn, and a
-    forge that refuses its database shows up in `list` with the fix."""
+    """The wiring, on a fake NixOS host (PATH): provisioning at start and after a spawn (the
+    hive's org and team too), a forge that refuses its database shows up in `list` with the
+    fix, and the spawn's meta commit has the agent's config pushed to the forge's URL."""
     bin_dir = hive_root / "bin"
     bin_dir.mkdir()
     scripts = {
@@ -219,20 +227,28 @@ async def test_the_daemon_provisions_agents_and_reports_a_broken_forge(
     log = hive_root / "forge.log"
     monkeypatch.setenv("FAKE_FORGE_LOG", str(log))
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    # Nothing listens on the discard port: every mirror push fails, and no deploy notices.
-    cfg = hive_config(
-        hive_root / "hive",
-        forge_container="hive-forge",
-        forge_url="http://127.0.0.1:9",
-        hive_name="lab",
-    )
-    async with open_hive(cfg) as hive:
-        listed = await hive.call(wire.ListAgents())
-        assert listed.forge is not None and listed.forge.state == "failed"
-        assert listed.forge.fix == NEWER_DB_FIX
-        await hive.call(wire.Spawn(name="alice"))
-        token = cfg.agent_root("alice") / "state" / "forge-token"
-        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    # The forge's git endpoint refuses every push: the spawn goes on all the same.
+    git_http = FakeGitHttp()
+    async with trio.open_nursery() as server:
+        url = f"http://127.0.0.1:{await server.start(git_http.serve)}"
+        cfg = hive_config(
+            hive_root / "hive", forge_container="hive-forge", forge_url=url, hive_name="lab"
+        )
+        async with open_hive(cfg) as hive:
+            listed = await hive.call(wire.ListAgents())
+            assert listed.forge is not None and listed.forge.state == "failed"
+            assert listed.forge.fix == NEWER_DB_FIX
+            await hive.call(wire.Spawn(name="alice"))
+            token = cfg.agent_root("alice") / "state" / "forge-token"
+            assert stat.S_IMODE(token.stat().st_mode) == 0o600
+            # The spawn's meta commit has alice's applied repo pushed, as core.
+            with trio.fail_after(30):
+                push = await git_http.wait_for(
+                    "GET /lab/alice.git/info/refs?service=git-receive-pack "
+                )
+        server.cancel_scope.cancel()
+    basic = base64.b64encode(b"core:0123456789abcdef0123456789abcdef01234567").decode()
+    assert f"\r\nAuthorization: Basic {basic}\r\n" in push
     lines = log.read_text().splitlines()
     admin = [line for line in lines if " curl " not in line]
     assert all(
@@ -244,9 +260,10 @@ async def test_the_daemon_provisions_agents_and_reports_a_broken_forge(
     assert (cfg.state_dir / "forge-core-token").is_file()
     # The hive's org and team, alice in it, as core: its token only ever on curl's stdin.
     api = [line for line in lines if line.startswith("hive-forge -- curl ")]
-    assert any(line.endswith("http://127.0.0.1:9/api/v1/orgs") for line in api)
-    assert any(line.endswith("http://127.0.0.1:9/api/v1/orgs/lab/teams") for line in api)
-    assert any(line.endswith("/api/v1/teams/7/members/alice") for line in api)
+    assert any(line.endswith(f"{url}/api/v1/orgs") for line in api)
+    assert any(line.endswith(f"{url}/api/v1/orgs/lab/teams") for line in api)
+    assert any(line.endswith(f"{url}/api/v1/teams/7/members/alice") for line in api)
+    assert any(line.endswith(f"{url}/api/v1/orgs/lab/repos") for line in api)
     core = (cfg.state_dir / "forge-core-token").read_text().strip()
     assert core not in log.read_text()
     sent = hive_root / "forge.log.stdin"
@@ -264,3 +281,27 @@ def test_the_cli_shows_a_failed_forge_with_its_fix() -> None:
     assert render(wire.AgentList(agents=[], forge=wire.ForgeStatus(state="running"))) == (
         "no agents"
     )
+
+
+def _supervisor(**forge: str) -> Supervisor:
+    """A supervisor for what it tells and lets a container reach (no daemon around it)."""
+    cfg = DaemonConfig(state_dir=Path("/nonexistent/state"), **forge)  # type: ignore[arg-type]
+    return Supervisor(cfg, None, None, BwrapBackend(), None)  # type: ignore[arg-type]
+
+
+def test_agents_are_told_the_forge_and_can_reach_it() -> None:
+    """With a forge its URL and the hive's org are in every container's environment (for the
+    system prompt), and its host port is forwarded into the agent's network namespace."""
+    alice = AgentRecord(name="alice", role="agent", port=8123, created_at=0.0)
+    with_forge = _supervisor(forge_container="hive-forge", hive_name="lab")
+    env = with_forge.spec_for(alice).env
+    assert (env["HIVE_FORGE_URL"], env["HIVE_FORGE_ORG"]) == ("http://localhost:3000", "lab")
+    egress = with_forge.egress_for(AgentConfig())
+    assert egress is not None and 3000 in egress.host_ports
+    remote = _supervisor(forge_container="hive-forge", forge_url="https://forge.example.org")
+    closed = remote.egress_for(parse('[network]\nmode = "anthropic"\n'))
+    assert closed is not None and ("forge.example.org", 443) in closed.allow
+    without = _supervisor()
+    assert "HIVE_FORGE_URL" not in without.spec_for(alice).env
+    egress = without.egress_for(AgentConfig())
+    assert egress is not None and 3000 not in egress.host_ports

@@ -205,9 +205,29 @@ async def test_the_forge_flag_follows_services_hive_forge() -> None:
     forge = "[ self.nixosModules.hive-forge { services.hive-forge.enable = true; } ]"
     _, cfg = daemon_of(await unit(extra=forge))
     assert cfg.forge_container == "hive-forge"
+    # The hive's org is named after the host by default; the forge serves on localhost:3000.
+    assert (cfg.hive_name, cfg.forge_url) == ("nixos", "http://localhost:3000")
+    assert cfg.agent_forge == ("http://localhost:3000", "nixos")
     off = "[ self.nixosModules.hive-forge ]"
-    _, cfg = daemon_of(await unit(extra=off))
-    assert cfg.forge_container is None
+    argv, cfg = daemon_of(await unit(extra=off))
+    assert cfg.forge_container is None and cfg.agent_forge is None
+    assert "--hive-name" not in argv and "--forge-url" not in argv
+
+
+async def test_the_hive_name_and_forge_url_reach_the_daemon() -> None:
+    forge = "[ self.nixosModules.hive-forge { services.hive-forge.enable = true; } ]"
+    settings = '{ enable = true; hiveName = "lab.2"; forgeUrl = "https://forge.example.org"; }'
+    _, cfg = daemon_of(await unit(settings, extra=forge))
+    assert (cfg.hive_name, cfg.forge_url) == ("lab.2", "https://forge.example.org")
+    named = '{ services.hive-forge.enable = true; networking.hostName = "box"; }'
+    _, cfg = daemon_of(await unit(extra=f"[ self.nixosModules.hive-forge {named} ]"))
+    assert cfg.hive_name == "box"
+    for bad, error in [
+        ('hiveName = "a--b";', "hiveName' is not of type"),
+        ('forgeUrl = "localhost:3000";', "forgeUrl' is not of type"),
+    ]:
+        with pytest.raises(NixError, match=re.escape(error)):
+            await unit(f"{{ enable = true; {bad} }}", extra=forge)
 
 
 async def test_a_disabled_service_defines_nothing() -> None:

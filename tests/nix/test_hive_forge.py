@@ -18,6 +18,7 @@ FORGE = """
     package = c.services.hive-forge.package.pname;
     inherit (container) autoStart ephemeral privateNetwork;
     stateVersion = inner.system.stateVersion;
+    packages = map (p: p.pname) (inner.environment.systemPackages or [ ]);
     forgejo = builtins.removeAttrs inner.services.forgejo [ "stateDir" ] // {{
       package = inner.services.forgejo.package.pname;
     }};
@@ -78,6 +79,8 @@ async def test_the_forge_container_runs_forgejo_as_the_hive_needs_it() -> None:
     assert settings["repository"]["DEFAULT_PRIVATE"] == "private"
     assert settings["repository"]["DEFAULT_PUSH_CREATE_PRIVATE"] is True
     assert settings["F3"] == {"ENABLED": False, "PATH": "/var/lib/forgejo/data/f3"}
+    # hive-c0re drives the REST API with curl inside the container (core/forge_org.py).
+    assert view["packages"] == ["curl"]
 
 
 async def test_a_disabled_forge_has_no_container() -> None:

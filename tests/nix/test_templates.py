@@ -4,7 +4,9 @@ flake, whose agent.nix reads agent.toml. Evaluated offline with the stub module 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,10 +52,13 @@ command = "/bin/notes"
 
 PRONOUNS = 'they/"${them}"'
 STORE = "/nix/store/00000000000000000000000000000000"
+FORGE = ("http://localhost:3000", "lab")
 
 
-def write_hive(root: Path, tomls: dict[str, str | None]) -> None:
-    """The applied repos and the meta flake as hive-c0re writes them."""
+def write_hive(
+    root: Path, tomls: dict[str, str | None], forge: tuple[str, str] | None = None
+) -> None:
+    """The applied repos and the meta flake as hive-c0re writes them (with a forge or not)."""
     agents = []
     for name, toml in tomls.items():
         applied = root / "applied" / name
@@ -80,6 +85,7 @@ def write_hive(root: Path, tomls: dict[str, str | None]) -> None:
             system="x86_64-linux",
             dashboard_port=7000,
             operator_pronouns=PRONOUNS,
+            forge=forge,
         )
     )
 
@@ -90,7 +96,7 @@ SUMMARY = """
     service = c.systemd.services.{service};
   in
   {{
-    hyperhive = builtins.removeAttrs c.hyperhive [ "package" ];
+    hyperhive = builtins.removeAttrs c.hyperhive [ "package" "forge" ];
     environment = service.environment;
     serviceConfig = service.serviceConfig;
     wantedBy = service.wantedBy;
@@ -240,12 +246,13 @@ async def test_claude_code_is_the_only_unfree_package_allowed(tmp_path: Path) ->
 
 
 async def test_the_options_are_exactly_those_agent_nix_sets(tmp_path: Path) -> None:
-    """harness-base declares what agent.nix sets (plus the template's own role and package)."""
+    """harness-base declares what agent.nix sets (plus the template's own role and package, and
+    the meta flake's forge)."""
     write_hive(tmp_path, {"alice": FULL_TOML})
     declared = await nix_eval(
         f'builtins.attrNames (({container(tmp_path, ["alice"])} "alice").hyperhive)'
     )
-    assert declared == sorted([*harness_view(AgentConfig()), "package"])
+    assert declared == sorted([*harness_view(AgentConfig()), "package", "forge"])
     types = await nix_eval(
         """let
           o = (host [ self.nixosModules.agent-base ]).options.hyperhive;
@@ -276,12 +283,19 @@ async def test_the_options_are_exactly_those_agent_nix_sets(tmp_path: Path) -> N
 
 async def test_what_the_container_sets_is_what_harness_env_leaves_out(tmp_path: Path) -> None:
     """hive-c0re's harness.env (read after Environment=) must not shadow the container's own
-    settings: NIX_OWNED_ENV is exactly what the templates and the meta flake set."""
-    write_hive(tmp_path, {"alice": None})
+    settings: NIX_OWNED_ENV is exactly what the templates and the meta flake set (with a forge;
+    without one, all but the forge's two)."""
+    write_hive(tmp_path, {"alice": None}, forge=FORGE)
     view = await summary(tmp_path, ["alice"], "alice")
     environment = view["environment"]
     assert isinstance(environment, dict)
     assert set(environment) | {"PATH"} == NIX_OWNED_ENV
+    (tmp_path / "off").mkdir()
+    write_hive(tmp_path / "off", {"alice": None})
+    view = await summary(tmp_path / "off", ["alice"], "alice")
+    environment = view["environment"]
+    assert isinstance(environment, dict)
+    assert set(environment) | {"PATH", "HIVE_FORGE_URL", "HIVE_FORGE_ORG"} == NIX_OWNED_ENV
 
 
 async def test_a_wrong_type_or_an_unknown_option_in_agent_nix_is_refused(
@@ -297,3 +311,131 @@ async def test_a_wrong_type_or_an_unknown_option_in_agent_nix_is_refused(
     agent_nix.write_text('{ hyperhive.modle = "sonnet"; }')
     with pytest.raises(NixError, match=re.escape("hyperhive.modle' does not exist")):
         await summary(tmp_path, ["alice"], "alice")
+
+
+TEA_LOGIN = """
+  let
+    c = {container} "{name}";
+    unit = c.systemd.services.tea-login or null;
+  in
+  {{
+    packages = map (p: p.pname) c.environment.systemPackages;
+    harnessPath = map (p: p.pname) c.systemd.services.{service}.path;
+    environment = c.systemd.services.{service}.environment;
+    forge = c.hyperhive.forge;
+    tea-login =
+      if unit == null then null
+      else {{
+        inherit (unit) description wantedBy after serviceConfig script environment;
+        path = map (p: p.pname) unit.path;
+      }};
+  }}
+"""
+
+
+async def tea_view(root: Path, name: str = "alice") -> dict[str, object]:
+    service = "hive-m1nd" if name == "hm1nd" else "hive-ag3nt"
+    names = sorted(p.name for p in (root / "applied").iterdir())
+    expr = TEA_LOGIN.format(container=container(root, names), name=name, service=service)
+    result = await nix_eval(expr)
+    assert isinstance(result, dict)
+    return result
+
+
+@pytest.mark.parametrize("name", ["alice", "hm1nd"])
+async def test_with_a_forge_tea_is_installed_and_logged_in_at_boot(
+    tmp_path: Path, name: str
+) -> None:
+    write_hive(tmp_path, {"hm1nd": None, "alice": None}, forge=FORGE)
+    view = await tea_view(tmp_path, name)
+    assert view["forge"] == {"url": "http://localhost:3000", "org": "lab"}
+    assert "tea" in strings(view["packages"]) and "tea" in strings(view["harnessPath"])
+    environment = view["environment"]
+    assert isinstance(environment, dict)
+    assert environment["HIVE_FORGE_URL"] == "http://localhost:3000"
+    assert environment["HIVE_FORGE_ORG"] == "lab"
+    settings = HarnessSettings.from_env("manager" if name == "hm1nd" else "agent", environment)
+    assert (settings.forge_url, settings.forge_org) == FORGE
+    unit = view["tea-login"]
+    assert isinstance(unit, dict)
+    assert unit["wantedBy"] == ["multi-user.target"]
+    assert unit["serviceConfig"] == {
+        "Type": "oneshot",
+        "RemainAfterExit": True,
+        "TimeoutStartSec": 30,
+    }
+    assert unit["environment"] == {"HOME": "/root"}
+    assert set(strings(unit["path"])) == {"tea", "coreutils", "gnugrep"}
+    script = str(unit["script"])
+    assert (
+        'GITEA_SERVER_TOKEN="$(cat "$token")" tea login add --name hive'
+        " --url 'http://localhost:3000'" in script
+    )
+    assert "--token" not in script  # the token is in tea's environment, not its argv
+
+
+async def test_without_a_forge_there_is_no_tea(tmp_path: Path) -> None:
+    write_hive(tmp_path, {"alice": None})
+    view = await tea_view(tmp_path)
+    assert view["forge"] == {"url": None, "org": None}
+    assert view["tea-login"] is None
+    assert "tea" not in strings(view["packages"]) + strings(view["harnessPath"])
+    environment = view["environment"]
+    assert isinstance(environment, dict)
+    assert "HIVE_FORGE_URL" not in environment and "HIVE_FORGE_ORG" not in environment
+
+
+FAKE_TEA = """#!/bin/sh
+# tea: `login list` shows the logins in $TEA_LOGINS; `login add` records its argv and token.
+case "$1 $2" in
+  "login list") echo "+------+"; cat "$TEA_LOGINS" 2>/dev/null ;;
+  "login add")
+    printf '%s\\n' "$*" >> "$TEA_CALLS"
+    echo "token=$GITEA_SERVER_TOKEN" >> "$TEA_CALLS"
+    [ -n "$TEA_FAILS" ] && { echo "connection refused" >&2; exit 1; }
+    echo "| hive | http://localhost:3000 |" >> "$TEA_LOGINS" ;;
+esac
+"""
+
+
+async def test_the_tea_login_script_never_fails_and_logs_in_once(tmp_path: Path) -> None:
+    """The evaluated script, run as NixOS runs it (`sh -e`), its token path under tmp_path,
+    against a fake tea: nothing without a token, a failed login exits 0, one login, kept."""
+    write_hive(tmp_path, {"alice": None}, forge=FORGE)
+    unit = (await tea_view(tmp_path))["tea-login"]
+    assert isinstance(unit, dict)
+    token = tmp_path / "forge-token"
+    script = str(unit["script"]).replace("/state/forge-token", str(token))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "tea").write_text(FAKE_TEA)
+    (bin_dir / "tea").chmod(0o755)
+    calls, logins = tmp_path / "calls", tmp_path / "logins"
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "TEA_CALLS": str(calls),
+        "TEA_LOGINS": str(logins),
+    }
+
+    def run(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-e", "-c", script], env={**env, **extra}, capture_output=True, text=True
+        )
+
+    no_token = run()
+    assert no_token.returncode == 0 and "no " in no_token.stdout
+    assert not calls.exists()
+    token.write_text("0123456789abcdef\n")
+    failed = run(TEA_FAILS="1")
+    assert failed.returncode == 0 and "login failed" in failed.stdout
+    assert calls.read_text().splitlines() == [
+        "login add --name hive --url http://localhost:3000",
+        "token=0123456789abcdef",
+    ]
+    calls.unlink()
+    assert run().returncode == 0
+    assert calls.read_text().splitlines()[0] == "login add --name hive --url http://localhost:3000"
+    calls.unlink()
+    again = run()  # already logged in: nothing to do
+    assert again.returncode == 0 and "already logged in" in again.stdout
+    assert not calls.exists()

@@ -23,6 +23,8 @@ FULL = HarnessEnv(
     allowed_recipients=("bob", "carol"),
     extra_mcp={"search": McpServer(command="/bin/search", args=["-q"])},
     first_event_timeout=2.5,
+    forge_url="http://localhost:3000",
+    forge_org="lab",
 )
 
 
@@ -38,6 +40,8 @@ def test_missing_variables_take_their_defaults_and_the_role_is_the_callers() -> 
     assert decoded.runtime is None and decoded.extra_mcp == {} and decoded.port == 0
     assert HarnessEnv.decode({}, "agent").label == "agent"
     assert HarnessEnv.decode({"HIVE_EXTRA_MCP": "{not json"}, "agent").extra_mcp == {}
+    assert "HIVE_FORGE_URL" not in HarnessEnv(label="alice").encode()  # no forge: unset
+    assert HarnessEnv.decode({"HIVE_FORGE_URL": ""}, "agent").forge_url is None
 
 
 def test_the_harness_settings_come_from_the_contract() -> None:
