@@ -197,22 +197,19 @@ class Forge:
         """One user and its token, and (with `core`'s) the hive's org with that user in its
         read-only team; True when the user and token exist afterwards. Failures only warn."""
         async with self._lock:
-            return await self._ensure_locked(name)
-
-    async def _ensure_locked(self, name: str) -> bool:
-        try:
-            await self._ensure_user(name)
-            await self._ensure_token(name)
-        except HiveError as exc:
-            log.warning("forge: could not provision %s: %s", name, exc.message)
-            return False
-        try:
-            if name == CORE_USER:
-                await self.org.ensure()
-            else:
-                await self.org.join(name)
-        except HiveError as exc:
-            log.warning("forge: %s: %s", self.org.name, exc.message)
+            try:
+                await self._ensure_user(name)
+                await self._ensure_token(name)
+            except HiveError as exc:
+                log.warning("forge: could not provision %s: %s", name, exc.message)
+                return False
+            try:
+                if name == CORE_USER:
+                    await self.org.ensure()
+                else:
+                    await self.org.join(name)
+            except HiveError as exc:
+                log.warning("forge: %s: %s", self.org.name, exc.message)
         return True
 
     async def prepare_mirror(self, repo: str, description: str) -> bool:
