@@ -39,6 +39,22 @@ async def test_fanout_forgets_a_subscriber_that_went_away() -> None:
     assert len(fan) == 0
 
 
+async def test_fanout_hands_a_filtered_subscriber_only_its_kinds() -> None:
+    fan = FanOut[object](4)
+    ints, everything = fan.subscribe((int,)), fan.subscribe()
+    assert fan.wants(int) and fan.wants(str)
+    for item in (1, "a", 2.5, 3):
+        fan.send_nowait(item)
+    assert [ints.receive_nowait(), ints.receive_nowait()] == [1, 3]
+    with pytest.raises(trio.WouldBlock):
+        ints.receive_nowait()
+    assert [everything.receive_nowait() for _ in range(4)] == [1, "a", 2.5, 3]
+    everything.close()
+    fan.send_nowait("b")  # the closed one is forgotten on the next send
+    assert fan.wants(int) and not fan.wants(str)
+    assert not FanOut[object](1).wants(int)  # nobody listens: nothing is worth making
+
+
 def _make(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")

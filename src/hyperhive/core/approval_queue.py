@@ -160,7 +160,7 @@ class ApprovalQueue:
         """The hive's events (for watching a deploy's health)."""
         if self.hub is None:
             raise Internal("no event hub")
-        return self.hub.stream()
+        return self.hub.stream((wire.AgentChanged, wire.AgentRemoved))
 
     # ------------------------------------------------------------------ requests
 

@@ -89,7 +89,7 @@ class AttentionWatch:
         self.recheck()
         task_status.started()
         while True:
-            events = self.hub.subscribe()
+            events = self.hub.subscribe((wire.QuestionChanged, wire.ApprovalChanged))
             with events:
                 while True:
                     with trio.move_on_after(self.tick):

@@ -52,8 +52,14 @@ class EventHub:
     def __post_init__(self) -> None:
         self._fanout = FanOut(self.buffer)
 
-    def publish(self, make: Callable[[int], wire.HiveEvent]) -> None:
+    def publish(
+        self, make: Callable[[int], wire.HiveEvent], kind: type[wire.HiveEvent] | None = None
+    ) -> None:
+        """Number and send an event; with `kind` (what `make` makes), it is made only when a
+        subscriber would take it (the broker's per-message events, on a hive nobody watches)."""
         self._seq += 1
+        if kind is not None and not self._fanout.wants(kind):
+            return
         self._fanout.send_nowait(make(self._seq))
 
     @property
@@ -64,19 +70,25 @@ class EventHub:
     def subscribers(self) -> int:
         return len(self._fanout)
 
-    def subscribe(self) -> trio.MemoryReceiveChannel[wire.HiveEvent]:
-        return self._fanout.subscribe()
+    def subscribe(
+        self, kinds: tuple[type[wire.HiveEvent], ...] | None = None
+    ) -> trio.MemoryReceiveChannel[wire.HiveEvent]:
+        """Every event from now on, or only those of `kinds` (a watcher is not woken by the
+        message traffic it ignores)."""
+        return self._fanout.subscribe(kinds)
 
-    async def stream(self) -> AsyncGenerator[wire.HiveEvent, None]:
-        recv = self.subscribe()
+    async def stream(
+        self, kinds: tuple[type[wire.HiveEvent], ...] | None = None
+    ) -> AsyncGenerator[wire.HiveEvent, None]:
+        recv = self.subscribe(kinds)
         with recv:
             async for event in recv:
                 yield event
         yield wire.Dropped(seq=self._seq, reason="subscriber fell behind")
 
 
-def _sent_event(msg: wire.Message, seq: int) -> wire.HiveEvent:
-    return wire.MessageSent(seq=seq, message=msg)
+def _sent_event(row: m.Row, seq: int) -> wire.HiveEvent:
+    return wire.MessageSent(seq=seq, message=m.to_message(row))
 
 
 def _delivered_event(mid: int, to: str, seq: int) -> wire.HiveEvent:
@@ -298,7 +310,7 @@ class Broker:
                 if msg.state == "delivered":
                     # To the operator, or handed to a reader that only peeks: never waited.
                     self.quotas.remove(msg.to, msg.origin, _bytes(msg.body))
-                self._hub.publish(partial(_sent_event, m.to_message(row)))
+                self._hub.publish(partial(_sent_event, row), wire.MessageSent)
                 if reader is not None:
                     self._answer(reader, msg)
                 elif msg.state == "queued":
@@ -327,7 +339,9 @@ class Broker:
             for origin, size in op.freed:
                 self.quotas.remove(op.recipient, origin, size)
             if op.acked:
-                self._hub.publish(partial(_delivered_event, op.id, op.recipient))
+                self._hub.publish(
+                    partial(_delivered_event, op.id, op.recipient), wire.MessageDelivered
+                )
         elif isinstance(op, m.Nack) and op.done:
             self._count(op.recipient, 1 + op.also)
             requeued.add(op.recipient)
@@ -350,9 +364,9 @@ class Broker:
         reader.message = msg
         reader.claimed = False
         if msg is not None and msg.state == "delivered":
-            self._hub.publish(partial(_delivered_event, msg.id, msg.to))
+            self._hub.publish(partial(_delivered_event, msg.id, msg.to), wire.MessageDelivered)
         elif msg is not None and msg.state == "leased":
-            self._hub.publish(partial(_leased_event, msg))
+            self._hub.publish(partial(_leased_event, msg), wire.MessageLeased)
         reader.done.set()
 
     def _park(self, reader: _Reader, *, front: bool = False) -> None:

@@ -76,7 +76,7 @@ class LoginWatch:
         """Wake the check when an agent it has not seen appears; forget purged ones."""
         while True:
             # The stream ends when this falls behind: subscribe again (the ticks cover the gap).
-            async with aclosing(self.hub.stream()) as stream:
+            async with aclosing(self.hub.stream((wire.AgentChanged, wire.AgentRemoved))) as stream:
                 async for event in stream:
                     if (
                         isinstance(event, wire.AgentChanged)

@@ -39,6 +39,10 @@ _ATTENTION_KINDS: dict[str, wire.NotificationKind] = {
 }
 
 
+OBSERVED = (wire.ApprovalChanged, wire.QuestionChanged, wire.AgentChanged, wire.AgentRemoved)
+"""The events a notification can come from (`Notifier.observe`)."""
+
+
 class Notifier:
     def __init__(
         self,
@@ -151,7 +155,7 @@ class Notifier:
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> NoReturn:
         async with trio.open_nursery() as nursery:
-            events = self.hub.subscribe()
+            events = self.hub.subscribe(OBSERVED)
             nursery.start_soon(self._follow, events)
             task_status.started()
             while True:
@@ -179,4 +183,4 @@ class Notifier:
                         self.observe(event)
             # Fell behind: follow again (causes seen meanwhile are caught by their next change).
             log.warning("notifications fell behind the event stream; following it again")
-            events = self.hub.subscribe()
+            events = self.hub.subscribe(OBSERVED)

@@ -208,8 +208,12 @@ class SocketServer(Generic[Req]):
             await self._send(lines, encode_line(result))
 
     async def _send(self, lines: LineStream, data: bytes) -> None:
-        with trio.fail_after(self.limits.send_timeout):
+        # A bare cancel scope: trio.fail_after is a generator context manager, and this runs
+        # for every reply.
+        with trio.CancelScope(deadline=trio.current_time() + self.limits.send_timeout) as scope:
             await lines.send_line(data)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
 
     async def _stream(self, lines: LineStream, source: AsyncIterator[bytes]) -> None:
         """Pump a stream to the client until either side ends; reading detects a hang-up."""

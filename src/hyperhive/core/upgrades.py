@@ -362,7 +362,7 @@ class Upgrades:
             return False, None
 
         with trio.move_on_after(self.health_window):
-            async with aclosing(self.hub.stream()) as stream:
+            async with aclosing(self.hub.stream((wire.AgentChanged, wire.AgentRemoved))) as stream:
                 decided, reason = verdict()
                 if decided:
                     return reason

@@ -15,20 +15,28 @@ class FanOut(Generic[T]):
 
     def __init__(self, buffer: int) -> None:
         self.buffer = buffer
-        self._subs: set[trio.MemorySendChannel[T]] = set()
+        self._subs: dict[trio.MemorySendChannel[T], tuple[type, ...] | None] = {}
 
-    def subscribe(self) -> trio.MemoryReceiveChannel[T]:
-        """A channel of everything sent from now on; closed by the fan-out if it falls behind."""
+    def subscribe(self, kinds: tuple[type, ...] | None = None) -> trio.MemoryReceiveChannel[T]:
+        """A channel of everything sent from now on (only instances of `kinds`, when given: a
+        subscriber is never woken for what it ignores); closed by the fan-out if it falls
+        behind."""
         send, recv = trio.open_memory_channel[T](self.buffer)
-        self._subs.add(send)
+        self._subs[send] = kinds
         return recv
 
+    def wants(self, kind: type) -> bool:
+        """Whether any subscriber would take an item of `kind` (so it is worth making)."""
+        return any(kinds is None or issubclass(kind, kinds) for kinds in self._subs.values())
+
     def send_nowait(self, item: T) -> None:
-        for chan in list(self._subs):
+        for chan, kinds in list(self._subs.items()):
+            if kinds is not None and not isinstance(item, kinds):
+                continue
             try:
                 chan.send_nowait(item)
             except (trio.WouldBlock, trio.BrokenResourceError):
-                self._subs.discard(chan)
+                del self._subs[chan]
                 chan.close()
 
     def __len__(self) -> int:
