@@ -266,3 +266,20 @@ async def test_bad_names_are_refused_and_nothing_is_created(hive_root: Path) -> 
                 assert any(w in error for w in ("invalid", "reserved", "longer", "non-empty"))
         assert await _agents(hive) == []
         assert await trio.to_thread.run_sync(_tree, hive_root) == disk
+
+
+async def test_recv_says_how_many_more_wait(hive: Hive) -> None:
+    """The harness learns the inbox's depth with the message itself (no `status` per turn)."""
+    await _stopped_agents(hive, "alice")
+    async with open_client(hive.agent_sock("alice")) as alice:
+        await alice.call(wire.Recv())  # the spawn's notice
+        for n in range(3):
+            await hive.call(wire.OperatorSend(to="alice", body=f"#{n}"))
+        unread = []
+        for _ in range(3):
+            got = await alice.call(wire.Recv(lease=True))
+            assert got.message is not None
+            unread.append(got.unread)
+            await alice.call(wire.Ack(id=got.message.id, attempt=got.message.attempt))
+        assert unread == [2, 1, 0]
+        assert await alice.call(wire.Recv()) == wire.Received(message=None, unread=0)

@@ -148,14 +148,15 @@ class Harness:
         while True:
             await self.wait_for_login()
             await self.between_turns()
-            msg = await self._receive(client)
+            received = await self._receive(client)
+            msg = received.message
             if msg is None:
                 continue
-            status = await client.call(wire.Status())
-            result = await self.turn(msg, status.unread)
+            # How many more wait comes with the message: no `status` round trip per turn.
+            result = await self.turn(msg, received.unread)
             await self.settle(client, msg, result)
 
-    async def _receive(self, client: Client) -> wire.Message | None:
+    async def _receive(self, client: Client) -> wire.Received:
         """Wait for the next message; an operator's compaction asked for meanwhile runs at once
         (a message arriving during it waits, leased, until it is done)."""
 
@@ -179,7 +180,7 @@ class Harness:
                     nursery.cancel_scope.cancel()
         if lost is not None:
             raise lost
-        return reply.message
+        return reply
 
     async def between_turns(self) -> None:
         """Compact when the operator asked for it or the last turn's context passed the

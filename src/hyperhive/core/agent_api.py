@@ -108,7 +108,7 @@ class AgentHandler:
                 msg = await self.broker.recv(self.principal, wait, lease=lease)
                 if msg is not None and msg.sender != SELF and self.rec.next_turns:
                     self.registry.note_quietly(self.rec, next_turns=0)
-                return wire.Received(message=msg)
+                return wire.Received(message=msg, unread=self.broker.queued(self.principal))
             case wire.Ack(id=mid, attempt=attempt):
                 acked = await self.broker.ack(self.principal, mid, attempt)
                 return wire.Acked(acked=acked)

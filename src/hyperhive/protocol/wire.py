@@ -230,6 +230,9 @@ class Sent(Reply, frozen=True):
 
 class Received(Reply, frozen=True):
     message: Message | None
+    unread: int = 0
+    """Messages still queued in the inbox after this one (the harness's wake prompt says how
+    many wait, without a `status` round trip)."""
 
 
 class Inbox(Reply, frozen=True):
