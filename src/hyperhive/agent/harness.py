@@ -26,6 +26,7 @@ from hyperhive.protocol import wire
 from hyperhive.protocol.client import Client, open_client
 from hyperhive.protocol.errors import ConnectionLost
 from hyperhive.protocol.names import BROADCAST, SYSTEM
+from hyperhive.web.serving import bind_listener
 
 log = logging.getLogger(__name__)
 
@@ -433,33 +434,42 @@ async def _serve_ui(
 
     Its login token comes from the daemon over the agent socket (never the environment), and
     is renewed whenever the daemon comes back: see `UiLogin`.
+
+    The port is bound and listening at once, but the web stack (quart, hypercorn: about 0.3 s
+    of CPU to import, more than the rest of the harness) is loaded when the first connection
+    arrives, which it then serves: a hive of many agents is up, and taking turns, without
+    paying for pages nobody has opened yet.
     """
     up = False
     try:
-        from hyperhive.agent.ui import serve_agent_ui
+        sock = await trio.to_thread.run_sync(bind_listener, settings.bind, settings.port)
+        with sock:
+            dashboard = f"http://{settings.bind}:{settings.dashboard_port}/"
+            ui_login = UiLogin(settings.socket)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ui_login.serve)
+                up = True
+                task_status.started()
+                await trio.lowlevel.wait_readable(sock)
+                from hyperhive.agent.ui import serve_agent_ui
 
-        dashboard = f"http://{settings.bind}:{settings.dashboard_port}/"
-        ui_login = UiLogin(settings.socket)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(ui_login.serve)
-            await nursery.start(
-                partial(
-                    serve_agent_ui,
-                    label=settings.label,
-                    role=settings.role,
-                    bus=bus,
-                    socket_path=settings.socket,
-                    controls=controls,
-                    login=login,
-                    login_token=ui_login,
-                    dashboard_url=dashboard if settings.dashboard_port > 0 else None,
-                    bind=settings.bind,
-                    port=settings.port,
-                    allowed_hosts=settings.allowed_hosts,
+                await nursery.start(
+                    partial(
+                        serve_agent_ui,
+                        label=settings.label,
+                        role=settings.role,
+                        bus=bus,
+                        socket_path=settings.socket,
+                        controls=controls,
+                        login=login,
+                        login_token=ui_login,
+                        dashboard_url=dashboard if settings.dashboard_port > 0 else None,
+                        bind=settings.bind,
+                        port=settings.port,
+                        allowed_hosts=settings.allowed_hosts,
+                        sock=sock,
+                    )
                 )
-            )
-            up = True
-            task_status.started()
     except* (OSError, ImportError) as group:
         # hypercorn reports a port in use from inside its nurseries, as an exception group.
         def leaves(exc: BaseException) -> list[BaseException]:

@@ -3,6 +3,7 @@ from its in-memory state (on web's shared edge: security, SSE, serving)."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import NoReturn, Protocol
 
@@ -247,9 +248,11 @@ async def serve_agent_ui(
     bind: str = "127.0.0.1",
     dashboard_url: str | None = None,
     allowed_hosts: Sequence[str] = (),
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve the agent UI until cancelled; `task_status.started(port)` gives the bound port."""
+    """Serve the agent UI until cancelled; `task_status.started(port)` gives the bound port.
+    With `sock` (listening, see `bind_listener`; it stays the caller's) it serves on that."""
     app = create_agent_app(
         label=label,
         role=role,
@@ -261,10 +264,14 @@ async def serve_agent_ui(
         dashboard_url=dashboard_url,
         allowed_hosts=(*allowed_hosts, bind),
     )
-    # Bound here (closed again when the port is taken): hypercorn's own bind leaves the socket
-    # of a failed attempt to the garbage collector.
-    sock = await trio.to_thread.run_sync(bind_listener, bind, port)
-    with sock:
+    if sock is not None:
         await serve_app(
             app, bind=bind, port=port, name="agent-ui", sock=sock, task_status=task_status
+        )
+    # Bound here (closed again when the port is taken): hypercorn's own bind leaves the socket
+    # of a failed attempt to the garbage collector.
+    own = await trio.to_thread.run_sync(bind_listener, bind, port)
+    with own:
+        await serve_app(
+            app, bind=bind, port=port, name="agent-ui", sock=own, task_status=task_status
         )

@@ -11,15 +11,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlsplit
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
-from quart_trio import QuartTrio
 
 from hyperhive.protocol import wire
+
+if TYPE_CHECKING:  # imported where a server starts: binding a port needs neither (see below)
+    from hypercorn.config import Config
+    from quart_trio import QuartTrio
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ def bind_address(bind: str, port: int) -> str:
 
 
 def hypercorn_config(bind: str, port: int, *, name: str) -> Config:
+    from hypercorn.config import Config
+
     config = Config()
     config.bind = [bind_address(bind, port)]
     config.accesslog = None
@@ -85,6 +88,8 @@ async def serve_app(
     With `sock` (see `bind_listener`) it serves on that socket, which stays the caller's to
     close (hypercorn gets a duplicate); without, hypercorn binds bind:port itself.
     """
+    from hypercorn.trio import serve
+
     config = hypercorn_config(bind, port, name=name)
     if sock is not None:
         config.bind = [f"fd://{os.dup(sock.fileno())}"]
