@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from hyperhive.protocol import wire
-from hyperhive.protocol.client import call_once
+from hyperhive.protocol.client import call_once, open_client
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -68,6 +68,20 @@ async def wait_ui(ports: dict[str, int]) -> None:
             nursery.start_soon(ui_up, port)
 
 
+async def wait_reported(sock: str, n: int) -> None:
+    """Until every harness has connected to its socket and reported its state (`turn_state`):
+    it runs and takes turns (a relayed UI port can accept before its harness is up)."""
+    async with open_client(sock) as client:
+        await client.call(wire.Subscribe())
+        while True:
+            listed = await call_once(sock, wire.ListAgents())
+            if sum(a.turn_state is not None for a in listed.agents) >= n:
+                return
+            async for event in client.events():
+                if isinstance(event, wire.AgentChanged):
+                    break
+
+
 def bench(n: int, idle: float) -> None:
     root = Path(tempfile.mkdtemp(prefix="hs-", dir="/tmp"))
     run_dir = root / "run"
@@ -101,13 +115,18 @@ def bench(n: int, idle: float) -> None:
         spawned = time.perf_counter() - t0
         trio.run(wait_ui, ports)
         up = time.perf_counter() - t0
+        trio.run(wait_reported, str(run_dir / "host.sock"), n)
+        reported = time.perf_counter() - t0
+        if os.environ.get("HIVE_BENCH_CENSUS"):
+            subprocess.run([sys.executable, os.environ["HIVE_BENCH_CENSUS"]], check=False)
         time.sleep(2)  # let start-up work settle before measuring idleness
         c0, w0 = cpu_seconds(daemon.pid), time.perf_counter()
         time.sleep(idle)
         cpu = (cpu_seconds(daemon.pid) - c0) / (time.perf_counter() - w0) * 100
         rss = rss_mb(daemon.pid)
         print(
-            f"N={n:>3}: spawned in {spawned:5.2f} s, all harnesses up in {up:6.2f} s;"
+            f"N={n:>3}: spawned in {spawned:5.2f} s, all UIs accept in {up:6.2f} s, all"
+            f" harnesses connected and reporting in {reported:6.2f} s;"
             f" daemon RSS {rss:6.1f} MB (idle daemon {base_rss:.1f} MB);"
             f" daemon idle CPU {cpu:5.2f}% = {cpu / n:.3f}% per agent"
         )

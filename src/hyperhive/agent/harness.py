@@ -19,6 +19,7 @@ from hyperhive.agent.compaction import (
 )
 from hyperhive.agent.controls import Controls
 from hyperhive.agent.login import LOGIN_ARGS, ClaudeLogin, LoginSession
+from hyperhive.agent.mcp_bridge import serve_bridge
 from hyperhive.agent.settings import HarnessSettings, write_claude_files
 from hyperhive.agent.turns import TurnReporter, make_record, outcome_of
 from hyperhive.agent.ui_login import UiLogin
@@ -381,6 +382,8 @@ async def serve(settings: HarnessSettings) -> None:
                 keep_events=settings.history_keep_events,
             )
             await nursery.start(reporter.serve)
+            # claude's MCP server lives here, for every turn (agent/mcp_bridge.py).
+            await nursery.start(serve_bridge, settings.runtime_dir, partial(_mcp_session, settings))
             harness = Harness(settings, bus, controls, login, reporter)
             if settings.port:
                 # Started, not start_soon: the UI is up before the first turn is taken.
@@ -420,6 +423,13 @@ async def install_plugins(settings: HarnessSettings, bus: LiveBus) -> None:
             await bus.emit(Note(text=f"plugin {spec} not installed: {why}", level="warn"))
         else:
             await bus.emit(Note(text=f"plugin {spec} installed"))
+
+
+async def _mcp_session(settings: HarnessSettings, stream: trio.SocketStream) -> None:
+    """One claude run's MCP session; the `mcp` package is imported when the first comes."""
+    from hyperhive.agent.mcp_server import serve_session
+
+    await serve_session(settings, stream)
 
 
 async def _serve_ui(

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from typing import Protocol, TypeVar
 
 import anyio
 import msgspec
+import trio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from hyperhive.agent.settings import HarnessSettings
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
-from hyperhive.protocol.errors import HiveError
+from hyperhive.protocol.codec import LineStream
+from hyperhive.protocol.errors import HiveError, LineTooLong
 from hyperhive.protocol.names import MANAGER, canonical_recipient
 
 R = TypeVar("R", bound=wire.Reply)
+
+log = logging.getLogger(__name__)
 
 
 class _Call(Protocol):
@@ -285,6 +290,49 @@ def _add_manager_tools(server: MCPServer, call: _Call) -> None:
     )
     async def update(name: str) -> str:
         return await lifecycle(wire.UpdateAgent(name=name))
+
+
+BRIDGE_MAX_LINE = 16 * 1024 * 1024
+"""One JSON-RPC message from claude (a tool call) or to it (a tool's result) per line."""
+
+
+async def serve_session(settings: HarnessSettings, stream: trio.SocketStream) -> None:
+    """One MCP session over a bridge connection (see agent/mcp_bridge.py): the same server as
+    on stdio, its JSON-RPC lines carried by the socket."""
+    import mcp_types as types
+    from mcp.shared._context_streams import create_context_streams
+    from mcp.shared.message import SessionMessage
+
+    server = build_server(settings)
+    lowlevel = server._lowlevel_server  # what MCPServer.run_stdio_async runs too
+    read_writer, read_stream = create_context_streams[SessionMessage | Exception](0)
+    write_stream, write_reader = create_context_streams[SessionMessage](0)
+    lines = LineStream(stream, max_line=BRIDGE_MAX_LINE)
+
+    async def reader() -> None:
+        async with read_writer:
+            while (line := await lines.receive_line()) is not None:
+                try:
+                    message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                except Exception as exc:
+                    await read_writer.send(exc)
+                    continue
+                await read_writer.send(SessionMessage(message))
+
+    async def writer() -> None:
+        async with write_reader:
+            async for sent in write_reader:
+                data = sent.message.model_dump_json(by_alias=True, exclude_unset=True)
+                await lines.send_line(data.encode() + b"\n")
+
+    try:
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            nursery.start_soon(writer)
+            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+            nursery.cancel_scope.cancel()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, LineTooLong) as exc:
+        log.warning("MCP bridge session ended: %s", exc)
 
 
 def run_stdio(settings: HarnessSettings) -> None:

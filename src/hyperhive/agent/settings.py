@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from hyperhive.agent.mcp_bridge import bridge_command, write_bridge
 from hyperhive.protocol.agent_config import LOGIN_KEYS, McpServer
 from hyperhive.protocol.harness_env import HarnessEnv
 
@@ -179,6 +180,9 @@ def system_prompt(settings: HarnessSettings) -> str:
 def write_claude_files(settings: HarnessSettings) -> None:
     """Write the MCP config, claude settings and system prompt (blocking; call off the loop)."""
     settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+    # The harness's own MCP server, reached through a stdlib bridge (agent/mcp_bridge.py).
+    write_bridge(settings.runtime_dir)
+    command, args = bridge_command(settings.python, settings.runtime_dir, settings.role)
     extra = {
         key: {"type": "stdio", "command": srv.command, "args": srv.args, "env": srv.env}
         for key, srv in settings.extra_mcp.items()
@@ -188,8 +192,8 @@ def write_claude_files(settings: HarnessSettings) -> None:
             **extra,
             MCP_SERVER: {
                 "type": "stdio",
-                "command": settings.python,
-                "args": ["-m", "hyperhive.agent", "mcp", "--role", settings.role],
+                "command": command,
+                "args": args,
                 "env": {
                     "HIVE_SOCKET": settings.socket,
                     "HIVE_LABEL": settings.label,
