@@ -97,3 +97,21 @@ async def test_the_bridge_socket_never_replaces_what_is_not_a_socket(tmp_path: P
     with pytest.raises(OSError, match="is not a socket"):
         await serve_bridge(tmp_path, _mcp_session)  # type: ignore[arg-type]
     assert (tmp_path / BRIDGE_SOCKET).read_text() == "planted"
+
+
+async def test_a_harness_whose_bridge_cannot_be_served_goes_on_without_it(
+    tmp_path: Path,
+) -> None:
+    from hyperhive.agent.bus import LiveBus
+    from hyperhive.agent.harness import _serve_mcp
+
+    (tmp_path / BRIDGE_SOCKET).mkdir()  # something planted in its place
+    bus = LiveBus()
+    seen = bus.subscribe()
+    settings = HarnessSettings(label="alice", role="agent", runtime_dir=tmp_path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_serve_mcp, settings, bus)
+    note = msgspec.json.decode(seen.receive_nowait())
+    assert note["kind"] == "note" and note["level"] == "warn"
+    assert "MCP bridge not served" in note["text"] and "is not a socket" in note["text"]

@@ -383,7 +383,7 @@ async def serve(settings: HarnessSettings) -> None:
             )
             await nursery.start(reporter.serve)
             # claude's MCP server lives here, for every turn (agent/mcp_bridge.py).
-            await nursery.start(serve_bridge, settings.runtime_dir, partial(_mcp_session, settings))
+            await nursery.start(_serve_mcp, settings, bus)
             harness = Harness(settings, bus, controls, login, reporter)
             if settings.port:
                 # Started, not start_soon: the UI is up before the first turn is taken.
@@ -423,6 +423,33 @@ async def install_plugins(settings: HarnessSettings, bus: LiveBus) -> None:
             await bus.emit(Note(text=f"plugin {spec} not installed: {why}", level="warn"))
         else:
             await bus.emit(Note(text=f"plugin {spec} installed"))
+
+
+async def _serve_mcp(
+    settings: HarnessSettings,
+    bus: LiveBus,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The bridge's socket; without it turns still have their tools (the bridge falls back
+    to the full stdio server), only slower."""
+    up = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_bridge, settings.runtime_dir, partial(_mcp_session, settings))
+            up = True
+            task_status.started()
+    except* OSError as group:
+        # From inside the nurseries, as an exception group.
+        exc = group.exceptions[0]
+        await bus.emit(
+            Note(
+                text=f"MCP bridge not served ({exc}): each turn starts the full MCP server",
+                level="warn",
+            )
+        )
+        if not up:
+            task_status.started()
 
 
 async def _mcp_session(settings: HarnessSettings, stream: trio.SocketStream) -> None:
