@@ -352,12 +352,16 @@ def config(root: Path, **overrides: object) -> DaemonConfig:
     )
 
 
-async def _hive_of_three(host: NixosHost, cfg: DaemonConfig) -> None:
-    """hm1nd, alice and bob, each running with a reporting harness, on hyperhive rev-a."""
+async def _hive_of_three(root: Path, **overrides: object) -> tuple[NixosHost, DaemonConfig]:
+    """A fake NixOS host with hm1nd, alice and bob, each running with a reporting harness, on
+    hyperhive rev-a (its meta flake's hyperhive input at REV_A); the daemon stopped again."""
+    host = NixosHost(root, upstream={"hyperhive": REV_A})
+    cfg = config(root, **overrides)
     async with nixos_hive(host, cfg) as hive, subscription(hive.sock) as events:
         await hive.call(wire.Spawn(name="alice"))
         await hive.call(wire.Spawn(name="bob"))
         await until_agents(hive, events, reported("hm1nd", "alice", "bob", rev="rev-a"))
+    return host, cfg
 
 
 # ---------------------------------------------------------------------- upgrades
@@ -366,9 +370,7 @@ async def _hive_of_three(host: NixosHost, cfg: DaemonConfig) -> None:
 async def test_an_upgrade_rebuilds_every_nixos_container_once_on_the_new_hyperhive(
     tmp_path: Path, revision: dict[str, str]
 ) -> None:
-    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
-    cfg = config(tmp_path)
-    await _hive_of_three(host, cfg)
+    host, cfg = await _hive_of_three(tmp_path)
     old_closures = {c: host.closure(c) for c in ("hm1nd", "h-alice", "h-bob")}
 
     # The host is upgraded: a new hyperhive for the daemon, and upstream for the meta flake.
@@ -411,9 +413,7 @@ async def test_an_upgrade_rebuilds_every_nixos_container_once_on_the_new_hyperhi
 async def test_an_unhealthy_upgrade_is_rolled_back_and_stops_the_rollout(
     tmp_path: Path, revision: dict[str, str]
 ) -> None:
-    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
-    cfg = config(tmp_path, deploy_health_window=2.0)
-    await _hive_of_three(host, cfg)
+    host, cfg = await _hive_of_three(tmp_path, deploy_health_window=2.0)
     old = host.closure("h-alice")
 
     revision["rev"], host.upstream["hyperhive"] = "rev-b", REV_B
@@ -440,9 +440,7 @@ async def test_an_unhealthy_upgrade_is_rolled_back_and_stops_the_rollout(
 async def test_without_auto_update_stale_agents_are_only_marked(
     tmp_path: Path, revision: dict[str, str]
 ) -> None:
-    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
-    cfg = config(tmp_path)
-    await _hive_of_three(host, cfg)
+    host, _ = await _hive_of_three(tmp_path)
 
     revision["rev"], host.upstream["hyperhive"] = "rev-b", REV_B
     host.calls.clear()
@@ -482,9 +480,7 @@ async def _approve(hive: Hive, events: Client, aid: int, status: str) -> wire.Ap
 async def test_a_flake_update_is_approved_then_rebuilds_the_agents_it_reaches(
     tmp_path: Path, revision: dict[str, str]
 ) -> None:
-    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
-    cfg = config(tmp_path)
-    await _hive_of_three(host, cfg)
+    host, cfg = await _hive_of_three(tmp_path)
     host.upstream["hyperhive"] = REV_C
     host.calls.clear()
     async with nixos_hive(host, cfg) as hive, subscription(hive.sock) as events:
@@ -523,9 +519,7 @@ async def test_a_flake_update_is_approved_then_rebuilds_the_agents_it_reaches(
 async def test_an_unhealthy_agent_rolls_a_flake_update_back(
     tmp_path: Path, revision: dict[str, str]
 ) -> None:
-    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
-    cfg = config(tmp_path, deploy_health_window=2.0)
-    await _hive_of_three(host, cfg)
+    host, cfg = await _hive_of_three(tmp_path, deploy_health_window=2.0)
     lock_before = (host.meta / "flake.lock").read_text()
     host.upstream["hyperhive"] = REV_D
     host.broken.add(REV_D)
@@ -553,9 +547,7 @@ async def test_an_unhealthy_agent_rolls_a_flake_update_back(
 async def test_a_failed_nix_flake_update_changes_nothing(
     tmp_path: Path, revision: dict[str, str]
 ) -> None:
-    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
-    cfg = config(tmp_path)
-    await _hive_of_three(host, cfg)
+    host, cfg = await _hive_of_three(tmp_path)
     lock_before = (host.meta / "flake.lock").read_text()
     log_before = await meta_log(host)
     host.update_fails = True
@@ -574,9 +566,7 @@ async def test_a_failed_nix_flake_update_changes_nothing(
 async def test_a_flake_update_interrupted_by_a_crash_is_rolled_back_at_start(
     tmp_path: Path, revision: dict[str, str]
 ) -> None:
-    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
-    cfg = config(tmp_path)
-    await _hive_of_three(host, cfg)
+    host, cfg = await _hive_of_three(tmp_path)
     lock_before = (host.meta / "flake.lock").read_text()
     host.upstream["hyperhive"] = REV_C
     async with nixos_hive(host, cfg) as hive, subscription(hive.sock) as events:
@@ -732,9 +722,7 @@ def drive_meta_inputs(port: int, tokens: LoginTokens) -> list[str]:
 async def test_the_operator_updates_a_meta_input_from_the_dashboard(
     tmp_path: Path, revision: dict[str, str], tokens: LoginTokens, nursery: trio.Nursery
 ) -> None:
-    host = NixosHost(tmp_path, upstream={"hyperhive": REV_A})
-    cfg = config(tmp_path)
-    await _hive_of_three(host, cfg)
+    host, cfg = await _hive_of_three(tmp_path)
     host.upstream["hyperhive"] = REV_C
     host.calls.clear()
     async with nixos_hive(host, cfg) as hive:

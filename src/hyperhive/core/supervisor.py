@@ -414,14 +414,14 @@ class Supervisor:
             self.registry.note_quietly(rec, built_rev=self.registry.revision)
             self.nursery.start_soon(self._save_in_background, rec)
 
-    async def _record_build(self, rec: AgentRecord, spec: ContainerSpec) -> None:
-        """After a create or rebuild: this daemon's revision, and (nixos) the closure and the
-        locked hyperhive the container was built from, persisted."""
+    async def _record_build(
+        self, rec: AgentRecord, spec: ContainerSpec, built_rev: str | None
+    ) -> None:
+        """What the container now carries: `built_rev`, and (nixos) the closure and the locked
+        hyperhive the backend says it was built from; persisted."""
         built = getattr(self.backend, "built", None)
         closure, lock = (None, None) if built is None else await built(spec)
-        self.registry.note_quietly(
-            rec, built_rev=self.registry.revision, built_closure=closure, built_lock=lock
-        )
+        self.registry.note_quietly(rec, built_rev=built_rev, built_closure=closure, built_lock=lock)
         await self.registry.save(rec)
 
     @property
@@ -442,12 +442,7 @@ class Supervisor:
         try:
             spec = self.spec_for(rec, await self._load(rec))
             await roll_back(spec)
-            built = getattr(self.backend, "built", None)
-            closure, lock = (None, None) if built is None else await built(spec)
-            self.registry.note_quietly(
-                rec, built_rev=built_rev, built_closure=closure, built_lock=lock
-            )
-            await self.registry.save(rec)
+            await self._record_build(rec, spec, built_rev)
         except HiveError as exc:
             ok, note = False, exc.message
         else:
@@ -474,7 +469,7 @@ class Supervisor:
         try:
             spec = self.spec_for(rec, await self._load(rec))
             await self.backend.rebuild(spec)
-            await self._record_build(rec, spec)
+            await self._record_build(rec, spec, self.registry.revision)
         except HiveError as exc:
             ok, note = False, exc.message
         else:
@@ -499,7 +494,7 @@ class Supervisor:
             return
         spec = self.spec_for(rec, config)
         await self.backend.create(spec)
-        await self._record_build(rec, spec)
+        await self._record_build(rec, spec, self.registry.revision)
 
     async def destroy(self, rec: AgentRecord) -> None:
         """Remove the backend's container (the agent's state is kept unless purged)."""
