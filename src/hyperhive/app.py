@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import trio
 
@@ -46,9 +48,7 @@ async def run(
     async with trio.open_nursery() as nursery:
         model_url: str | None = None
         if cfg.demo:
-            from hyperhive.demo.model import serve_model
-
-            model_url = await nursery.start(partial(serve_model, host="127.0.0.1", port=0))
+            model_url = await _start_model(nursery, cfg.state_dir / DEMO_PORT_FILE)
             cfg = replace(
                 cfg,
                 claude_env={
@@ -69,6 +69,44 @@ async def run(
         daemon.sd_notify("READY=1")
         log.info("hive-c0re ready: host socket %s, dashboard %s", core.host_socket, port)
         task_status.started(DaemonInfo(core.host_socket, port, model_url, login, core.dashboard()))
+
+
+DEMO_PORT_FILE = "demo-model.port"
+"""The scripted model's port, kept across restarts: containers that outlived a killed daemon
+keep their ANTHROPIC_BASE_URL, so the model must come back where it was."""
+
+
+async def _start_model(nursery: trio.Nursery, port_file: Path) -> str:
+    """The scripted model on loopback, on the port it had before when that is free."""
+    from hyperhive.demo.model import serve_model
+    from hyperhive.web.serving import bind_listener
+
+    def read() -> int:
+        try:
+            return int(port_file.read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    saved = await trio.to_thread.run_sync(read)
+    sock = None
+    if 0 < saved < 65536:
+        try:
+            sock = await trio.to_thread.run_sync(bind_listener, "127.0.0.1", saved)
+        except OSError as exc:
+            log.warning("the scripted model's port %d is taken (%s): a new one", saved, exc)
+    if sock is None:
+        sock = await trio.to_thread.run_sync(bind_listener, "127.0.0.1", 0)
+    # hypercorn serves a duplicate; this one is closed at once (the listening socket lives on).
+    with sock:
+        url: str = await nursery.start(partial(serve_model, host="127.0.0.1", port=0, sock=sock))
+    port = urlsplit(url).port
+
+    def write() -> None:
+        port_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        port_file.write_text(f"{port}\n")
+
+    await trio.to_thread.run_sync(write)
+    return url
 
 
 async def _serve_dashboard(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Literal, NoReturn
@@ -258,11 +260,15 @@ async def serve_model(
     host: str = "127.0.0.1",
     port: int = 0,
     context_limit: int | None = None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve the scripted model; `task_status.started(base_url)` once it is listening."""
+    """Serve the scripted model; `task_status.started(base_url)` once it is listening. With
+    `sock` (bound and listening; it stays the caller's) it serves on that."""
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if sock is not None:
+        config.bind = [f"fd://{os.dup(sock.fileno())}"]
     config.accesslog = None
     config.errorlog = logging.getLogger(__name__)
     async with trio.open_nursery() as nursery:
