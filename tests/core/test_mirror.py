@@ -241,3 +241,25 @@ async def test_without_a_forge_nothing_is_pushed(
     assert hive.host.pushed == []
     assert hive.mirror.failed == {"alice", "meta"}
     assert "no hive-forge container: alice is not mirrored" in caplog.text
+
+
+async def test_a_failed_push_goes_again_by_itself_when_no_deploy_comes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    reachable = False
+
+    def remote(repo: str) -> str:
+        return f"file://{tmp_path}/{'forge' if reachable else 'nowhere'}/{HIVE}/{repo}.git"
+
+    async with open_repos(tmp_path, remote=remote) as hive:
+        hive.mirror.retry_initial = hive.mirror._retry_in = 0.05
+        await hive.spawn("alice")
+        with trio.fail_after(60):
+            await hive.mirror.wait_idle()
+        assert hive.mirror.failed == {"alice", "meta"}
+        reachable = True  # the forge is back; nothing is deployed meanwhile
+        with trio.fail_after(60):
+            await hive.mirror.wait_clean()
+    assert "forge mirror: trying alice, meta again" in caplog.text
+    assert refs(hive.bare("alice")) == refs(hive.gitops.applied("alice"))

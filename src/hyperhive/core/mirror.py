@@ -8,7 +8,8 @@ background, one push at a time, best-effort.
 the meta repo goes to `<hive>/meta`). Requests coalesce: a repo waiting for its push is queued
 once however often it is asked for, and one asked for while its push runs is queued once more
 (for what that push may have missed). A push that fails is logged and goes again with the next
-request — the next deploy; nothing here ever fails or delays one.
+request — the next deploy — or after a delay when none comes (1 minute, doubling to 30); nothing
+here ever fails or delays a deploy.
 
 `core`'s token reaches git only in the push's environment (`GIT_CONFIG_COUNT`/`KEY`/`VALUE`: an
 `http.<forge>/.extraHeader`, for the forge's URL alone), which only the daemon's uid can read:
@@ -35,6 +36,9 @@ META_REPO = "meta"
 """The meta repo's name in the org (no agent can be called that: protocol/names.py)."""
 REFSPECS = ("+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
 PUSH_TIMEOUT = 300.0
+RETRY_INITIAL = 60.0
+RETRY_MAX = 1800.0
+"""A failed push goes again after RETRY_INITIAL seconds without a deploy, doubling to RETRY_MAX."""
 
 
 def push_env(token: str, forge_url: str) -> dict[str, str]:
@@ -65,12 +69,17 @@ class ForgeMirror:
         *,
         remote: Callable[[str], str] | None = None,
         push_timeout: float = PUSH_TIMEOUT,
+        retry_initial: float = RETRY_INITIAL,
+        retry_max: float = RETRY_MAX,
     ) -> None:
         self.forge = forge
         self.gitops = gitops
         self.remote = remote or self.forge_remote
         """Where repo `name` is pushed (tests point it at local bare repos)."""
         self.push_timeout = push_timeout
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self._retry_in = retry_initial
         self.failed: set[str] = set()
         """Repos whose last push failed: queued again with the next request."""
         self._seen: dict[str, Pin] | None = None
@@ -111,6 +120,12 @@ class ForgeMirror:
         while self._queued or self._pushing is not None:
             await self._settled.park()
 
+    async def wait_clean(self) -> None:
+        """Until every repo asked for is pushed: nothing queued, being pushed or failed (failed
+        ones go again by themselves; the caller owns the timeout)."""
+        while self._queued or self._pushing is not None or self.failed:
+            await self._settled.park()
+
     # ------------------------------------------------------------------ pushing
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -119,13 +134,25 @@ class ForgeMirror:
             if not self._queued:
                 self._settled.unpark_all()
                 self._wake = trio.Event()
-                await self._wake.wait()
+                if not self.failed:
+                    await self._wake.wait()
+                    continue
+                # Failed pushes go again after a while even when no deploy asks for them.
+                with trio.move_on_after(self._retry_in) as waited:
+                    await self._wake.wait()
+                if waited.cancelled_caught:
+                    log.info("forge mirror: trying %s again", ", ".join(sorted(self.failed)))
+                    self._retry_in = min(self._retry_in * 2, self.retry_max)
+                    self.request()
                 continue
             repo = next(iter(self._queued))
             del self._queued[repo]
             self._pushing = repo
             try:
-                if not await self._push(repo):
+                if await self._push(repo):
+                    if not self.failed:
+                        self._retry_in = self.retry_initial
+                else:
                     self.failed.add(repo)
             finally:
                 self._pushing = None
