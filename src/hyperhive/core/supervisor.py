@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -436,17 +437,31 @@ class Supervisor:
         roll_back = getattr(self.backend, "roll_back", None)
         if roll_back is None:
             return False, f"the {self.backend.name} backend keeps no previous build"
+        return await self._rebuilding(
+            rec, roll_back, built_rev, done="rolled back to its previous build"
+        )
+
+    async def _rebuilding(
+        self,
+        rec: AgentRecord,
+        work: Callable[[ContainerSpec], Awaitable[None]],
+        built_rev: str | None,
+        *,
+        done: str,
+    ) -> tuple[bool, str]:
+        """Stop the container, do `work` to it in the backend (it now carries `built_rev`),
+        start it again if it should run. Returns (ok, note)."""
         self.registry.move(rec, "rebuilding")
         await self.stop(rec)
         self.registry.move(rec, "rebuilding")
         try:
             spec = self.spec_for(rec, await self._load(rec))
-            await roll_back(spec)
+            await work(spec)
             await self._record_build(rec, spec, built_rev)
         except HiveError as exc:
             ok, note = False, exc.message
         else:
-            ok, note = True, "rolled back to its previous build"
+            ok, note = True, done
         if rec.desired == "running":
             await self.launch(rec)
         else:
@@ -463,21 +478,9 @@ class Supervisor:
 
     async def rebuild(self, rec: AgentRecord) -> tuple[bool, str]:
         """Re-apply the agent's config: stop, backend rebuild, start. Returns (ok, note)."""
-        self.registry.move(rec, "rebuilding")
-        await self.stop(rec)
-        self.registry.move(rec, "rebuilding")
-        try:
-            spec = self.spec_for(rec, await self._load(rec))
-            await self.backend.rebuild(spec)
-            await self._record_build(rec, spec, self.registry.revision)
-        except HiveError as exc:
-            ok, note = False, exc.message
-        else:
-            ok, note = True, "rebuilt and restarted"
-        if rec.desired == "running":
-            await self.launch(rec)
-        else:
-            self.registry.move(rec, "stopped")
+        ok, note = await self._rebuilding(
+            rec, self.backend.rebuild, self.registry.revision, done="rebuilt and restarted"
+        )
         await self.notices.tell(events.Rebuilt(agent=rec.name, ok=ok, note=note))
         return ok, note
 
