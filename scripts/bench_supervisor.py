@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -68,6 +70,20 @@ async def wait_ui(ports: dict[str, int]) -> None:
             nursery.start_soon(ui_up, port)
 
 
+async def wait_both(ports: dict[str, int], sock: str, n: int, t0: float) -> tuple[float, float]:
+    """When every UI accepts, and when every harness reports: each on its own clock."""
+    done: dict[str, float] = {}
+
+    async def timed(what: str, fn: Callable[[], Awaitable[None]]) -> None:
+        await fn()
+        done[what] = time.perf_counter() - t0
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timed, "ui", partial(wait_ui, ports))
+        nursery.start_soon(timed, "reported", partial(wait_reported, sock, n))
+    return done["ui"], done["reported"]
+
+
 async def wait_reported(sock: str, n: int) -> None:
     """Until every harness has connected to its socket and reported its state (`turn_state`):
     it runs and takes turns (a relayed UI port can accept before its harness is up)."""
@@ -99,7 +115,9 @@ def bench(n: int, idle: float) -> None:
             "--dashboard-port",
             "-1",
             "--ui-port-base",
-            "40000",
+            # Below Linux's ephemeral range (32768-60999): the bench's own connections must
+            # not take an agent's UI port.
+            "20000",
             "--log-level",
             "WARNING",
         ],
@@ -113,10 +131,7 @@ def bench(n: int, idle: float) -> None:
         t0 = time.perf_counter()
         ports = trio.run(spawn_all, str(run_dir / "host.sock"), n)
         spawned = time.perf_counter() - t0
-        trio.run(wait_ui, ports)
-        up = time.perf_counter() - t0
-        trio.run(wait_reported, str(run_dir / "host.sock"), n)
-        reported = time.perf_counter() - t0
+        up, reported = trio.run(wait_both, ports, str(run_dir / "host.sock"), n, t0)
         if os.environ.get("HIVE_BENCH_CENSUS"):
             subprocess.run([sys.executable, os.environ["HIVE_BENCH_CENSUS"]], check=False)
         time.sleep(2)  # let start-up work settle before measuring idleness

@@ -205,3 +205,17 @@ async def test_which_hyperhive_a_container_runs(
         await w.starts.receive()
         assert ok and rec.built_rev == "rev-3"
         assert not w.registry.info(rec).needs_update
+
+
+async def test_concurrent_spawns_never_share_a_web_ui_port(hive_root: Path) -> None:
+    """Each new agent's port is taken before its row is written: spawns that interleave there
+    (200 at once in scripts/bench_supervisor.py) must not pick the same free port."""
+    async with open_store(str(hive_root / "broker.sqlite")) as store:
+        registry = Registry(store, EventHub(), ui_port_base=20000, backend="scripted")
+        # Names chosen to collide: many hash to the same few ports.
+        names = [f"b{i}" for i in range(200)]
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(registry.add, name, "agent")
+        ports = [r.port for r in registry.all()]
+        assert len(ports) == len(names) and len(set(ports)) == len(names)

@@ -244,14 +244,23 @@ class Registry:
         rec = self._agents.get(name)
         if rec is not None and rec.alive:
             raise Conflict(f"agent {name!r} already exists")
+        new = rec is None
         if rec is None:
             rec = AgentRecord(
                 name=name, role=role, port=self._allocate_port(name, role), created_at=time.time()
             )
+            # Held at once, before the write below yields: a spawn running meanwhile must see
+            # this port as taken (two agents were given one port under concurrent spawns).
+            self._agents[name] = rec
         rec.destroyed_at = None
         rec.desired = "running"
         rec.state = "stopped"
-        await self._store.run(_upsert, rec)
+        try:
+            await self._store.run(_upsert, rec)
+        except BaseException:
+            if new:
+                self._agents.pop(name, None)
+            raise
         self._agents[name] = rec
         self.changed(rec)
         return rec

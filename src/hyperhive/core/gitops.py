@@ -219,16 +219,13 @@ class GitOps:
         await trio.to_thread.run_sync(self._migrate, name)
         applied = self.applied(name)
         if not await self.is_repo(applied):
-            # A new agent's config starts from the templates, never from whatever the manager
-            # may have put at its proposed path beforehand.
-            staged = await self._stage()
-            try:
-                files = await trio.to_thread.run_sync(_initial_content, applied)
-                await self._init_fresh(staged, files)
-                await self._init_from(applied, staged)
-            finally:
-                await trio.to_thread.run_sync(_rmtree, staged)
-        if not await self.has_ref(applied, "refs/tags/deployed/0"):
+            # A new agent's config starts from the templates (or a pre-git applied dir's own
+            # files), never from whatever the manager may have put at its proposed path
+            # beforehand: committed where it lives, in the daemon-owned applied dir.
+            files = await trio.to_thread.run_sync(_initial_content, applied)
+            await self._init_fresh(applied, files)
+            await self.git(applied, "tag", "deployed/0", BRANCH)
+        elif not await self.has_ref(applied, "refs/tags/deployed/0"):
             await self.git(applied, "tag", "deployed/0", BRANCH)
         if not await trio.to_thread.run_sync(self._has_proposed, name):
             staged = await self._stage()
