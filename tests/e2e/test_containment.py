@@ -24,7 +24,7 @@ import msgspec
 import pytest
 import trio
 
-from hyperhive.core.containers import netns
+from hyperhive.core.containers import netns, rootfs
 from hyperhive.core.containers.base import Bind, ContainerSpec, open_log
 from hyperhive.core.containers.bwrap import BwrapBackend
 from hyperhive.core.containers.nspawn import nspawn_available
@@ -110,6 +110,13 @@ def peek(path):
 for what in ("environ", "mem", "fd"):
     attempt("harness_" + what, lambda: peek(f"/proc/{harness[0]}/{what}"))
 r["harness_cmdline"] = open(f"/proc/{harness[0]}/cmdline", "rb").read().decode(errors="replace")
+pp = os.environ.get("PYTHONPATH", "")
+r["pythonpath"] = pp
+attempt("plant_in_pythonpath", lambda: write(os.path.join(pp, "hyperhive", "planted.py"), "x"))
+attempt("plant_sitecustomize", lambda: write(os.path.join(pp, "sitecustomize.py"), "x"))
+bridge = "/run/harness/mcp-bridge.sock"
+st = os.stat(bridge) if os.path.exists(bridge) else None
+r["bridge"] = [oct(st.st_mode & 0o777), st.st_uid] if st else None
 r["caps"] = [status[k].strip() for k in ("CapPrm", "CapEff", "CapBnd")]
 r["nnp"] = status["NoNewPrivs"].strip()
 r["seccomp"] = status["Seccomp"].strip()
@@ -210,6 +217,13 @@ async def test_an_agent_cannot_escape_its_container(
     for what in ("environ", "mem", "fd"):
         assert seen["harness_" + what] in ("EACCES", "EPERM"), (what, seen["harness_" + what])
     assert "TOKEN" not in seen["harness_cmdline"].upper()
+    # The harness imports the daemon's own hyperhive (PYTHONPATH), which the agent cannot touch:
+    # planting a module there would run in the daemon's next harness, or the daemon itself.
+    assert seen["pythonpath"] == rootfs.HYPERHIVE_ROOT
+    for plant in ("plant_in_pythonpath", "plant_sitecustomize"):
+        assert seen[plant] in ("EROFS", "EACCES"), (plant, seen[plant])
+    # The harness's MCP bridge socket is the agent's own, in its container-private runtime dir.
+    assert seen["bridge"] == ["0o600", uid], seen["bridge"]
     assert seen["state_owner"] == uid and seen["home_write"] == "ok"
     # The minimal root: nothing from /var, /srv, /opt, /mnt, /media, /home or users' trees.
     top = set(seen["top"])
