@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -90,22 +92,32 @@ async def pinger(sock: str, rounds: int) -> None:
     print(json.dumps(samples), flush=True)
 
 
-async def flood(sock: str, senders: int, total: int, background: int = 0) -> None:
-    """`senders` connections sending `total` messages to `sink`, request by request; in the
-    background (a load under another measurement) it says `ready` once every one is sending."""
+Sender = Callable[[], Awaitable[object]]
+"""One request/reply send on a connection of its own."""
+
+
+async def run_flood(
+    connect: Callable[[], AbstractAsyncContextManager[Sender]],
+    senders: int,
+    total: int,
+    background: int,
+) -> None:
+    """`senders` connections sending `total` messages, request by request; in the background
+    (a load under another measurement) it says `ready` once every one is sending. Prints the
+    rate."""
     per = total // senders
     connected = trio.Event()
     count = 0
 
     async def one() -> None:
         nonlocal count
-        async with open_client(sock) as client:
-            await client.call(wire.Send(to="sink", body="m"))
+        async with connect() as send:
+            await send()
             count += 1
             if count == senders:
                 connected.set()
             for _ in range(per - 1):
-                await client.call(wire.Send(to="sink", body="m"))
+                await send()
 
     t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -115,6 +127,17 @@ async def flood(sock: str, senders: int, total: int, background: int = 0) -> Non
             await connected.wait()
             print("ready", flush=True)
     print(json.dumps(per * senders / (time.perf_counter() - t0)), flush=True)
+
+
+async def flood(sock: str, senders: int, total: int, background: int = 0) -> None:
+    """The hive's flood: sends to `sink` from `sock`'s agent."""
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Sender]:
+        async with open_client(sock) as client:
+            yield partial(client.call, wire.Send(to="sink", body="m"))
+
+    await run_flood(connect, senders, total, background)
 
 
 # ----------------------------------------------------------------------------- Redis, the anchor
@@ -195,28 +218,15 @@ async def redis_pinger(path: str, rounds: int) -> None:
 
 
 async def redis_flood(path: str, senders: int, total: int, background: int = 0) -> None:
-    per = total // senders
-    connected = trio.Event()
-    count = 0
+    """The same flood on Redis: LPUSH to `sink`."""
 
-    async def one() -> None:
-        nonlocal count
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Sender]:
         conn = RespStream(await trio.open_unix_socket(path))
-        await conn.call("LPUSH", "sink", "m")
-        count += 1
-        if count == senders:
-            connected.set()
-        for _ in range(per - 1):
-            await conn.call("LPUSH", "sink", "m")
+        async with conn.stream:
+            yield partial(conn.call, "LPUSH", "sink", "m")
 
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(senders):
-            nursery.start_soon(one)
-        if background:
-            await connected.wait()
-            print("ready", flush=True)
-    print(json.dumps(per * senders / (time.perf_counter() - t0)), flush=True)
+    await run_flood(connect, senders, total, background)
 
 
 def bench_redis(

@@ -79,10 +79,16 @@ CLAUDE = (
 )
 
 
-async def _spawn_then_kill_the_daemon(root: Path, names: set[str]) -> dict[str, wire.AgentInfo]:
+async def _spawn_then_kill_the_daemon(
+    root: Path,
+    names: set[str],
+    *,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = CLAUDE,
+) -> dict[str, wire.AgentInfo]:
     """Spawn agents under a daemon process, wait until their harnesses work, kill -9 it."""
     host = str(root / "run" / "host.sock")
-    async with daemon_process(root, args=CLAUDE) as daemon:
+    async with daemon_process(root, env=env, args=args) as daemon:
         async with open_client(host) as client:
             await client.call(wire.Subscribe())
             for name in sorted(names):

@@ -8,7 +8,6 @@ once, one at a time, on its own hyperhive.
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once, open_client
 from tests.conftest import needs_bwrap
 from tests.core.test_agent_config import _harness_env
-from tests.e2e.test_lifecycle import CLAUDE, _list
+from tests.e2e.test_lifecycle import CLAUDE, _list, _spawn_then_kill_the_daemon
 from tests.hive import daemon_process, wait_for_event
 
 pytestmark = needs_bwrap
@@ -66,7 +65,8 @@ async def revision_of(src: Path) -> str:
 
 
 def kill_leftovers(root: Path) -> None:
-    """Containers outlive their daemon on purpose: a failed test must not leave any."""
+    """Containers outlive their daemon on purpose: a failed test must not leave any (bwrap's
+    and nspawn's alike: both name the agent's directories on their command lines)."""
     subprocess.run(["pkill", "-9", "-f", f"{root}/run/agents/"], check=False)
     subprocess.run(["pkill", "-9", "-f", f"{root}/state/agents/"], check=False)
 
@@ -90,19 +90,9 @@ async def _upgrade(root: Path, backend: str) -> None:
     args = (*CLAUDE, "--backend", backend)
     names = {"alice", "bob"}
 
-    async with daemon_process(root, env={"PYTHONPATH": str(old)}, args=args) as daemon:
-        async with open_client(host) as client:
-            await client.call(wire.Subscribe())
-            for name in sorted(names):
-                await call_once(host, wire.Spawn(name=name))
-            taken: set[str] = set()
-            while taken != names:  # each harness took its start-up notice: it runs
-                leased = await wait_for_event(client, lambda e: isinstance(e, wire.MessageLeased))
-                assert isinstance(leased, wire.MessageLeased)
-                taken.add(leased.to)
-        before = await _list(root)
-        daemon.send_signal(signal.SIGKILL)  # the old daemon goes; its containers stay
-        await daemon.wait()
+    # The old daemon goes (kill -9) once every harness took its start-up notice; its
+    # containers stay.
+    before = await _spawn_then_kill_the_daemon(root, names, env={"PYTHONPATH": str(old)}, args=args)
     for name in names:
         assert before[name].built_rev == old_rev and not before[name].needs_update
         pid = before[name].pid
@@ -168,19 +158,9 @@ async def _broken_upgrade(root: Path) -> None:
     main.write_text(main.read_text() + '\nraise SystemExit("a broken release")\n')
     host = str(root / "run" / "host.sock")
     args = (*CLAUDE, "--deploy-health-window", "3")
-    async with daemon_process(root, env={"PYTHONPATH": str(old)}, args=args) as daemon:
-        async with open_client(host) as client:
-            await client.call(wire.Subscribe())
-            for name in ("alice", "bob"):
-                await call_once(host, wire.Spawn(name=name))
-            taken: set[str] = set()
-            while taken != {"alice", "bob"}:
-                leased = await wait_for_event(client, lambda e: isinstance(e, wire.MessageLeased))
-                assert isinstance(leased, wire.MessageLeased)
-                taken.add(leased.to)
-        before = await _list(root)
-        daemon.send_signal(signal.SIGKILL)
-        await daemon.wait()
+    before = await _spawn_then_kill_the_daemon(
+        root, {"alice", "bob"}, env={"PYTHONPATH": str(old)}, args=args
+    )
 
     async with (
         daemon_process(root, env={"PYTHONPATH": str(new)}, args=args),
