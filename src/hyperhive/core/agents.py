@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, get_args
+
+import trio
 
 from hyperhive.core.broker import EventHub
 from hyperhive.core.store import Store
@@ -374,3 +377,34 @@ class Registry:
                 " 'operator' or '*'"
             )
         return [rec.recipient]
+
+
+Verdict = Callable[[], tuple[bool, str | None]]
+"""(decided, why): whether an agent under watch is judged yet, and the reason if it failed."""
+
+
+async def watch_agent(
+    events: AsyncGenerator[wire.HiveEvent, None],
+    rec: AgentRecord,
+    verdict: Verdict,
+    window: float,
+) -> tuple[bool, str | None]:
+    """Ask `verdict` now and after each change of `rec` (`events`: the hub's agent events), for
+    at most `window` seconds: what it decides, or (False, None) when the window runs out. An
+    agent destroyed or removed meanwhile is decided, with no reason (a deploy's or an upgrade's
+    health watch)."""
+    with trio.move_on_after(window):
+        async with aclosing(events) as stream:
+            decided = verdict()
+            if decided[0]:
+                return decided
+            async for event in stream:
+                if isinstance(event, wire.AgentRemoved) and event.name == rec.name:
+                    return True, None
+                if isinstance(event, wire.AgentChanged) and event.agent.name == rec.name:
+                    if not rec.alive:
+                        return True, None
+                    decided = verdict()
+                    if decided[0]:
+                        return decided
+    return False, None

@@ -16,20 +16,19 @@ stages the agent's new pin in the meta repo before the rebuild and commits it on
 from __future__ import annotations
 
 import logging
-from contextlib import aclosing
 from typing import NoReturn
 
 import trio
 
 from hyperhive.core import events
-from hyperhive.core.agents import AgentRecord
+from hyperhive.core.agents import AgentRecord, watch_agent
 from hyperhive.core.approval_queue import MAX_TEXT, Approval, ApprovalQueue
 from hyperhive.core.deploys import DeployLog
 from hyperhive.core.faults import Faults
 from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.meta import deploy_message
 from hyperhive.core.upgrades import Upgrades
-from hyperhive.protocol import agent_config, wire
+from hyperhive.protocol import agent_config
 from hyperhive.protocol.agent_config import AGENT_TOML
 from hyperhive.protocol.errors import BadParams, Conflict, HiveError, Internal, StorageFull
 from hyperhive.protocol.text import check_text
@@ -114,30 +113,19 @@ class Approvals:
         container exited `CRASH_LOOP` times, or `FAILED_TURNS` turns in a row failed."""
         crashes, failures = rec.restarts, rec.turn_failures
 
-        def verdict() -> str | None:
+        def verdict() -> tuple[bool, str | None]:
             if rec.restarts - crashes >= CRASH_LOOP:
-                return (
+                return True, (
                     f"crash-looping after the deploy ({rec.restarts - crashes} exits within"
                     f" {self.health_window:g}s): {rec.last_error or 'no error'}"
                 )
             if rec.turn_failures - failures >= FAILED_TURNS:
-                return f"its first {FAILED_TURNS} turns after the deploy failed"
-            return None
+                return True, f"its first {FAILED_TURNS} turns after the deploy failed"
+            return False, None
 
-        with trio.move_on_after(self.health_window):
-            async with aclosing(self.queue.hub_stream()) as events:
-                if (reason := verdict()) is not None:
-                    return reason
-                async for event in events:
-                    if isinstance(event, wire.AgentRemoved) and event.name == rec.name:
-                        return None
-                    if not isinstance(event, wire.AgentChanged) or event.agent.name != rec.name:
-                        continue
-                    if not rec.alive:
-                        return None  # destroyed: nothing to roll back
-                    if (reason := verdict()) is not None:
-                        return reason
-        return None
+        # Destroyed meanwhile, or healthy through the window: nothing to roll back.
+        _, reason = await watch_agent(self.queue.hub_stream(), rec, verdict, self.health_window)
+        return reason
 
     async def _heal(self, row: Approval, rec: AgentRecord, reason: str) -> None:
         """Back to the deploy before `row`: its config, its pin in the meta repo, a rebuild;

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextlib import aclosing
 from typing import Any
 
 import msgspec
 import trio
 
 from hyperhive.core import events
-from hyperhive.core.agents import AgentRecord
+from hyperhive.core.agents import AgentRecord, watch_agent
 from hyperhive.core.approval_queue import Approval, ApprovalQueue
 from hyperhive.core.broker import EventHub
 from hyperhive.core.deploys import DeployLog
@@ -361,17 +360,9 @@ class Upgrades:
                 return True, None
             return False, None
 
-        with trio.move_on_after(self.health_window):
-            async with aclosing(self.hub.stream((wire.AgentChanged, wire.AgentRemoved))) as stream:
-                decided, reason = verdict()
-                if decided:
-                    return reason
-                async for event in stream:
-                    if isinstance(event, wire.AgentChanged) and event.agent.name == rec.name:
-                        decided, reason = verdict()
-                        if decided:
-                            return reason
-        return f"its harness did not report within {self.health_window:g}s"
+        events = self.hub.stream((wire.AgentChanged, wire.AgentRemoved))
+        decided, reason = await watch_agent(events, rec, verdict, self.health_window)
+        return reason if decided else f"its harness did not report within {self.health_window:g}s"
 
     # ------------------------------------------------------------------ flake updates
 
