@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import urllib.parse
@@ -67,6 +68,29 @@ def _container_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,11}", text):
         raise argparse.ArgumentTypeError(f"not a nixos-container name: {text!r}")
     return text
+
+
+def _nats_urls(text: str) -> tuple[str, ...]:
+    urls = tuple(u.strip() for u in text.split(",") if u.strip())
+    if not urls:
+        raise argparse.ArgumentTypeError("give at least one nats:// URL")
+    for url in urls:
+        if not re.fullmatch(r"(nats|tls)://[A-Za-z0-9.\-\[\]:]+(:\d+)?", url):
+            raise argparse.ArgumentTypeError(f"{url!r} is not a nats://host:port URL")
+    return urls
+
+
+def _host_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", text):
+        raise argparse.ArgumentTypeError(
+            "a host name is 1-32 of a-z, 0-9 and '-', starting with a letter or digit"
+        )
+    return text
+
+
+def _default_host_name() -> str:
+    name = re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower().split(".")[0])[:32]
+    return name.strip("-") or "host"
 
 
 def _hive_name(text: str) -> str:
@@ -211,6 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long an approved deploy is watched for a crash loop or failing turns, which"
         " roll it back (default %(default)s)",
+    )
+    serve.add_argument(
+        "--swarm",
+        type=_nats_urls,
+        default=(),
+        metavar="URL[,URL...]",
+        help="run this host as part of a hive across hosts on NATS JetStream (SPEC §11):"
+        " the servers' nats:// URLs",
+    )
+    serve.add_argument(
+        "--host-name",
+        type=_host_name,
+        default="",
+        metavar="NAME",
+        help="this host's name in the swarm (default: the machine's host name)",
+    )
+    serve.add_argument(
+        "--swarm-replicas",
+        type=int,
+        choices=(0, 1, 3, 5),
+        default=0,
+        metavar="N",
+        help="replicas of the swarm's streams (default: 3 with 3+ servers, else 1)",
     )
     serve.add_argument(
         "--no-auto-update",
@@ -564,6 +611,9 @@ def daemon_config(args: argparse.Namespace, claude: str | None) -> DaemonConfig:
         line_timeout=args.line_timeout,
         deploy_health_window=args.deploy_health_window,
         auto_update=not args.no_auto_update,
+        swarm=args.swarm,
+        host_name=args.host_name or _default_host_name(),
+        swarm_replicas=args.swarm_replicas,
         group_commit=not args.no_group_commit,
         inbox_quota=args.inbox_quota,
         sender_quota=args.sender_quota,

@@ -7,18 +7,18 @@ from dataclasses import dataclass
 
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.approval_queue import ApprovalQueue
-from hyperhive.core.broker import Broker
+from hyperhive.core.broker import MessageBroker
 from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.questions import Questions
 from hyperhive.core.reminders import Reminders
-from hyperhive.core.server import EventStream, Handler, Peer
+from hyperhive.core.server import EventStream, Handler, Peer, Router
 from hyperhive.core.tokens import LoginTokens
 from hyperhive.core.turns import Turns
 from hyperhive.core.upgrades import Upgrades
 from hyperhive.protocol import wire
 from hyperhive.protocol.agent_config import AgentConfig
 from hyperhive.protocol.codec import AGENT_DECODER, MANAGER_DECODER, RequestDecoder
-from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, HiveError
+from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, HiveError, Internal
 from hyperhive.protocol.names import (
     BROADCAST,
     MANAGER,
@@ -40,7 +40,7 @@ class AgentHandler:
     def __init__(
         self,
         rec: AgentRecord,
-        broker: Broker,
+        broker: MessageBroker,
         registry: Registry,
         questions: Questions,
         reminders: Reminders,
@@ -194,7 +194,7 @@ class ManagerHandler(AgentHandler):
     def __init__(
         self,
         rec: AgentRecord,
-        broker: Broker,
+        broker: MessageBroker,
         registry: Registry,
         questions: Questions,
         reminders: Reminders,
@@ -205,8 +205,10 @@ class ManagerHandler(AgentHandler):
         turns: Turns,
         applied_config: AppliedConfig,
         ui_token: str,
+        forward: Router | None = None,
     ) -> None:
         self.upgrades = upgrades
+        self.forward = forward
         super().__init__(
             rec,
             broker,
@@ -221,6 +223,13 @@ class ManagerHandler(AgentHandler):
         self.lifecycle = lifecycle
 
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
+        if self.forward is not None:
+            # Swarm mode: an agent of another host is acted on there (SPEC §11).
+            as_operator = _host_request(request)
+            if as_operator is not None:
+                routed = await self.forward.route(as_operator, _never_here)
+                if routed is not None:
+                    return routed
         life = self.lifecycle
         match request:
             case wire.RequestSpawn(name=name, description=description):
@@ -248,6 +257,26 @@ class ManagerHandler(AgentHandler):
         return wire.AgentReply(agent=self.registry.info(rec))
 
 
+def _host_request(request: object) -> object | None:
+    """The host.sock request a manager's request amounts to, for forwarding (swarm mode)."""
+    match request:
+        case wire.RequestSpawn(name=name, description=description, host=host):
+            return wire.HostRequestSpawn(name=name, description=description, host=host)
+        case wire.KillAgent(name=name):
+            return wire.Kill(name=refuse_manager_target(name))
+        case wire.StartAgent(name=name):
+            return wire.Start(name=refuse_manager_target(name))
+        case wire.RestartAgent(name=name):
+            return wire.Restart(name=refuse_manager_target(name))
+        case wire.UpdateAgent(name=name):
+            return wire.Rebuild(name=refuse_manager_target(name))
+    return None
+
+
+async def _never_here(request: object, peer: Peer) -> wire.Reply | EventStream:
+    raise Internal("a manager's request was to be gathered from every host")
+
+
 def refuse_manager_target(name: str) -> str:
     """The manager may stop, start and restart agents, never itself."""
     if name in (MANAGER, MANAGER_NAME):
@@ -260,7 +289,7 @@ class AgentServices:
     """What an agent's socket serves: `handler_for` gives each agent its role's decoder and
     handler (for `AgentSockets.serve`)."""
 
-    broker: Broker
+    broker: MessageBroker
     registry: Registry
     questions: Questions
     reminders: Reminders
@@ -270,6 +299,8 @@ class AgentServices:
     turns: Turns
     applied_config: AppliedConfig
     tokens: LoginTokens
+    forward: Router | None = None
+    """Swarm mode: the forwarder to the other hosts."""
 
     def handler_for(self, rec: AgentRecord) -> tuple[RequestDecoder[object], Handler[object]]:
         common = (rec, self.broker, self.registry, self.questions, self.reminders)
@@ -283,6 +314,7 @@ class AgentServices:
                 turns=self.turns,
                 applied_config=self.applied_config,
                 ui_token=token,
+                forward=self.forward,
             )
             return MANAGER_DECODER, manager
         agent = AgentHandler(

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Protocol, get_args
 
 import trio
 
@@ -180,6 +180,18 @@ def _delete(conn: sqlite3.Connection, name: str) -> None:
     conn.execute("DELETE FROM agents WHERE name = ?", (name,))
 
 
+class RemoteAgents(Protocol):
+    """The agents of the other hosts of a swarm hive (hyperhive.swarm.directory.Directory)."""
+
+    def infos(self) -> list[wire.AgentInfo]: ...
+
+    def names(self) -> list[str]: ...
+
+    def host_of(self, name: str) -> str | None: ...
+
+    async def claim(self, name: str) -> None: ...
+
+
 class Registry:
     def __init__(self, store: Store, hub: EventHub, *, ui_port_base: int, backend: str) -> None:
         self._store = store
@@ -192,6 +204,9 @@ class Registry:
         """Each agent's pin in the meta repo (`tag sha12`), kept current by `set_deployed`."""
         self.revision: str | None = None
         """The hyperhive revision new containers start from (see core/revision.py)."""
+        self.host: str | None = None
+        self.remote: RemoteAgents | None = None
+        """Swarm mode: the agents of the other hosts (hyperhive.swarm.directory)."""
 
     async def load(self) -> None:
         for row in await self._store.run(_load):
@@ -247,6 +262,8 @@ class Registry:
         rec = self._agents.get(name)
         if rec is not None and rec.alive:
             raise Conflict(f"agent {name!r} already exists")
+        if self.remote is not None:
+            await self.remote.claim(name)
         new = rec is None
         if rec is None:
             rec = AgentRecord(
@@ -339,6 +356,7 @@ class Registry:
             built_rev=rec.built_rev,
             built_closure=rec.built_closure,
             built_lock=rec.built_lock,
+            host=self.host,
         )
 
     def stale(self, rec: AgentRecord) -> bool:
@@ -347,7 +365,8 @@ class Registry:
 
     def infos(self, queued: Callable[[str], int]) -> list[wire.AgentInfo]:
         """Every agent's info, its unread count from `queued` (the broker's in-memory depths)."""
-        return [self.info(r, unread=queued(r.recipient)) for r in self.all()]
+        local = [self.info(r, unread=queued(r.recipient)) for r in self.all()]
+        return local if self.remote is None else local + self.remote.infos()
 
     def set_deployed(self, pins: Mapping[str, Pin]) -> None:
         """The meta repo's committed pins changed: agents whose pin moved are `changed`."""
@@ -369,8 +388,13 @@ class Registry:
         if to in (OPERATOR, MANAGER):
             return [to]
         if to == BROADCAST:
-            return [r.recipient for r in self.all() if r.alive and r.recipient != sender]
+            local = [r.recipient for r in self.all() if r.alive and r.recipient != sender]
+            others = [] if self.remote is None else self.remote.names()
+            return local + sorted(n for n in others if n != sender and n not in local)
         rec = self._agents.get(to)
+        remote = self.remote
+        if (rec is None or not rec.alive) and remote is not None and remote.host_of(to):
+            return [to]
         if rec is None or not rec.alive:
             raise NotFound(
                 f"unknown recipient {to[:40]!r}: send to an agent name, 'manager',"

@@ -17,7 +17,7 @@ from hyperhive.core.broker import EventHub
 from hyperhive.core.deploys import DeployLog
 from hyperhive.core.events import ApprovalResolved, Notices
 from hyperhive.core.gitops import GitOps
-from hyperhive.core.store import Store
+from hyperhive.core.store import Store, next_id
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import BadParams, Conflict, Forbidden, Internal, NotFound
 from hyperhive.protocol.names import check_name, check_new_agent_name
@@ -69,8 +69,8 @@ def _insert(
     conn: sqlite3.Connection, agent: str, kind: str, ref: str, sha: str, description: str
 ) -> int:
     cur = conn.execute(
-        "INSERT INTO approvals (agent, kind, commit_ref, fetched_sha, description, requested_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO approvals (id, agent, kind, commit_ref, fetched_sha, description,"
+        f" requested_at) VALUES ({next_id('approvals')}, ?, ?, ?, ?, ?, ?)",
         (agent, kind, ref, sha, description, time.time()),
     )
     assert cur.lastrowid is not None

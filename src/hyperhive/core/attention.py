@@ -17,7 +17,7 @@ import trio
 
 from hyperhive.core.agents import AgentRecord, Registry, attention_of
 from hyperhive.core.approval_queue import ApprovalQueue
-from hyperhive.core.broker import Broker, EventHub
+from hyperhive.core.broker import EventHub, MessageBroker
 from hyperhive.core.questions import Questions
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import HiveError
@@ -35,7 +35,7 @@ class AttentionWatch:
         registry: Registry,
         questions: Questions,
         queue: ApprovalQueue,
-        broker: Broker,
+        broker: MessageBroker,
         hub: EventHub,
         *,
         tick: float = TICK,

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import msgspec
 import trio
@@ -116,6 +116,48 @@ def _failure(what: str, error: BaseException) -> HiveError:
 
 Resolver = Callable[[str, str], list[str]]
 """(to, sender) -> the inboxes a message goes to; raises NotFound for an unknown recipient."""
+
+
+class MessageBroker(Protocol):
+    """What the daemon asks of a broker (SPEC §5): the sqlite `Broker` on one host, the
+    JetStream one (hyperhive.swarm.broker) for a hive across hosts (`--swarm`)."""
+
+    commit_seconds: Histogram
+    batch_ops: Histogram
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = ...) -> NoReturn: ...
+
+    async def serve_maintenance(self, *, task_status: trio.TaskStatus[None] = ...) -> NoReturn: ...
+
+    async def recover(self, keep: tuple[str, ...] = ()) -> int: ...
+
+    async def send(
+        self, sender: str, to: str, body: str, *, origin: str = "", in_reply_to: int | None = None
+    ) -> list[wire.Message]: ...
+
+    async def recv(
+        self, recipient: str, wait_seconds: float | None, *, lease: bool
+    ) -> wire.Message | None: ...
+
+    async def ack(self, recipient: str, mid: int, attempt: int) -> bool: ...
+
+    async def nack(
+        self, recipient: str, mid: int, attempt: int, error: str, *, count: bool
+    ) -> bool: ...
+
+    async def release(self, recipient: str) -> int: ...
+
+    async def requeue(self, mid: int) -> wire.Message: ...
+
+    async def recent(
+        self, recipient: str | None, limit: int, *, state: str | None = None
+    ) -> list[wire.Message]: ...
+
+    def queued(self, recipient: str) -> int: ...
+
+    async def counts(self, recipient: str) -> tuple[int, int]: ...
+
+    async def census(self) -> tuple[dict[str, int], dict[str, float]]: ...
 
 
 @dataclass(eq=False)
@@ -409,16 +451,7 @@ class Broker:
         self, sender: str, to: str, body: str, *, origin: str = "", in_reply_to: int | None = None
     ) -> list[wire.Message]:
         """Store a message durably (committed before this returns) and wake its readers."""
-        if not isinstance(body, str):
-            raise BadParams("body must be a string")
-        if "\x00" in body:
-            raise BadParams("message body contains a NUL character")
-        try:
-            size = len(body.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise BadParams("message body is not valid Unicode (lone surrogate)") from None
-        if size > MAX_BODY:
-            raise BadParams(f"message body is {size} bytes; the limit is {MAX_BODY}")
+        size = check_body(body)
         recipients = self._resolve(to, sender)
         if not recipients:
             if to == BROADCAST:
@@ -556,28 +589,7 @@ class Broker:
                 log.error("broker maintenance failed: %s", exc)
 
     async def _report_dead(self, dead: list[wire.Message]) -> None:
-        """Dead letters are kept, shown to the operator and reported to the manager."""
-        for msg in dead:
-            note = (
-                f"Message #{msg.id} from {msg.sender} to {msg.to} was dead-lettered after"
-                f" {msg.attempt} attempts: no turn on it completed. It is kept; requeue it with"
-                f" `hive-c0re requeue {msg.id}`."
-            )
-            event = msgspec.json.encode(
-                {
-                    "event": "dead_letter",
-                    "id": msg.id,
-                    "from": msg.sender,
-                    "to": msg.to,
-                    "attempts": msg.attempt,
-                }
-            ).decode()
-            try:
-                await self.send(SYSTEM, OPERATOR, note, origin=SYSTEM)
-                if msg.to != MANAGER:
-                    await self.send(SYSTEM, MANAGER, event, origin=SYSTEM)
-            except HiveError as exc:
-                log.error("could not report dead letter #%d: %s", msg.id, exc.message)
+        await report_dead(self.send, dead)
 
     # ------------------------------------------------------------------ reads
 
@@ -594,3 +606,49 @@ class Broker:
     async def counts(self, recipient: str) -> tuple[int, int]:
         """(queued, in flight) for one inbox."""
         return await self._store.run(m.counts, recipient)
+
+
+def check_body(body: object) -> int:
+    """A message body a broker accepts: its size in UTF-8 bytes, or a clear BadParams."""
+    if not isinstance(body, str):
+        raise BadParams("body must be a string")
+    if "\x00" in body:
+        raise BadParams("message body contains a NUL character")
+    try:
+        size = len(body.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadParams("message body is not valid Unicode (lone surrogate)") from None
+    if size > MAX_BODY:
+        raise BadParams(f"message body is {size} bytes; the limit is {MAX_BODY}")
+    return size
+
+
+class _Send(Protocol):
+    async def __call__(
+        self, sender: str, to: str, body: str, *, origin: str = ""
+    ) -> list[wire.Message]: ...
+
+
+async def report_dead(send: _Send, dead: list[wire.Message]) -> None:
+    """Dead letters are kept, shown to the operator and reported to the manager."""
+    for msg in dead:
+        note = (
+            f"Message #{msg.id} from {msg.sender} to {msg.to} was dead-lettered after"
+            f" {msg.attempt} attempts: no turn on it completed. It is kept; requeue it with"
+            f" `hive-c0re requeue {msg.id}`."
+        )
+        event = msgspec.json.encode(
+            {
+                "event": "dead_letter",
+                "id": msg.id,
+                "from": msg.sender,
+                "to": msg.to,
+                "attempts": msg.attempt,
+            }
+        ).decode()
+        try:
+            await send(SYSTEM, OPERATOR, note, origin=SYSTEM)
+            if msg.to != MANAGER:
+                await send(SYSTEM, MANAGER, event, origin=SYSTEM)
+        except HiveError as exc:
+            log.error("could not report dead letter #%d: %s", msg.id, exc.message)

@@ -55,6 +55,12 @@ class DaemonConfig:
     auto_update: bool = True
     """After an upgrade, rebuild the agents built from an older hyperhive (one at a time, each
     gated on its health); off: they are only marked `needs_update` (SPEC §4.4a)."""
+    swarm: tuple[str, ...] = ()
+    """NATS server URLs: the hive spans hosts on JetStream (SPEC §11); empty: one host, sqlite."""
+    host_name: str = ""
+    """This host's name in a swarm hive (default: the machine's host name)."""
+    swarm_replicas: int = 0
+    """Replicas of the hive's streams and buckets; 0: 3 when 3 or more servers are given, else 1."""
     notify_digest_window: float = 60.0
     """Seconds after a notification in which further ones are gathered into one (SPEC §4.3)."""
     """Seconds an approved deploy is watched: a crash loop or failing turns roll it back."""

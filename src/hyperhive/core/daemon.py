@@ -18,7 +18,7 @@ from hyperhive.core.agents import Registry
 from hyperhive.core.approval_queue import ApprovalQueue
 from hyperhive.core.approvals import Approvals
 from hyperhive.core.attention import AttentionWatch
-from hyperhive.core.broker import Broker, EventHub
+from hyperhive.core.broker import Broker, EventHub, MessageBroker
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers import netns
 from hyperhive.core.containers.base import Backend
@@ -160,7 +160,15 @@ async def run(
         turns = Turns(store, registry)
         await turns.load()
         faults = Faults.parse(cfg.crash_at, raises=cfg.crash_raises)
-        broker = _broker(cfg, store, hub, registry, faults)
+        broker: MessageBroker
+        if cfg.swarm:  # a hive across hosts: the broker and the directory on JetStream
+            from hyperhive.swarm.hive import open_swarm
+
+            swarm = await open_swarm(cfg, nursery, store, hub, registry)
+            broker = swarm.broker
+        else:
+            swarm = None
+            broker = _broker(cfg, store, hub, registry, faults)
         await nursery.start(broker.serve)
         await nursery.start(broker.serve_maintenance)
         questions = Questions(store, broker, peer_inbox=partial(_peer_inbox, registry), hub=hub)
@@ -198,6 +206,7 @@ async def run(
             turns,
             supervisor.applied_config,
             tokens,
+            forward=None if swarm is None else swarm.forward,
         )
         await nursery.start(sockets.serve, services.handler_for)
         approvals = Approvals(
@@ -237,6 +246,9 @@ async def run(
         await nursery.start(logins.serve)
         await nursery.start(AttentionWatch(registry, questions, queue, broker, hub).serve)
         await nursery.start(notifier.serve)
+        if swarm is not None:  # requests for this host's agents from the other hosts
+            host.forward = swarm.forward
+            await nursery.start(swarm.forward.serve, host.handle_here)
         await nursery.start(_host_server(cfg, host, admin_gid).serve)
         if cfg.start_manager:
             await lifecycle.ensure_manager()
@@ -298,7 +310,7 @@ def _state_dir(cfg: DaemonConfig, inbox: str) -> Path:
     return cfg.agent_root(MANAGER_NAME if inbox == MANAGER else inbox) / "state"
 
 
-async def _release_leases(supervisor: Supervisor, broker: Broker) -> tuple[str, ...]:
+async def _release_leases(supervisor: Supervisor, broker: MessageBroker) -> tuple[str, ...]:
     """Containers that outlived a crashed daemon are adopted and keep their leases; every
     other in-flight message goes back to its queue. Returns the adopted inboxes."""
     adopted = await supervisor.adoptable()

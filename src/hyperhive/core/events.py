@@ -11,7 +11,7 @@ from hyperhive.protocol.errors import HiveError
 from hyperhive.protocol.names import MANAGER, OPERATOR, SYSTEM
 
 if TYPE_CHECKING:
-    from hyperhive.core.broker import Broker
+    from hyperhive.core.broker import MessageBroker
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Notices:
     """Tells the manager what happened, as messages from `system`: losing one (a full disk, a
     full inbox) is logged and never stops the supervision, lifecycle step or decision that told."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: MessageBroker) -> None:
         self._broker = broker
 
     async def tell(self, event: HelperEvent) -> None:

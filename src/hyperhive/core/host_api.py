@@ -15,7 +15,7 @@ import trio
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.approval_queue import DIFF_CAP, ApprovalQueue
 from hyperhive.core.approvals import Approvals
-from hyperhive.core.broker import Broker, EventHub
+from hyperhive.core.broker import EventHub, MessageBroker
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.forge import Forge
 from hyperhive.core.lifecycle import Lifecycle
@@ -24,7 +24,7 @@ from hyperhive.core.metrics import HiveMetrics
 from hyperhive.core.notifications import Notifier
 from hyperhive.core.questions import Questions
 from hyperhive.core.reminders import Reminders
-from hyperhive.core.server import EventStream, Peer
+from hyperhive.core.server import EventStream, Peer, Router
 from hyperhive.core.supervisor import Supervisor
 from hyperhive.core.turns import Turns
 from hyperhive.core.upgrades import Upgrades
@@ -41,7 +41,7 @@ class HostHandler:
         self,
         cfg: DaemonConfig,
         registry: Registry,
-        broker: Broker,
+        broker: MessageBroker,
         hub: EventHub,
         lifecycle: Lifecycle,
         queue: ApprovalQueue,
@@ -70,6 +70,8 @@ class HostHandler:
         self.upgrades = upgrades
         self.metrics = HiveMetrics(registry, broker, turns, queue)
         """The hive-forge, when the daemon runs with one (its health for `list`)."""
+        self.forward: Router | None = None
+        """Swarm mode: routes requests to the host that owns what they name."""
         self.dashboard: wire.ListenerStatus | None = None
         """The dashboard's port, as its server reports it (None without a dashboard)."""
 
@@ -96,6 +98,15 @@ class HostHandler:
         return wire.AgentReply(agent=self.registry.info(rec))
 
     async def handle(self, request: object, peer: Peer) -> wire.Reply | EventStream:
+        """A swarm host first asks its forwarder (SPEC §11): a request about another host's
+        agent, approval or question is answered there; the rest here."""
+        if self.forward is not None:
+            routed = await self.forward.route(request, self.handle_here)
+            if routed is not None:
+                return routed
+        return await self.handle_here(request, peer)
+
+    async def handle_here(self, request: object, peer: Peer) -> wire.Reply | EventStream:
         match request:
             case wire.ListAgents():
                 forge = self.forge.last if self.forge is not None else None

@@ -24,7 +24,7 @@ import trio
 from hyperhive.core import events
 from hyperhive.core.agents import AgentRecord, Registry
 from hyperhive.core.approval_queue import ApprovalQueue
-from hyperhive.core.broker import Broker
+from hyperhive.core.broker import MessageBroker
 from hyperhive.core.deploys import DeployLog
 from hyperhive.core.events import Notices
 from hyperhive.core.forge import Forge
@@ -50,7 +50,7 @@ class Lifecycle:
     def __init__(
         self,
         registry: Registry,
-        broker: Broker,
+        broker: MessageBroker,
         supervisor: Supervisor,
         sockets: AgentSockets,
         deploys: DeployLog,

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from hyperhive.core.agents import Registry
 from hyperhive.core.approval_queue import ApprovalQueue
-from hyperhive.core.broker import Broker
+from hyperhive.core.broker import MessageBroker
 from hyperhive.core.turns import Turns
 from hyperhive.protocol import wire
 
@@ -33,7 +33,7 @@ class _Snapshot(Collector):
 
 class HiveMetrics:
     def __init__(
-        self, registry: Registry, broker: Broker, turns: Turns, queue: ApprovalQueue
+        self, registry: Registry, broker: MessageBroker, turns: Turns, queue: ApprovalQueue
     ) -> None:
         self.registry = registry
         self.broker = broker

@@ -20,8 +20,8 @@ import msgspec
 import trio
 
 from hyperhive.core import events
-from hyperhive.core.broker import Broker, EventHub
-from hyperhive.core.store import Store, transaction
+from hyperhive.core.broker import EventHub, MessageBroker
+from hyperhive.core.store import Store, next_id, transaction
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import (
     BadParams,
@@ -82,8 +82,8 @@ def _insert(
     deadline_at: float,
 ) -> int:
     cur = conn.execute(
-        "INSERT INTO questions (asker, target, question, options_json, multi, asked_at,"
-        " deadline_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO questions (id, asker, target, question, options_json, multi, asked_at,"
+        f" deadline_at) VALUES ({next_id('questions')}, ?, ?, ?, ?, ?, ?, ?)",
         (
             asker,
             target,
@@ -183,7 +183,7 @@ class Questions:
     def __init__(
         self,
         store: Store,
-        broker: Broker,
+        broker: MessageBroker,
         *,
         peer_inbox: Callable[[str], str] = _identity,
         clock: Callable[[], float] = time.time,

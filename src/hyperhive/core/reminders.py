@@ -18,9 +18,9 @@ from typing import NoReturn
 
 import trio
 
-from hyperhive.core.broker import Broker
+from hyperhive.core.broker import MessageBroker
 from hyperhive.core.storage import storage_full
-from hyperhive.core.store import Store, transaction
+from hyperhive.core.store import Store, next_id, transaction
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import BadParams, Conflict, HiveError, NotFound, StorageFull
 from hyperhive.protocol.names import REMINDER
@@ -141,7 +141,8 @@ def _insert(
         if pending >= cap:
             raise Conflict(f"{pending} reminders are already pending (the limit is {cap})")
         cur = conn.execute(
-            "INSERT INTO reminders (recipient, message, created_at, due_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO reminders (id, recipient, message, created_at, due_at)"
+            f" VALUES ({next_id('reminders')}, ?, ?, ?, ?)",
             (recipient, message, now, due_at),
         )
         assert cur.lastrowid is not None
@@ -189,7 +190,7 @@ class Reminders:
     def __init__(
         self,
         store: Store,
-        broker: Broker,
+        broker: MessageBroker,
         *,
         state_dir: StateDirs,
         clock: Callable[[], float] = time.time,

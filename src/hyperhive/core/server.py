@@ -84,6 +84,16 @@ class EventStream:
         self.lines = lines
 
 
+Here = Callable[[object, Peer], Awaitable["wire.Reply | EventStream"]]
+"""A request handled on this host (host.sock's handler)."""
+
+
+class Router(Protocol):
+    """Swarm mode: sends a request to the host that owns what it names (hyperhive.swarm)."""
+
+    async def route(self, request: object, here: Here) -> wire.Reply | EventStream | None: ...
+
+
 class Handler(Protocol[T]):
     async def handle(self, request: T, peer: Peer) -> wire.Reply | EventStream: ...
 

@@ -163,7 +163,19 @@ def connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_size_limit=67108864")
     conn.executescript(SCHEMA)
     _migrate(conn)
+    set_id_floor(conn, 1)
     return conn
+
+
+def set_id_floor(conn: sqlite3.Connection, floor: int) -> None:
+    """The least id a new approval, question or reminder gets (`hive_id_floor()` in their
+    INSERTs): 1 on one host; a swarm host's own range (SPEC §11), so an id names its host."""
+    conn.create_function("hive_id_floor", 0, lambda: floor, deterministic=True)
+
+
+def next_id(table: str) -> str:
+    """SQL for a new row's id in `table`: one past the largest, and at least the floor."""
+    return f"(SELECT MAX(COALESCE(MAX(id), 0) + 1, hive_id_floor()) FROM {table})"
 
 
 _COLUMNS_ADDED = {

@@ -18,7 +18,7 @@ import trio
 
 from hyperhive.core import events
 from hyperhive.core.agents import AgentRecord, Registry
-from hyperhive.core.broker import Broker
+from hyperhive.core.broker import MessageBroker
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.containers import netns, quota, rootfs
 from hyperhive.core.containers.base import (
@@ -121,7 +121,7 @@ class Supervisor:
         self,
         cfg: DaemonConfig,
         registry: Registry,
-        broker: Broker,
+        broker: MessageBroker,
         backend: Backend,
         notices: Notices,
     ) -> None:

@@ -75,6 +75,13 @@ class QuotaExceeded(HiveError):
     code = "quota_exceeded"
 
 
+class Unavailable(HiveError):
+    """A swarm hive's shared parts (NATS JetStream, another host) cannot be reached right now:
+    nothing was carried out; the same request can be sent again."""
+
+    code = "unavailable"
+
+
 class UnexpectedReply(Internal):
     """The client's side of a broken contract: a reply that is not the one its request declares
     (a daemon of another version, a confused peer). Never sent: it is raised where decoded."""

@@ -191,6 +191,11 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     attention_since: float | None = None
     attention_detail: str = ""
     """Whom it waits on (`operator`, an agent), or why it is stalled."""
+    host: str | None = None
+    """Swarm mode (SPEC §11): the host whose daemon runs it; None on a single-host hive."""
+    host_down: bool = False
+    """Swarm mode: its host's heartbeat stopped; the rest of this record is as that host last
+    wrote it, and messages for it wait in JetStream until the host is back."""
 
 
 # --------------------------------------------------------------------------- replies
@@ -445,6 +450,10 @@ class Request(msgspec.Struct, Generic[R_co], frozen=True, kw_only=True):
     """
 
 
+HostName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
+"""A host of a swarm hive (SPEC §11)."""
+
+
 class HostRequest(Request[R_co], frozen=True, tag_field="cmd", kw_only=True):
     """A request on host.sock (the operator's admin socket)."""
 
@@ -516,6 +525,8 @@ class Stats(HostRequest[StatsReply], frozen=True, tag="stats"):
 
 class Spawn(HostRequest[AgentReply], frozen=True, tag="spawn"):
     name: str
+    host: HostName | None = None
+    """Swarm mode (SPEC §11): the host to run it on; None: placed by the hive's policy."""
 
 
 class Kill(HostRequest[AgentReply], frozen=True, tag="kill"):
@@ -607,6 +618,8 @@ class HostRequestSpawn(HostRequest[ApprovalQueued], frozen=True, tag="request_sp
 
     name: str
     description: str = ""
+    host: HostName | None = None
+    """Swarm mode (SPEC §11): the host to run it on; None: placed by the hive's policy."""
 
 
 class MetaInputs(HostRequest[MetaInputList], frozen=True, tag="meta_inputs"):
@@ -771,6 +784,8 @@ class RequestSpawn(AgentRequest[ApprovalQueued], frozen=True, tag="request_spawn
 
     name: str
     description: str = ""
+    host: HostName | None = None
+    """Swarm mode (SPEC §11): the host to run it on; None: placed by the hive's policy."""
 
 
 class RequestApplyCommit(AgentRequest[ApprovalQueued], frozen=True, tag="request_apply_commit"):

@@ -1,0 +1,194 @@
+"""One console for the whole hive: operator requests go to the host that owns what they name.
+
+On any host, host.sock (and so the CLI and the dashboard) works on every agent: a request that
+names an agent of another host, an approval or question or reminder id of another host (each
+host's ids live in its own range, `slot * ID_SPAN + n`), or a spawn placed on another host, is
+forwarded over NATS request/reply to `hive.host.<host>.admin` and answered there, by that
+host's daemon, exactly as its own host.sock would. The lists the operator works through
+(pending approvals, open questions, approval history, reminders) are gathered from every live
+host. A host that is down answers nothing: the operator is told so (`unavailable`).
+
+Trust: the NATS cluster is the boundary — whoever can publish on `hive.host.*.admin` acts as
+the operator. Run NATS on a private network with TLS and credentials (README, Swarm).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn
+
+import msgspec
+import trio
+
+from hyperhive.core.server import EventStream, Here, Peer
+from hyperhive.protocol import wire
+from hyperhive.protocol.client import decode_reply, reply_type
+from hyperhive.protocol.codec import HOST_DECODER, encode_line, error_line
+from hyperhive.protocol.errors import BadParams, HiveError, Internal, NotFound, Unavailable
+from hyperhive.swarm import subjects as s
+from hyperhive.swarm.directory import Directory
+from hyperhive.swarm.link import Link, SwarmError
+
+log = logging.getLogger(__name__)
+
+FORWARDED = Peer(pid=0, uid=0, gid=0)
+"""Whom a forwarded request is handled as: the operator (the NATS cluster is trusted)."""
+
+FORWARD_TIMEOUT = 120.0
+"""A forwarded request may do a host's git work and start a container."""
+
+_BY_NAME = (
+    wire.Config,
+    wire.Destroy,
+    wire.DiffConfig,
+    wire.History,
+    wire.Kill,
+    wire.Start,
+    wire.Restart,
+    wire.Rebuild,
+    wire.Logs,
+    wire.Stats,
+    wire.ListReminders,
+)
+_BY_ID = (wire.Approve, wire.Deny, wire.HostAnswer, wire.CancelQuestion, wire.CancelReminder)
+_GATHERED = (wire.Pending, wire.ListQuestions, wire.ApprovalHistory, wire.ListReminders)
+
+
+class Forwarder:
+    def __init__(self, link: Link, directory: Directory, host: str, slot: int) -> None:
+        self._link = link
+        self._directory = directory
+        self.host = host
+        self.slot = slot
+        self.slots: dict[int, str] = {slot: host}
+        """Id ranges of the hosts (kept current from the heartbeats)."""
+
+    # ------------------------------------------------------------------ routing
+
+    def _owner(self, request: object) -> str | None:
+        """The other host that owns what `request` names, if one does."""
+        if isinstance(request, wire.Spawn | wire.HostRequestSpawn):
+            if request.host is not None:
+                return None if request.host == self.host else request.host
+            owner = self._directory.host_of(request.name)
+            return owner if owner not in (None, self.host) else self._place()
+        if isinstance(request, _BY_NAME):
+            name = getattr(request, "name", None)
+            owner = None if name is None else self._directory.host_of(name)
+            return owner if owner != self.host else None
+        if isinstance(request, _BY_ID):
+            slot = int(request.id) // s.ID_SPAN
+            if slot in (0, self.slot):
+                return None
+            owner = self._directory.slot_host(slot)
+            if owner is None:
+                raise BadParams(f"no host of this hive has ids like #{request.id}")
+            return owner
+        return None
+
+    def _place(self) -> str | None:
+        """Where a spawn with no `host` goes (SPEC §11): the live host with the most available
+        memory, then the fewest agents, then by name; None: here."""
+        best = self._directory.placement()
+        return None if best in (None, self.host) else best
+
+    async def route(self, request: object, here: Here) -> wire.Reply | EventStream | None:
+        """Forwarded (or gathered) reply, or None: handle it here as usual."""
+        if isinstance(request, _GATHERED) and getattr(request, "name", None) is None:
+            return await self._gather(request, here)
+        owner = self._owner(request)
+        if owner is None:
+            return None
+        if isinstance(request, wire.Spawn | wire.HostRequestSpawn) and request.host is None:
+            request = msgspec.structs.replace(request, host=owner)
+        return await self.forward(owner, request)
+
+    async def forward(self, host: str, request: Any) -> wire.Reply:
+        if host not in self._directory.beats:
+            raise NotFound(f"no host named {host!r} in this hive")
+        if self._directory.is_down(host):
+            raise Unavailable(f"host {host} is down: it cannot act on that now")
+        try:
+            ans = await self._link.call(
+                "request",
+                subject=s.admin(host),
+                data=encode_line(request).decode(),
+                timeout=FORWARD_TIMEOUT,
+            )
+        except SwarmError as exc:
+            raise Unavailable(f"host {host} did not answer: {exc.message}") from None
+        reply: wire.Reply = decode_reply(str(ans["data"]).encode(), reply_type(request))
+        return reply
+
+    async def _gather(self, request: Any, here: Here) -> wire.Reply:
+        local = await here(request, FORWARDED)
+        assert isinstance(local, wire.Reply)
+        field = _list_field(local)
+        merged = list(getattr(local, field))
+        others = [h for h in self._directory.live_hosts() if h != self.host]
+        replies: dict[str, wire.Reply] = {}
+
+        async def one(host: str) -> None:
+            try:
+                with trio.fail_after(10):
+                    replies[host] = await self.forward(host, request)
+            except (HiveError, trio.TooSlowError) as exc:
+                log.warning("swarm: %s from %s failed: %s", type(request).__name__, host, exc)
+
+        async with trio.open_nursery() as nursery:
+            for host in others:
+                nursery.start_soon(one, host)
+        for host in others:
+            if host in replies:
+                merged.extend(getattr(replies[host], field))
+        merged.sort(key=lambda item: getattr(item, "id", 0))
+        return msgspec.structs.replace(local, **{field: merged})
+
+    # ------------------------------------------------------------------ serving
+
+    async def serve(
+        self, here: Here, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Answer the requests other hosts forward here, each in its own task."""
+        started = False
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    await self._link.wait_up()
+                    async with self._link.subscribe("serve", subject=s.admin(self.host)) as pushes:
+                        if not started:
+                            started = True
+                            task_status.started()
+                        async for push in pushes:
+                            nursery.start_soon(self._answer, here, push)
+                except SwarmError as exc:
+                    log.warning("swarm: serving %s ended: %s", s.admin(self.host), exc.message)
+                await trio.sleep(0.5)
+
+    async def _answer(self, here: Here, push: dict[str, Any]) -> None:
+        try:
+            request = HOST_DECODER.decode(str(push["data"]).encode())
+            if isinstance(request, wire.Subscribe):
+                raise BadParams("subscribe is not forwarded: subscribe on the host itself")
+            reply = await here(request, FORWARDED)
+            if isinstance(reply, EventStream):
+                raise Internal("a forwarded request answered with a stream")
+            line = encode_line(reply)
+        except HiveError as exc:
+            line = error_line(exc)
+        except Exception as exc:
+            log.exception("swarm: forwarded request failed")
+            line = error_line(Internal(f"{type(exc).__name__}: {exc}"))
+        try:
+            await self._link.call("respond", reply=push["reply"], data=line.decode())
+        except SwarmError as exc:
+            log.warning("swarm: could not answer a forwarded request: %s", exc.message)
+
+
+def _list_field(reply: wire.Reply) -> str:
+    fields = [
+        f.name for f in msgspec.structs.fields(reply) if isinstance(getattr(reply, f.name), list)
+    ]
+    if len(fields) != 1:
+        raise Internal(f"cannot merge a {type(reply).__name__}")
+    return fields[0]
