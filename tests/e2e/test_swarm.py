@@ -1,0 +1,145 @@
+"""A hive across hosts, end to end: a 3-node NATS cluster on loopback, three hive-c0re daemons
+(h1, h2, h3) with their own state, run dirs and ports, bubblewrap containers, the real claude
+CLI against the scripted model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+from hyperhive.protocol import wire
+from hyperhive.protocol.errors import HiveError
+from hyperhive.swarm.cluster import Cluster
+from tests.conftest import needs_bwrap, needs_claude
+from tests.hive import Hive, hive_config, open_hive, subscription, wait_for_event
+
+pytestmark = [needs_bwrap, needs_claude]
+
+
+@asynccontextmanager
+async def open_hosts(
+    root: Path, cluster: Cluster, names: tuple[str, ...] = ("h1", "h2", "h3")
+) -> AsyncIterator[dict[str, Hive]]:
+    async with AsyncExitStack() as stack:
+        hosts = {}
+        for name in names:
+            cfg = hive_config(
+                root / name,
+                demo=True,
+                swarm=tuple(cluster.urls),
+                host_name=name,
+                agent_uid_base=300000 + 1000 * int(name[1:]),
+            )
+            hosts[name] = await stack.enter_async_context(open_hive(cfg))
+        yield hosts
+
+
+async def listed(hive: Hive, name: str) -> wire.AgentInfo | None:
+    agents = (await hive.call(wire.ListAgents())).agents
+    return next((a for a in agents if a.name == name), None)
+
+
+async def wait_listed(hive: Hive, name: str, **want: object) -> wire.AgentInfo:
+    """`name` as `hive` lists it, once it shows `want` (watched through hive's events)."""
+
+    def matches(info: wire.AgentInfo | None) -> bool:
+        return info is not None and all(getattr(info, k) == v for k, v in want.items())
+
+    async with subscription(hive.sock) as events:
+        info = await listed(hive, name)
+        if info is not None and matches(info):
+            return info
+        event = await wait_for_event(
+            events,
+            lambda e: (
+                isinstance(e, wire.AgentChanged) and e.agent.name == name and matches(e.agent)
+            ),
+        )
+        assert isinstance(event, wire.AgentChanged)
+        return event.agent
+
+
+async def test_agents_on_two_hosts_talk_and_every_host_lists_both(
+    cluster: Cluster, swarm_root: Path
+) -> None:
+    async with open_hosts(swarm_root, cluster, ("h1", "h2")) as hosts:
+        h1, h2 = hosts["h1"], hosts["h2"]
+        alice = await h1.call(wire.Spawn(name="alice", host="h1"))
+        assert alice.agent.host == "h1"
+        bob = await h1.call(wire.Spawn(name="bob", host="h2"))  # forwarded to h2
+        assert bob.agent.host == "h2"
+        await wait_listed(h1, "bob", host="h2", state="running")
+        await wait_listed(h2, "alice", host="h1", state="running")
+        async with subscription(h2.sock) as on_h2, subscription(h1.sock) as on_h1:
+            await h2.call(
+                wire.OperatorSend(to="alice", body='!tool send {"to": "bob", "body": "ping"}')
+            )
+            pong = await wait_for_event(
+                on_h2,
+                lambda e: (
+                    isinstance(e, wire.MessageSent)
+                    and e.message.sender == "bob"
+                    and e.message.to == "alice"
+                ),
+            )
+            assert isinstance(pong, wire.MessageSent)
+            assert pong.message.body == "pong from bob"
+            await wait_for_event(
+                on_h1, lambda e: isinstance(e, wire.MessageDelivered) and e.id == pong.message.id
+            )
+
+
+async def test_one_console_approvals_across_hosts_and_a_host_that_goes_down(
+    cluster: Cluster, swarm_root: Path
+) -> None:
+    async with open_hosts(swarm_root, cluster) as hosts:
+        h1, h2, h3 = hosts["h1"], hosts["h2"], hosts["h3"]
+        # A spawn for h3 requested on h1: queued on h3 (its git work runs there), in h3's range.
+        queued = await h1.call(wire.HostRequestSpawn(name="scout", host="h3", description="x"))
+        ids = {name: (await hive.call(wire.Pending())).approvals for name, hive in hosts.items()}
+        assert all([a.id for a in found] == [queued.id] for found in ids.values()), ids
+        assert [a.agent for a in ids["h1"]] == ["scout"]
+        # Approved from h2 (its CLI does exactly this on host.sock): done on h3.
+        decided = await h2.call(wire.Approve(id=queued.id))
+        assert decided.approval.status in ("approved", "spawning", "deployed")
+        scout = await wait_listed(h1, "scout", host="h3", state="running")
+        assert scout.host_down is False
+        assert (await listed(h3, "scout")) is not None
+        # Lifecycle commands for scout work from any host.
+        await wait_listed(h3, "scout", state="running")
+        killed = await h1.call(wire.Kill(name="scout"))
+        assert (killed.agent.host, killed.agent.state) == ("h3", "stopped")
+        started = await h2.call(wire.Start(name="scout"))
+        assert started.agent.host == "h3"
+
+        # h3 goes away: its agents show `host down`; a message for scout waits in JetStream.
+        await wait_listed(h1, "scout", state="running")
+        await h3.stop()
+        down = await wait_listed(h1, "scout", host_down=True)
+        assert down.host == "h3"
+        sent = await h1.call(wire.OperatorSend(to="scout", body="ping while you were away"))
+        assert sent.ids
+        try:
+            await h1.call(wire.Kill(name="scout"))
+        except HiveError as exc:
+            assert exc.code == "unavailable" and "h3 is down" in exc.message
+        else:
+            raise AssertionError("a down host's agent was killed")
+
+        # h3 is back: scout runs again there and gets what waited for it.
+        async with open_hive(h3.cfg) as back, subscription(back.sock) as on_h3:
+            answered = await h1.call(wire.HostRecent(name="operator", limit=50))
+            if not any(m.sender == "scout" and "away" in m.body for m in answered.messages):
+                await wait_for_event(
+                    on_h3,
+                    lambda e: isinstance(e, wire.MessageSent)
+                    and e.message.sender == "scout"
+                    and "ping while you were away" in e.message.body,
+                )
+            answered = await h1.call(wire.HostRecent(name="operator", limit=50))
+            assert [m.body for m in answered.messages if m.sender == "scout"] == [
+                "scout here. You said: ping while you were away"
+            ]
+            up = await wait_listed(h1, "scout", host_down=False, state="running")
+            assert up.host == "h3"
