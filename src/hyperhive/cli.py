@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host-name",
         type=_host_name,
-        default="",
+        default=None,
         metavar="NAME",
         help="this host's name in the swarm (default: the machine's host name)",
     )

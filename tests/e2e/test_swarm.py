@@ -133,9 +133,11 @@ async def test_one_console_approvals_across_hosts_and_a_host_that_goes_down(
             if not any(m.sender == "scout" and "away" in m.body for m in answered.messages):
                 await wait_for_event(
                     on_h3,
-                    lambda e: isinstance(e, wire.MessageSent)
-                    and e.message.sender == "scout"
-                    and "ping while you were away" in e.message.body,
+                    lambda e: (
+                        isinstance(e, wire.MessageSent)
+                        and e.message.sender == "scout"
+                        and "ping while you were away" in e.message.body
+                    ),
                 )
             answered = await h1.call(wire.HostRecent(name="operator", limit=50))
             assert [m.body for m in answered.messages if m.sender == "scout"] == [

@@ -523,7 +523,7 @@ class Stats(HostRequest[StatsReply], frozen=True, tag="stats"):
     """One agent (None: every agent the daemon has turn records of, and every live one)."""
 
 
-class Spawn(HostRequest[AgentReply], frozen=True, tag="spawn"):
+class Spawn(HostRequest[AgentReply], frozen=True, omit_defaults=True, tag="spawn"):
     name: str
     host: HostName | None = None
     """Swarm mode (SPEC §11): the host to run it on; None: placed by the hive's policy."""
@@ -613,7 +613,9 @@ class Deny(HostRequest[ApprovalReply], frozen=True, tag="deny"):
     note: str = ""
 
 
-class HostRequestSpawn(HostRequest[ApprovalQueued], frozen=True, tag="request_spawn"):
+class HostRequestSpawn(
+    HostRequest[ApprovalQueued], frozen=True, omit_defaults=True, tag="request_spawn"
+):
     """Queue a spawn approval from the operator's side."""
 
     name: str
@@ -779,7 +781,9 @@ class ReportState(AgentRequest[Done], frozen=True, tag="report_state"):
     since: UnixTime
 
 
-class RequestSpawn(AgentRequest[ApprovalQueued], frozen=True, tag="request_spawn"):
+class RequestSpawn(
+    AgentRequest[ApprovalQueued], frozen=True, omit_defaults=True, tag="request_spawn"
+):
     """Manager only: ask the operator to approve a new agent."""
 
     name: str

@@ -163,6 +163,14 @@ class JetStreamBroker:
         self._consumers: set[str] = set()
         self._depth: dict[str, int] = {}
         self._readers: dict[str, set[trio.CancelScope]] = {}
+        self._fetching: dict[str, int] = {}
+        """Pull requests in flight per inbox (a reader's, or one its reader left behind)."""
+        self._checked: set[str] = set()
+        """Inboxes whose JetStream deliveries all reached this daemon (see `_reconcile`)."""
+        self._paused: dict[str, float] = {}
+        self._given_back: dict[str, set[int]] = {}
+        """Messages this daemon gave back (-NAK) that JetStream has not delivered again yet:
+        still pending there, but not lost."""
         self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ services
@@ -239,11 +247,13 @@ class JetStreamBroker:
         return name
 
     async def _settle(self, reply: str, kind: str) -> None:
+        if kind == "+ACK":
+            # Confirmed by the server, and safe to repeat (a repeated ack is answered too).
+            await self._retrying("settle", reply=reply, kind=kind)
+            return
         try:
             await self._link.call("settle", reply=reply, kind=kind)
         except SwarmError as exc:
-            if kind == "+ACK":
-                raise Unavailable(f"NATS JetStream did not take the ack: {exc.message}") from None
             log.warning(
                 "%s on %s failed (JetStream redelivers after its ack wait): %s",
                 kind,
@@ -288,13 +298,36 @@ class JetStreamBroker:
         try:
             with scope:
                 while True:
+                    if recipient not in self._checked:
+                        await self._reconcile(recipient)
+                    until = self._paused.get(recipient, 0.0)
+                    if trio.current_time() < until:
+                        # Order (SPEC §5.5): a delivery lost on its way must come back first.
+                        await trio.sleep_until(min(until, deadline))
+                        if deadline <= until:
+                            return None
                     chunk = min(max(deadline - trio.current_time(), 0.0), FETCH_CHUNK)
+                    self._fetching[recipient] = self._fetching.get(recipient, 0) + 1
                     try:
                         ans = await self._link.call(
-                            "fetch", durable=durable, wait=chunk, orphan=self._give_back
+                            "fetch",
+                            durable=durable,
+                            wait=chunk,
+                            orphan=partial(self._give_back, recipient),
                         )
                     except SwarmError as exc:
-                        raise Unavailable(f"could not read the inbox: {exc.message}") from None
+                        self._fetching[recipient] -= 1
+                        self._checked.discard(recipient)
+                        # A consumer's leader moving (a node down) or the sidecar restarting:
+                        # the reader waits on, as long as it would have waited anyway.
+                        if deadline - trio.current_time() <= 0.05:
+                            raise Unavailable(f"could not read the inbox: {exc.message}") from None
+                        log.info("swarm: reading %s: %s (retrying)", recipient, exc.message)
+                        with trio.move_on_at(deadline):
+                            await self._link.wait_up()
+                            await trio.sleep(0.2)
+                        continue
+                    self._fetching[recipient] -= 1
                     got = ans.get("msg")
                     if got is not None:
                         msg = await self._taken(recipient, got, lease)
@@ -307,16 +340,40 @@ class JetStreamBroker:
         finally:
             self._readers[recipient].discard(scope)
 
-    def _give_back(self, answer: dict[str, Any]) -> None:
+    async def _reconcile(self, recipient: str) -> None:
+        """A message JetStream delivered that reached no reader (a node or this daemon died
+        while the pull was answered) stays pending until its ack wait ends, and only then is
+        delivered again, while newer ones would flow past it. So when JetStream counts more
+        deliveries in flight than this daemon holds (at the first read after a start, after a
+        failed pull), the inbox waits out one ack wait: the lost one comes back first."""
+        held = sum(1 for x in self._leases.values() if x.recipient == recipient)
+        held += self._fetching.get(recipient, 0) + len(self._given_back.get(recipient, ()))
+        try:
+            ans = await self._link.call("consumer_info", durable=s.durable(recipient))
+            lost = int(ans["ack_pending"]) > held
+        except SwarmError:
+            lost = True
+        if lost:
+            log.info("swarm: %s has a delivery in limbo; its inbox waits one ack wait", recipient)
+            self._paused[recipient] = trio.current_time() + s.ACK_WAIT + 1.0
+        self._checked.add(recipient)
+
+    def _give_back(self, recipient: str, answer: dict[str, Any] | None) -> None:
         """A fetch whose reader went away brought a message: back to the queue, uncounted."""
+        self._fetching[recipient] -= 1
+        if answer is None:
+            self._checked.discard(recipient)
+            return
         got = answer.get("msg")
         if got is not None:
             seq = int(got["seq"])
             self._uncounted[seq] = self._uncounted.get(seq, 0) + 1
+            self._given_back.setdefault(recipient, set()).add(seq)
             self._spawn(self._settle, str(got["reply"]), "-NAK")
 
     async def _taken(self, recipient: str, got: dict[str, Any], lease: bool) -> wire.Message | None:
         seq, reply = int(got["seq"]), str(got["reply"])
+        self._given_back.get(recipient, set()).discard(seq)
         p = _decode(got["data"])
         attempt = int(got["delivered"]) - self._uncounted.get(seq, 0)
         with trio.CancelScope(shield=True):
@@ -398,6 +455,7 @@ class JetStreamBroker:
         ]
         with trio.CancelScope(shield=True):
             for lease in held:
+                self._given_back.setdefault(lease.recipient, set()).add(lease.seq)
                 await self._settle(lease.reply, "-NAK")
                 self._leases.pop(lease.seq, None)
                 self._count(lease.recipient, +1)
@@ -420,10 +478,7 @@ class JetStreamBroker:
         return await self._give_back_leases(None, forget_uncounted=False, keep=keep)
 
     async def requeue(self, mid: int) -> wire.Message:
-        try:
-            ans = await self._link.call("last", stream=s.DEAD_STREAM, subject=f"{s.DEAD}.{mid}")
-        except SwarmError as exc:
-            raise Unavailable(exc.message) from None
+        ans = await self._retrying("last", stream=s.DEAD_STREAM, subject=f"{s.DEAD}.{mid}")
         got = ans.get("msg")
         if got is None:
             raise NotFound(f"message #{mid} is not a dead letter")
@@ -450,16 +505,9 @@ class JetStreamBroker:
             stream = s.INBOX_STREAM
             subject = None if recipient is None else s.inbox(recipient)
             shown = "queued"
-        try:
-            ans = await self._link.call(
-                "tail", stream=stream, limit=limit * (1 if subject is None else 4)
-            )
-        except SwarmError as exc:
-            raise Unavailable(exc.message) from None
+        ans = await self._retrying("tail", stream=stream, limit=limit, subject=subject)
         out = []
         for got in ans["msgs"]:
-            if subject is not None and got["subject"] != subject:
-                continue
             p = _decode(got["data"])
             mid = int(got["subject"].rsplit(".", 1)[1]) if shown == "dead" else int(got["seq"])
             leased = self._leases.get(mid)
@@ -474,10 +522,7 @@ class JetStreamBroker:
         return self._depth.get(recipient, 0)
 
     async def counts(self, recipient: str) -> tuple[int, int]:
-        try:
-            ans = await self._link.call("consumer_info", durable=s.durable(recipient))
-        except SwarmError as exc:
-            raise Unavailable(exc.message) from None
+        ans = await self._retrying("consumer_info", durable=s.durable(recipient))
         self._depth[recipient] = int(ans["pending"])
         return int(ans["pending"]), int(ans["ack_pending"])
 

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,10 +153,8 @@ def cli() -> None:
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--nodes", type=int, default=3)
     args = parser.parse_args()
-    try:
+    with suppress(KeyboardInterrupt):
         trio.run(_main, args.dir, args.nodes)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

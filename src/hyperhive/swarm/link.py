@@ -41,7 +41,7 @@ class _Call:
     answer: Json | None = None
     error: SwarmError | None = None
     pushes: trio.MemorySendChannel[Json] | None = None
-    orphan: Callable[[Json], Any] | None = None
+    orphan: Callable[[Json | None], Any] | None = None
 
 
 class Link:
@@ -144,7 +144,7 @@ class Link:
         if call.pushes is not None:
             call.pushes.close()
         call.done.set()
-        if call.orphan is not None and answer is not None:
+        if call.orphan is not None:
             call.orphan(answer)
 
     async def _send(self, op: str, call: _Call, fields: Json) -> int:
@@ -164,17 +164,19 @@ class Link:
         return rid
 
     async def call(
-        self, op: str, *, orphan: Callable[[Json], Any] | None = None, **fields: Any
+        self, op: str, *, orphan: Callable[[Json | None], Any] | None = None, **fields: Any
     ) -> Json:
-        """One request, its answer. Cancelled meanwhile: the sidecar is asked to stop it, and an
-        answer that still comes goes to `orphan` (a fetched message must be given back)."""
+        """One request, its answer. Cancelled meanwhile: the sidecar is asked to stop it; with
+        `orphan`, it runs to its end instead, and its answer (None: it failed) goes to `orphan`
+        (a fetched message must be given back)."""
         call = _Call()
         rid = await self._send(op, call, fields)
         try:
             await call.done.wait()
         except trio.Cancelled:
-            call.orphan = orphan
-            if self._nursery is not None:
+            if orphan is not None:
+                call.orphan = orphan
+            elif self._nursery is not None:
                 self._nursery.start_soon(self._cancel, rid)
             raise
         if call.error is not None:

@@ -232,13 +232,25 @@ class Sidecar:
         return {}
 
     async def op_tail(self, req: Json) -> Json:
-        """Up to `limit` of a stream's newest messages, newest first (for the console)."""
-        info = await self.js.stream_info(req["stream"])
+        """Up to `limit` of a stream's newest messages (of one subject), newest first."""
+        stream, limit, subject = req["stream"], int(req["limit"]), req.get("subject")
+        info = await self.js.stream_info(stream)
         out: list[Json] = []
-        seq = info.state.last_seq
-        while seq >= max(1, info.state.first_seq) and len(out) < int(req["limit"]):
+        if subject:  # an inbox: what is still queued, oldest on, by subject
+            seq = info.state.first_seq
+            while len(out) < 2000:
+                try:
+                    raw = await self.js.get_msg(stream, seq, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                out.append({"seq": raw.seq, "data": _b(raw.data or b""), "subject": raw.subject})
+                seq = raw.seq + 1
+            return {"msgs": out[::-1][:limit]}
+        seq, probes = info.state.last_seq, 0
+        while seq >= max(1, info.state.first_seq) and len(out) < limit and probes < 4 * limit:
+            probes += 1
             try:
-                raw = await self.js.get_msg(req["stream"], seq)
+                raw = await self.js.get_msg(stream, seq)
                 out.append({"seq": raw.seq, "data": _b(raw.data or b""), "subject": raw.subject})
             except NotFoundError:
                 pass

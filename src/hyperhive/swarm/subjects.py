@@ -26,9 +26,10 @@ DEDUPE_WINDOW = 120.0
 HOST_TTL = 6.0
 """A host whose heartbeat is older than this is down."""
 HEARTBEAT = 1.5
-ACK_WAIT = 30.0
-"""JetStream's lease: the daemon renews each lease it holds (+WPI) well within this."""
-RENEW = 10.0
+ACK_WAIT = 10.0
+"""JetStream's lease: the daemon renews each lease it holds (+WPI) well within this. Also how
+long an inbox waits for a delivery lost on its way (see JetStreamBroker._reconcile)."""
+RENEW = 3.0
 KEEP_DAYS = 30.0
 MAX_ACK_PENDING = 10_000
 MAX_PAYLOAD = 2 * 1024 * 1024
