@@ -4,60 +4,16 @@ CLI against the scripted model."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import HiveError
 from hyperhive.swarm.cluster import Cluster
 from tests.conftest import needs_bwrap, needs_claude
-from tests.hive import Hive, hive_config, open_hive, subscription, wait_for_event
+from tests.hive import open_hive, subscription, wait_for_event
+from tests.swarm.conftest import listed, open_hosts, wait_listed
 
 pytestmark = [needs_bwrap, needs_claude]
-
-
-@asynccontextmanager
-async def open_hosts(
-    root: Path, cluster: Cluster, names: tuple[str, ...] = ("h1", "h2", "h3")
-) -> AsyncIterator[dict[str, Hive]]:
-    async with AsyncExitStack() as stack:
-        hosts = {}
-        for name in names:
-            cfg = hive_config(
-                root / name,
-                demo=True,
-                swarm=tuple(cluster.urls),
-                host_name=name,
-                agent_uid_base=300000 + 1000 * int(name[1:]),
-            )
-            hosts[name] = await stack.enter_async_context(open_hive(cfg))
-        yield hosts
-
-
-async def listed(hive: Hive, name: str) -> wire.AgentInfo | None:
-    agents = (await hive.call(wire.ListAgents())).agents
-    return next((a for a in agents if a.name == name), None)
-
-
-async def wait_listed(hive: Hive, name: str, **want: object) -> wire.AgentInfo:
-    """`name` as `hive` lists it, once it shows `want` (watched through hive's events)."""
-
-    def matches(info: wire.AgentInfo | None) -> bool:
-        return info is not None and all(getattr(info, k) == v for k, v in want.items())
-
-    async with subscription(hive.sock) as events:
-        info = await listed(hive, name)
-        if info is not None and matches(info):
-            return info
-        event = await wait_for_event(
-            events,
-            lambda e: (
-                isinstance(e, wire.AgentChanged) and e.agent.name == name and matches(e.agent)
-            ),
-        )
-        assert isinstance(event, wire.AgentChanged)
-        return event.agent
 
 
 async def test_agents_on_two_hosts_talk_and_every_host_lists_both(

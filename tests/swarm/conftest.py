@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import trio
 
 from hyperhive.core.broker import EventHub, Resolver
 from hyperhive.core.store import open_store
+from hyperhive.protocol import wire
 from hyperhive.swarm.broker import JetStreamBroker
+from hyperhive.swarm.cluster import Cluster
 from hyperhive.swarm.hive import _retry
 from hyperhive.swarm.link import Link
+from tests.hive import Hive, hive_config, open_hive, subscription, wait_for_event
 
 
 @asynccontextmanager
@@ -37,3 +40,47 @@ async def open_js_broker(
         await broker.recover(keep)
         yield link, broker
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_hosts(
+    root: Path, cluster: Cluster, names: tuple[str, ...] = ("h1", "h2", "h3"), *, demo: bool = True
+) -> AsyncIterator[dict[str, Hive]]:
+    """In-process daemons, one per host name, each with its own state, sockets and ports."""
+    async with AsyncExitStack() as stack:
+        hosts = {}
+        for name in names:
+            cfg = hive_config(
+                root / name,
+                demo=demo,
+                swarm=tuple(cluster.urls),
+                host_name=name,
+                agent_uid_base=300000 + 1000 * int(name[1:]),
+            )
+            hosts[name] = await stack.enter_async_context(open_hive(cfg))
+        yield hosts
+
+
+async def listed(hive: Hive, name: str) -> wire.AgentInfo | None:
+    agents = (await hive.call(wire.ListAgents())).agents
+    return next((a for a in agents if a.name == name), None)
+
+
+async def wait_listed(hive: Hive, name: str, **want: object) -> wire.AgentInfo:
+    """`name` as `hive` lists it, once it shows `want` (watched through hive's events)."""
+
+    def matches(info: wire.AgentInfo | None) -> bool:
+        return info is not None and all(getattr(info, k) == v for k, v in want.items())
+
+    async with subscription(hive.sock) as events:
+        info = await listed(hive, name)
+        if info is not None and matches(info):
+            return info
+        event = await wait_for_event(
+            events,
+            lambda e: (
+                isinstance(e, wire.AgentChanged) and e.agent.name == name and matches(e.agent)
+            ),
+        )
+        assert isinstance(event, wire.AgentChanged)
+        return event.agent

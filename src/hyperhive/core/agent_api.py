@@ -11,7 +11,7 @@ from hyperhive.core.broker import MessageBroker
 from hyperhive.core.lifecycle import Lifecycle
 from hyperhive.core.questions import Questions
 from hyperhive.core.reminders import Reminders
-from hyperhive.core.server import EventStream, Handler, Peer, Router
+from hyperhive.core.server import EventStream, Handler, Peer, PeerRouter, Swarm
 from hyperhive.core.tokens import LoginTokens
 from hyperhive.core.turns import Turns
 from hyperhive.core.upgrades import Upgrades
@@ -49,7 +49,10 @@ class AgentHandler:
         queue: ApprovalQueue,
         applied_config: AppliedConfig,
         ui_token: str,
+        peers: PeerRouter | None = None,
     ) -> None:
+        self.peers = peers
+        """Swarm mode: answers to questions that live on another host go there."""
         self.rec = rec
         self.turns = turns
         self.queue = queue
@@ -136,6 +139,10 @@ class AgentHandler:
                 )
                 return wire.QuestionQueued(id=qid)
             case wire.Answer(id=qid, answer=answer):
+                if self.peers is not None:  # swarm mode: the question may be another host's
+                    routed = await self.peers.answer(qid, answer, self.rec.name, self.principal)
+                    if routed is not None:
+                        return routed
                 info = await self.questions.answer(
                     qid, answer, answerer=self.rec.name, as_peer=self.principal
                 )
@@ -205,7 +212,7 @@ class ManagerHandler(AgentHandler):
         turns: Turns,
         applied_config: AppliedConfig,
         ui_token: str,
-        forward: Router | None = None,
+        forward: Swarm | None = None,
     ) -> None:
         self.upgrades = upgrades
         self.forward = forward
@@ -219,6 +226,7 @@ class ManagerHandler(AgentHandler):
             queue=queue,
             applied_config=applied_config,
             ui_token=ui_token,
+            peers=forward,
         )
         self.lifecycle = lifecycle
 
@@ -299,7 +307,7 @@ class AgentServices:
     turns: Turns
     applied_config: AppliedConfig
     tokens: LoginTokens
-    forward: Router | None = None
+    forward: Swarm | None = None
     """Swarm mode: the forwarder to the other hosts."""
 
     def handler_for(self, rec: AgentRecord) -> tuple[RequestDecoder[object], Handler[object]]:
@@ -323,5 +331,6 @@ class AgentServices:
             queue=self.queue,
             applied_config=self.applied_config,
             ui_token=token,
+            peers=self.forward,
         )
         return AGENT_DECODER, agent

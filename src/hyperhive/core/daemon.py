@@ -248,7 +248,7 @@ async def run(
         await nursery.start(notifier.serve)
         if swarm is not None:  # requests for this host's agents from the other hosts
             host.forward = swarm.forward
-            await nursery.start(swarm.forward.serve, host.handle_here)
+            await nursery.start(swarm.forward.serve, host.handle_here, questions, hub)
         await nursery.start(_host_server(cfg, host, admin_gid).serve)
         if cfg.start_manager:
             await lifecycle.ensure_manager()
@@ -301,8 +301,12 @@ def _broker(
 
 
 def _peer_inbox(registry: Registry, to: str) -> str:
-    """The inbox a question to a peer goes to."""
-    return registry.live(check_name(MANAGER_NAME if to == MANAGER else to)).recipient
+    """The inbox a question to a peer goes to (swarm mode: on whichever host it runs)."""
+    name = check_name(MANAGER_NAME if to == MANAGER else to)
+    remote = registry.remote
+    if registry.find(name) is None and remote is not None and remote.host_of(name) is not None:
+        return MANAGER if to == MANAGER else name
+    return registry.live(name).recipient
 
 
 def _state_dir(cfg: DaemonConfig, inbox: str) -> Path:

@@ -94,6 +94,18 @@ class Router(Protocol):
     async def route(self, request: object, here: Here) -> wire.Reply | EventStream | None: ...
 
 
+class PeerRouter(Protocol):
+    """Swarm mode: an agent's answer to a question that lives on another host goes there."""
+
+    async def answer(
+        self, qid: int, answer: str, answerer: str, as_peer: str
+    ) -> wire.QuestionReply | None: ...
+
+
+class Swarm(Router, PeerRouter, Protocol):
+    """What the daemon's sockets ask of the swarm (hyperhive.swarm.forward.Forwarder)."""
+
+
 class Handler(Protocol[T]):
     async def handle(self, request: T, peer: Peer) -> wire.Reply | EventStream: ...
 

@@ -15,11 +15,15 @@ the operator. Run NATS on a private network with TLS and credentials (README, Sw
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, NoReturn
 
 import msgspec
 import trio
 
+from hyperhive.core.broker import EventHub
+from hyperhive.core.questions import Questions
 from hyperhive.core.server import EventStream, Here, Peer
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import decode_reply, reply_type
@@ -77,13 +81,7 @@ class Forwarder:
             owner = None if name is None else self._directory.host_of(name)
             return owner if owner != self.host else None
         if isinstance(request, _BY_ID):
-            slot = int(request.id) // s.ID_SPAN
-            if slot in (0, self.slot):
-                return None
-            owner = self._directory.slot_host(slot)
-            if owner is None:
-                raise BadParams(f"no host of this hive has ids like #{request.id}")
-            return owner
+            return self._host_of_id(request.id)
         return None
 
     def _place(self) -> str | None:
@@ -144,26 +142,83 @@ class Forwarder:
         merged.sort(key=lambda item: getattr(item, "id", 0))
         return msgspec.structs.replace(local, **{field: merged})
 
+    def _host_of_id(self, ident: int) -> str | None:
+        """The other host whose range `ident` is in (None: this host's, or a single host's)."""
+        slot = int(ident) // s.ID_SPAN
+        if slot in (0, self.slot):
+            return None
+        owner = self._directory.slot_host(slot)
+        if owner is None:
+            raise BadParams(f"no host of this hive has ids like #{ident}")
+        return owner
+
+    async def answer(
+        self, qid: int, answer: str, answerer: str, as_peer: str
+    ) -> wire.QuestionReply | None:
+        """An agent here answers a question that lives on another host: answered there."""
+        owner = self._host_of_id(qid)
+        if owner is None:
+            return None
+        request = _PeerAnswer(id=qid, answer=answer, answerer=answerer, as_peer=as_peer)
+        try:
+            ans = await self._link.call(
+                "request", subject=s.peer(owner), data=_encode(request).decode(), timeout=30
+            )
+        except SwarmError as exc:
+            raise Unavailable(f"host {owner} did not answer: {exc.message}") from None
+        reply: wire.QuestionReply = decode_reply(str(ans["data"]).encode(), wire.QuestionReply)
+        return reply
+
     # ------------------------------------------------------------------ serving
 
     async def serve(
-        self, here: Here, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        here: Here,
+        questions: Questions,
+        hub: EventHub,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
-        """Answer the requests other hosts forward here, each in its own task."""
+        """Answer what other hosts forward here (each request in its own task); pass this
+        host's approval and question events to the other consoles, and theirs to ours."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._subscribed, s.admin(self.host), partial(self._answer, here))
+            await nursery.start(
+                self._subscribed, s.peer(self.host), partial(self._peer_answer, questions)
+            )
+            await nursery.start(self._subscribed, f"{s.EVENTS}.*", partial(self._event, hub))
+            nursery.start_soon(self._share_events, hub)
+            task_status.started()
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def _subscribed(
+        self,
+        subject: str,
+        handle: Callable[[dict[str, Any]], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
         started = False
         async with trio.open_nursery() as nursery:
             while True:
                 try:
                     await self._link.wait_up()
-                    async with self._link.subscribe("serve", subject=s.admin(self.host)) as pushes:
+                    async with self._link.subscribe("serve", subject=subject) as pushes:
                         if not started:
                             started = True
                             task_status.started()
                         async for push in pushes:
-                            nursery.start_soon(self._answer, here, push)
+                            nursery.start_soon(handle, push)
                 except SwarmError as exc:
-                    log.warning("swarm: serving %s ended: %s", s.admin(self.host), exc.message)
+                    log.warning("swarm: serving %s ended: %s", subject, exc.message)
                 await trio.sleep(0.5)
+
+    async def _respond(self, push: dict[str, Any], line: bytes) -> None:
+        try:
+            await self._link.call("respond", reply=push["reply"], data=line.decode())
+        except SwarmError as exc:
+            log.warning("swarm: could not answer a forwarded request: %s", exc.message)
 
     async def _answer(self, here: Here, push: dict[str, Any]) -> None:
         try:
@@ -179,10 +234,70 @@ class Forwarder:
         except Exception as exc:
             log.exception("swarm: forwarded request failed")
             line = error_line(Internal(f"{type(exc).__name__}: {exc}"))
+        await self._respond(push, line)
+
+    async def _peer_answer(self, questions: Questions, push: dict[str, Any]) -> None:
         try:
-            await self._link.call("respond", reply=push["reply"], data=line.decode())
-        except SwarmError as exc:
-            log.warning("swarm: could not answer a forwarded request: %s", exc.message)
+            req = _peer_decoder.decode(str(push["data"]).encode())
+            info = await questions.answer(
+                req.id, req.answer, answerer=req.answerer, as_peer=req.as_peer
+            )
+            line = encode_line(wire.QuestionReply(question=info))
+        except (HiveError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            err = exc if isinstance(exc, HiveError) else BadParams(str(exc))
+            line = error_line(err)
+        await self._respond(push, line)
+
+    async def _share_events(self, hub: EventHub) -> NoReturn:
+        recv = hub.subscribe((wire.ApprovalChanged, wire.QuestionChanged))
+        with recv:
+            async for event in recv:
+                ident = _event_id(event)
+                if ident is None or ident // s.ID_SPAN != self.slot:
+                    continue  # another host's, passed on to us: not ours to share
+                try:
+                    await self._link.call(
+                        "publish_core",
+                        subject=f"{s.EVENTS}.{self.host}",
+                        data=_encode(event).decode(),
+                    )
+                except SwarmError as exc:
+                    log.debug("swarm: event not shared: %s", exc.message)
+        raise AssertionError("the event hub dropped the swarm's event relay")
+
+    async def _event(self, hub: EventHub, push: dict[str, Any]) -> None:
+        try:
+            event = _event_decoder.decode(str(push["data"]).encode())
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("swarm: unreadable event from another host: %s", exc)
+            return
+        ident = _event_id(event)
+        if ident is not None and ident // s.ID_SPAN != self.slot:
+            hub.publish(partial(_renumbered, event))
+
+
+class _PeerAnswer(msgspec.Struct, frozen=True):
+    id: int
+    answer: str
+    answerer: str
+    as_peer: str
+
+
+_encode = msgspec.json.Encoder().encode
+_peer_decoder = msgspec.json.Decoder(_PeerAnswer)
+_event_decoder: msgspec.json.Decoder[wire.HiveEvent] = msgspec.json.Decoder(wire.HiveEvents)
+
+
+def _event_id(event: wire.HiveEvent) -> int | None:
+    if isinstance(event, wire.ApprovalChanged):
+        return int(event.approval.id)
+    if isinstance(event, wire.QuestionChanged):
+        return int(event.question.id)
+    return None
+
+
+def _renumbered(event: wire.HiveEvent, seq: int) -> wire.HiveEvent:
+    return msgspec.structs.replace(event, seq=seq)
 
 
 def _list_field(reply: wire.Reply) -> str:

@@ -313,6 +313,11 @@ class Sidecar:
             await sub.unsubscribe()
         return {}
 
+    async def op_publish_core(self, req: Json) -> Json:
+        """A plain (not stored) publish: live events for the other hosts' consoles."""
+        await self.nc.publish(req["subject"], req["data"].encode())
+        return {}
+
     async def op_respond(self, req: Json) -> Json:
         await self.nc.publish(req["reply"], req["data"].encode())
         return {}

@@ -18,6 +18,8 @@ reminder ids (`n * ID_SPAN` up), so an id names its host hive-wide."""
 ID_SPAN = 1_000_000_000
 HOSTS_BUCKET = "hive_hosts"
 """host name -> its heartbeat; a key gone (TTL) is a host down."""
+EVENTS = "hive.events"
+"""`hive.events.<host>`: a host's approval and question events, live, for every console."""
 ADMIN = "hive.host"
 """`hive.host.<host>.admin`: operator requests forwarded to the host that owns the agent."""
 
@@ -50,3 +52,8 @@ def durable(recipient: str) -> str:
 
 def admin(host: str) -> str:
     return f"{ADMIN}.{host}.admin"
+
+
+def peer(host: str) -> str:
+    """Agents' answers to the questions that live on `host`."""
+    return f"{ADMIN}.{host}.peer"
