@@ -4,14 +4,21 @@ CLI against the scripted model."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
+import trio
+
+from hyperhive.core.tokens import LoginTokens, login_url
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import HiveError
 from hyperhive.swarm.cluster import Cluster
 from tests.conftest import needs_bwrap, needs_claude
 from tests.hive import open_hive, subscription, wait_for_event
 from tests.swarm.conftest import listed, open_hosts, wait_listed
+from tests.web.pages import start_dashboard
+from tests.web.test_browser import CHROMIUM, CHROMIUM_FLAGS
 
 pytestmark = [needs_bwrap, needs_claude]
 
@@ -101,3 +108,50 @@ async def test_one_console_approvals_across_hosts_and_a_host_that_goes_down(
             ]
             up = await wait_listed(h1, "scout", host_down=False, state="running")
             assert up.host == "h3"
+
+
+def _approve_in_browser(port: int, token: str, approval_id: int) -> list[str]:
+    """Runs in a worker thread: h1's dashboard shows h3's approval; the operator approves it
+    there and sees scout come up on h3. Returns the page's console errors."""
+    from playwright.sync_api import expect, sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 960})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(login_url("127.0.0.1", port, token))
+            card = page.locator("#approvals li.approval")
+            expect(card).to_have_count(1, timeout=15_000)
+            expect(card.locator(".name")).to_have_text("scout")
+            card.get_by_title(f"approve #{approval_id}").click()
+            scout = page.locator("#agents li", has_text="scout")
+            expect(scout.locator(".chip.host")).to_have_text("⌂ h3", timeout=60_000)
+            expect(scout.locator(".state")).to_have_text("running", timeout=60_000)
+            page.screenshot(path="/tmp/swarm-dashboard.png", full_page=True)
+        finally:
+            browser.close()
+    return errors
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed")
+async def test_a_spawn_on_h3_is_approved_in_h1s_dashboard(
+    cluster: Cluster, swarm_root: Path, tokens: LoginTokens, nursery: trio.Nursery
+) -> None:
+    async with open_hosts(swarm_root, cluster) as hosts:
+        h1, h3 = hosts["h1"], hosts["h3"]
+        port = await start_dashboard(h1, tokens, nursery)
+        queued = await h3.call(
+            wire.HostRequestSpawn(name="scout", description="over there", host="h3")
+        )
+        errors = await trio.to_thread.run_sync(
+            _approve_in_browser, port, tokens.dashboard, queued.id
+        )
+        assert errors == []
+        scout = await wait_listed(h3, "scout", state="running")
+        assert scout.host == "h3"
+        [done] = (await h1.call(wire.ApprovalHistory(limit=10))).approvals
+        assert (done.id, done.agent) == (queued.id, "scout")

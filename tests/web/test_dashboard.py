@@ -299,6 +299,6 @@ async def test_the_daemon_serves_its_own_dashboard(hive_root: Path) -> None:
             dashboard = state.pop("dashboard")
             assert (dashboard["state"], dashboard["port"]) == ("serving", port)
             assert dashboard["failed_attempts"] == 0  # it did not wait: no banner
-            assert state == {"ok": True, "agents": [], "forge": None}
+            assert state == {"ok": True, "agents": [], "forge": None, "host": None}
             async with open_http(port, "/", host=f"evil.example:{port}") as resp:
                 assert resp.status == 421

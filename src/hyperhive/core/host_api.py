@@ -111,7 +111,10 @@ class HostHandler:
             case wire.ListAgents():
                 forge = self.forge.last if self.forge is not None else None
                 return wire.AgentList(
-                    agents=await self.agent_infos(), forge=forge, dashboard=self.dashboard
+                    agents=await self.agent_infos(),
+                    forge=forge,
+                    dashboard=self.dashboard,
+                    host=self.registry.host,
                 )
             case wire.ListReminders(name=name):
                 inbox = None if name is None else self.registry.get(check_name(name)).recipient

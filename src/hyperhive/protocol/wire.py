@@ -221,6 +221,8 @@ class AgentList(Reply, frozen=True):
     """The hive-forge's health when the daemon runs with a forge (`--forge-container`)."""
     dashboard: ListenerStatus | None = None
     """The dashboard's port, when the daemon runs a dashboard: serving, or waiting for it."""
+    host: str | None = None
+    """Swarm mode: the host that answered (its agents' UIs are the ones it can log you in to)."""
 
 
 class AgentReply(Reply, frozen=True):

@@ -71,6 +71,7 @@ class AgentViews(wire.Reply, frozen=True):
     agents: list[AgentView]
     forge: wire.ForgeStatus | None = None
     dashboard: wire.ListenerStatus | None = None
+    host: str | None = None
 
 
 def agent_url(host: str, port: int, token: str) -> str | None:
@@ -101,10 +102,18 @@ def with_links(host: str, agent_token: AgentToken, cmd: str, reply: bytes) -> by
     except msgspec.DecodeError:
         return reply
     views = [
-        AgentView(**msgspec.structs.asdict(a), url=agent_url(host, a.port, agent_token(a.name)))
+        AgentView(
+            **msgspec.structs.asdict(a),
+            # Another host's agent (swarm mode): its UI logs in with that host's token.
+            url=agent_url(host, a.port, agent_token(a.name)) if a.host == listed.host else None,
+        )
         for a in listed.agents
     ]
-    return _encoder.encode(AgentViews(agents=views, forge=listed.forge, dashboard=listed.dashboard))
+    return _encoder.encode(
+        AgentViews(
+            agents=views, forge=listed.forge, dashboard=listed.dashboard, host=listed.host
+        )
+    )
 
 
 def create_dashboard_app(

@@ -95,6 +95,17 @@ function renderAgent(agent) {
     top.appendChild(el("span", "name", agent.name));
   }
   if (agent.role === "manager") top.appendChild(el("span", "chip role role-manager", "m1nd"));
+  if (agent.host) {
+    // Swarm mode (SPEC §11): the host whose daemon runs it; its page is served there.
+    const chip = el("span", "chip host", `⌂ ${agent.host}`);
+    chip.title = `runs on host ${agent.host}`;
+    top.appendChild(chip);
+  }
+  if (agent.host_down) {
+    const badge = el("span", "badge host-down", "✗ host down");
+    badge.title = `host ${agent.host} stopped answering; messages for ${agent.name} wait for it`;
+    top.appendChild(badge);
+  }
   if (TRANSIENT.has(agent.state)) {
     top.appendChild(el("span", "pill transient", `${agent.state}…`));
   } else {
