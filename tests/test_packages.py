@@ -1,7 +1,8 @@
 """The package rules of ../shared/STYLE.md, read from the imports of every module in src/.
 
-protocol ← core ← app; protocol ← agent; web depends on protocol only. `core` never imports
-`web`, `agent`, `demo` or `app`: the dashboard and the demo model are composed by `app.py`.
+protocol ← core ← app; protocol ← agent; web depends on protocol only; core ← swarm ← app.
+`core` never imports `web`, `agent`, `demo`, `swarm` or `app`: the dashboard, the demo model and
+a host's part of a swarm are composed by `app.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "web": {"web", "protocol"},
     "agent": {"agent", "protocol", "web"},
     "demo": {"demo", "protocol"},
+    "swarm": {"swarm", "core", "protocol"},
 }
 """What each package may import from hyperhive (agent may use web's shared HTTP edge)."""
 

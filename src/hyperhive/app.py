@@ -57,7 +57,12 @@ async def run(
                     **cfg.claude_env,
                 },
             )
-        core: daemon.CoreInfo = await nursery.start(daemon.run, cfg)
+        join_swarm = None
+        if cfg.swarm:  # a hive across hosts (SPEC §11)
+            from hyperhive.swarm.hive import open_swarm
+
+            join_swarm = open_swarm
+        core: daemon.CoreInfo = await nursery.start(partial(daemon.run, cfg, join_swarm=join_swarm))
         port: int | None = None
         login: str | None = None
         if cfg.dashboard_port >= 0:

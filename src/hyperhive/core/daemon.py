@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NoReturn, Protocol
 
 import trio
 
@@ -40,7 +41,8 @@ from hyperhive.core.quotas import Quotas
 from hyperhive.core.reminders import Reminders
 from hyperhive.core.revision import current_revision
 from hyperhive.core.runner import Runner
-from hyperhive.core.server import SocketLimits, SocketServer, require_uid
+from hyperhive.core.server import Here, SocketLimits, SocketServer, require_uid
+from hyperhive.core.server import Swarm as SwarmRouter
 from hyperhive.core.sockets import AgentSockets
 from hyperhive.core.store import Store, open_store
 from hyperhive.core.supervisor import Supervisor
@@ -141,10 +143,36 @@ def sd_notify(state: str) -> None:
             log.warning("sd_notify failed: %s", exc)
 
 
+class SwarmForwarder(SwarmRouter, Protocol):
+    async def serve(
+        self,
+        here: Here,
+        questions: Questions,
+        hub: EventHub,
+        *,
+        task_status: trio.TaskStatus[None] = ...,
+    ) -> NoReturn: ...
+
+
+class SwarmParts(Protocol):
+    """A host's part of a hive across hosts (hyperhive.swarm.hive.Swarm)."""
+
+    @property
+    def broker(self) -> MessageBroker: ...
+
+    @property
+    def forward(self) -> SwarmForwarder: ...
+
+
+JoinSwarm = Callable[[DaemonConfig, trio.Nursery, Store, EventHub, Registry], Awaitable[SwarmParts]]
+"""How a host joins its swarm (`--swarm`): composed in by app.py (core does not import it)."""
+
+
 async def run(
     cfg: DaemonConfig,
     *,
     backend: Backend | None = None,
+    join_swarm: JoinSwarm | None = None,
     task_status: trio.TaskStatus[CoreInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the core daemon until cancelled; started(CoreInfo) once its sockets serve and its
@@ -162,9 +190,9 @@ async def run(
         faults = Faults.parse(cfg.crash_at, raises=cfg.crash_raises)
         broker: MessageBroker
         if cfg.swarm:  # a hive across hosts: the broker and the directory on JetStream
-            from hyperhive.swarm.hive import open_swarm
-
-            swarm = await open_swarm(cfg, nursery, store, hub, registry)
+            if join_swarm is None:
+                raise RuntimeError("--swarm given, but this hive was composed without a swarm")
+            swarm = await join_swarm(cfg, nursery, store, hub, registry)
             broker = swarm.broker
         else:
             swarm = None

@@ -110,9 +110,7 @@ def with_links(host: str, agent_token: AgentToken, cmd: str, reply: bytes) -> by
         for a in listed.agents
     ]
     return _encoder.encode(
-        AgentViews(
-            agents=views, forge=listed.forge, dashboard=listed.dashboard, host=listed.host
-        )
+        AgentViews(agents=views, forge=listed.forge, dashboard=listed.dashboard, host=listed.host)
     )
 
 
