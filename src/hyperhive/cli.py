@@ -252,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="this host's name in the swarm (default: the machine's host name)",
     )
     serve.add_argument(
+        "--swarm-credentials",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="this host's NATS credentials: a .creds file or a file holding a token (0600,"
+        " root's); needed whenever NATS is reachable from anything but the hive's hosts",
+    )
+    serve.add_argument(
         "--swarm-replicas",
         type=int,
         choices=(0, 1, 3, 5),
@@ -614,6 +622,7 @@ def daemon_config(args: argparse.Namespace, claude: str | None) -> DaemonConfig:
         swarm=args.swarm,
         host_name=args.host_name or _default_host_name(),
         swarm_replicas=args.swarm_replicas,
+        swarm_credentials=args.swarm_credentials,
         group_commit=not args.no_group_commit,
         inbox_quota=args.inbox_quota,
         sender_quota=args.sender_quota,

@@ -21,7 +21,7 @@ from tests.hive import Hive, hive_config, open_hive, subscription, wait_for_even
 @asynccontextmanager
 async def open_js_broker(
     root: Path,
-    urls: list[str],
+    cluster: Cluster,
     host: str,
     resolve: Resolver,
     *,
@@ -32,7 +32,7 @@ async def open_js_broker(
     """A host's link and JetStream broker (its own sqlite file for its leases)."""
     await trio.Path(root).mkdir(parents=True, exist_ok=True)
     async with open_store(str(root / "broker.sqlite")) as store, trio.open_nursery() as nursery:
-        link = Link(urls, host)
+        link = Link(cluster.urls, host, cluster.credentials)
         await nursery.start(link.serve)
         await _retry(link, "setup", replicas=replicas)
         broker = JetStreamBroker(link, store, hub or EventHub(), resolve, host=host)
@@ -54,6 +54,7 @@ async def open_hosts(
                 root / name,
                 demo=demo,
                 swarm=tuple(cluster.urls),
+                swarm_credentials=cluster.credentials,
                 host_name=name,
                 agent_uid_base=300000 + 1000 * int(name[1:]),
             )

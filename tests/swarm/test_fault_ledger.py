@@ -29,7 +29,15 @@ pytestmark = [needs_bwrap]
 
 
 def _swarm(cluster: Cluster, host: str) -> tuple[str, ...]:
-    return ("--swarm", ",".join(cluster.urls), "--host-name", host)
+    assert cluster.credentials is not None
+    return (
+        "--swarm",
+        ",".join(cluster.urls),
+        "--host-name",
+        host,
+        "--swarm-credentials",
+        str(cluster.credentials),
+    )
 
 
 async def test_kill_9_of_a_nats_node_and_of_a_host_loses_and_doubles_nothing(

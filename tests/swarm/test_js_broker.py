@@ -19,8 +19,8 @@ async def test_a_message_sent_on_one_host_is_leased_and_acked_on_another(
     cluster: Cluster, swarm_root: Path
 ) -> None:
     async with (
-        open_js_broker(swarm_root / "h1", cluster.urls, "h1", resolve_direct) as (_, h1),
-        open_js_broker(swarm_root / "h2", cluster.urls, "h2", resolve_direct) as (_, h2),
+        open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, h1),
+        open_js_broker(swarm_root / "h2", cluster, "h2", resolve_direct) as (_, h2),
     ):
         [sent] = await h1.send("alice", "bob", "hello", origin="alice")
         got = await h2.recv("bob", 5, lease=True)
@@ -43,8 +43,8 @@ async def test_a_parked_reader_on_another_host_is_woken_by_the_send(
     cluster: Cluster, swarm_root: Path
 ) -> None:
     async with (
-        open_js_broker(swarm_root / "h1", cluster.urls, "h1", resolve_direct) as (_, h1),
-        open_js_broker(swarm_root / "h2", cluster.urls, "h2", resolve_direct) as (_, h2),
+        open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, h1),
+        open_js_broker(swarm_root / "h2", cluster, "h2", resolve_direct) as (_, h2),
         trio.open_nursery() as nursery,
     ):
         got: list[wire.Message | None] = []
@@ -66,7 +66,7 @@ async def test_a_parked_reader_on_another_host_is_woken_by_the_send(
 async def test_attempts_are_fenced_counted_and_uncounted(
     cluster: Cluster, swarm_root: Path
 ) -> None:
-    async with open_js_broker(swarm_root / "h1", cluster.urls, "h1", resolve_direct) as (_, b):
+    async with open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, b):
         [sent] = await b.send("alice", "bob", "work", origin="alice")
         first = await b.recv("bob", 5, lease=True)
         assert first is not None and (first.attempt, first.redelivery) == (1, False)
@@ -90,7 +90,7 @@ async def test_a_message_no_turn_completes_is_dead_lettered_then_requeued(
 ) -> None:
     hub = EventHub()
     events = hub.subscribe((wire.MessageSent,))
-    async with open_js_broker(swarm_root / "h1", cluster.urls, "h1", resolve_direct, hub=hub) as (
+    async with open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct, hub=hub) as (
         _,
         b,
     ):
@@ -120,8 +120,8 @@ async def test_broadcast_is_one_copy_per_recipient_and_each_sender_keeps_its_ord
     cluster: Cluster, swarm_root: Path
 ) -> None:
     async with (
-        open_js_broker(swarm_root / "h1", cluster.urls, "h1", resolve_three) as (_, h1),
-        open_js_broker(swarm_root / "h2", cluster.urls, "h2", resolve_three) as (_, h2),
+        open_js_broker(swarm_root / "h1", cluster, "h1", resolve_three) as (_, h1),
+        open_js_broker(swarm_root / "h2", cluster, "h2", resolve_three) as (_, h2),
     ):
         copies = await h1.send("alice", "*", "all hands", origin="alice")
         assert sorted(m.to for m in copies) == ["bob", "carol"]
@@ -141,14 +141,14 @@ async def test_a_restarted_daemon_keeps_an_adopted_agents_lease_and_gives_back_t
     cluster: Cluster, swarm_root: Path
 ) -> None:
     root = swarm_root / "h2"
-    async with open_js_broker(root, cluster.urls, "h2", resolve_direct) as (_, before):
+    async with open_js_broker(root, cluster, "h2", resolve_direct) as (_, before):
         [for_bob] = await before.send("alice", "bob", "long job", origin="alice")
         [for_carol] = await before.send("alice", "carol", "other job", origin="alice")
         bob = await before.recv("bob", 5, lease=True)
         carol = await before.recv("carol", 5, lease=True)
         assert bob is not None and carol is not None
     # The daemon is gone; bob's container outlived it (adopted), carol's did not.
-    async with open_js_broker(root, cluster.urls, "h2", resolve_direct, keep=("bob",)) as (
+    async with open_js_broker(root, cluster, "h2", resolve_direct, keep=("bob",)) as (
         _,
         after,
     ):
@@ -161,7 +161,7 @@ async def test_a_restarted_daemon_keeps_an_adopted_agents_lease_and_gives_back_t
 async def test_a_send_is_stored_while_one_of_three_nodes_is_down(
     cluster: Cluster, swarm_root: Path
 ) -> None:
-    async with open_js_broker(swarm_root / "h1", cluster.urls, "h1", resolve_direct) as (_, b):
+    async with open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, b):
         await b.send("alice", "bob", "before", origin="alice")
         await cluster.kill(cluster.nodes[0])
         with trio.fail_after(40):
@@ -175,7 +175,7 @@ async def test_a_reader_that_goes_away_loses_nothing_and_costs_no_attempt(
     cluster: Cluster, swarm_root: Path
 ) -> None:
     async with (
-        open_js_broker(swarm_root / "h1", cluster.urls, "h1", resolve_direct) as (_, b),
+        open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, b),
         trio.open_nursery() as nursery,
     ):
         await b.recv("bob", 0, lease=True)

@@ -59,6 +59,10 @@ class DaemonConfig:
     """NATS server URLs: the hive spans hosts on JetStream (SPEC §11); empty: one host, sqlite."""
     host_name: str = ""
     """This host's name in a swarm hive (default: the machine's host name)."""
+    swarm_credentials: Path | None = None
+    """The NATS credentials of this host (a `.creds` file, or a file holding a token): root's
+    only (0600). Without them anyone who reaches a NATS server, an agent in `open` network mode
+    included, could act as the operator; see SPEC §11."""
     swarm_replicas: int = 0
     """Replicas of the hive's streams and buckets; 0: 3 when 3 or more servers are given, else 1."""
     notify_digest_window: float = 60.0

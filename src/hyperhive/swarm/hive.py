@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -12,7 +15,7 @@ from hyperhive.core.agents import Registry
 from hyperhive.core.broker import EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.store import Store, set_id_floor
-from hyperhive.protocol.errors import Unavailable
+from hyperhive.protocol.errors import BadParams, Unavailable
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.broker import JetStreamBroker
 from hyperhive.swarm.directory import Directory
@@ -30,6 +33,21 @@ class Swarm:
     forward: Forwarder
 
 
+def check_credentials(path: Path) -> None:
+    """The credentials are a regular file of this user's that nobody else can read."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise BadParams(f"--swarm-credentials {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadParams(f"--swarm-credentials {path} is not a regular file")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise BadParams(
+            f"--swarm-credentials {path} must be owned by uid {os.geteuid()} and readable by"
+            f" it alone (chmod 600): it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}"
+        )
+
+
 def replicas(cfg: DaemonConfig) -> int:
     if cfg.swarm_replicas:
         return cfg.swarm_replicas
@@ -41,7 +59,14 @@ async def open_swarm(
 ) -> Swarm:
     """Start the NATS sidecar, make sure the hive's streams and buckets exist, take this
     host's id range, then the directory (who runs where) and the JetStream broker."""
-    link = Link(list(cfg.swarm), cfg.host_name)
+    if cfg.swarm_credentials is not None:
+        await trio.to_thread.run_sync(check_credentials, cfg.swarm_credentials)
+    else:
+        log.warning(
+            "swarm: no --swarm-credentials: anyone who reaches a NATS server can act as the"
+            " operator of this hive (SPEC §11)"
+        )
+    link = Link(list(cfg.swarm), cfg.host_name, cfg.swarm_credentials)
     with trio.move_on_after(60) as waited:
         await nursery.start(link.serve)
     if waited.cancelled_caught:

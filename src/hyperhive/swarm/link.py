@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
@@ -45,9 +46,10 @@ class _Call:
 
 
 class Link:
-    def __init__(self, servers: list[str], name: str) -> None:
+    def __init__(self, servers: list[str], name: str, credentials: Path | None = None) -> None:
         self.servers = servers
         self.name = name
+        self.credentials = credentials
         self._calls: dict[int, _Call] = {}
         self._next = 1
         self._stdin: trio.abc.SendStream | None = None
@@ -89,6 +91,8 @@ class Link:
             "--name",
             self.name,
         ]
+        if self.credentials is not None:
+            cmd += ["--credentials", str(self.credentials)]
         proc = await trio.lowlevel.open_process(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
         )

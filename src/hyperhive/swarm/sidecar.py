@@ -83,19 +83,39 @@ def _b(data: bytes) -> str:
 
 
 class Sidecar:
-    def __init__(self, servers: list[str], name: str, write: Callable[[Json], None]) -> None:
+    def __init__(
+        self,
+        servers: list[str],
+        name: str,
+        write: Callable[[Json], None],
+        credentials: str | None = None,
+    ) -> None:
         self.servers = servers
         self.name = name
+        self.credentials = credentials
         self.write = write
         self.nc: Any = None
         self.js: Any = None
         self.kv: dict[str, Any] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
 
+    def _auth(self) -> Json:
+        """nats-py's options for this host's credentials: a .creds file (JWT and nkey seed), or
+        a file that holds a token."""
+        if self.credentials is None:
+            return {}
+        with open(self.credentials) as f:
+            text = f.read()
+        if "BEGIN NATS USER JWT" in text:
+            return {"user_credentials": self.credentials}
+        return {"token": text.strip()}
+
     async def connect(self) -> None:
+        auth = self._auth()
         while True:
             try:
                 self.nc = await nats.connect(
+                    **auth,
                     servers=self.servers,
                     name=f"hive-c0re {self.name}",
                     max_reconnect_attempts=-1,
@@ -366,7 +386,7 @@ def _kind(exc: BaseException) -> str:
     return "other"
 
 
-async def main(servers: list[str], name: str) -> None:
+async def main(servers: list[str], name: str, credentials: str | None) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=s.MAX_LINE)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -376,7 +396,7 @@ async def main(servers: list[str], name: str) -> None:
         out.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
         out.flush()
 
-    side = Sidecar(servers, name, write)
+    side = Sidecar(servers, name, write, credentials)
     await side.connect()
     write({"id": 0, "ok": {"ready": True}})
     while line := await reader.readline():
@@ -393,8 +413,9 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--servers", required=True, help="comma-separated nats:// URLs")
     parser.add_argument("--name", required=True, help="this host's name in the hive")
+    parser.add_argument("--credentials", help="a .creds file, or a file holding a token")
     args = parser.parse_args()
-    asyncio.run(main([u for u in args.servers.split(",") if u], args.name))
+    asyncio.run(main([u for u in args.servers.split(",") if u], args.name, args.credentials))
 
 
 if __name__ == "__main__":
