@@ -347,6 +347,9 @@ in
             Whether to run a NATS server for the swarm on this host: nixpkgs' `services.nats`
             with JetStream and `sync_interval: always`, named `serverName`, clustered with the
             other hosts' servers through `routes`. List it (and the others) in `servers`.
+            Like every option here, it takes effect with `services.hive-c0re.enable`; a
+            machine that only runs NATS sets nixpkgs' `services.nats` itself, with the same
+            `jetstream` and `settings.jetstream.sync_interval = "always"`.
 
             It opens no firewall port. nats-server listens on every interface (port 4222 for
             clients, 6222 for routes): admit the other hive hosts to both, on the private

@@ -189,8 +189,7 @@ async def test_the_fsync_per_write_cannot_be_traded_away_by_accident() -> None:
         await view(enabled(more="nats.enable = true;"), extra=relaxed)
 
 
-async def test_a_local_nats_server_can_run_before_the_host_joins() -> None:
-    """Bringing a swarm up: every host runs its NATS node first, then joins."""
+async def test_a_local_nats_server_does_not_put_the_host_in_the_swarm() -> None:
     result = await view("{ nats.enable = true; }")
     assert nats(result)["jetstream"] is True
     assert SWARM_FLAGS.isdisjoint(argv_of(result))
