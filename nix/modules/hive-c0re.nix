@@ -18,6 +18,10 @@ let
   # services.hive-forge comes from its own module, which the operator may not import.
   forgeEnabled = config.services.hive-forge.enable or false;
 
+  swarm = cfg.swarm;
+  # The NATS server this host runs for the swarm (services.nats), when it runs one.
+  localNats = swarm.nats.enable;
+
   selfRef =
     "path:${self.outPath}" + lib.optionalString (self ? narHash) "?narHash=${self.narHash}";
 
@@ -65,6 +69,18 @@ let
     "--hive-name"
     cfg.hiveName
   ]
+  ++ lib.optionals swarm.enable (
+    [
+      "--swarm"
+      (lib.concatStringsSep "," swarm.servers)
+      "--host-name"
+      swarm.hostName
+    ]
+    ++ lib.optionals (swarm.replicas != 0) [
+      "--swarm-replicas"
+      (toString swarm.replicas)
+    ]
+  )
   ++ lib.optional (!cfg.startManager) "--no-manager"
   ++ lib.optional (!cfg.autoUpdate) "--no-auto-update"
   ++ lib.optional cfg.demo "--demo"
@@ -250,6 +266,127 @@ in
       '';
     };
 
+    swarm = {
+      enable = lib.mkEnableOption "swarm mode (a hive across hosts on NATS JetStream)" // {
+        description = ''
+          Whether this host joins a hive across hosts (`hive-c0re serve --swarm`): the broker,
+          the directory of agents and the operator's requests forwarded between hosts live on a
+          NATS JetStream cluster (`servers`). Each host runs its own agents; the operator
+          reaches every agent from any host's dashboard and command line.
+
+          The NATS network is the hive's trust boundary. Whoever can publish on
+          `hive.host.*.admin` acts as the operator on every host (spawn, approve, kill), and
+          whoever can read or publish `hive.inbox.*` reads and writes the agents' messages.
+          Run NATS on a private network (a VPN, or a firewall that admits the hive's hosts
+          only) with TLS where it crosses links you do not control. hive-c0re presents no
+          client credentials to NATS (no user, token, nkey or client certificate), so NATS
+          authorization cannot tell a hive host from anyone else who reaches the port: the
+          network has to.
+        '';
+      };
+
+      servers = lib.mkOption {
+        # hive-c0re's own grammar (`--swarm`): no user or password in the URL (it would end up
+        # in the Nix store).
+        type = types.listOf (types.strMatching "(nats|tls)://[]A-Za-z0-9.:[-]+");
+        default = [ ];
+        example = [
+          "nats://10.0.0.1:4222"
+          "nats://10.0.0.2:4222"
+          "nats://10.0.0.3:4222"
+        ];
+        description = ''
+          The NATS servers' client URLs, `nats://host:port` or `tls://host:port` (a server
+          that requires TLS gets it either way, its certificate checked against the system's
+          CA bundle: `security.pki`). At least one when `swarm.enable`. List every server of
+          the cluster: the daemon fails over between them, and `replicas = 0` counts them.
+
+          Every server must run JetStream with `sync_interval: always` (an fsync before each
+          acknowledgement, which hive-c0re's delivery contract relies on: with NATS' default of
+          2 minutes, a message acknowledged to its sender can be lost when a machine crashes).
+          `swarm.nats.enable` configures such a server on this host.
+        '';
+      };
+
+      hostName = lib.mkOption {
+        type = types.str;
+        default = config.networking.hostName;
+        defaultText = lib.literalExpression "config.networking.hostName";
+        example = "h1";
+        description = ''
+          This host's name in the swarm (`--host-name`): 1 to 32 of `a-z`, `0-9` and `-`,
+          starting with a letter or digit. It must be unique in the hive and stay the same:
+          the agents this host runs, its range of approval, question and reminder ids and the
+          operator requests forwarded to it are all keyed by it.
+        '';
+      };
+
+      replicas = lib.mkOption {
+        type = types.enum [
+          0
+          1
+          3
+          5
+        ];
+        default = 0;
+        example = 3;
+        description = ''
+          How many NATS servers keep a copy of each of the hive's streams and buckets
+          (`--swarm-replicas`). `0` lets the daemon pick: 3 when `servers` lists three or
+          more, else 1 (so a host that lists only its own server of a three-node cluster gets
+          1 unless this says 3). At most the number of servers in the NATS cluster; with 3,
+          the hive keeps working through the loss of one server, with 5 through two. Give
+          every host the same value: each applies its own to the hive's streams when it starts
+          (the buckets keep the value of the host that created them).
+        '';
+      };
+
+      nats = {
+        enable = lib.mkEnableOption "a NATS server for the swarm on this host" // {
+          description = ''
+            Whether to run a NATS server for the swarm on this host: nixpkgs' `services.nats`
+            with JetStream and `sync_interval: always`, named `serverName`, clustered with the
+            other hosts' servers through `routes`. List it (and the others) in `servers`.
+            Like every option here, it takes effect with `services.hive-c0re.enable`; a
+            machine that only runs NATS sets nixpkgs' `services.nats` itself, with the same
+            `jetstream` and `settings.jetstream.sync_interval = "always"`.
+
+            It opens no firewall port. nats-server listens on every interface (port 4222 for
+            clients, 6222 for routes): admit the other hive hosts to both, on the private
+            network only (`networking.firewall.interfaces.<name>.allowedTCPPorts`), or bind it
+            to one address with `services.nats.settings.host`.
+          '';
+        };
+
+        serverName = lib.mkOption {
+          type = types.strMatching "[^[:space:]]+";
+          default = swarm.hostName;
+          defaultText = lib.literalExpression "config.services.hive-c0re.swarm.hostName";
+          description = ''
+            The NATS server's name (`services.nats.serverName`): unique in the NATS cluster,
+            as JetStream needs.
+          '';
+        };
+
+        routes = lib.mkOption {
+          type = types.listOf (types.strMatching "(nats-route|nats)://.+");
+          default = [ ];
+          example = [
+            "nats-route://10.0.0.1:6222"
+            "nats-route://10.0.0.2:6222"
+            "nats-route://10.0.0.3:6222"
+          ];
+          description = ''
+            The cluster routes of the NATS servers (`services.nats.settings.cluster.routes`);
+            empty for a single server. When set, this server joins the cluster `hive` and
+            listens for routes on `0.0.0.0:6222` (`services.nats.settings.cluster.listen`, a
+            default you can override). The same list can go on every host: a server ignores
+            the route to itself.
+          '';
+        };
+      };
+    };
+
     extraFlags = lib.mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -265,6 +402,39 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = swarm.enable -> swarm.servers != [ ];
+        message = ''
+          services.hive-c0re.swarm.enable needs at least one NATS server in
+          services.hive-c0re.swarm.servers (e.g. [ "nats://10.0.0.1:4222" ]).
+        '';
+      }
+      {
+        assertion = swarm.enable -> builtins.match "[a-z0-9][a-z0-9-]{0,31}" swarm.hostName != null;
+        message = ''
+          services.hive-c0re.swarm.hostName is "${swarm.hostName}", which hive-c0re refuses as
+          a host name: 1 to 32 of a-z, 0-9 and '-', starting with a letter or digit. It
+          defaults to networking.hostName; set it explicitly.
+        '';
+      }
+    ];
+
+    services.nats = lib.mkIf localNats {
+      enable = true;
+      jetstream = true;
+      serverName = swarm.nats.serverName;
+      settings = {
+        # An fsync before every acknowledgement: hive-c0re's delivery contract needs it.
+        jetstream.sync_interval = "always";
+        cluster = lib.mkIf (swarm.nats.routes != [ ]) {
+          name = "hive";
+          listen = lib.mkDefault "0.0.0.0:6222";
+          routes = swarm.nats.routes;
+        };
+      };
+    };
+
     environment.systemPackages = [ cfg.package ];
 
     users.groups = lib.mkIf (cfg.adminGroup != null) { ${cfg.adminGroup} = { }; };
@@ -292,11 +462,12 @@ in
     systemd.services.hive-c0re = {
       description = "hyperhive host daemon (hive-c0re)";
       wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
+      wants = [ "network-online.target" ] ++ lib.optional localNats "nats.service";
       after = [
         "network-online.target"
         "nix-daemon.socket"
-      ];
+      ]
+      ++ lib.optional localNats "nats.service";
       # nixos-container calls nix, nix-env, systemctl, machinectl, nsenter, mountpoint and chattr.
       path = [
         pkgs.git
