@@ -80,6 +80,10 @@ let
       "--swarm-replicas"
       (toString swarm.replicas)
     ]
+    ++ lib.optionals (swarm.credentialsFile != null) [
+      "--swarm-credentials"
+      swarm.credentialsFile
+    ]
   )
   ++ lib.optional (!cfg.startManager) "--no-manager"
   ++ lib.optional (!cfg.autoUpdate) "--no-auto-update"
@@ -278,10 +282,9 @@ in
           `hive.host.*.admin` acts as the operator on every host (spawn, approve, kill), and
           whoever can read or publish `hive.inbox.*` reads and writes the agents' messages.
           Run NATS on a private network (a VPN, or a firewall that admits the hive's hosts
-          only) with TLS where it crosses links you do not control. hive-c0re presents no
-          client credentials to NATS (no user, token, nkey or client certificate), so NATS
-          authorization cannot tell a hive host from anyone else who reaches the port: the
-          network has to.
+          only) with TLS where it crosses links you do not control, and require credentials
+          (`credentialsFile`): an agent in `open` network mode reaches other machines, and so
+          a NATS server on another host, like anything else on the network.
         '';
       };
 
@@ -318,6 +321,20 @@ in
           starting with a letter or digit. It must be unique in the hive and stay the same:
           the agents this host runs, its range of approval, question and reminder ids and the
           operator requests forwarded to it are all keyed by it.
+        '';
+      };
+
+      credentialsFile = lib.mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/keys/hive-nats.creds";
+        description = ''
+          This host's NATS credentials (`--swarm-credentials`): a `.creds` file (user JWT and
+          nkey seed) or a file that holds a token, owned by root and readable by it alone
+          (the daemon refuses to start otherwise). A path, never the secret itself: keep it out
+          of the Nix store (agenix, sops-nix, or a file put there by hand). The servers must
+          demand the same (`services.nats.settings.authorization`, or accounts); without
+          credentials whoever reaches a server acts as the operator of the whole hive.
         '';
       };
 

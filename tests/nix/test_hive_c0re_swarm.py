@@ -20,7 +20,7 @@ from tests.nix.test_hive_c0re import daemon_of, service_config
 pytestmark = needs_nix
 
 SERVERS = ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222", "tls://h3.example.org:4222"]
-SWARM_FLAGS = {"--swarm", "--host-name", "--swarm-replicas"}
+SWARM_FLAGS = {"--swarm", "--host-name", "--swarm-replicas", "--swarm-credentials"}
 
 VIEW = """
   let
@@ -79,6 +79,14 @@ async def test_swarm_mode_adds_exactly_its_flags() -> None:
     assert failed(swarmed) == []
     assert swarmed["nats"] is None
     assert "nats.service" not in strings(swarmed["after"])
+
+
+async def test_the_credentials_file_reaches_the_daemon_as_a_path() -> None:
+    result = await view(enabled(more='credentialsFile = "/run/keys/hive-nats.creds";'))
+    argv, cfg = daemon_of(result)
+    at = argv.index("--swarm-credentials")
+    assert argv[at + 1] == "/run/keys/hive-nats.creds"
+    assert cfg.swarm_credentials == Path("/run/keys/hive-nats.creds")
 
 
 async def test_the_host_name_defaults_to_the_machines() -> None:

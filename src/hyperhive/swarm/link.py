@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -93,8 +94,11 @@ class Link:
         ]
         if self.credentials is not None:
             cmd += ["--credentials", str(self.credentials)]
+        # The daemon's own import path: a Nix-built hive-c0re finds its dependencies through
+        # its wrapper script, which the bare interpreter started here would not run.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         proc = await trio.lowlevel.open_process(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, env=env
         )
         assert proc.stdin is not None and proc.stdout is not None
         try:
