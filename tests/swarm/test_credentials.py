@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from hyperhive.swarm.cluster import Cluster
 from hyperhive.swarm.hive import check_credentials
 
 
-def _raw_nats(port: int, connect: dict[str, object]) -> bytes:
+def _raw_nats(port: int, connect: Mapping[str, object]) -> bytes:
     """Speak NATS by hand, as anything that reached the port would: CONNECT, then try to act
     as the operator on a host's admin subject; what the server said."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
