@@ -385,6 +385,19 @@ in
           '';
         };
 
+        tokenHash = lib.mkOption {
+          type = types.nullOr (types.strMatching "[$]2[aby][$][0-9]{2}[$].{53}");
+          default = null;
+          example = "$2b$11$...";
+          description = ''
+            The bcrypt hash of the token the hosts present (`credentialsFile` holds the token
+            itself): the server demands it from every client
+            (`services.nats.settings.authorization.token`). Only the hash is in the Nix store.
+            Make one with `htpasswd -nbBC 11 "" "$(cat token)" | cut -d: -f2` or Python's
+            `bcrypt.hashpw`.
+          '';
+        };
+
         routes = lib.mkOption {
           type = types.listOf (types.strMatching "(nats-route|nats)://.+");
           default = [ ];
@@ -444,6 +457,7 @@ in
       settings = {
         # An fsync before every acknowledgement: hive-c0re's delivery contract needs it.
         jetstream.sync_interval = "always";
+        authorization = lib.mkIf (swarm.nats.tokenHash != null) { token = swarm.nats.tokenHash; };
         cluster = lib.mkIf (swarm.nats.routes != [ ]) {
           name = "hive";
           listen = lib.mkDefault "0.0.0.0:6222";

@@ -191,6 +191,18 @@ async def test_routes_cluster_the_local_nats_server() -> None:
     assert settings["cluster"]["listen"] == "10.0.0.1:6222"
 
 
+async def test_the_local_nats_server_demands_the_hosts_token_by_its_hash() -> None:
+    digest = "$2b$11$" + "a" * 53
+    more = f"nats = {{ enable = true; tokenHash = {nix_string(digest)}; }};"
+    settings = nats(await view(enabled(more=more)))["settings"]
+    assert isinstance(settings, dict)
+    assert settings["authorization"] == {"token": digest}
+    plain = await view(enabled(more="nats.enable = true;"))
+    assert "authorization" not in nats(plain)["settings"]  # type: ignore[operator]
+    with pytest.raises(NixError, match="tokenHash' is not of type"):
+        await view(enabled(more='nats = { enable = true; tokenHash = "s3cret"; };'))
+
+
 async def test_the_fsync_per_write_cannot_be_traded_away_by_accident() -> None:
     relaxed = '[ { services.nats.settings.jetstream.sync_interval = "2m"; } ]'
     with pytest.raises(NixError, match="sync_interval' has conflicting definitions"):

@@ -207,6 +207,8 @@ def format_agents(listed: wire.AgentList) -> str:
     lines = []
     for a in listed.agents:
         parts = [f"{a.name}: {a.state}", f"{a.unread} unread"]
+        if a.host:
+            parts.insert(1, f"on {a.host}" + (" (host down)" if a.host_down else ""))
         if a.turn_state:
             parts.append(a.turn_state)
         if a.deployed:
@@ -224,11 +226,14 @@ def _add_manager_tools(server: MCPServer, call: _Call) -> None:
     @server.tool(
         description=(
             "Ask the operator to approve a new agent. Returns the approval id at once; the "
-            "outcome arrives later as `approval_resolved` and `spawned` messages from system."
+            "outcome arrives later as `approval_resolved` and `spawned` messages from system. "
+            "In a hive across hosts, `host` picks the machine it runs on (empty: the hive "
+            "places it; `list_agents` shows each agent's host)."
         )
     )
-    async def request_spawn(name: str, description: str = "") -> str:
-        reply = await call(wire.RequestSpawn(name=name, description=description))
+    async def request_spawn(name: str, description: str = "", host: str = "") -> str:
+        request = wire.RequestSpawn(name=name, description=description, host=host or None)
+        reply = await call(request)
         return f"spawn of {name} queued for the operator as approval #{reply.id}"
 
     @server.tool(

@@ -1,4 +1,4 @@
-"""The swarm's names on NATS: subjects, streams, buckets and their limits (SPEC §9)."""
+"""The swarm's names on NATS: subjects, streams, buckets and their limits (SPEC §11)."""
 
 from __future__ import annotations
 
