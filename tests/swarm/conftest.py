@@ -28,6 +28,7 @@ async def open_js_broker(
     replicas: int = 3,
     hub: EventHub | None = None,
     keep: tuple[str, ...] = (),
+    ack_wait: float = 10.0,
 ) -> AsyncIterator[tuple[Link, JetStreamBroker]]:
     """A host's link and JetStream broker (its own sqlite file for its leases)."""
     await trio.Path(root).mkdir(parents=True, exist_ok=True)
@@ -35,7 +36,9 @@ async def open_js_broker(
         link = Link(cluster.urls, host, cluster.credentials)
         await nursery.start(link.serve)
         await _retry(link, "setup", replicas=replicas)
-        broker = JetStreamBroker(link, store, hub or EventHub(), resolve, host=host)
+        broker = JetStreamBroker(
+            link, store, hub or EventHub(), resolve, host=host, ack_wait=ack_wait
+        )
         await nursery.start(broker.serve)
         await broker.recover(keep)
         yield link, broker

@@ -158,6 +158,26 @@ async def test_a_restarted_daemon_keeps_an_adopted_agents_lease_and_gives_back_t
         assert again.redelivery
 
 
+async def test_an_adopted_lease_outlives_a_daemon_down_longer_than_the_ack_wait(
+    cluster: Cluster, swarm_root: Path
+) -> None:
+    root, wait = swarm_root / "h2", 1.0
+    async with open_js_broker(root, cluster, "h2", resolve_direct, ack_wait=wait) as (_, before):
+        [sent] = await before.send("alice", "bob", "long job", origin="alice")
+        held = await before.recv("bob", 5, lease=True)
+        assert held is not None and held.attempt == 1
+    # The daemon stays away for twice the ack wait: JetStream gives the message up as lost
+    # and delivers it again, to bob's host, whose adopted harness still works on it.
+    await trio.sleep(2 * wait)
+    async with open_js_broker(
+        root, cluster, "h2", resolve_direct, keep=("bob",), ack_wait=wait
+    ) as (_, after):
+        assert await after.recv("bob", 3 * wait, lease=True) is None, "not handed out twice"
+        assert await after.ack("bob", sent.id, 1), "the harness's lease is still good"
+        assert await after.recv("bob", 0, lease=True) is None
+        assert await after.counts("bob") == (0, 0)
+
+
 async def test_a_send_is_stored_while_one_of_three_nodes_is_down(
     cluster: Cluster, swarm_root: Path
 ) -> None:

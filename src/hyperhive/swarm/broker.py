@@ -137,7 +137,9 @@ class JetStreamBroker:
         *,
         host: str,
         max_attempts: int = 5,
+        ack_wait: float = s.ACK_WAIT,
     ) -> None:
+        self.ack_wait = ack_wait
         self._link = link
         self._store = store
         self._hub = hub
@@ -198,7 +200,7 @@ class JetStreamBroker:
 
     async def _renew_leases(self) -> NoReturn:
         while True:
-            await trio.sleep(s.RENEW)
+            await trio.sleep(self.ack_wait * s.RENEW / s.ACK_WAIT)
             for lease in list(self._leases.values()):
                 try:
                     await self._link.call("settle", reply=lease.reply, kind="+WPI")
@@ -241,7 +243,7 @@ class JetStreamBroker:
         name = s.durable(recipient)
         if recipient not in self._consumers:
             await self._retrying(
-                "consumer", durable=name, filter=s.inbox(recipient), ack_wait=s.ACK_WAIT
+                "consumer", durable=name, filter=s.inbox(recipient), ack_wait=self.ack_wait
             )
             self._consumers.add(recipient)
         return name
@@ -355,7 +357,7 @@ class JetStreamBroker:
             lost = True
         if lost:
             log.info("swarm: %s has a delivery in limbo; its inbox waits one ack wait", recipient)
-            self._paused[recipient] = trio.current_time() + s.ACK_WAIT + 1.0
+            self._paused[recipient] = trio.current_time() + self.ack_wait + 1.0
         self._checked.add(recipient)
 
     def _give_back(self, recipient: str, answer: dict[str, Any] | None) -> None:
@@ -374,6 +376,16 @@ class JetStreamBroker:
     async def _taken(self, recipient: str, got: dict[str, Any], lease: bool) -> wire.Message | None:
         seq, reply = int(got["seq"]), str(got["reply"])
         self._given_back.get(recipient, set()).discard(seq)
+        held = self._leases.get(seq)
+        if held is not None and held.recipient == recipient:
+            # Delivered again while its lease is held here: its ack wait ran out while this
+            # daemon was down (a container it adopts holds it) or could not renew it. The
+            # holder keeps its lease and its attempt; the lease moves to this delivery.
+            self._uncounted[seq] = self._uncounted.get(seq, 0) + 1
+            held.reply = reply
+            with trio.CancelScope(shield=True):
+                await self._store.run(_save_lease, held)
+            return None
         p = _decode(got["data"])
         attempt = int(got["delivered"]) - self._uncounted.get(seq, 0)
         with trio.CancelScope(shield=True):

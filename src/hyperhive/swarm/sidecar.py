@@ -44,7 +44,7 @@ DAY = 86400.0
 
 
 def stream_configs(replicas: int) -> list[StreamConfig]:
-    """The hive's streams (SPEC §11): inboxes as a work queue, dead letters, the operator's inbox."""
+    """The hive's streams (SPEC §11): inboxes (a work queue), dead letters, the operator's."""
     return [
         StreamConfig(
             name=s.INBOX_STREAM,
