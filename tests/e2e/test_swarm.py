@@ -5,6 +5,7 @@ CLI against the scripted model."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ from tests.web.pages import start_dashboard
 from tests.web.test_browser import CHROMIUM, CHROMIUM_FLAGS
 
 pytestmark = [needs_bwrap, needs_claude]
+
+OUTAGE = 60.0
+"""How long h3 stays down (issue 16: "a host down for a minute")."""
 
 
 async def test_agents_on_two_hosts_talk_and_every_host_lists_both(
@@ -64,8 +68,21 @@ async def test_one_console_approvals_across_hosts_and_a_host_that_goes_down(
         assert all([a.id for a in found] == [queued.id] for found in ids.values()), ids
         assert [a.agent for a in ids["h1"]] == ["scout"]
         # Approved from h2 (its CLI does exactly this on host.sock): done on h3.
-        decided = await h2.call(wire.Approve(id=queued.id))
-        assert decided.approval.status in ("approved", "spawning", "deployed")
+        # Approved with h2's operator CLI: the approval lives on h3, and is decided there.
+        cli = await trio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "hyperhive.cli",
+                "--run-dir",
+                str(h2.cfg.run_dir),
+                "approve",
+                str(queued.id),
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+        assert f"#{queued.id}" in cli.stdout.decode(), cli.stderr
         scout = await wait_listed(h1, "scout", host="h3", state="running")
         assert scout.host_down is False
         assert (await listed(h3, "scout")) is not None
@@ -83,6 +100,11 @@ async def test_one_console_approvals_across_hosts_and_a_host_that_goes_down(
         assert down.host == "h3"
         sent = await h1.call(wire.OperatorSend(to="scout", body="ping while you were away"))
         assert sent.ids
+        # A minute away (the scenario's length, not a wait for anything): still `host down`,
+        # and what was sent meanwhile waits in JetStream.
+        await trio.sleep(OUTAGE)
+        [still] = [a for a in (await h2.call(wire.ListAgents())).agents if a.name == "scout"]
+        assert (still.host, still.host_down) == ("h3", True)
         try:
             await h1.call(wire.Kill(name="scout"))
         except HiveError as exc:
