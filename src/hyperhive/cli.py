@@ -113,6 +113,17 @@ def _forge_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _host_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        type=_host_name,
+        default=None,
+        metavar="NAME",
+        help="in a swarm, the host to run it on (default: the live host with the most available"
+        " memory, then the fewest agents)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hive-c0re", description=__doc__)
     parser.add_argument(
@@ -312,8 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats = sub.add_parser("stats", help="turns, tokens and cost per agent")
     stats.add_argument("name", nargs="?", default=None)
+    spawn = sub.add_parser("spawn", help="create and start an agent (no approval)")
+    spawn.add_argument("name")
+    _host_flag(spawn)
     for verb, text in (
-        ("spawn", "create and start an agent (no approval)"),
         ("kill", "stop an agent gracefully"),
         ("start", "start a stopped agent"),
         ("restart", "restart an agent"),
@@ -353,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     request_spawn = sub.add_parser("request-spawn", help="queue a spawn approval")
     request_spawn.add_argument("name")
     request_spawn.add_argument("--description", default="")
+    _host_flag(request_spawn)
     sub.add_parser(
         "meta-inputs", help="the meta flake's inputs, their locked revisions and ages (nixos)"
     )
@@ -384,7 +398,7 @@ def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
         case "config":
             return wire.Config(name=args.name)
         case "spawn":
-            return wire.Spawn(name=args.name)
+            return wire.Spawn(name=args.name, host=args.host)
         case "kill":
             return wire.Kill(name=args.name)
         case "start":
@@ -412,7 +426,9 @@ def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
         case "deny":
             return wire.Deny(id=args.id, note=args.note)
         case "request-spawn":
-            return wire.HostRequestSpawn(name=args.name, description=args.description)
+            return wire.HostRequestSpawn(
+                name=args.name, description=args.description, host=args.host
+            )
         case "meta-inputs":
             return wire.MetaInputs()
         case "flake-update":
