@@ -37,6 +37,8 @@ async def test_cli_round_trip(hive_root: Path) -> None:
         spawned = await _cli(cfg.run_dir, "spawn", "alice")
         assert spawned.returncode == 0, spawned.stderr
         assert spawned.stdout.decode().startswith("alice: ")
+        table = (await _cli(cfg.run_dir, "list")).stdout.decode()
+        assert table.split()[:3] == ["NAME", "ROLE", "STATE"]  # one host: no HOST column
 
         await _cli(cfg.run_dir, "kill", "alice")
         rebuilt = await _cli(cfg.run_dir, "rebuild", "alice")
@@ -85,6 +87,9 @@ async def test_cli_spawns_and_requests_spawns_on_the_host_it_names(
         assert spawned.returncode == 0, spawned.stderr
         assert msgspec.json.decode(spawned.stdout)["agent"]["host"] == "h2"
         await _cli(on_h1, "kill", "bob")
+        listed = (await _cli(on_h1, "list")).stdout.decode().splitlines()
+        assert listed[0].split()[:3] == ["NAME", "HOST", "ROLE"]
+        assert listed[1].split()[:3] == ["bob", "h2", "agent"]
 
         # A spawn approval is queued on the host it names: its id is in that host's range.
         ranges = {}

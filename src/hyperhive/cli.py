@@ -512,9 +512,15 @@ def render(reply: wire.Reply) -> str:
                 footer += f"\nforge: FAILED: {forge.problem}\n  fix: {forge.fix}"
             if not agents:
                 return "no agents" + footer
-            rows = [("NAME", "ROLE", "STATE", "PORT", "UNREAD", "DEPLOYED", "NOTE")]
+            # A swarm's agents run on several hosts: which one is a column of its own.
+            swarm = any(a.host is not None for a in agents)
+            host_column = ("HOST",) if swarm else ()
+            rows: list[tuple[str, ...]] = [
+                ("NAME", *host_column, "ROLE", "STATE", "PORT", "UNREAD", "DEPLOYED", "NOTE")
+            ]
             for a in agents:
                 notes = [
+                    "host down" if a.host_down else "",
                     "needs login" if a.needs_login else "",
                     f"port {a.port} taken by another process" if a.port_conflict else "",
                     "needs update" if a.needs_update else "",
@@ -523,13 +529,15 @@ def render(reply: wire.Reply) -> str:
                 ]
                 note = "; ".join(n for n in notes if n)
                 deployed = a.deployed or "-"
-                rows.append(
-                    (a.name, a.role, a.state, str(a.port), str(a.unread), deployed, note[:60])
-                )
-            widths = [max(len(r[i]) for r in rows) for i in range(6)]
+                where = (a.host or "-",) if swarm else ()
+                state, port, unread = a.state, str(a.port), str(a.unread)
+                rows.append((a.name, *where, a.role, state, port, unread, deployed, note[:60]))
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
             table = "\n".join(
                 (
-                    "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]
+                    "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True))
+                    + "  "
+                    + r[-1]
                 ).rstrip()
                 for r in rows
             )
