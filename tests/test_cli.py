@@ -302,3 +302,12 @@ def test_following_prints_only_what_is_new() -> None:
     assert new_lines(["x", "a", "b"], ["a", "b", "c", "d"]) == ["c", "d"]
     assert new_lines(["a", "b"], ["a", "b"]) == []
     assert new_lines(["old"], ["new 1", "new 2"]) == ["new 1", "new 2"]  # started over
+
+
+async def test_a_single_host_hive_refuses_a_spawn_for_a_host(hive_root: Path) -> None:
+    async with open_hive(hive_config(hive_root)):
+        refused = await _cli(hive_root / "run", "spawn", "carol", "--host", "h2")
+        assert refused.returncode == 1
+        assert b"this hive runs on one host (no --swarm)" in refused.stderr
+        listed = await _cli(hive_root / "run", "--json", "list")
+        assert msgspec.json.decode(listed.stdout)["agents"] == []

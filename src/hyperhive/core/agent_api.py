@@ -240,7 +240,9 @@ class ManagerHandler(AgentHandler):
                     return routed
         life = self.lifecycle
         match request:
-            case wire.RequestSpawn(name=name, description=description):
+            case wire.RequestSpawn(name=name, description=description, host=host):
+                if host is not None and host != self.registry.host:
+                    raise BadParams(f"host {host!r}: this hive has no such host")
                 row = await self.queue.request_spawn(name, description)
                 return wire.ApprovalQueued(id=row.id)
             case wire.RequestApplyCommit(agent=agent, commit_ref=ref):

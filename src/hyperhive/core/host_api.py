@@ -94,6 +94,14 @@ class HostHandler:
         tags = await self.lifecycle.deploys.gitops.tag_history(name)
         return [wire.TagInfo(tag=t, sha=s, at=a, note=n) for t, s, a, n in tags]
 
+    def _check_host(self, host: str | None) -> None:
+        """A spawn for a host is done here only when it is this host (the forwarder sends the
+        others on); a single-host hive has no hosts to pick."""
+        if host is not None and host != self.registry.host:
+            if self.registry.host is None:
+                raise BadParams(f"--host {host}: this hive runs on one host (no --swarm)")
+            raise BadParams(f"--host {host}: this is host {self.registry.host}")
+
     def _agent(self, rec: AgentRecord) -> wire.AgentReply:
         return wire.AgentReply(agent=self.registry.info(rec))
 
@@ -145,7 +153,8 @@ class HostHandler:
                 return wire.MetricsText(text=(await self.metrics.render()).decode())
             case wire.Stats(name=name):
                 return wire.StatsReply(agents=await self._stats(name))
-            case wire.Spawn(name=name):
+            case wire.Spawn(name=name, host=host):
+                self._check_host(host)
                 return self._agent(await self.lifecycle.spawn(name))
             case wire.Kill(name=name):
                 return self._agent(await self.lifecycle.kill(name))
@@ -164,7 +173,8 @@ class HostHandler:
                 return wire.ApprovalReply(approval=(await self.approvals.approve(aid)).info())
             case wire.Deny(id=aid, note=note):
                 return wire.ApprovalReply(approval=(await self.approvals.deny(aid, note)).info())
-            case wire.HostRequestSpawn(name=name, description=description):
+            case wire.HostRequestSpawn(name=name, description=description, host=host):
+                self._check_host(host)
                 row = await self.queue.request_spawn(name, description)
                 return wire.ApprovalQueued(id=row.id)
             case wire.MetaInputs():
@@ -187,7 +197,10 @@ class HostHandler:
                 return wire.Sent(ids=[m.id for m in msgs], recipients=[m.to for m in msgs])
             case wire.HostRecent(name=name, limit=limit):
                 inbox = canonical_recipient(name)
-                if inbox not in (OPERATOR, MANAGER):
+                remote = self.registry.remote
+                if inbox not in (OPERATOR, MANAGER) and not (
+                    remote is not None and remote.host_of(check_name(name)) is not None
+                ):  # an agent of another host: its inbox is the hive's (swarm mode)
                     inbox = self.registry.get(check_name(name)).recipient
                 return wire.Inbox(messages=await self.broker.recent(inbox, limit))
             case wire.Flow(limit=limit):

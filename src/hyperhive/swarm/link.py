@@ -128,9 +128,16 @@ class Link:
                 self._calls.pop(rid, None)
                 self._finish(call, None, SwarmError("the NATS sidecar exited", "link"))
             with trio.CancelScope(shield=True):
-                proc.kill()
-                await proc.wait()
-            log.warning("swarm sidecar exited (%s)", proc.returncode)
+                # Its stdin closed, the sidecar drains its NATS connection and exits.
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await proc.stdin.aclose()
+                with trio.move_on_after(3):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            if proc.returncode:
+                log.warning("swarm sidecar exited (%s)", proc.returncode)
 
     def _dispatch(self, msg: Json) -> None:
         if "push" in msg:
