@@ -232,7 +232,7 @@ async def test_host_socket_serves_only_its_own_uids(hive_root: Path) -> None:
         assert str(NOBODY) in reply["error"]
 
         served = msgspec.json.decode((await peer(0)).splitlines()[0])
-        assert served == {"ok": True, "agents": [], "forge": None, "dashboard": None}
+        assert served == {"ok": True, "agents": [], "forge": None, "dashboard": None, "host": None}
 
 
 BAD_NAMES = [
