@@ -36,10 +36,9 @@ def tokens() -> LoginTokens:
 
 
 @pytest.fixture
-def swarm_root() -> Iterator[Path]:
-    root = short_tmpdir()
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+def swarm_root(hive_root: Path) -> Path:
+    """Where a swarm test keeps its NATS nodes and its hosts (`hive_root`, by another name)."""
+    return hive_root
 
 
 @pytest.fixture

@@ -46,6 +46,8 @@ class Node:
     port: int
     route_port: int
     proc: trio.Process | None = None
+    listen: str = "127.0.0.1"
+    """Where clients reach it (0.0.0.0: on every address of the machine, as a real host's)."""
 
     @property
     def url(self) -> str:
@@ -54,7 +56,7 @@ class Node:
     def config(self, peers: list[Node], token: str | None = None) -> str:
         lines = [
             f"server_name: {self.name}",
-            f"listen: 127.0.0.1:{self.port}",
+            f"listen: {self.listen}:{self.port}",
             "jetstream {",
             f'  store_dir: "{self.root / "js"}"',
             "  sync_interval: always",
@@ -147,7 +149,7 @@ def token_file(path: Path) -> Path:
 
 @asynccontextmanager
 async def open_cluster(
-    root: Path, nodes: int = 3, *, credentials: Path | None = None
+    root: Path, nodes: int = 3, *, credentials: Path | None = None, listen: str = "127.0.0.1"
 ) -> AsyncIterator[Cluster]:
     """`nodes` nats-servers with JetStream (routes between them when more than one); with
     `credentials` (a token file, see `token_file`) nobody without the token gets in."""
@@ -155,7 +157,7 @@ async def open_cluster(
     for i in range(1, nodes + 1):
         node_root = root / f"n{i}"
         node_root.mkdir(parents=True, exist_ok=True)
-        made.append(Node(f"n{i}", node_root, free_port(), free_port()))
+        made.append(Node(f"n{i}", node_root, free_port(), free_port(), listen=listen))
     async with trio.open_nursery() as nursery:
         cluster = Cluster(made, nursery, credentials)
         try:
