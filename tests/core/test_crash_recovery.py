@@ -35,7 +35,8 @@ class Ledger:
     """Messages whose ack was in flight when the daemon died."""
     senders_done: int = 0
     progress: Callable[[Ledger], None] = lambda _: None
-    """Called after each acknowledged send and each confirmed turn (a test's choreography)."""
+    """Called after each acknowledged send, each hand-out and each confirmed turn (a test's
+    choreography)."""
 
 
 class Generation:
@@ -85,6 +86,7 @@ async def _consumer(root: Path, ledger: Ledger, gen: Generation) -> None:
                         continue
                     in_hand = got.message
                     ledger.consumed.append(in_hand)  # the "turn"
+                    ledger.progress(ledger)
                     acked = await client.call(wire.Ack(id=in_hand.id, attempt=in_hand.attempt))
                     assert acked.acked, f"a current lease was refused: {in_hand}"
                     ledger.confirmed.append(in_hand.id)

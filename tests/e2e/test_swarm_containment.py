@@ -74,6 +74,7 @@ async def test_an_agent_cannot_reach_or_use_nats(swarm_root: Path) -> None:
         [probe] = [a for a in (await h1.call(wire.ListAgents())).agents if a.name == "probe"]
     assert probe.state == "running" and probe.network == "open", probe
     assert seen.pop("secret") in ("FileNotFoundError", "PermissionError")
+    assert set(seen) == set(targets), "every address was tried"
     for addr, said in seen.items():
         # Not even the way to the server; and were it there, no way in without the token.
         assert said.startswith("unreachable") or (
