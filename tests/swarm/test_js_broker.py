@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import trio
@@ -176,6 +178,24 @@ async def test_an_adopted_lease_outlives_a_daemon_down_longer_than_the_ack_wait(
         assert await after.ack("bob", sent.id, 1), "the harness's lease is still good"
         assert await after.recv("bob", 0, lease=True) is None
         assert await after.counts("bob") == (0, 0)
+
+
+async def test_the_sidecar_killed_is_restarted_and_nothing_is_lost(
+    cluster: Cluster, swarm_root: Path
+) -> None:
+    async with open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (link, b):
+        await b.send("alice", "bob", "before", origin="alice")
+        held = await b.recv("bob", 5, lease=True)
+        assert held is not None and link.pid is not None
+        os.kill(link.pid, signal.SIGKILL)
+        # The daemon's next calls wait for the new sidecar (retried, never lost or doubled).
+        [during] = await b.send("alice", "bob", "during", origin="alice")
+        assert link.restarts == 1
+        assert await b.ack("bob", held.id, held.attempt), "the lease outlived its sidecar"
+        got = await b.recv("bob", 5, lease=True)
+        assert got is not None and (got.id, got.body, got.attempt) == (during.id, "during", 1)
+        assert await b.ack("bob", got.id, 1)
+        assert await b.counts("bob") == (0, 0)
 
 
 async def test_a_send_is_stored_while_one_of_three_nodes_is_down(

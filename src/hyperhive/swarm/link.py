@@ -58,6 +58,8 @@ class Link:
         self._up = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.restarts = 0
+        self.pid: int | None = None
+        """The running sidecar's process id."""
 
     @property
     def up(self) -> bool:
@@ -101,6 +103,7 @@ class Link:
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, env=env
         )
         assert proc.stdin is not None and proc.stdout is not None
+        self.pid = proc.pid
         try:
             buf = b""
             ready = False
