@@ -38,7 +38,8 @@ from hyperhive.core.broker import EventHub, Resolver, check_body, report_dead
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import HiveError, NotFound, Unavailable
-from hyperhive.protocol.names import BROADCAST, OPERATOR
+from hyperhive.protocol.names import BROADCAST, OPERATOR, SYSTEM
+from hyperhive.protocol.text import MAX_BODY
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.link import Link, SwarmError
 
@@ -389,7 +390,17 @@ class JetStreamBroker:
             with trio.CancelScope(shield=True):
                 await self._store.run(_save_lease, held)
             return None
-        p = _decode(got["data"])
+        try:
+            p = _decode(got["data"])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # Not a message any daemon wrote (something else published into the inbox): kept
+            # among the dead letters as it came, so the inbox is not stuck behind it.
+            raw = str(got["data"])[: MAX_BODY // 4]
+            p = Payload(sender="?", to=recipient, body=raw, sent_at=time.time(), origin="?")
+            log.warning("swarm: #%d in %s's inbox is not a message (%s)", seq, recipient, exc)
+            with trio.CancelScope(shield=True):
+                await self._dead(seq, reply, p, 0, why=f"not a hyperhive message: {exc}")
+            return None
         attempt = int(got["delivered"]) - self._uncounted.get(seq, 0)
         with trio.CancelScope(shield=True):
             if attempt > self.max_attempts:
@@ -413,13 +424,25 @@ class JetStreamBroker:
         )
         return msg
 
-    async def _dead(self, seq: int, reply: str, p: Payload, attempts: int) -> None:
+    async def _dead(
+        self, seq: int, reply: str, p: Payload, attempts: int, *, why: str | None = None
+    ) -> None:
         await self._publish(f"{s.DEAD}.{seq}", _encode(p), f"dead.{seq}")
         await self._settle(reply, "+ACK")
         self._forget(seq)
         self._count(p.to, -1)
         msg = _message(p, seq, "dead", attempts)
-        self._spawn(report_dead, self.send, [msg])
+        if why is None:
+            self._spawn(report_dead, self.send, [msg])
+        else:
+            note = f"#{seq} in {p.to}'s inbox was dead-lettered: {why}. It is kept (dead-letters)."
+            self._spawn(self._tell_operator, note)
+
+    async def _tell_operator(self, note: str) -> None:
+        try:
+            await self.send(SYSTEM, OPERATOR, note, origin=SYSTEM)
+        except HiveError as exc:
+            log.error("could not tell the operator: %s", exc.message)
 
     def _forget(self, seq: int) -> None:
         self._leases.pop(seq, None)
@@ -523,7 +546,12 @@ class JetStreamBroker:
         ans = await self._retrying("tail", stream=stream, limit=limit, subject=subject)
         out = []
         for got in ans["msgs"]:
-            p = _decode(got["data"])
+            try:
+                p = _decode(got["data"])
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                p = Payload(
+                    sender="?", to=recipient or "?", body=str(got["data"])[:2000], sent_at=0
+                )
             mid = int(got["subject"].rsplit(".", 1)[1]) if shown == "dead" else int(got["seq"])
             leased = self._leases.get(mid)
             out.append(

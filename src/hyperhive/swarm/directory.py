@@ -204,7 +204,11 @@ class Directory:
             self.beats.pop(host, None)
             self.heartbeats.pop(host, None)
         else:
-            beat = msgspec.json.decode(value, type=Heartbeat)
+            try:
+                beat = msgspec.json.decode(value, type=Heartbeat)
+            except msgspec.DecodeError as exc:
+                log.warning("swarm: unreadable heartbeat of %s: %s", host, exc)
+                return
             self.beats[host] = beat.at
             self.heartbeats[host] = beat
         self._flip(host)
@@ -217,7 +221,7 @@ class Directory:
             return
         try:
             info = _info.decode(value)
-        except msgspec.ValidationError as exc:
+        except msgspec.DecodeError as exc:  # malformed or not an AgentInfo: nobody's record
             log.warning("swarm: unreadable record of %s: %s", name, exc)
             return
         self.remote[name] = info
