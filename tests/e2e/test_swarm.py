@@ -16,7 +16,7 @@ from hyperhive.protocol import wire
 from hyperhive.protocol.errors import HiveError
 from hyperhive.swarm.cluster import Cluster
 from tests.conftest import needs_bwrap, needs_claude
-from tests.hive import open_hive, subscription, wait_for_event
+from tests.hive import open_hive, subscription, wait_for_all, wait_for_event
 from tests.swarm.conftest import listed, open_hosts, wait_listed
 from tests.web.pages import start_dashboard
 from tests.web.test_browser import CHROMIUM, CHROMIUM_FLAGS
@@ -52,9 +52,14 @@ async def test_agents_on_two_hosts_talk_and_every_host_lists_both(
             )
             assert isinstance(pong, wire.MessageSent)
             assert pong.message.body == "pong from bob"
-            await wait_for_event(
-                on_h1, lambda e: isinstance(e, wire.MessageDelivered) and e.id == pong.message.id
+            # h1's console sees the whole exchange: bob's send (made on h2, shared) and its
+            # delivery to alice (here).
+            relayed, _ = await wait_for_all(
+                on_h1,
+                lambda e: isinstance(e, wire.MessageSent) and e.message.id == pong.message.id,
+                lambda e: isinstance(e, wire.MessageDelivered) and e.id == pong.message.id,
             )
+            assert isinstance(relayed, wire.MessageSent) and relayed.message.sender == "bob"
 
 
 async def test_one_console_approvals_across_hosts_and_a_host_that_goes_down(

@@ -108,6 +108,10 @@ def _delivered(mid: int, to: str, seq: int) -> wire.HiveEvent:
     return wire.MessageDelivered(seq=seq, id=mid, to=to)
 
 
+def _leased(mid: int, to: str, attempt: int, seq: int) -> wire.HiveEvent:
+    return wire.MessageLeased(seq=seq, id=mid, to=to, attempt=attempt)
+
+
 def _save_lease(conn: sqlite3.Connection, lease: _Lease) -> None:
     with conn:
         conn.execute(
@@ -175,6 +179,9 @@ class JetStreamBroker:
         """Messages this daemon gave back (-NAK) that JetStream has not delivered again yet:
         still pending there, but not lost."""
         self._nursery: trio.Nursery | None = None
+        self.share: trio.MemorySendChannel[wire.HiveEvent] | None = None
+        """Where this host's message events go for the other hosts' consoles (the forwarder
+        batches them); a full channel drops them (a console's live view, not the record)."""
 
     # ------------------------------------------------------------------ services
 
@@ -207,6 +214,13 @@ class JetStreamBroker:
                     await self._link.call("settle", reply=lease.reply, kind="+WPI")
                 except SwarmError as exc:
                     log.warning("could not renew the lease on #%d: %s", lease.seq, exc.message)
+
+    def _event(self, make: Callable[[int], wire.HiveEvent], kind: type[wire.HiveEvent]) -> None:
+        """A message event: to this host's subscribers, and to the other hosts' consoles."""
+        self._hub.publish(make, kind)
+        if self.share is not None:
+            with contextlib.suppress(trio.WouldBlock):
+                self.share.send_nowait(make(0))
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._nursery is not None:
@@ -286,7 +300,7 @@ class JetStreamBroker:
             msg = _message(p, seq, "delivered" if recipient == OPERATOR else "queued")
             if recipient != OPERATOR:
                 self._depth[recipient] = self._depth.get(recipient, 0) + 1
-            self._hub.publish(partial(_sent, msg), wire.MessageSent)
+            self._event(partial(_sent, msg), wire.MessageSent)
             out.append(msg)
         return out
 
@@ -411,17 +425,14 @@ class JetStreamBroker:
                 self._forget(seq)
                 self._count(recipient, -1)
                 msg = _message(p, seq, "delivered", attempt)
-                self._hub.publish(partial(_delivered, seq, recipient), wire.MessageDelivered)
+                self._event(partial(_delivered, seq, recipient), wire.MessageDelivered)
                 return msg
             held = _Lease(seq, recipient, attempt, reply)
             await self._store.run(_save_lease, held)
             self._leases[seq] = held
         self._count(recipient, -1)
         msg = _message(p, seq, "leased", attempt)
-        self._hub.publish(
-            lambda q: wire.MessageLeased(seq=q, id=seq, to=recipient, attempt=attempt),
-            wire.MessageLeased,
-        )
+        self._event(partial(_leased, seq, recipient, attempt), wire.MessageLeased)
         return msg
 
     async def _dead(
@@ -467,7 +478,7 @@ class JetStreamBroker:
             for held in [lease, *also]:
                 await self._settle(held.reply, "+ACK")
                 self._forget(held.seq)
-                self._hub.publish(partial(_delivered, held.seq, recipient), wire.MessageDelivered)
+                self._event(partial(_delivered, held.seq, recipient), wire.MessageDelivered)
             await self._store.run(_drop_leases, [x.seq for x in [lease, *also]])
         return True
 

@@ -66,6 +66,8 @@ class Forwarder:
         self.slot = slot
         self.slots: dict[int, str] = {slot: host}
         """Id ranges of the hosts (kept current from the heartbeats)."""
+        self.messages: trio.MemoryReceiveChannel[wire.HiveEvent] | None = None
+        """This host's message events, shared with the other consoles (the broker's)."""
 
     # ------------------------------------------------------------------ routing
 
@@ -186,8 +188,10 @@ class Forwarder:
             await nursery.start(
                 self._subscribed, s.peer(self.host), partial(self._peer_answer, questions)
             )
-            await nursery.start(self._subscribed, f"{s.EVENTS}.*", partial(self._event, hub))
+            await nursery.start(self._subscribed, f"{s.EVENTS}.>", partial(self._event, hub))
             nursery.start_soon(self._share_events, hub)
+            if self.messages is not None:
+                nursery.start_soon(self._share_messages, self.messages)
             task_status.started()
             await trio.sleep_forever()
         raise AssertionError("unreachable")
@@ -265,10 +269,36 @@ class Forwarder:
                     log.debug("swarm: event not shared: %s", exc.message)
         raise AssertionError("the event hub dropped the swarm's event relay")
 
+    async def _share_messages(self, events: trio.MemoryReceiveChannel[wire.HiveEvent]) -> None:
+        """This host's message events, to the other consoles in batches (one NATS message per
+        50 ms at most, whatever the traffic)."""
+        async for first in events:
+            batch = [first]
+            await trio.sleep(0.05)
+            while len(batch) < 1000:
+                try:
+                    batch.append(events.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await self._link.call(
+                    "publish_core",
+                    subject=f"{s.EVENTS}.{self.host}.messages",
+                    data=_encode(batch).decode(),
+                )
+            except SwarmError as exc:
+                log.debug("swarm: message events not shared: %s", exc.message)
+
     async def _event(self, hub: EventHub, push: dict[str, Any]) -> None:
+        data = str(push["data"]).encode()
         try:
-            event = _event_decoder.decode(str(push["data"]).encode())
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            if data.startswith(b"["):
+                for event in _batch_decoder.decode(data):
+                    if event.seq == 0 and isinstance(event, _MESSAGE_EVENTS):
+                        hub.publish(partial(_renumbered, event), type(event))
+                return
+            event = _event_decoder.decode(data)
+        except msgspec.DecodeError as exc:
             log.warning("swarm: unreadable event from another host: %s", exc)
             return
         ident = _event_id(event)
@@ -286,6 +316,10 @@ class _PeerAnswer(msgspec.Struct, frozen=True):
 _encode = msgspec.json.Encoder().encode
 _peer_decoder = msgspec.json.Decoder(_PeerAnswer)
 _event_decoder: msgspec.json.Decoder[wire.HiveEvent] = msgspec.json.Decoder(wire.HiveEvents)
+_batch_decoder: msgspec.json.Decoder[list[wire.HiveEvent]] = msgspec.json.Decoder(
+    list[wire.HiveEvents]
+)
+_MESSAGE_EVENTS = (wire.MessageSent, wire.MessageDelivered, wire.MessageLeased)
 
 
 def _event_id(event: wire.HiveEvent) -> int | None:

@@ -15,6 +15,7 @@ from hyperhive.core.agents import Registry
 from hyperhive.core.broker import EventHub
 from hyperhive.core.config import DaemonConfig
 from hyperhive.core.store import Store, set_id_floor
+from hyperhive.protocol import wire
 from hyperhive.protocol.errors import BadParams, Unavailable
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.broker import JetStreamBroker
@@ -83,7 +84,9 @@ async def open_swarm(
         link, store, hub, registry.resolve, host=cfg.host_name, max_attempts=cfg.max_attempts
     )
     log.info("swarm: host %s (ids from %d) on %s", cfg.host_name, slot * s.ID_SPAN, cfg.swarm)
-    return Swarm(link, broker, directory, Forwarder(link, directory, cfg.host_name, slot))
+    forward = Forwarder(link, directory, cfg.host_name, slot)
+    broker.share, forward.messages = trio.open_memory_channel[wire.HiveEvent](10_000)
+    return Swarm(link, broker, directory, forward)
 
 
 async def _retry(link: Link, op: str, **fields: Any) -> dict[str, Any]:
