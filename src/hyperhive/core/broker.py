@@ -48,9 +48,11 @@ class EventHub:
     buffer: int = 1024
     _fanout: FanOut[wire.HiveEvent] = field(init=False)
     _seq: int = 0
+    subscribed: trio.Event = field(init=False)
 
     def __post_init__(self) -> None:
         self._fanout = FanOut(self.buffer)
+        self.subscribed = trio.Event()  # set (and replaced) whenever someone subscribes
 
     def publish(
         self, make: Callable[[int], wire.HiveEvent], kind: type[wire.HiveEvent] | None = None
@@ -66,6 +68,10 @@ class EventHub:
     def seq(self) -> int:
         return self._seq
 
+    def wants(self, kind: type[wire.HiveEvent]) -> bool:
+        """Whether any subscriber now takes events of `kind`."""
+        return self._fanout.wants(kind)
+
     @property
     def subscribers(self) -> int:
         return len(self._fanout)
@@ -75,7 +81,10 @@ class EventHub:
     ) -> trio.MemoryReceiveChannel[wire.HiveEvent]:
         """Every event from now on, or only those of `kinds` (a watcher is not woken by the
         message traffic it ignores)."""
-        return self._fanout.subscribe(kinds)
+        recv = self._fanout.subscribe(kinds)
+        self.subscribed.set()
+        self.subscribed = trio.Event()
+        return recv
 
     async def stream(
         self, kinds: tuple[type[wire.HiveEvent], ...] | None = None

@@ -180,6 +180,8 @@ class JetStreamBroker:
         still pending there, but not lost."""
         self._nursery: trio.Nursery | None = None
         self.share: trio.MemorySendChannel[wire.HiveEvent] | None = None
+        self.share_wanted: Callable[[], bool] = lambda: True
+        """Whether another host's console follows the flow now (its heartbeat says so)."""
         """Where this host's message events go for the other hosts' consoles (the forwarder
         batches them); a full channel drops them (a console's live view, not the record)."""
 
@@ -218,7 +220,7 @@ class JetStreamBroker:
     def _event(self, make: Callable[[int], wire.HiveEvent], kind: type[wire.HiveEvent]) -> None:
         """A message event: to this host's subscribers, and to the other hosts' consoles."""
         self._hub.publish(make, kind)
-        if self.share is not None:
+        if self.share is not None and self.share_wanted():
             with contextlib.suppress(trio.WouldBlock):
                 self.share.send_nowait(make(0))
 

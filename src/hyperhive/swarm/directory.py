@@ -41,6 +41,8 @@ class Heartbeat(msgspec.Struct, frozen=True):
     agents: int = 0
     mem_available: int = 0
     """Bytes (/proc/meminfo MemAvailable): where the placement policy puts a new agent."""
+    watching: bool = False
+    """A console there follows the message flow: the other hosts share their message events."""
 
 
 def mem_available() -> int:
@@ -83,6 +85,13 @@ class Directory:
 
     def live_hosts(self) -> list[str]:
         return sorted(h for h in self.beats if not self.is_down(h))
+
+    def watched(self) -> bool:
+        """Whether a console on another live host follows the message flow."""
+        return any(
+            b.watching and h != self.host and not self.is_down(h)
+            for h, b in self.heartbeats.items()
+        )
 
     def slot_host(self, slot: int) -> str | None:
         for host, beat in self.heartbeats.items():
@@ -168,12 +177,14 @@ class Directory:
         raise AssertionError("unreachable")
 
     async def _beat(self) -> NoReturn:
+        watching = False
         while True:
             beat = Heartbeat(
                 at=time.time(),
                 slot=self.slot,
                 agents=len(self._registry.live_names()),
                 mem_available=await trio.to_thread.run_sync(mem_available),
+                watching=self._hub.wants(wire.MessageSent),
             )
             try:
                 await self._link.call(
@@ -181,7 +192,12 @@ class Directory:
                 )
             except SwarmError as exc:
                 log.warning("swarm heartbeat failed: %s", exc.message)
-            await trio.sleep(s.HEARTBEAT)
+            # The next beat, or at once when a console starts or stops following the flow
+            # (the other hosts share their message events only while one does).
+            with trio.move_on_after(s.HEARTBEAT):
+                while self._hub.wants(wire.MessageSent) == watching:
+                    await self._hub.subscribed.wait()
+            watching = self._hub.wants(wire.MessageSent)
 
     async def _watch(self, bucket: str, apply: object) -> NoReturn:
         assert callable(apply)

@@ -86,6 +86,7 @@ async def open_swarm(
     log.info("swarm: host %s (ids from %d) on %s", cfg.host_name, slot * s.ID_SPAN, cfg.swarm)
     forward = Forwarder(link, directory, cfg.host_name, slot)
     broker.share, forward.messages = trio.open_memory_channel[wire.HiveEvent](10_000)
+    broker.share_wanted = directory.watched
     return Swarm(link, broker, directory, forward)
 
 
