@@ -259,14 +259,7 @@ class Forwarder:
                 ident = _event_id(event)
                 if ident is None or ident // s.ID_SPAN != self.slot:
                     continue  # another host's, passed on to us: not ours to share
-                try:
-                    await self._link.call(
-                        "publish_core",
-                        subject=f"{s.EVENTS}.{self.host}",
-                        data=_encode(event).decode(),
-                    )
-                except SwarmError as exc:
-                    log.debug("swarm: event not shared: %s", exc.message)
+                await self._publish_live(f"{s.EVENTS}.{self.host}", _encode(event))
         raise AssertionError("the event hub dropped the swarm's event relay")
 
     async def _share_messages(self, events: trio.MemoryReceiveChannel[wire.HiveEvent]) -> None:
@@ -280,14 +273,14 @@ class Forwarder:
                     batch.append(events.receive_nowait())
                 except trio.WouldBlock:
                     break
-            try:
-                await self._link.call(
-                    "publish_core",
-                    subject=f"{s.EVENTS}.{self.host}.messages",
-                    data=_encode(batch).decode(),
-                )
-            except SwarmError as exc:
-                log.debug("swarm: message events not shared: %s", exc.message)
+            await self._publish_live(f"{s.EVENTS}.{self.host}.messages", _encode(batch))
+
+    async def _publish_live(self, subject: str, data: bytes) -> None:
+        """Events for the other consoles: best effort (a console's live view, not a record)."""
+        try:
+            await self._link.call("publish_core", subject=subject, data=data.decode())
+        except SwarmError as exc:
+            log.debug("swarm: events on %s not shared: %s", subject, exc.message)
 
     async def _event(self, hub: EventHub, push: dict[str, Any]) -> None:
         data = str(push["data"]).encode()
