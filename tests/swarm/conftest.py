@@ -13,7 +13,7 @@ from hyperhive.core.store import open_store
 from hyperhive.protocol import wire
 from hyperhive.swarm.broker import JetStreamBroker
 from hyperhive.swarm.cluster import Cluster
-from hyperhive.swarm.hive import _retry
+from hyperhive.swarm.hive import START_RETRY
 from hyperhive.swarm.link import Link
 from tests.hive import Hive, hive_config, open_hive, subscription, wait_for_event
 
@@ -35,7 +35,7 @@ async def open_js_broker(
     async with open_store(str(root / "broker.sqlite")) as store, trio.open_nursery() as nursery:
         link = Link(cluster.urls, host, cluster.credentials)
         await nursery.start(link.serve)
-        await _retry(link, "setup", replicas=replicas)
+        await link.retrying("setup", within=START_RETRY, replicas=replicas)
         broker = JetStreamBroker(
             link, store, hub or EventHub(), resolve, host=host, ack_wait=ack_wait
         )

@@ -37,7 +37,7 @@ from prometheus_client import Histogram
 from hyperhive.core.broker import EventHub, Resolver, check_body, report_dead
 from hyperhive.core.store import Store
 from hyperhive.protocol import wire
-from hyperhive.protocol.errors import HiveError, NotFound, Unavailable
+from hyperhive.protocol.errors import HiveError, NotFound
 from hyperhive.protocol.names import BROADCAST, OPERATOR, SYSTEM
 from hyperhive.protocol.text import MAX_BODY
 from hyperhive.swarm import subjects as s
@@ -231,23 +231,7 @@ class JetStreamBroker:
     # ------------------------------------------------------------------ helpers
 
     async def _retrying(self, op: str, **fields: Any) -> dict[str, Any]:
-        """A call retried through a node failing over or the sidecar restarting, for up to
-        PUBLISH_RETRY seconds (idempotent calls only: a publish under its message id)."""
-        deadline = trio.current_time() + s.PUBLISH_RETRY
-        delay = 0.05
-        while True:
-            try:
-                return await self._link.call(op, **fields)
-            except SwarmError as exc:
-                if trio.current_time() + delay > deadline:
-                    raise Unavailable(f"NATS JetStream did not take it: {exc.message}") from None
-                log.info("swarm %s retried: %s", op, exc.message)
-                if exc.kind == "link":
-                    with trio.move_on_after(delay * 10):
-                        await self._link.wait_up()
-                else:
-                    await trio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        return await self._link.retrying(op, within=s.PUBLISH_RETRY, **fields)
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> int:
         started = trio.current_time()
@@ -492,13 +476,11 @@ class JetStreamBroker:
             return False
         if not count:
             self._uncounted[mid] = self._uncounted.get(mid, 0) + 1
-        await self._give_back_leases(recipient, forget_uncounted=False)
+        await self._give_back_leases(recipient)
         log.info("nack of #%d (%s): %s", mid, recipient, error[:200])
         return True
 
-    async def _give_back_leases(
-        self, recipient: str | None, *, forget_uncounted: bool, keep: tuple[str, ...] = ()
-    ) -> int:
+    async def _give_back_leases(self, recipient: str | None, *, keep: tuple[str, ...] = ()) -> int:
         held = [
             x
             for x in self._leases.values()
@@ -518,7 +500,7 @@ class JetStreamBroker:
         """The inbox's reader is gone: its leases go back, its parked `recv`s end."""
         for scope in self._readers.get(recipient, ()):
             scope.cancel()
-        return await self._give_back_leases(recipient, forget_uncounted=False)
+        return await self._give_back_leases(recipient)
 
     async def recover(self, keep: tuple[str, ...] = ()) -> int:
         """Leases persisted by the previous daemon: kept for adopted containers (renewed from
@@ -526,7 +508,7 @@ class JetStreamBroker:
         for lease in await self._store.run(_load_leases):
             self._leases[lease.seq] = lease
             self._consumers.discard(lease.recipient)
-        return await self._give_back_leases(None, forget_uncounted=False, keep=keep)
+        return await self._give_back_leases(None, keep=keep)
 
     async def requeue(self, mid: int) -> wire.Message:
         ans = await self._retrying("last", stream=s.DEAD_STREAM, subject=f"{s.DEAD}.{mid}")

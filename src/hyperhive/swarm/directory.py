@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import NoReturn
 
@@ -199,8 +200,7 @@ class Directory:
                     await self._hub.subscribed.wait()
             watching = self._hub.wants(wire.MessageSent)
 
-    async def _watch(self, bucket: str, apply: object) -> NoReturn:
-        assert callable(apply)
+    async def _watch(self, bucket: str, apply: Callable[[str, str | None], None]) -> NoReturn:
         while True:
             try:
                 await self._link.wait_up()

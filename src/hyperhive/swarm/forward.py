@@ -64,8 +64,6 @@ class Forwarder:
         self._directory = directory
         self.host = host
         self.slot = slot
-        self.slots: dict[int, str] = {slot: host}
-        """Id ranges of the hosts (kept current from the heartbeats)."""
         self.messages: trio.MemoryReceiveChannel[wire.HiveEvent] | None = None
         """This host's message events, shared with the other consoles (the broker's)."""
 

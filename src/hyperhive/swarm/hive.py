@@ -21,7 +21,7 @@ from hyperhive.swarm import subjects as s
 from hyperhive.swarm.broker import JetStreamBroker
 from hyperhive.swarm.directory import Directory
 from hyperhive.swarm.forward import Forwarder
-from hyperhive.swarm.link import Link, SwarmError
+from hyperhive.swarm.link import Link
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ class Swarm:
     broker: JetStreamBroker
     directory: Directory
     forward: Forwarder
+
+
+START_RETRY = 60.0
+"""How long a starting host waits for JetStream to take its set-up."""
 
 
 def check_credentials(path: Path) -> None:
@@ -91,15 +95,8 @@ async def open_swarm(
 
 
 async def _retry(link: Link, op: str, **fields: Any) -> dict[str, Any]:
-    for attempt in range(60):
-        try:
-            return await link.call(op, **fields)
-        except SwarmError as exc:
-            if attempt == 59:
-                raise Unavailable(f"swarm {op} failed: {exc.message}") from None
-            log.warning("swarm %s failed (retrying): %s", op, exc.message)
-            await trio.sleep(1.0)
-    raise AssertionError("unreachable")
+    """At start: the cluster may still be electing its leaders."""
+    return await link.retrying(op, within=START_RETRY, **fields)
 
 
 async def _claim_slot(link: Link, host: str) -> int:

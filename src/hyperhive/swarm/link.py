@@ -202,6 +202,26 @@ class Link:
         assert call.answer is not None
         return call.answer
 
+    async def retrying(self, op: str, *, within: float, **fields: Any) -> Json:
+        """`call`, retried through a node failing over or the sidecar restarting, for up to
+        `within` seconds, then `Unavailable` (idempotent calls only: a publish under its message
+        id, an ack, a read)."""
+        deadline = trio.current_time() + within
+        delay = 0.05
+        while True:
+            try:
+                return await self.call(op, **fields)
+            except SwarmError as exc:
+                if trio.current_time() + delay > deadline:
+                    raise Unavailable(f"NATS JetStream did not take {op}: {exc.message}") from None
+                log.info("swarm %s retried: %s", op, exc.message)
+                if exc.kind == "link":
+                    with trio.move_on_after(delay * 10):
+                        await self.wait_up()
+                else:
+                    await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     async def _cancel(self, rid: int) -> None:
         with suppress(SwarmError):
             await self._send("cancel", _Call(), {"target": rid})

@@ -354,9 +354,6 @@ class Sidecar:
             task.cancel()
         return {}
 
-    async def op_ping(self, req: Json) -> Json:
-        return {"connected": bool(self.nc and self.nc.is_connected)}
-
     # ------------------------------------------------------------------ dispatch
 
     async def run_one(self, req: Json) -> None:
