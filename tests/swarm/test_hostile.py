@@ -72,10 +72,11 @@ def _abuse(port: int, token: str) -> dict[str, bytes]:
             "admin unknown": raw.request("hive.host.h1.admin", b'{"cmd":"format_disk"}'),
             "admin bad field": raw.request("hive.host.h1.admin", b'{"cmd":"kill","name":7}'),
             "peer garbage": raw.request("hive.host.h1.peer", b'{"id":"x"}'),
+            # Stored (its PubAck awaited) before the test sends a real message after it.
+            "inbox garbage": raw.request("hive.inbox.bob", b"\x00garbage, not a message"),
         }
         raw.publish("hive.events.h9", b"{not an event")
         raw.publish("$KV.hive_agents.mallory", b"not an agent record")
-        raw.publish("hive.inbox.bob", b"\x00garbage, not a message")
         return said
     finally:
         raw.close()
@@ -109,6 +110,7 @@ async def test_garbage_on_the_shared_subjects_is_refused_or_set_aside(
                 ),
             )
         replies = {k: json.loads(v) for k, v in said.items()}
+        assert replies.pop("inbox garbage")["stream"] == "HIVE_INBOX"
         assert {k: r["code"] for k, r in replies.items()} == {
             "admin garbage": "parse_error",
             "admin unknown": "unknown_command",
