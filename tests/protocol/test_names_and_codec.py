@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 import trio
 import trio.testing
@@ -116,8 +118,22 @@ def test_decoder_ignores_unknown_fields() -> None:
     assert DECODER.decode(b'{"cmd": "spawn", "name": "bo", "extra": [1]}') == wire.Spawn(name="bo")
 
 
-async def test_line_stream_limits_and_partial_lines() -> None:
-    a, b = trio.testing.memory_stream_pair()
+@pytest.fixture(params=["memory", "socket"])
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[trio.abc.Stream, ...]]:
+    """Two connected streams: in memory, or a real socket pair (LineStream's own fast path,
+    which reads and writes the file descriptor)."""
+    streams: tuple[trio.abc.Stream, ...]
+    if request.param == "memory":
+        streams = trio.testing.memory_stream_pair()
+    else:
+        streams = tuple(trio.SocketStream(s) for s in trio.socket.socketpair())
+    yield streams
+    for stream in streams:
+        await stream.aclose()
+
+
+async def test_line_stream_limits_and_partial_lines(pair: tuple[trio.abc.Stream, ...]) -> None:
+    a, b = pair
     reader = LineStream(b, max_line=10)
     await a.send_all(b"short\n0123456789\nwaytoolongline")
     assert await reader.receive_line() == b"short"
@@ -126,17 +142,76 @@ async def test_line_stream_limits_and_partial_lines() -> None:
         await reader.receive_line()
 
 
-async def test_line_stream_drops_a_partial_line_at_eof() -> None:
-    a, b = trio.testing.memory_stream_pair()
+async def test_line_stream_drops_a_partial_line_at_eof(pair: tuple[trio.abc.Stream, ...]) -> None:
+    a, b = pair
     reader = LineStream(b)
     await a.send_all(b'{"cmd": "li')
     await a.aclose()
     assert await reader.receive_line() is None
 
 
-async def test_line_stream_partial_timeout(autojump_clock: trio.testing.MockClock) -> None:
-    a, b = trio.testing.memory_stream_pair()
+async def test_line_stream_partial_timeout(
+    pair: tuple[trio.abc.Stream, ...], autojump_clock: trio.testing.MockClock
+) -> None:
+    a, b = pair
     reader = LineStream(b)
     await a.send_all(b"half a li")
     with pytest.raises(trio.TooSlowError):
         await reader.receive_line(partial_timeout=5)
+
+
+async def test_line_stream_send_timeout(
+    pair: tuple[trio.abc.Stream, ...], autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer that does not read: the send gives up after `send_timeout`, and only then."""
+    a = pair[0]
+    if not isinstance(a, trio.SocketStream):
+        a = trio.StapledStream(trio.testing.MemorySendStream(send_all_hook=trio.sleep_forever), a)
+    writer = LineStream(a, send_timeout=5.0)
+    if isinstance(a, trio.SocketStream):
+        await writer.send_line(b"fits\n")  # what fits the socket's buffer does not wait at all
+        assert trio.current_time() == 0
+    start = trio.current_time()
+    with pytest.raises(trio.TooSlowError):
+        await writer.send_line(b"x" * (16 * 1024 * 1024) + b"\n")
+    assert trio.current_time() - start == pytest.approx(5.0)
+
+
+async def test_line_stream_over_a_socket_yields_for_every_line() -> None:
+    """Lines already buffered are not handed out in a burst that starves other tasks: the fast
+    path skips trio's extra checkpoints, but yields once per line."""
+    a, b = (trio.SocketStream(s) for s in trio.socket.socketpair())
+    reader = LineStream(b)
+    await a.send_all(b"line\n" * 500)
+    others = 0
+    done = False
+
+    async def other() -> None:
+        nonlocal others
+        while not done:
+            others += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        for _ in range(500):
+            assert await reader.receive_line() == b"line"
+        done = True
+    assert others >= 400
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_line_stream_over_a_socket_reports_a_closed_or_broken_connection() -> None:
+    a, b = (trio.SocketStream(s) for s in trio.socket.socketpair())
+    reader = LineStream(b)
+    await reader.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await reader.receive_line()
+    with pytest.raises(trio.ClosedResourceError):
+        await reader.send_line(b"x\n")
+    writer = LineStream(a)
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first write may still land in the dead peer's buffer
+            await writer.send_line(b"x\n")
+    await a.aclose()

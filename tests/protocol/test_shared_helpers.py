@@ -75,6 +75,32 @@ async def test_sqlite_thread_runs_calls_in_order_and_closes(tmp_path: Path) -> N
         await db.run(lambda conn: conn.execute("SELECT 1"))
 
 
+def _insert(conn: sqlite3.Connection, x: int) -> int:
+    conn.execute("INSERT INTO t VALUES (?)", (x,))
+    return x
+
+
+async def test_sqlite_thread_run_to_end_is_made_and_awaited_even_when_cancelled(
+    tmp_path: Path,
+) -> None:
+    """`run` in a cancelled scope is not made; `run_to_end` is, its result is returned, and the
+    cancellation arrives at the next checkpoint (the broker's commits rely on it)."""
+    async with open_sqlite_thread(str(tmp_path / "t.sqlite"), _make) as db:
+        got: list[int] = []
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            got.append(await db.run_to_end(_insert, 1))
+            await trio.lowlevel.checkpoint()
+            got.append(-1)  # not reached
+        assert scope.cancelled_caught and got == [1]
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            got.append(await db.run(_insert, 2))
+        assert scope.cancelled_caught and got == [1]
+        rows = await db.run(lambda conn: conn.execute("SELECT x FROM t").fetchall())
+    assert rows == [(1,)]
+
+
 async def _spawn(script: str) -> trio.Process:
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-c", script],

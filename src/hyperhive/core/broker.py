@@ -186,10 +186,27 @@ class _Reader:
 @dataclass(eq=False)
 class _Pending:
     op: m.Op
-    done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
     reader: _Reader | None = None
     handoff_to: list[_Reader | None] = field(default_factory=list)
+    finished: bool = False
+    _waiter: trio.lowlevel.Task | None = None
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._waiter is not None:
+            trio.lowlevel.reschedule(self._waiter)
+            self._waiter = None
+
+    async def settled(self) -> None:
+        """Until the writer has finished this op. No cancellation interrupts the wait: once
+        submitted, the outcome must be observed (a send must not be reported as failed, or a
+        lease left dangling, because its caller went away mid-commit). A shielded wait without
+        the cost of a cancel scope; a cancellation is delivered at the caller's next checkpoint.
+        """
+        if not self.finished:
+            self._waiter = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
 
 class Broker:
@@ -278,7 +295,7 @@ class Broker:
         for reader in pending.handoff_to:
             if reader is not None:
                 self._park(reader, front=True)
-        pending.done.set()
+        pending.finish()
 
     def _enqueue(self, pending: _Pending) -> None:
         if self._closed:
@@ -290,10 +307,7 @@ class Broker:
     async def _submit(self, op: m.Op) -> _Pending:
         pending = _Pending(op)
         self._enqueue(pending)
-        with trio.CancelScope(shield=True):
-            # Once submitted, the outcome must be observed: a send must not be reported as
-            # failed (or a lease left dangling) because its caller went away mid-commit.
-            await pending.done.wait()
+        await pending.settled()
         if pending.error is not None:
             raise _failure("the broker could not store that", pending.error)
         return pending
@@ -326,8 +340,7 @@ class Broker:
             # A batch that started is finished and answered, even during shutdown: its
             # senders must learn the truth about what was committed.
             started = trio.current_time()
-            with trio.CancelScope(shield=True):
-                await self._store.run(m.execute, ops)
+            await self._store.run_to_end(m.execute, ops)
             self.commit_seconds.observe(trio.current_time() - started)
             self.batch_ops.observe(len(ops))
         except Exception as exc:
@@ -349,7 +362,7 @@ class Broker:
                 self._fail(pending, Internal(pending.op.failed))
                 continue
             self._complete(pending, requeued)
-            pending.done.set()
+            pending.finish()
         for recipient in requeued:
             self._retake(recipient)
 

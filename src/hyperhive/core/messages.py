@@ -133,6 +133,9 @@ def execute(conn: sqlite3.Connection, ops: list[Op]) -> None:
     Each op records its own result. Raises, having rolled back, on failure.
     """
     now = time.time()
+    if len(ops) == 1:
+        _execute_one(conn, ops[0], now)
+        return
     with transaction(conn):
         for op in ops:
             # Each op in its own savepoint: one that fails is rolled back and reported alone,
@@ -147,6 +150,27 @@ def execute(conn: sqlite3.Connection, ops: list[Op]) -> None:
                 conn.execute("ROLLBACK TO op")
                 op.failed = str(exc)
             conn.execute("RELEASE op")
+
+
+def _execute_one(conn: sqlite3.Connection, op: Op, now: float) -> None:
+    """A batch of one (every commit of a hive that is not busy): the transaction is the op's
+    own, so it needs no savepoint (two statements fewer, ~35 µs of a ~175 µs commit here)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        try:
+            _step(conn, op, now)
+        except sqlite3.Error as exc:
+            if storage_full(exc) is not None or not conn.in_transaction:
+                raise
+            # As in a batch: the op failed alone, reported as its own failure.
+            conn.execute("ROLLBACK")
+            op.failed = str(exc)
+            return
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _insert(conn: sqlite3.Connection, op: Insert, now: float) -> None:

@@ -171,7 +171,9 @@ class SocketServer(Generic[Req]):
         await self._connection(stream, lambda: peer)
 
     async def _connection(self, stream: trio.abc.Stream, get_peer: Callable[[], Peer]) -> None:
-        lines = LineStream(stream, max_line=self.limits.max_line)
+        lines = LineStream(
+            stream, max_line=self.limits.max_line, send_timeout=self.limits.send_timeout
+        )
         self.connections += 1
         try:
             if self.connections > self.limits.max_connections:
@@ -221,21 +223,13 @@ class SocketServer(Generic[Req]):
                 herr = _reply_error(err)
                 if herr is None:
                     raise
-                await self._send(lines, error_line(herr))
+                await lines.send_line(error_line(herr))
                 continue
             if isinstance(result, EventStream):
-                await self._send(lines, encode_line(result.first))
+                await lines.send_line(encode_line(result.first))
                 await self._stream(lines, result.lines)
                 return
-            await self._send(lines, encode_line(result))
-
-    async def _send(self, lines: LineStream, data: bytes) -> None:
-        # A bare cancel scope: trio.fail_after is a generator context manager, and this runs
-        # for every reply.
-        with trio.CancelScope(deadline=trio.current_time() + self.limits.send_timeout) as scope:
-            await lines.send_line(data)
-        if scope.cancelled_caught:
-            raise trio.TooSlowError
+            await lines.send_line(encode_line(result))
 
     async def _stream(self, lines: LineStream, source: AsyncIterator[bytes]) -> None:
         """Pump a stream to the client until either side ends; reading detects a hang-up."""
@@ -251,7 +245,7 @@ class SocketServer(Generic[Req]):
             nursery.start_soon(watch_hangup, nursery.cancel_scope)
             try:
                 async for data in source:
-                    await self._send(lines, data)
+                    await lines.send_line(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client went away mid-stream
             finally:

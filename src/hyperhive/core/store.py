@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import ParamSpec, TypeVar
 
@@ -145,8 +145,21 @@ class Store:
         A full disk (SQLITE_FULL, ENOSPC, EDQUOT) raises `StorageFull`; the connection is left
         outside any transaction, so the next unit works once there is space again.
         """
+        return await self._run(self._db.run, fn, args)
+
+    async def run_to_end(self, fn: Callable[..., T], *args: object) -> T:
+        """`run`, made and awaited to its end even in a cancelled scope (the broker's commits:
+        a batch that started is finished and answered)."""
+        return await self._run(self._db.run_to_end, fn, args)
+
+    async def _run(
+        self,
+        via: Callable[..., Awaitable[T]],
+        fn: Callable[..., T],
+        args: tuple[object, ...],
+    ) -> T:
         try:
-            return await self._db.run(_unit, fn, args)
+            return await via(_unit, fn, args)
         except (sqlite3.Error, OSError) as exc:
             full = storage_full(exc)
             if full is None:
