@@ -216,6 +216,29 @@ async def test_each_senders_messages_arrive_in_the_order_sent(tmp_path: Path) ->
             assert bodies == [f"{name}-{i}" for i in range(25)]
 
 
+async def test_commits_follow_the_order_of_submission(tmp_path: Path) -> None:
+    """On an idle broker a send is committed by its own caller (no writer to wake); sends that
+    arrive meanwhile wait for the writer's next batch, behind it: ids in submission order."""
+    async with open_broker(tmp_path / "b.sqlite") as (_, broker, _):
+        before = broker.batches
+        submitted: list[str] = []
+        ids: dict[str, int] = {}
+
+        async def sender(name: str) -> None:
+            for i in range(3):  # the next right after the last: no checkpoint in between
+                body = f"{name}-{i}"
+                submitted.append(body)  # nor between this and the broker's queue
+                [msg] = await broker.send(name, "bob", body)
+                ids[body] = msg.id
+
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(sender, f"s{i}")
+        assert [ids[name] for name in submitted] == sorted(ids.values())
+        # The first alone, the rest grouped behind it.
+        assert broker.batches - before < 30
+
+
 async def test_a_broadcast_stores_one_copy_per_recipient(tmp_path: Path) -> None:
     agents: tuple[str, ...] = ("alice", "bob", "carol")
 

@@ -242,6 +242,12 @@ class Broker:
         self.max_attempts = max_attempts
         self._batch_limit = MAX_BATCH if group_commit else 1
         self._send, self._recv = trio.open_memory_channel[_Pending](math.inf)
+        self._backlog = 0
+        """Ops handed to the writer and not yet in a batch being written."""
+        self._writing = False
+        """A batch is being committed (by the writer, or by a submitter in `_submit`)."""
+        self._written = trio.Event()
+        """Set (and replaced) when a submitter's own commit ends: the writer waits for it."""
         self._parked: dict[str, deque[_Reader]] = {}
         self._queued: dict[str, int] = {}
         """Queued messages per inbox, mirrored from the table so an empty inbox costs no I/O."""
@@ -263,12 +269,24 @@ class Broker:
                 try:
                     while True:
                         batch = [await self._recv.receive()]
+                        try:
+                            while self._writing:  # a submitter is committing its own op
+                                await self._written.wait()
+                        except BaseException:
+                            self._backlog -= 1
+                            self._fail(batch[0], Internal("the broker is shutting down"))
+                            raise
                         while len(batch) < self._batch_limit:
                             try:
                                 batch.append(self._recv.receive_nowait())
                             except trio.WouldBlock:
                                 break
-                        await self._commit(batch)
+                        self._backlog -= len(batch)
+                        self._writing = True
+                        try:
+                            await self._commit(batch)
+                        finally:
+                            self._writing = False
                 finally:
                     # Before the nursery waits for its tasks: one of them (a dead-letter
                     # report) may wait, shielded, for an op only this loop would commit.
@@ -285,6 +303,7 @@ class Broker:
                 pending = self._recv.receive_nowait()
             except trio.WouldBlock:
                 return
+            self._backlog -= 1
             self._fail(pending, error)
 
     def _fail(self, pending: _Pending, error: BaseException) -> None:
@@ -302,12 +321,26 @@ class Broker:
             raise Internal("the broker is shutting down")
         if pending.reader is not None:
             pending.reader.claimed = True
+        self._backlog += 1
         self._send.send_nowait(pending)
 
     async def _submit(self, op: m.Op) -> _Pending:
         pending = _Pending(op)
-        self._enqueue(pending)
-        await pending.settled()
+        if self._writing or self._backlog or self._closed:
+            self._enqueue(pending)
+            await pending.settled()
+        else:
+            # Nothing is being written and nothing waits to be: commit it here and now, a
+            # batch of one, rather than wake the writer for it (a scheduler pass less on a
+            # quiet hive's every send). What arrives meanwhile waits for the writer's next
+            # batch, so the order of commits is still the order of submission.
+            self._writing = True
+            try:
+                await self._commit([pending])
+            finally:
+                self._writing = False
+                written, self._written = self._written, trio.Event()
+                written.set()
         if pending.error is not None:
             raise _failure("the broker could not store that", pending.error)
         return pending
