@@ -52,6 +52,12 @@ class RequestDecoder(Generic[T_co]):
 
     def decode(self, line: bytes) -> T_co:
         try:
+            # A well-formed request straight from its bytes (msgspec checks the UTF-8 itself);
+            # anything else takes the way below, which says what is wrong with it.
+            return self._decoder.decode(line)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            pass
+        try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ParseError(f"line is not valid UTF-8 (byte {exc.start})") from None
