@@ -34,7 +34,14 @@ from hyperhive.demo.model import serve_model
 from hyperhive.protocol import wire
 from hyperhive.protocol.codec import AGENT_DECODER
 
-PROMPT = '<hive-message from="operator">hello, how are you?</hive-message>'
+PROMPTS = {
+    "a text answer": '<hive-message from="operator">!text fine, thanks</hive-message>',
+    "an answer by `send`": '<hive-message from="operator">hello, how are you?</hive-message>',
+}
+"""The same prompt to both. The scripted model answers the first in text, one model round
+trip either way, so the difference is the harness's alone (its settings, system prompt, MCP
+session); the second it answers, given the harness's tools, with the `send` tool: one more
+round trip and a tool call, the agent's work (the bare run has no tools and answers in text)."""
 
 
 class _Answers:
@@ -53,11 +60,11 @@ def _agent_socket(path: str) -> SocketServer[object]:
     return SocketServer(path, AGENT_DECODER, _Answers(), name="agent")
 
 
-async def one_turn(argv: list[str], env: dict[str, str], cwd: str) -> float:
+async def one_turn(argv: list[str], env: dict[str, str], cwd: str, prompt: str) -> float:
     t0 = time.perf_counter()
     done = await trio.run_process(
         argv,
-        stdin=PROMPT.encode(),
+        stdin=prompt.encode(),
         capture_stdout=True,
         capture_stderr=True,
         env=env,
@@ -70,7 +77,7 @@ async def one_turn(argv: list[str], env: dict[str, str], cwd: str) -> float:
     return took
 
 
-async def bench(turns: int, bridge: bool) -> None:
+async def bench(turns: int, bridge: bool, ablate: bool) -> None:
     claude = shutil.which("claude")
     if claude is None:
         raise SystemExit("no claude CLI on PATH")
@@ -116,21 +123,54 @@ async def bench(turns: int, bridge: bool) -> None:
                 "haiku",
             ]
             harness = claude_argv(settings, model="haiku", resume=False)
-            results: dict[str, list[float]] = {"bare": [], "harness": []}
-            await one_turn(bare, env, str(root / "state"))  # warm the disk cache
-            for _ in range(turns):  # interleaved, so drift hits both alike
-                results["bare"].append(await one_turn(bare, env, str(root / "state")))
-                results["harness"].append(await one_turn(harness, env, str(root / "state")))
+            cwd = str(root / "state")
+            await one_turn(bare, env, cwd, PROMPTS["a text answer"])  # warm the disk cache
+            for what, prompt in PROMPTS.items():
+                results: dict[str, list[float]] = {"bare": [], "harness": []}
+                for _ in range(turns):  # interleaved, so drift hits both alike
+                    results["bare"].append(await one_turn(bare, env, cwd, prompt))
+                    results["harness"].append(await one_turn(harness, env, cwd, prompt))
+                b, h = statistics.median(results["bare"]), statistics.median(results["harness"])
+                print(f"-- the harness's turn is {what}")
+                print(f"bare claude -p, median of {turns}:            {b:6.3f} s")
+                print(f"the harness's claude invocation, median:     {h:6.3f} s")
+                print(
+                    f"overhead per turn:                           {h - b:+6.3f} s"
+                    f" ({(h / b - 1) * 100:+.1f} %)"
+                )
+            if ablate:
+                await _ablation(turns, env, cwd, bare, harness)
             nursery.cancel_scope.cancel()
-        b, h = statistics.median(results["bare"]), statistics.median(results["harness"])
-        print(f"bare claude -p, median of {turns}:            {b:6.3f} s")
-        print(f"the harness's claude invocation, median:     {h:6.3f} s")
-        print(
-            f"overhead per turn:                           {h - b:+6.3f} s"
-            f" ({(h / b - 1) * 100:+.1f} %)"
-        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _without(argv: list[str], flag: str, values: int = 1) -> list[str]:
+    at = argv.index(flag)
+    return argv[:at] + argv[at + 1 + values :]
+
+
+async def _ablation(
+    turns: int, env: dict[str, str], cwd: str, bare: list[str], harness: list[str]
+) -> None:
+    """Where the harness's overhead on a text answer goes: its invocation without each part."""
+    variants = {
+        "bare claude -p": bare,
+        "the harness's invocation": harness,
+        "  without its MCP server": _without(
+            _without(harness, "--mcp-config"), "--strict-mcp-config", 0
+        ),
+        "  without its settings": _without(harness, "--settings"),
+        "  without its system prompt": _without(harness, "--system-prompt-file"),
+        "  without its allowed tools": _without(harness, "--allowedTools"),
+    }
+    took: dict[str, list[float]] = {what: [] for what in variants}
+    for _ in range(turns):
+        for what, argv in variants.items():
+            took[what].append(await one_turn(argv, env, cwd, PROMPTS["a text answer"]))
+    print(f"-- ablation, a text answer, median of {turns}")
+    for what, times in took.items():
+        print(f"{what:<45} {statistics.median(times):6.3f} s")
 
 
 def cold_start() -> None:
@@ -140,7 +180,7 @@ def cold_start() -> None:
             "+ its web UI (on the first page view)",
             "import hyperhive.agent.harness, hyperhive.agent.ui",
         ),
-        ("the MCP server (claude starts one per turn)", "import hyperhive.agent.mcp_server"),
+        ("the MCP server (once per harness, its first turn)", "import hyperhive.agent.mcp_server"),
     ):
         cpu = []
         for _ in range(5):
@@ -150,7 +190,7 @@ def cold_start() -> None:
             cpu.append(
                 after.children_user + after.children_system - t.children_user - t.children_system
             )
-        print(f"cold import, {what:<44} {statistics.median(cpu):.3f} s CPU")
+        print(f"cold import, {what:<50} {statistics.median(cpu):.3f} s CPU")
 
 
 def main() -> None:
@@ -161,13 +201,19 @@ def main() -> None:
         action="store_true",
         help="as before the bridge: claude starts `hive-ag3nt mcp` (the `mcp` package) each turn",
     )
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also run the harness's invocation without each of its parts (MCP server, settings,"
+        " system prompt, allowed tools)",
+    )
     args = parser.parse_args()
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
         f"{platform.python_implementation()} {platform.python_version()}"
     )
     cold_start()
-    trio.run(bench, args.turns, not args.no_bridge)
+    trio.run(bench, args.turns, not args.no_bridge, args.ablate)
 
 
 if __name__ == "__main__":

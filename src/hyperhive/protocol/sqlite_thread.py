@@ -31,7 +31,7 @@ class SqliteThread:
     The thread is a `trio.to_thread.run_sync` call that serves a queue for the connection's
     whole life: a call costs one wake-up of the thread and one wake-up back into trio
     (`run_sync_soon` rescheduling the waiting task), not a thread-cache hand-off, a limiter
-    and a context copy each time (SPEC §5.1: measured, the broker's commit hop).
+    and a context copy each time (BENCHMARKS.md: the broker's commit hop, measured).
     """
 
     def __init__(self, conn: sqlite3.Connection, token: trio.lowlevel.TrioToken) -> None:
