@@ -12,8 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from hyperhive.core import messages as m
 from hyperhive.core.broker import Broker, EventHub, Resolver
-from hyperhive.core.store import open_store
+from hyperhive.core.store import connect, open_store
 from hyperhive.protocol import wire
 from hyperhive.protocol.errors import NotFound
 from hyperhive.protocol.names import BROADCAST, MANAGER, OPERATOR, SYSTEM
@@ -404,3 +405,31 @@ async def test_a_reply_carries_the_message_it_answers(tmp_path: Path) -> None:
         [listed] = await broker.recent("alice", 10)
         assert listed.in_reply_to == question.id
         assert (await lease(broker, "bob")).in_reply_to is None
+
+
+@pytest.mark.parametrize("where", [0, 2, 4])
+def test_an_op_that_fails_in_a_batch_fails_alone(tmp_path: Path, where: int) -> None:
+    """A batch is written in one go; when one op fails (here a row sqlite refuses), the batch
+    is redone op by op: that op reports its failure, every other op's result is as if it had
+    been committed alone (also those that ran before it on the first try), nothing twice."""
+    conn = connect(str(tmp_path / "b.sqlite"))
+    try:
+        inserts = [m.Insert("alice", ["bob"], f"m{i}", False, "alice") for i in range(3)]
+        take = m.Take("bob", False, 5)
+        bad = m.Insert("alice", ["bob"], "refused", False, None)  # type: ignore[arg-type]
+        ops: list[m.Op] = [inserts[0], take, inserts[1], inserts[2]]
+        ops.insert(where, bad)
+        m.execute(conn, ops)
+        assert bad.failed is not None and "NOT NULL" in bad.failed
+        stored = conn.execute("SELECT id, body, state FROM messages ORDER BY id").fetchall()
+        assert [(body, state) for _, body, state in stored] == [
+            ("m0", "delivered"),
+            ("m1", "queued"),
+            ("m2", "queued"),
+        ]
+        assert all(op.failed is None and len(op.rows) == 1 for op in inserts)
+        assert [op.rows[0][0] for op in inserts] == [mid for mid, *_ in stored]
+        assert take.failed is None and take.row is not None and take.row[3] == "m0"
+        assert take.dead == []
+    finally:
+        conn.close()

@@ -136,6 +136,20 @@ def execute(conn: sqlite3.Connection, ops: list[Op]) -> None:
     if len(ops) == 1:
         _execute_one(conn, ops[0], now)
         return
+    try:
+        # Every op in one go, as they nearly always succeed: a savepoint per op costs two
+        # statements each (a quarter of a 32-op batch's time here).
+        with transaction(conn):
+            for op in ops:
+                try:
+                    _step(conn, op, now)
+                except sqlite3.Error as exc:
+                    if storage_full(exc) is not None or not conn.in_transaction:
+                        raise
+                    raise _OpFailed from exc
+        return
+    except _OpFailed:
+        pass  # rolled back: the batch again, each op on its own (every step resets its results)
     with transaction(conn):
         for op in ops:
             # Each op in its own savepoint: one that fails is rolled back and reported alone,
@@ -150,6 +164,10 @@ def execute(conn: sqlite3.Connection, ops: list[Op]) -> None:
                 conn.execute("ROLLBACK TO op")
                 op.failed = str(exc)
             conn.execute("RELEASE op")
+
+
+class _OpFailed(Exception):
+    """One op of a batch failed on its own (not a full disk): the batch is redone op by op."""
 
 
 def _execute_one(conn: sqlite3.Connection, op: Op, now: float) -> None:
@@ -216,6 +234,7 @@ def _insert(conn: sqlite3.Connection, op: Insert, now: float) -> None:
 
 
 def _take(conn: sqlite3.Connection, op: Take, now: float) -> None:
+    op.row, op.dead = None, []
     while True:
         found: tuple[int, str, str, str, float, int, int, str, str, int | None, int] | None = (
             conn.execute(
@@ -247,6 +266,7 @@ def _take(conn: sqlite3.Connection, op: Take, now: float) -> None:
 
 
 def _ack(conn: sqlite3.Connection, op: Ack, now: float) -> None:
+    op.also = 0
     op.freed = conn.execute(
         "UPDATE messages SET state = 'delivered', delivered_at = ? WHERE id = ? AND"
         f" recipient = ? AND state = 'leased' AND attempts = ? RETURNING {_FREED}",
@@ -265,6 +285,7 @@ def _ack(conn: sqlite3.Connection, op: Ack, now: float) -> None:
 
 
 def _nack(conn: sqlite3.Connection, op: Nack, now: float) -> None:
+    op.also = 0
     cur = conn.execute(
         "UPDATE messages SET state = 'queued', last_error = ?, uncounted = uncounted + ?"
         " WHERE id = ? AND recipient = ? AND state = 'leased' AND attempts = ?",
@@ -295,6 +316,7 @@ def _release(conn: sqlite3.Connection, op: Release, now: float) -> None:
 
 
 def _requeue(conn: sqlite3.Connection, op: Requeue, now: float) -> None:
+    op.row = None
     cur = conn.execute(
         "UPDATE messages SET state = 'queued', uncounted = attempts WHERE id = ? AND"
         " state = 'dead'",
