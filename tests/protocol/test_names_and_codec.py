@@ -215,3 +215,24 @@ async def test_line_stream_over_a_socket_reports_a_closed_or_broken_connection()
         for _ in range(100):  # the first write may still land in the dead peer's buffer
             await writer.send_line(b"x\n")
     await a.aclose()
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        (b'\xef\xbb\xbf{"cmd": "list"}', "byte-order mark"),
+        (b'{"cmd": "spawn", "name": "\xff"}', "not valid UTF-8"),
+        (b"  \t ", "empty line"),
+        (b'{"cmd": "spawn", "name": "bo"', "malformed JSON"),
+    ],
+)
+def test_a_bad_line_is_explained_after_the_fast_decode_fails(line: bytes, says: str) -> None:
+    """Requests are decoded straight from their bytes; what fails that is explained."""
+    with pytest.raises(HiveError) as err:
+        DECODER.decode(line)
+    assert err.value.code == "parse_error" and says in err.value.message
+
+
+def test_surrounding_whitespace_is_not_an_error() -> None:
+    assert DECODER.decode(b' {"cmd": "spawn", "name": "bo"} \r') == wire.Spawn(name="bo")
+    assert DECODER.decode(' {"cmd": "spawn", "name": "bo"}\u00a0'.encode()) == wire.Spawn(name="bo")
