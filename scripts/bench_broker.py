@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -300,12 +301,48 @@ def bench_redis(
             ponger=("redis-ponger", path),
             pinger=("redis-pinger", path),
             flood=("redis-flood", path),
+            server=server.pid,
         )
         admin.close()
         return figures
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of `pid`, by "tid name"."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        name = raw.split("(", 1)[1].rsplit(")", 1)[0]
+        fields = raw.rsplit(")", 1)[1].split()
+        out[f"{tid} {name}"] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def report_cpu(server: int, before: dict[str, float], clients: float, legs: int) -> None:
+    """Where a wake leg's CPU goes: the server's threads, and the two client processes."""
+    after = thread_cpu(server)
+    used = {t: after[t] - before.get(t, 0.0) for t in after}
+    busy = sorted((t for t in used if used[t] > 0), key=lambda t: -used[t])
+    threads = ", ".join(f"{t.split(' ', 1)[1]} {used[t] / legs * 1e6:.0f}" for t in busy[:3])
+    print(
+        f"  CPU per leg: server {sum(used.values()) / legs * 1e6:.0f} us ({threads}),"
+        f" the two clients {clients / legs * 1e6:.0f} us"
+    )
 
 
 def report_wake(wake: list[float], floor: list[float]) -> dict[str, float]:
@@ -340,6 +377,10 @@ def host(run_dir: Path, request: wire.HostRequest[wire.Reply]) -> None:
     trio.run(call_once, str(run_dir / "host.sock"), request)
 
 
+DAEMONS: dict[Path, int] = {}
+"""The pid of the daemon serving each run dir."""
+
+
 @contextmanager
 def running_daemon(root: Path, *flags: str) -> Iterator[Path]:
     """`hive-c0re serve` with its state and run dir in `root` (no manager, no dashboard) until
@@ -369,6 +410,7 @@ def running_daemon(root: Path, *flags: str) -> Iterator[Path]:
         assert daemon.stdout is not None
         if "host socket" not in daemon.stdout.readline():
             raise RuntimeError(f"the daemon in {root} did not come up")
+        DAEMONS[run_dir] = daemon.pid
         yield run_dir
     finally:
         daemon.terminate()
@@ -427,6 +469,7 @@ def bench_daemon(
             pinger=("pinger", agent_sock(run_dir, "pinga")),
             flood=("flood", agent_sock(run_dir, "flooder")),
             sink=("drain", agent_sock(run_dir, "sink")),
+            server=DAEMONS[run_dir],
         )
 
 
@@ -534,16 +577,21 @@ def wake_and_rate(
     pinger: tuple[str, str],
     flood: tuple[str, str],
     sink: tuple[str, str] | None = None,
+    server: int | None = None,
 ) -> dict[str, float]:
     """Wake latency alone, throughput with 1/8/64 senders, and the wake latency again while 64
     senders flood another inbox (a busy hive must not make a waiting agent slow); or what
-    `plan` says of these."""
+    `plan` says of these. With `server` (its pid), where the wake's CPU went."""
+    before, clients = (thread_cpu(server) if server else {}), children_cpu()
     pong = child(ponger[0], ponger[1], str(args.rounds))
     wait_ready(pong)
     wake = result(child(pinger[0], pinger[1], str(args.rounds)))
     pong.wait()
+    clients = children_cpu() - clients
     assert isinstance(wake, list)
     figures = report_wake(wake, floor)
+    if server:
+        report_cpu(server, before, clients, 2 * args.rounds)
     for senders in plan.fan_in:
         rate = flood_rate(flood, sink if plan.drain else None, senders, args.messages)
         figures[f"rate{senders}"] = rate
