@@ -433,3 +433,20 @@ def test_an_op_that_fails_in_a_batch_fails_alone(tmp_path: Path, where: int) -> 
         assert take.dead == []
     finally:
         conn.close()
+
+
+def test_an_op_that_fails_alone_in_its_own_batch_leaves_the_connection_clean(
+    tmp_path: Path,
+) -> None:
+    conn = connect(str(tmp_path / "b.sqlite"))
+    try:
+        bad = m.Insert("alice", ["bob"], "refused", False, None)  # type: ignore[arg-type]
+        m.execute(conn, [bad])
+        assert bad.failed is not None and "NOT NULL" in bad.failed
+        assert not conn.in_transaction
+        good = m.Insert("alice", ["bob"], "fine", False, "alice")
+        m.execute(conn, [good])
+        assert good.failed is None
+        assert conn.execute("SELECT body FROM messages").fetchall() == [("fine",)]
+    finally:
+        conn.close()
