@@ -40,22 +40,12 @@ def decode_reply(line: bytes, reply_type: type[R]) -> R:
     A line that is neither (a reply of another type, not a reply at all) is an UnexpectedReply.
     """
     try:
-        reply = _decoder_for(reply_type).decode(line)
-        if reply.ok:
-            return reply  # the common case: one decode
-    except msgspec.DecodeError as exc:
-        problem = str(exc)
-    else:
-        problem = "it says it failed"
-    # An error reply (it may also fit a reply type whose fields are all optional), or a line
-    # that is not this reply at all.
-    try:
         if not _envelope.decode(line).ok:
             err = _error_decoder.decode(line)
             raise error_from_wire(err.code, err.error)
+        return _decoder_for(reply_type).decode(line)
     except msgspec.DecodeError as exc:
-        problem = str(exc)
-    raise UnexpectedReply(f"expected a {reply_type.__name__} reply: {problem}") from None
+        raise UnexpectedReply(f"expected a {reply_type.__name__} reply: {exc}") from None
 
 
 class Client:
@@ -71,19 +61,12 @@ class Client:
 
     async def _exchange(self, data: bytes) -> bytes:
         """One line out, one line back; a broken connection is a ConnectionLost."""
-        try:
-            # Uncontended (the usual case) without `async with`'s trip through the scheduler:
-            # the exchange itself waits for the reply.
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-        try:
-            await self._lines.send_line(data)
-            line = await self._lines.receive_line()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ConnectionLost(f"connection to the daemon broke: {exc}") from None
-        finally:
-            self._lock.release()
+        async with self._lock:
+            try:
+                await self._lines.send_line(data)
+                line = await self._lines.receive_line()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ConnectionLost(f"connection to the daemon broke: {exc}") from None
         if line is None:
             raise ConnectionLost("the daemon closed the connection")
         return line
