@@ -14,6 +14,7 @@ from hyperhive.protocol.codec import (
     HOST_DECODER,
     MANAGER_DECODER,
     LineStream,
+    encode_line,
     error_line,
 )
 from hyperhive.protocol.errors import NotFound, UnexpectedReply
@@ -82,3 +83,40 @@ async def test_call_raises_the_error_reply() -> None:
         nursery.start_soon(_answer, server_side, error_line(NotFound("no agent bo")))
         with pytest.raises(NotFound, match="no agent bo"):
             await client.call(wire.Kill(name="bo"))
+
+
+def test_an_error_reply_is_raised_even_where_it_would_fit_the_reply_type() -> None:
+    """`Done` has no fields of its own: an error line decodes as one with `ok: false`."""
+    with pytest.raises(NotFound, match="no agent bo"):
+        decode_reply(error_line(NotFound("no agent bo")), wire.Done)
+
+
+async def test_concurrent_calls_on_one_connection_take_turns() -> None:
+    """Two tasks calling at once on one client: each gets its own reply, as the server answers
+    one line after another (the second waits for the first exchange to end)."""
+    client_side, server_side = trio.testing.memory_stream_pair()
+    client = Client(client_side)
+    got: dict[str, object] = {}
+
+    async def serve_two() -> None:
+        lines = LineStream(server_side)
+        for _ in range(2):
+            line = await lines.receive_line()
+            assert line is not None
+            name = msgspec.json.decode(line)["name"]
+            await lines.send_line(
+                encode_line(wire.StatusReply(name=name, role="agent", unread=0, in_flight=0))
+            )
+
+    async def call(name: str) -> None:
+        got[name] = await client.raw(msgspec.json.encode({"cmd": "status", "name": name}))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_two)
+            nursery.start_soon(call, "a")
+            nursery.start_soon(call, "b")
+    for name in ("a", "b"):
+        reply = got[name]
+        assert isinstance(reply, bytes)
+        assert msgspec.json.decode(reply)["name"] == name
