@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,17 @@ def test_text_and_model_limits() -> None:
     for bad in ("", "a b", "m" * (MAX_MODEL + 1), "a\x07"):
         with pytest.raises(BadParams):
             check_model(bad)
+
+
+async def test_sqlite_threads_do_not_take_the_default_thread_limiter(tmp_path: Path) -> None:
+    """Each connection's worker thread lives as long as the connection: more of them than the
+    default limiter has tokens must leave other blocking calls free to run."""
+    tokens = int(trio.to_thread.current_default_thread_limiter().total_tokens)
+    with trio.fail_after(10):  # without its own limiter, the 41st connection never opens
+        async with AsyncExitStack() as stack:
+            dbs = [
+                await stack.enter_async_context(open_sqlite_thread(str(tmp_path / f"{i}"), _make))
+                for i in range(tokens + 2)
+            ]
+            assert await trio.to_thread.run_sync(lambda: "free") == "free"
+            assert [await db.run(_insert, i) for i, db in enumerate(dbs)] == list(range(len(dbs)))

@@ -6,6 +6,7 @@ import queue
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import outcome
@@ -85,7 +86,11 @@ async def open_sqlite_thread(
     conn = await trio.to_thread.run_sync(connect, path)
     db = SqliteThread(conn, trio.lowlevel.current_trio_token())
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, db.serve)
+        # Its own limiter: the thread lives as long as the connection, and must not hold one of
+        # the default limiter's tokens (shared by every other blocking call) all that time.
+        nursery.start_soon(
+            partial(trio.to_thread.run_sync, db.serve, limiter=trio.CapacityLimiter(1))
+        )
         try:
             yield db
         finally:
