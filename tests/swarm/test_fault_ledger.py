@@ -41,9 +41,9 @@ def _swarm(cluster: Cluster, host: str) -> tuple[str, ...]:
 
 
 async def test_kill_9_of_a_nats_node_and_of_a_host_loses_and_doubles_nothing(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
-    h1, h2 = swarm_root / "h1", swarm_root / "h2"
+    h1, h2 = hive_root / "h1", hive_root / "h2"
     ledger = Ledger()
     sending, consuming = Generation(), Generation()
     node_killed, node_back, host_killed, drained = (trio.Event() for _ in range(4))

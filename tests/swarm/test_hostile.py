@@ -83,11 +83,11 @@ def _abuse(port: int, token: str) -> dict[str, bytes]:
 
 
 async def test_garbage_on_the_shared_subjects_is_refused_or_set_aside(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
     assert cluster.credentials is not None
     token = cluster.credentials.read_text().strip()
-    async with open_hosts(swarm_root, cluster, ("h1", "h2"), demo=False) as hosts:
+    async with open_hosts(hive_root, cluster, ("h1", "h2"), demo=False) as hosts:
         h1, h2 = hosts["h1"], hosts["h2"]
         await h1.call(wire.Spawn(name="bob", host="h1"))
         await h1.call(wire.Kill(name="bob"))

@@ -18,11 +18,11 @@ from tests.swarm.conftest import open_js_broker
 
 
 async def test_a_message_sent_on_one_host_is_leased_and_acked_on_another(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
     async with (
-        open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, h1),
-        open_js_broker(swarm_root / "h2", cluster, "h2", resolve_direct) as (_, h2),
+        open_js_broker(hive_root / "h1", cluster, "h1", resolve_direct) as (_, h1),
+        open_js_broker(hive_root / "h2", cluster, "h2", resolve_direct) as (_, h2),
     ):
         [sent] = await h1.send("alice", "bob", "hello", origin="alice")
         got = await h2.recv("bob", 5, lease=True)
@@ -42,11 +42,11 @@ def resolve_three(to: str, sender: str) -> list[str]:
 
 
 async def test_a_parked_reader_on_another_host_is_woken_by_the_send(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
     async with (
-        open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, h1),
-        open_js_broker(swarm_root / "h2", cluster, "h2", resolve_direct) as (_, h2),
+        open_js_broker(hive_root / "h1", cluster, "h1", resolve_direct) as (_, h1),
+        open_js_broker(hive_root / "h2", cluster, "h2", resolve_direct) as (_, h2),
         trio.open_nursery() as nursery,
     ):
         got: list[wire.Message | None] = []
@@ -65,10 +65,8 @@ async def test_a_parked_reader_on_another_host_is_woken_by_the_send(
         assert got[0] is not None and got[0].id == sent.id
 
 
-async def test_attempts_are_fenced_counted_and_uncounted(
-    cluster: Cluster, swarm_root: Path
-) -> None:
-    async with open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, b):
+async def test_attempts_are_fenced_counted_and_uncounted(cluster: Cluster, hive_root: Path) -> None:
+    async with open_js_broker(hive_root / "h1", cluster, "h1", resolve_direct) as (_, b):
         [sent] = await b.send("alice", "bob", "work", origin="alice")
         first = await b.recv("bob", 5, lease=True)
         assert first is not None and (first.attempt, first.redelivery) == (1, False)
@@ -88,11 +86,11 @@ async def test_attempts_are_fenced_counted_and_uncounted(
 
 
 async def test_a_message_no_turn_completes_is_dead_lettered_then_requeued(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
     hub = EventHub()
     events = hub.subscribe((wire.MessageSent,))
-    async with open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct, hub=hub) as (
+    async with open_js_broker(hive_root / "h1", cluster, "h1", resolve_direct, hub=hub) as (
         _,
         b,
     ):
@@ -119,11 +117,11 @@ async def test_a_message_no_turn_completes_is_dead_lettered_then_requeued(
 
 
 async def test_broadcast_is_one_copy_per_recipient_and_each_sender_keeps_its_order(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
     async with (
-        open_js_broker(swarm_root / "h1", cluster, "h1", resolve_three) as (_, h1),
-        open_js_broker(swarm_root / "h2", cluster, "h2", resolve_three) as (_, h2),
+        open_js_broker(hive_root / "h1", cluster, "h1", resolve_three) as (_, h1),
+        open_js_broker(hive_root / "h2", cluster, "h2", resolve_three) as (_, h2),
     ):
         copies = await h1.send("alice", "*", "all hands", origin="alice")
         assert sorted(m.to for m in copies) == ["bob", "carol"]
@@ -140,9 +138,9 @@ async def test_broadcast_is_one_copy_per_recipient_and_each_sender_keeps_its_ord
 
 
 async def test_a_restarted_daemon_keeps_an_adopted_agents_lease_and_gives_back_the_rest(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
-    root = swarm_root / "h2"
+    root = hive_root / "h2"
     async with open_js_broker(root, cluster, "h2", resolve_direct) as (_, before):
         [for_bob] = await before.send("alice", "bob", "long job", origin="alice")
         [for_carol] = await before.send("alice", "carol", "other job", origin="alice")
@@ -161,9 +159,9 @@ async def test_a_restarted_daemon_keeps_an_adopted_agents_lease_and_gives_back_t
 
 
 async def test_an_adopted_lease_outlives_a_daemon_down_longer_than_the_ack_wait(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
-    root, wait = swarm_root / "h2", 1.0
+    root, wait = hive_root / "h2", 1.0
     async with open_js_broker(root, cluster, "h2", resolve_direct, ack_wait=wait) as (_, before):
         [sent] = await before.send("alice", "bob", "long job", origin="alice")
         held = await before.recv("bob", 5, lease=True)
@@ -181,9 +179,9 @@ async def test_an_adopted_lease_outlives_a_daemon_down_longer_than_the_ack_wait(
 
 
 async def test_the_sidecar_killed_is_restarted_and_nothing_is_lost(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
-    async with open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (link, b):
+    async with open_js_broker(hive_root / "h1", cluster, "h1", resolve_direct) as (link, b):
         await b.send("alice", "bob", "before", origin="alice")
         held = await b.recv("bob", 5, lease=True)
         assert held is not None and link.pid is not None
@@ -199,9 +197,9 @@ async def test_the_sidecar_killed_is_restarted_and_nothing_is_lost(
 
 
 async def test_a_send_is_stored_while_one_of_three_nodes_is_down(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
-    async with open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, b):
+    async with open_js_broker(hive_root / "h1", cluster, "h1", resolve_direct) as (_, b):
         await b.send("alice", "bob", "before", origin="alice")
         await cluster.kill(cluster.nodes[0])
         with trio.fail_after(40):
@@ -212,10 +210,10 @@ async def test_a_send_is_stored_while_one_of_three_nodes_is_down(
 
 
 async def test_a_reader_that_goes_away_loses_nothing_and_costs_no_attempt(
-    cluster: Cluster, swarm_root: Path
+    cluster: Cluster, hive_root: Path
 ) -> None:
     async with (
-        open_js_broker(swarm_root / "h1", cluster, "h1", resolve_direct) as (_, b),
+        open_js_broker(hive_root / "h1", cluster, "h1", resolve_direct) as (_, b),
         trio.open_nursery() as nursery,
     ):
         await b.recv("bob", 0, lease=True)

@@ -142,9 +142,7 @@ class LineStream:
         With `partial_timeout`, a line must be complete within that many seconds of its first
         byte (trio.TooSlowError otherwise): a client trickling bytes cannot hold a slot forever.
         """
-        if self._sock is not None and b"\n" in self._buf:
-            # A line that was already here (pipelined): yield as a read would have.
-            await trio.lowlevel.checkpoint()
+        read = False
         scanned = 0
         deadline = (
             trio.current_time() + partial_timeout
@@ -158,6 +156,9 @@ class LineStream:
                     raise LineTooLong(f"line exceeds the {self.max_line}-byte limit")
                 line = bytes(self._buf[:idx])
                 del self._buf[: idx + 1]
+                if self._sock is not None and not read:
+                    # A line that was already here (pipelined): yield as a read would have.
+                    await trio.lowlevel.checkpoint()
                 return line
             if len(self._buf) > self.max_line:
                 raise LineTooLong(f"line exceeds the {self.max_line}-byte limit")
@@ -170,6 +171,7 @@ class LineStream:
             else:
                 with trio.fail_at(deadline):
                     chunk = await self._receive_some()
+            read = True
             if partial_timeout is not None and deadline is None and chunk:
                 deadline = trio.current_time() + partial_timeout
             if not chunk:
@@ -184,12 +186,10 @@ class LineStream:
         while True:
             if sock.fileno() < 0:
                 raise trio.ClosedResourceError("the line stream was closed")
+            # Closed meanwhile by another task: trio wakes this wait with ClosedResourceError.
             await trio.lowlevel.wait_readable(sock)
-            fd = sock.fileno()
-            if fd < 0:
-                raise trio.ClosedResourceError("the line stream was closed")
             try:
-                return os.read(fd, 65536)
+                return os.read(sock.fileno(), 65536)
             except BlockingIOError:
                 continue  # woken without data
             except OSError as exc:

@@ -180,10 +180,10 @@ class JetStreamBroker:
         still pending there, but not lost."""
         self._nursery: trio.Nursery | None = None
         self.share: trio.MemorySendChannel[wire.HiveEvent] | None = None
-        self.share_wanted: Callable[[], bool] = lambda: True
-        """Whether another host's console follows the flow now (its heartbeat says so)."""
         """Where this host's message events go for the other hosts' consoles (the forwarder
         batches them); a full channel drops them (a console's live view, not the record)."""
+        self.share_wanted: Callable[[], bool] = lambda: True
+        """Whether another host's console follows the flow now (its heartbeat says so)."""
 
     # ------------------------------------------------------------------ services
 
